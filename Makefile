@@ -1,0 +1,40 @@
+# Two commands matter: `make demo` and `make test`. Each creates or refreshes .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.synergy-installed
+RUN ?= runs/demo
+
+.PHONY: install demo test test-all lint format bench clean
+
+# torch first: on a machine without CUDA take the CPU build (torch==2.13.0 is served from a local file on our
+# machines; an unpinned torch would pull several GB of CUDA wheels). With a GPU, pip's default torch has CUDA.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
+	else $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e ".[export,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m synergy.train.demo --run $(RUN)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_contrastive.py
+	$(PY) benchmarks/bench_attention.py
+	$(PY) benchmarks/bench_runtime.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info
