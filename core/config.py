@@ -1,0 +1,135 @@
+"""Model configuration: small frozen dataclasses, composed once, read only by the builders.
+
+Presets are data (``core/presets/*.json``); :func:`load_config` turns a preset name or a JSON file into a
+:class:`SynergyConfig` and applies overrides checked against the dataclass fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImageTowerConfig:
+    """CLIP-vision tower. ``pretrained``: a local folder saved with ``save_pretrained`` (no hub downloads)."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    pretrained: str | None = None
+
+
+@dataclass(frozen=True)
+class TextTowerConfig:
+    """RoBERTa/BERT-style encoder; the first token's final state is the pooled output."""
+
+    vocab_size: int = 50265
+    max_length: int = 77
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    pretrained: str | None = None
+
+
+@dataclass(frozen=True)
+class AudioTowerConfig:
+    """AST tower over a kaldi log-mel computed inside the model from the raw waveform."""
+
+    sample_rate: int = 16_000
+    clip_seconds: float = 10.24
+    n_mels: int = 128
+    num_frames: int = 1024
+    patch_size: int = 16
+    frequency_stride: int = 10
+    time_stride: int = 10
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    mean: float = -4.2677393  # AudioSet statistics of AST's feature extractor
+    std: float = 4.5689974
+    pretrained: str | None = None
+
+
+@dataclass(frozen=True)
+class SynergyConfig:
+    embed_dim: int = 512
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    audio: AudioTowerConfig = field(default_factory=AudioTowerConfig)
+    attn_implementation: str = "sdpa"  # any transformers AttentionInterface name; "synergy" = our fused kernel
+    prompt_templates: tuple[str, ...] = ("a {}.", "a photo of a {}.", "the sound of a {}.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_TOWERS = {"image": ImageTowerConfig, "text": TextTowerConfig, "audio": AudioTowerConfig}
+
+
+class ConfigError(ValueError):
+    """An unknown preset, an unknown key or a value of the wrong kind in a model config."""
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def _build(cls, data: dict, where: str):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    values = {}
+    for key, value in data.items():
+        if key in _TOWERS and cls is SynergyConfig:
+            value = value if isinstance(value, _TOWERS[key]) else _build(_TOWERS[key], value, f"{where}.{key}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    return cls(**values)
+
+
+def config_from_dict(data: dict, where: str = "config") -> SynergyConfig:
+    return _build(SynergyConfig, data, where)
+
+
+def load_config(preset_or_path: str | Path | SynergyConfig, **overrides) -> SynergyConfig:
+    """A preset name (``list_presets()``), a path to a JSON file, or a config; then ``overrides``.
+
+    Overrides use the field names, with ``__`` or ``.`` into a tower: ``embed_dim=256``,
+    ``audio__layers=2`` or ``**{"audio.layers": 2}``.
+    """
+    if isinstance(preset_or_path, SynergyConfig):
+        data, where = preset_or_path.to_dict(), "config"
+    else:
+        path = Path(preset_or_path)
+        if path.suffix == ".json" and path.is_file():
+            data, where = json.loads(path.read_text()), str(path)
+        elif (PRESET_DIR / f"{preset_or_path}.json").is_file():
+            data, where = json.loads((PRESET_DIR / f"{preset_or_path}.json").read_text()), f"preset {preset_or_path!r}"
+        else:
+            raise ConfigError(f"unknown preset {str(preset_or_path)!r}; presets: {list_presets()} (or a .json file)")
+    for key, value in overrides.items():
+        parts = key.replace("__", ".").split(".")
+        target = data
+        for part in parts[:-1]:
+            if part not in _TOWERS:
+                raise ConfigError(f"override {key!r}: {part!r} is not a tower; towers: {sorted(_TOWERS)}")
+            target = target.setdefault(part, {})
+        target[parts[-1]] = value
+    return config_from_dict(data, where)

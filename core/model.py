@@ -1,0 +1,78 @@
+"""SynergyModel: three towers, a linear projection each, L2-normalised embeddings, three learnable logit scales.
+
+The model returns embeddings; the loss is its own op (``synergy.kernels.contrastive``), so export and runtime use
+the towers without it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from synergy.core.audio_frontend import LogMelFrontend
+from synergy.core.config import SynergyConfig, load_config
+from synergy.core.towers import build_audio_tower, build_image_tower, build_text_tower
+
+PAIRS = ("image_text", "text_audio", "audio_image")
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+class SynergyModel(nn.Module):
+    def __init__(self, config: SynergyConfig, hf_configs: dict | None = None):
+        """``hf_configs``: the towers' transformers configs (from a checkpoint) to rebuild them without the
+        pretrained folders; None builds from ``config`` (from scratch or from the local pretrained folders)."""
+        super().__init__()
+        self.config = config
+        hf = hf_configs or {}
+        attn = config.attn_implementation
+        self.image_tower, image_width = build_image_tower(config.image, attn, hf.get("image"))
+        self.text_tower, text_width = build_text_tower(config.text, attn, hf.get("text"))
+        self.audio_tower, audio_width = build_audio_tower(config.audio, attn, hf.get("audio"))
+        a = config.audio
+        self.audio_frontend = LogMelFrontend(a.sample_rate, a.n_mels, a.num_frames, a.mean, a.std)
+        self.image_projection = nn.Linear(image_width, config.embed_dim, bias=False)
+        self.text_projection = nn.Linear(text_width, config.embed_dim, bias=False)
+        self.audio_projection = nn.Linear(audio_width, config.embed_dim, bias=False)
+        # one learnable temperature per pair (image-text, text-audio, audio-image), stored as log-scale
+        self.logit_scale = nn.Parameter(torch.full((3,), LOGIT_SCALE_INIT))
+        for projection in (self.image_projection, self.text_projection, self.audio_projection):
+            nn.init.normal_(projection.weight, std=projection.in_features**-0.5)
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        """pixel_values: [B, 3, H, W] normalised -> [B, D] L2-normalised."""
+        pooled = self.image_tower(pixel_values=pixel_values).pooler_output  # [B, width]
+        return F.normalize(self.image_projection(pooled), dim=-1)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids, attention_mask: [B, L] int64 -> [B, D]; pooled = final state of the first (<s>) token."""
+        hidden = self.text_tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, w]
+        return F.normalize(self.text_projection(hidden[:, 0]), dim=-1)
+
+    def encode_audio(self, waveform: Tensor) -> Tensor:
+        """waveform: [B, T] mono at ``config.audio.sample_rate`` -> [B, D]."""
+        features = self.audio_frontend(waveform)  # [B, num_frames, n_mels]
+        pooled = self.audio_tower(input_values=features).pooler_output  # [B, width]
+        return F.normalize(self.audio_projection(pooled), dim=-1)
+
+    def logit_scales(self) -> Tensor:
+        """[3] exp'd scales for (image-text, text-audio, audio-image), clamped at 100 as in CLIP."""
+        return self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+
+    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, waveform: Tensor):
+        """One training batch -> ``(image, text, audio, logit_scales)``: [B, D] x 3 and [3]. The scales come out of
+        forward so that DDP sees every parameter used inside its forward."""
+        return (
+            self.encode_image(pixel_values),
+            self.encode_text(input_ids, attention_mask),
+            self.encode_audio(waveform),
+            self.logit_scales(),
+        )
+
+
+def create_model(preset_or_config: str | SynergyConfig = "small", **overrides) -> SynergyModel:
+    """``create_model("small", embed_dim=256, audio__layers=2)``; unknown presets or keys raise with the valid ones."""
+    return SynergyModel(load_config(preset_or_config, **overrides))

@@ -1,0 +1,122 @@
+"""The three towers: transformers modules built from our config, or loaded from a local pretrained folder.
+
+Each ``build_*`` returns ``(module, hidden_size)``. Attention goes through transformers' AttentionInterface, so
+``attn_implementation`` picks "sdpa", "eager" or our fused kernel ("synergy") for every tower at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+from transformers import ASTConfig, AutoConfig, AutoModel, CLIPVisionConfig, CLIPVisionModel, RobertaConfig
+
+from synergy.core.config import AudioTowerConfig, ImageTowerConfig, TextTowerConfig
+
+
+def _attention(attn_implementation: str) -> str:
+    if attn_implementation == "synergy":
+        from synergy.kernels.attention import register_attention
+
+        register_attention("synergy")
+    return attn_implementation
+
+
+def _config_from_dict(hf_config: dict, attn_implementation: str):
+    config = AutoConfig.for_model(**hf_config)
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def _pretrained_folder(path: str, tower: str) -> Path:
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{tower} tower: pretrained folder {folder} has no config.json; pass a local folder written by "
+            "save_pretrained (Synergy never downloads from a hub)"
+        )
+    return folder
+
+
+def build_image_tower(cfg: ImageTowerConfig, attn_implementation: str, hf_config: dict | None = None):
+    attn = _attention(attn_implementation)
+    if hf_config is not None:
+        model = CLIPVisionModel(_config_from_dict(hf_config, attn))
+    elif cfg.pretrained:
+        model = CLIPVisionModel.from_pretrained(_pretrained_folder(cfg.pretrained, "image"), attn_implementation=attn)
+    else:
+        config = CLIPVisionConfig(
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            hidden_size=cfg.width,
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads,
+            intermediate_size=cfg.mlp_dim,
+            hidden_act="gelu",
+        )
+        config._attn_implementation = attn
+        model = CLIPVisionModel(config)
+    return model, model.config.hidden_size
+
+
+def build_text_tower(cfg: TextTowerConfig, attn_implementation: str, hf_config: dict | None = None):
+    attn = _attention(attn_implementation)
+    if hf_config is not None:
+        model = AutoModel.from_config(_config_from_dict(hf_config, attn), add_pooling_layer=False)
+    elif cfg.pretrained:
+        folder = _pretrained_folder(cfg.pretrained, "text")
+        model = AutoModel.from_pretrained(folder, add_pooling_layer=False, attn_implementation=attn)
+    else:
+        config = RobertaConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.width,
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads,
+            intermediate_size=cfg.mlp_dim,
+            max_position_embeddings=cfg.max_length + 2,  # RoBERTa positions start after padding_idx
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            type_vocab_size=1,
+        )
+        config._attn_implementation = attn
+        model = AutoModel.from_config(config, add_pooling_layer=False)
+    return model, model.config.hidden_size
+
+
+def build_audio_tower(cfg: AudioTowerConfig, attn_implementation: str, hf_config: dict | None = None):
+    attn = _attention(attn_implementation)
+    if hf_config is not None:
+        model = AutoModel.from_config(_config_from_dict(hf_config, attn))
+    elif cfg.pretrained:
+        model = AutoModel.from_pretrained(_pretrained_folder(cfg.pretrained, "audio"), attn_implementation=attn)
+    else:
+        config = ASTConfig(
+            hidden_size=cfg.width,
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads,
+            intermediate_size=cfg.mlp_dim,
+            patch_size=cfg.patch_size,
+            frequency_stride=cfg.frequency_stride,
+            time_stride=cfg.time_stride,
+            max_length=cfg.num_frames,
+            num_mel_bins=cfg.n_mels,
+        )
+        config._attn_implementation = attn
+        model = AutoModel.from_config(config)
+    if model.config.num_mel_bins != cfg.n_mels or model.config.max_length != cfg.num_frames:
+        raise ValueError(
+            f"audio tower expects {model.config.num_mel_bins} mels x {model.config.max_length} frames but the config "
+            f"says n_mels={cfg.n_mels}, num_frames={cfg.num_frames}; set them to the tower's values"
+        )
+    return model, model.config.hidden_size
+
+
+def tower_hf_config(module: nn.Module) -> dict:
+    """The transformers config of a tower, as a dict that ``build_*(..., hf_config=...)`` rebuilds it from."""
+    data = module.config.to_dict()
+    for key in ("_attn_implementation_autoset", "architectures", "transformers_version", "_name_or_path"):
+        data.pop(key, None)
+    return data
