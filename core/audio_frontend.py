@@ -1,0 +1,143 @@
+"""Waveform -> normalised kaldi log-mel fbank, the input of the AST audio tower, written so that it exports.
+
+It reproduces transformers' ``ASTFeatureExtractor`` (kaldi fbank: 25 ms frames every 10 ms, snip-edges framing,
+per-frame DC removal, pre-emphasis 0.97, symmetric Hann window, |DFT|^2 zero-padded to a power of two, kaldi mel
+bank from 20 Hz to Nyquist, natural log with a float32-epsilon floor; zero-pad or crop to ``num_frames`` after the
+log; then ``(x - mean) / (2 * std)``), so pretrained AST checkpoints see the features they were trained on.
+
+Framing, DC removal, pre-emphasis, window and the real DFT are all linear in the samples of a frame, so they are
+folded into one matrix applied by one strided ``conv1d``: no STFT/FFT op (ONNX and TensorRT support for those is
+patchy) and no Python branch on the input length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PREEMPHASIS = 0.97
+LOW_FREQUENCY_HZ = 20.0
+# float32 machine epsilon: kaldi's (and the extractor's) floor before the log
+MEL_FLOOR = 1.192092955078125e-07
+
+
+def kaldi_frame_sizes(sample_rate: int) -> tuple[int, int, int]:
+    """Kaldi's frame length (25 ms), frame shift (10 ms) and FFT size (next power of two) in samples."""
+    frame_length = sample_rate * 25 // 1000
+    hop_length = sample_rate * 10 // 1000
+    fft_length = 1 << (frame_length - 1).bit_length()
+    return frame_length, hop_length, fft_length
+
+
+def kaldi_mel_filters(sample_rate: int, fft_length: int, n_mels: int) -> torch.Tensor:
+    """Kaldi mel filter bank, triangles drawn in mel space, float64: [fft_length // 2 + 1, n_mels]."""
+
+    def hertz_to_mel(hertz: torch.Tensor) -> torch.Tensor:
+        return 1127.0 * torch.log1p(hertz / 700.0)
+
+    edges = torch.linspace(
+        hertz_to_mel(torch.tensor(LOW_FREQUENCY_HZ, dtype=torch.float64)).item(),
+        hertz_to_mel(torch.tensor(sample_rate / 2, dtype=torch.float64)).item(),
+        n_mels + 2,
+        dtype=torch.float64,
+    )  # [n_mels + 2]: left edge, n_mels centres, right edge
+    bin_hertz = torch.arange(fft_length // 2 + 1, dtype=torch.float64) * (sample_rate / fft_length)
+    bin_mel = hertz_to_mel(bin_hertz)[:, None]  # [n_freq, 1]
+    rising = (bin_mel - edges[:-2]) / (edges[1:-1] - edges[:-2])  # [n_freq, n_mels]
+    falling = (edges[2:] - bin_mel) / (edges[2:] - edges[1:-1])
+    return torch.clamp(torch.minimum(rising, falling), min=0.0)
+
+
+def folded_dft_kernel(frame_length: int, fft_length: int) -> torch.Tensor:
+    """One frame's DC removal, pre-emphasis, Hann window and real DFT as one matrix, float64.
+
+    Returns [2 * n_freq, frame_length] with n_freq = fft_length // 2 + 1: rows [0, n_freq) give the real parts,
+    rows [n_freq, 2 * n_freq) the imaginary parts of ``rfft(window * preemph(frame - mean(frame)), fft_length)``.
+    """
+    n = frame_length
+    identity = torch.eye(n, dtype=torch.float64)
+    remove_dc = identity - 1.0 / n  # frame - mean(frame)
+    # y[i] = x[i] - 0.97 x[i-1]; kaldi's edge rule for the first sample: y[0] = x[0] - 0.97 x[0]
+    preemphasis = identity - PREEMPHASIS * torch.diag(torch.ones(n - 1, dtype=torch.float64), -1)
+    preemphasis[0, 0] = 1.0 - PREEMPHASIS
+    window = torch.hann_window(n, periodic=False, dtype=torch.float64)  # kaldi "hanning": 0.5 - 0.5 cos(2 pi i/(n-1))
+    # zero-padding the frame to fft_length only adds zero columns, so the DFT matrix keeps n columns;
+    # (k * i) mod fft_length keeps the angles exact before the float64 cos/sin
+    k = torch.arange(fft_length // 2 + 1, dtype=torch.int64)[:, None]
+    i = torch.arange(n, dtype=torch.int64)[None, :]
+    angle = (k * i % fft_length).to(torch.float64) * (2.0 * math.pi / fft_length)  # [n_freq, n]
+    dft = torch.cat([torch.cos(angle), -torch.sin(angle)])  # [2 * n_freq, n]
+    return dft @ (window[:, None] * preemphasis @ remove_dc)
+
+
+class LogMelFrontend(nn.Module):
+    """Waveform [B, T] (mono, float, at ``sample_rate``) -> normalised log-mel features [B, num_frames, n_mels].
+
+    Equal to ``ASTFeatureExtractor(sampling_rate, num_mel_bins=n_mels, max_length=num_frames, mean, std)`` up to
+    float32 rounding (see tests/core/test_audio_frontend.py for the measured tolerance). Frame sizes follow kaldi
+    (25 ms / 10 ms); the extractor's numpy path hard-codes 400 / 160 / 512, so the two agree at 16 kHz only.
+
+    Clips shorter than ``num_frames`` frames are zero-padded in the log domain (as AST does) and longer ones are
+    cropped; a clip shorter than one frame (``T < frame_length``, including ``T = 0``) gives all padding.
+
+    The folded DFT kernel and the mel matrix are non-persistent buffers: rebuilt from the arguments in
+    ``__init__``, they follow ``.to(device)`` but stay out of ``state_dict`` (checkpoints hold learned weights only)
+    and out of ``parameters()`` (no optimiser, weight decay or DDP gradient sync touches them). A frozen Parameter
+    would be saved in every checkpoint and counted as model weights. Keep the module in float32: casting the whole
+    model with ``.half()`` rounds these buffers too, and the power spectrum needs float32 to resolve quiet bins.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int = 16_000,
+        n_mels: int = 128,
+        num_frames: int = 1024,
+        mean: float = -4.2677393,
+        std: float = 4.5689974,
+    ):
+        super().__init__()
+        if sample_rate < 200:
+            raise ValueError(f"sample_rate={sample_rate} Hz gives frames under 5 samples; expected >= 200 Hz")
+        if n_mels < 1 or num_frames < 1:
+            raise ValueError(f"n_mels={n_mels} and num_frames={num_frames} must both be >= 1")
+        if not std > 0:
+            raise ValueError(f"std={std} must be > 0 (it divides the features)")
+        self.sample_rate, self.n_mels, self.num_frames = sample_rate, n_mels, num_frames
+        self.mean, self.std = float(mean), float(std)
+        self.frame_length, self.hop_length, self.fft_length = kaldi_frame_sizes(sample_rate)
+        self.n_freq = self.fft_length // 2 + 1
+        # samples read by the first num_frames frames: the waveform is padded/cropped to exactly this many
+        self.num_samples = (num_frames - 1) * self.hop_length + self.frame_length
+
+        # fold in float64, round once to float32
+        kernel = folded_dft_kernel(self.frame_length, self.fft_length).to(torch.float32)
+        self.register_buffer("dft_kernel", kernel[:, None, :], persistent=False)  # [2 * n_freq, 1, frame_length]
+        mel = kaldi_mel_filters(sample_rate, self.fft_length, n_mels).to(torch.float32)
+        self.register_buffer("mel_filters", mel, persistent=False)  # [n_freq, n_mels]
+        frame_ends = torch.arange(num_frames) * self.hop_length + self.frame_length
+        self.register_buffer("frame_ends", frame_ends, persistent=False)  # [num_frames] int64
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        """waveform: [B, T] float -> [B, num_frames, n_mels] float32."""
+        num_samples_in = waveform.shape[-1]
+        # autocast would run the conv in bf16/fp16 and bury quiet bins under rounding noise: keep float32
+        with torch.autocast(device_type=waveform.device.type, enabled=False):
+            wave = waveform.to(torch.float32)
+            # pad then crop to exactly the samples num_frames frames read: the frame count is static, short clips
+            # (even T < frame_length) never under-run the conv, and long clips cost no more than a full one
+            wave = F.pad(wave, (0, self.num_samples))[:, : self.num_samples]  # [B, num_samples]
+            # per-frame DC removal makes the output blind to a constant offset in exact arithmetic, but in float32
+            # a large offset leaks through the rounded kernel (x200 error on a quiet tone riding 0.9 DC): remove
+            # the clip's mean first, which keeps that leak at the level of the signal's own rounding
+            wave = wave - wave.mean(dim=-1, keepdim=True)
+            spectrum = F.conv1d(wave[:, None, :], self.dft_kernel, stride=self.hop_length)  # [B, 2 * n_freq, frames]
+            real, imag = spectrum.split(self.n_freq, dim=1)
+            power = (real.square() + imag.square()).transpose(1, 2)  # [B, num_frames, n_freq]
+            log_mel = torch.log(torch.clamp(power @ self.mel_filters, min=MEL_FLOOR))  # [B, num_frames, n_mels]
+            # frames that ran past the real samples are padding: 0 in the log domain, as AST pads (snip-edges)
+            is_real_frame = self.frame_ends <= num_samples_in  # [num_frames]
+            log_mel = torch.where(is_real_frame[:, None], log_mel, 0.0)
+            return (log_mel - self.mean) / (2.0 * self.std)

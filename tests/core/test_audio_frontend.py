@@ -1,0 +1,183 @@
+"""LogMelFrontend against transformers' ASTFeatureExtractor (its numpy kaldi path: torchaudio is not installed),
+plus batch consistency and ONNX export (dynamic batch and time, no STFT/DFT/FFT op, onnxruntime parity).
+
+Tolerance, on the normalised output ``(log_mel - mean) / (2 * std)`` (one unit = 9.14 nats of mel power):
+the module computes the DFT as a float32 conv with float32-rounded weights, the extractor in float64 (stored as
+complex64, logs cast to float32). Against the same fold run in float64 the extractor agrees to 1.4e-7, so every
+difference is float32 rounding of the conv: its absolute noise is ~1e-7 of the frame's energy, so the log error
+of a mel bin grows as that bin falls below the frame's loudest one. Measured max abs error on the 10 s signals below,
+by how far a bin is below its frame's loudest bin:
+    0-20 dB  <= 1.6e-6   20-40 dB <= 3.6e-6   40-60 dB <= 1.4e-5   60-80 dB <= 8.7e-5   80+ dB <= 2.8e-4 (chirp)
+The tests assert 1e-5 for bins within 40 dB and 1e-3 for every bin (bins 100 dB down sit near the 1.19e-7 floor;
+2.8e-4 there is a 0.26 % power error, far below anything the model can see).
+"""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from synergy.core.audio_frontend import LogMelFrontend
+
+SAMPLE_RATE = 16_000
+AUDIOSET_MEAN, AUDIOSET_STD = -4.2677393, 4.5689974
+NEAR_BIN_DB = 40.0  # bins within this many dB of their frame's loudest bin get the tight tolerance
+NEAR_BIN_ATOL = 1e-5
+ALL_BIN_ATOL = 1e-3
+
+
+def _signal(name: str, num_samples: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(num_samples) / SAMPLE_RATE
+    if name == "noise":
+        wave = 0.1 * rng.standard_normal(num_samples)
+    elif name == "chirp":  # 20 Hz -> 8 kHz sweep over 10 s
+        wave = 0.5 * np.sin(2 * np.pi * (20 * t + (8000 - 20) / 20 * t**2))
+    elif name == "tones_dc":
+        wave = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 3000 * t) + 0.5
+    elif name == "quiet_tone_dc":  # a faint tone riding a large offset: the DC leak case
+        wave = 1e-3 * np.sin(2 * np.pi * 440 * t) + 0.9
+    elif name == "quiet":  # near the mel floor
+        wave = 1e-5 * rng.standard_normal(num_samples)
+    else:
+        raise ValueError(name)
+    return wave.astype(np.float32)
+
+
+def _extractor(n_mels: int, num_frames: int):
+    from transformers import ASTFeatureExtractor
+
+    with warnings.catch_warnings():  # 128 kaldi bins over 257 FFT bins leaves the lowest filter empty: expected
+        warnings.simplefilter("ignore", UserWarning)
+        return ASTFeatureExtractor(
+            sampling_rate=SAMPLE_RATE,
+            num_mel_bins=n_mels,
+            max_length=num_frames,
+            mean=AUDIOSET_MEAN,
+            std=AUDIOSET_STD,
+            do_normalize=True,
+        )
+
+
+def _assert_close_in_float32(got: np.ndarray, expected: np.ndarray) -> None:
+    """The tiered tolerance of the module docstring: tight within 40 dB of each frame's loudest bin, loose below."""
+    error = np.abs(got - expected)
+    assert error.max() <= ALL_BIN_ATOL, f"max abs error {error.max():.2e}"
+    near_margin = NEAR_BIN_DB * math.log(10) / 10 / (2 * AUDIOSET_STD)  # dB -> normalised units
+    near = expected >= expected.max(axis=-1, keepdims=True) - near_margin
+    assert error[near].max() <= NEAR_BIN_ATOL, f"max abs error within {NEAR_BIN_DB} dB: {error[near].max():.2e}"
+
+
+def _assert_matches_extractor(frontend: LogMelFrontend, wave: np.ndarray, extractor) -> None:
+    expected = extractor(wave, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_values"][0]
+    got = frontend(torch.from_numpy(wave)[None])[0].numpy()
+    assert got.shape == expected.shape == (frontend.num_frames, frontend.n_mels)
+    _assert_close_in_float32(got, expected)
+
+
+@pytest.fixture(scope="module")
+def audioset_frontend():
+    return LogMelFrontend(SAMPLE_RATE, 128, 1024, AUDIOSET_MEAN, AUDIOSET_STD)
+
+
+@pytest.fixture(scope="module")
+def audioset_extractor():
+    return _extractor(128, 1024)
+
+
+@pytest.mark.parametrize("name", ["noise", "chirp", "tones_dc", "quiet_tone_dc", "quiet"])
+def test_matches_ast_extractor_on_10s_clips(name, audioset_frontend, audioset_extractor):
+    wave = _signal(name, 160_000)  # 998 frames: the last 26 rows are padding
+    _assert_matches_extractor(audioset_frontend, wave, audioset_extractor)
+
+
+@pytest.mark.parametrize(
+    "num_samples",
+    [
+        48_000 + 123,  # 3 s: mostly padding
+        170_000,  # 1061 frames: cropped to 1024
+        (1024 - 1) * 160 + 400,  # exactly 1024 frames
+        (1024 - 1) * 160 + 399,  # one sample short of frame 1024: it must be padding
+    ],
+)
+def test_pads_and_crops_like_ast_extractor(num_samples, audioset_frontend, audioset_extractor):
+    _assert_matches_extractor(audioset_frontend, _signal("noise", num_samples, seed=1), audioset_extractor)
+
+
+@pytest.mark.parametrize("name", ["noise", "chirp", "tones_dc"])
+@pytest.mark.parametrize("num_samples", [4_567, 9_999, 30_001])  # padded, exact-ish, cropped for 59 frames
+def test_matches_ast_extractor_odd_config(name, num_samples):
+    frontend = LogMelFrontend(SAMPLE_RATE, n_mels=37, num_frames=59, mean=-3.1, std=2.7)
+    extractor = _extractor(37, 59)
+    extractor.mean, extractor.std = -3.1, 2.7
+    _assert_matches_extractor(frontend, _signal(name, num_samples, seed=2), extractor)
+
+
+@pytest.mark.parametrize("num_samples", [0, 1, 399, 400])
+def test_shorter_than_a_frame_is_all_padding(num_samples):
+    frontend = LogMelFrontend(SAMPLE_RATE, n_mels=37, num_frames=59)
+    out = frontend(torch.ones(3, num_samples))
+    padding = (0.0 - frontend.mean) / (2 * frontend.std)
+    padded_rows = 59 if num_samples < 400 else 58
+    assert out.shape == (3, 59, 37)
+    torch.testing.assert_close(out[:, 59 - padded_rows :], torch.full((3, padded_rows, 37), padding))
+    if num_samples == 400:  # one real frame: a constant frame has no AC energy, so it sits at the log floor
+        floor = (math.log(1.192092955078125e-07) - frontend.mean) / (2 * frontend.std)
+        torch.testing.assert_close(out[:, 0], torch.full((3, 37), floor))
+
+
+def test_batch_rows_equal_single_calls():
+    frontend = LogMelFrontend(SAMPLE_RATE, n_mels=37, num_frames=59)
+    batch = torch.from_numpy(np.stack([_signal(n, 9_999, seed=3) for n in ["noise", "chirp", "tones_dc", "quiet"]]))
+    out = frontend(batch).numpy()
+    for row in range(batch.shape[0]):
+        # the conv may pick another blocking for another batch size: equal up to float32 rounding, not bitwise
+        _assert_close_in_float32(out[row], frontend(batch[row : row + 1])[0].numpy())
+
+
+def test_buffers_are_rebuilt_not_saved():
+    frontend = LogMelFrontend(SAMPLE_RATE, n_mels=37, num_frames=59)
+    assert dict(frontend.state_dict()) == {}
+    assert list(frontend.parameters()) == []
+    assert frontend.dft_kernel.shape == (2 * 257, 1, 400) and frontend.dft_kernel.dtype == torch.float32
+
+
+def test_rejects_unusable_arguments():
+    with pytest.raises(ValueError, match="std"):
+        LogMelFrontend(std=0.0)
+    with pytest.raises(ValueError, match="num_frames"):
+        LogMelFrontend(num_frames=0)
+
+
+def test_onnx_export_dynamic_batch_and_time(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    frontend = LogMelFrontend(SAMPLE_RATE, n_mels=37, num_frames=59).eval()
+    example = torch.from_numpy(np.stack([_signal("noise", 9_999, seed=4)] * 2))
+    batch, time = torch.export.Dim("batch"), torch.export.Dim("time")
+    path = tmp_path / "frontend.onnx"
+    torch.onnx.export(
+        frontend,
+        (example,),
+        str(path),
+        dynamo=True,
+        input_names=["waveform"],
+        output_names=["features"],
+        dynamic_shapes={"waveform": {0: batch, 1: time}},
+        verbose=False,
+    )
+    model = onnx.load(str(path))
+    op_types = {node.op_type for node in model.graph.node}
+    for function in model.functions:
+        op_types |= {node.op_type for node in function.node}
+    assert not {op for op in op_types if any(word in op.upper() for word in ("STFT", "DFT", "FFT"))}, op_types
+    assert "Conv" in op_types
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for rows, num_samples in [(3, 30_001), (1, 4_567), (2, 250)]:  # cropped, padded, shorter than a frame
+        wave = np.stack([_signal(n, num_samples, seed=5) for n in ["noise", "chirp", "tones_dc"][:rows]])
+        (got,) = session.run(None, {"waveform": wave})
+        expected = frontend(torch.from_numpy(wave)).numpy()
+        assert got.shape == (rows, 59, 37)
+        _assert_close_in_float32(got, expected)
