@@ -132,7 +132,8 @@ def _attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < N) & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    row_ok = offs_m < length  # padded query rows read as 0 (never touch their data) and output 0
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
 
     # keys [0, hi) are visible to some row of this tile; a tile of padded queries (start_m >= length) visits none
     hi = length
@@ -157,7 +158,6 @@ def _attention_fwd_kernel(
         HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, True, DOT_PRECISION,
     )  # fmt: skip
 
-    row_ok = offs_m < length  # padded query rows output 0, and l_i == 0 there
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
