@@ -60,7 +60,8 @@ def folded_dft_kernel(frame_length: int, fft_length: int) -> torch.Tensor:
     n = frame_length
     identity = torch.eye(n, dtype=torch.float64)
     remove_dc = identity - 1.0 / n  # frame - mean(frame)
-    # y[i] = x[i] - 0.97 x[i-1]; kaldi's edge rule for the first sample: y[0] = x[0] - 0.97 x[0]
+    # y[i] = x[i] - 0.97 x[i-1]; kaldi's edge rule for the first sample: y[0] = x[0] - 0.97 x[0] (the symmetric
+    # Hann window zeroes sample 0, so the rule cannot change the output; kept so the fold reads as kaldi does)
     preemphasis = identity - PREEMPHASIS * torch.diag(torch.ones(n - 1, dtype=torch.float64), -1)
     preemphasis[0, 0] = 1.0 - PREEMPHASIS
     window = torch.hann_window(n, periodic=False, dtype=torch.float64)  # kaldi "hanning": 0.5 - 0.5 cos(2 pi i/(n-1))
@@ -130,7 +131,7 @@ class LogMelFrontend(nn.Module):
             # (even T < frame_length) never under-run the conv, and long clips cost no more than a full one
             wave = F.pad(wave, (0, self.num_samples))[:, : self.num_samples]  # [B, num_samples]
             # per-frame DC removal makes the output blind to a constant offset in exact arithmetic, but in float32
-            # a large offset leaks through the rounded kernel (x200 error on a quiet tone riding 0.9 DC): remove
+            # a large offset leaks through the rounded kernel (x100 error on a quiet tone riding 0.9 DC): remove
             # the clip's mean first, which keeps that leak at the level of the signal's own rounding
             wave = wave - wave.mean(dim=-1, keepdim=True)
             spectrum = F.conv1d(wave[:, None, :], self.dft_kernel, stride=self.hop_length)  # [B, 2 * n_freq, frames]

@@ -82,6 +82,11 @@ def audioset_frontend():
 
 
 @pytest.fixture(scope="module")
+def small_frontend():
+    return LogMelFrontend(SAMPLE_RATE, n_mels=37, num_frames=59).eval()
+
+
+@pytest.fixture(scope="module")
 def audioset_extractor():
     return _extractor(128, 1024)
 
@@ -105,9 +110,9 @@ def test_pads_and_crops_like_ast_extractor(num_samples, audioset_frontend, audio
     _assert_matches_extractor(audioset_frontend, _signal("noise", num_samples, seed=1), audioset_extractor)
 
 
-@pytest.mark.parametrize("name", ["noise", "chirp", "tones_dc"])
-@pytest.mark.parametrize("num_samples", [4_567, 9_999, 30_001])  # padded, exact-ish, cropped for 59 frames
+@pytest.mark.parametrize("name, num_samples", [("noise", 4_567), ("chirp", 9_999), ("tones_dc", 30_001)])
 def test_matches_ast_extractor_odd_config(name, num_samples):
+    # 59 frames read 9_680 samples: 4_567 is padded, 9_999 has 59 frames and a tail, 30_001 is cropped
     frontend = LogMelFrontend(SAMPLE_RATE, n_mels=37, num_frames=59, mean=-3.1, std=2.7)
     extractor = _extractor(37, 59)
     extractor.mean, extractor.std = -3.1, 2.7
@@ -115,20 +120,20 @@ def test_matches_ast_extractor_odd_config(name, num_samples):
 
 
 @pytest.mark.parametrize("num_samples", [0, 1, 399, 400])
-def test_shorter_than_a_frame_is_all_padding(num_samples):
-    frontend = LogMelFrontend(SAMPLE_RATE, n_mels=37, num_frames=59)
+def test_shorter_than_a_frame_is_all_padding(num_samples, small_frontend):
+    frontend = small_frontend
     out = frontend(torch.ones(3, num_samples))
     padding = (0.0 - frontend.mean) / (2 * frontend.std)
     padded_rows = 59 if num_samples < 400 else 58
     assert out.shape == (3, 59, 37)
-    torch.testing.assert_close(out[:, 59 - padded_rows :], torch.full((3, padded_rows, 37), padding))
+    np.testing.assert_allclose(out[:, 59 - padded_rows :].numpy(), padding, rtol=1e-6)
     if num_samples == 400:  # one real frame: a constant frame has no AC energy, so it sits at the log floor
         floor = (math.log(1.192092955078125e-07) - frontend.mean) / (2 * frontend.std)
-        torch.testing.assert_close(out[:, 0], torch.full((3, 37), floor))
+        np.testing.assert_allclose(out[:, 0].numpy(), floor, rtol=1e-6)
 
 
-def test_batch_rows_equal_single_calls():
-    frontend = LogMelFrontend(SAMPLE_RATE, n_mels=37, num_frames=59)
+def test_batch_rows_equal_single_calls(small_frontend):
+    frontend = small_frontend
     batch = torch.from_numpy(np.stack([_signal(n, 9_999, seed=3) for n in ["noise", "chirp", "tones_dc", "quiet"]]))
     out = frontend(batch).numpy()
     for row in range(batch.shape[0]):
@@ -136,8 +141,39 @@ def test_batch_rows_equal_single_calls():
         _assert_close_in_float32(out[row], frontend(batch[row : row + 1])[0].numpy())
 
 
-def test_buffers_are_rebuilt_not_saved():
-    frontend = LogMelFrontend(SAMPLE_RATE, n_mels=37, num_frames=59)
+def test_fold_matches_framewise_fft_at_8khz():
+    """Other sample rates have no extractor to compare with (its numpy path hard-codes 16 kHz frame sizes), so
+    check the fold there against the kaldi steps done frame by frame in float64 with an FFT (200 / 80 / 256)."""
+    from transformers.audio_utils import mel_filter_bank
+
+    frontend = LogMelFrontend(8_000, n_mels=23, num_frames=31, mean=-2.0, std=3.0)
+    assert (frontend.frame_length, frontend.hop_length, frontend.fft_length) == (200, 80, 256)
+    hf_mel = mel_filter_bank(129, 23, 20, 4_000, 8_000, None, "kaldi", triangularize_in_mel_space=True)
+    np.testing.assert_allclose(frontend.mel_filters.numpy(), hf_mel, atol=1e-7)
+
+    wave = torch.from_numpy(_signal("tones_dc", 2_000, seed=6)).to(torch.float64)  # 23 frames, 8 padded
+    frames = wave.unfold(0, 200, 80)  # [23, 200]
+    frames = frames - frames.mean(dim=1, keepdim=True)
+    frames = torch.cat([frames[:, :1] * (1 - 0.97), frames[:, 1:] - 0.97 * frames[:, :-1]], dim=1)
+    frames = frames * torch.hann_window(200, periodic=False, dtype=torch.float64)
+    power = torch.fft.rfft(frames, n=256).abs().square()  # [23, 129]
+    log_mel = torch.log(torch.clamp(power @ torch.from_numpy(hf_mel), min=1.192092955078125e-07))
+    expected = torch.cat([log_mel, torch.zeros(31 - 23, 23, dtype=torch.float64)])
+    expected = ((expected + 2.0) / 6.0).to(torch.float32)
+    _assert_close_in_float32(frontend(wave[None].to(torch.float32))[0].numpy(), expected.numpy())
+
+
+def test_autocast_does_not_lower_precision(small_frontend):
+    frontend = small_frontend
+    wave = torch.from_numpy(_signal("chirp", 9_999, seed=7))[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = frontend(wave)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, frontend(wave))  # autocast is switched off inside: bit-identical
+
+
+def test_buffers_are_rebuilt_not_saved(small_frontend):
+    frontend = small_frontend
     assert dict(frontend.state_dict()) == {}
     assert list(frontend.parameters()) == []
     assert frontend.dft_kernel.shape == (2 * 257, 1, 400) and frontend.dft_kernel.dtype == torch.float32
@@ -150,10 +186,10 @@ def test_rejects_unusable_arguments():
         LogMelFrontend(num_frames=0)
 
 
-def test_onnx_export_dynamic_batch_and_time(tmp_path):
+def test_onnx_export_dynamic_batch_and_time(tmp_path, small_frontend):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    frontend = LogMelFrontend(SAMPLE_RATE, n_mels=37, num_frames=59).eval()
+    frontend = small_frontend
     example = torch.from_numpy(np.stack([_signal("noise", 9_999, seed=4)] * 2))
     batch, time = torch.export.Dim("batch"), torch.export.Dim("time")
     path = tmp_path / "frontend.onnx"
