@@ -1,0 +1,525 @@
+"""``Runtime``: a bundle -> embeddings, zero-shot labels and nearest neighbours, without torch.
+
+    rt = Runtime.open("runs/demo/bundle")                       # checks the manifest and every sha256
+    rt.embed_audio(["dog.wav", (wave, 44_100)])                 # [2, D], L2-normalised
+    rt.classify("labels.txt", audio=["dog.wav"], image=["dog.png"], top_k=3)   # fused: one answer per pair
+    rt.search(["a dog barking"], corpus, top_k=10)
+
+Choices, documented here once:
+
+- Batching: inputs are decoded, then run ``batch_size`` at a time; text is padded to each batch's longest
+  sequence. A bad item is a typed ``InputError`` for that item: ``embed_batch`` returns it beside the others'
+  vectors and ``classify`` returns it in that item's ``Prediction``; the strict ``embed_*`` raise it.
+- Long audio: windows of the model's clip (``audio_overlap``, default 0.5) whose embeddings are averaged and
+  re-normalised; short audio is zero-padded at the end, as in training (see ``audio.py``).
+- Labels: each label's embedding is the normalised mean of its normalised prompt embeddings (the manifest's
+  templates); cached per label for the life of the runtime.
+- Several modalities for one item (``classify(audio=..., image=...)``): the item's embedding is the normalised mean
+  of the modalities' normalised embeddings; its logit scale is the mean of the modalities' scales. Audio -> label
+  uses ``text_audio``, image -> label ``image_text``; text -> label (a pair the model never trained) uses the
+  mean of the two. Probabilities are ``softmax(scale * cosine)`` over the labels.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .audio import DEFAULT_MAX_SECONDS, DEFAULT_OVERLAP, audio_windows, describe_audio, load_audio
+from .batcher import MicroBatcher
+from .errors import BackendError, InferUsageError, InputError
+from .image import describe_image, load_image, preprocess_image
+from .labels import check_template, label_prompts, read_labels
+from .manifest import MODALITIES, BundleError, Manifest, load_manifest
+from .text import check_text, load_tokenizer, tokenize
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+DEVICES = ("cpu", "cuda")
+ENGINE_SUFFIXES = (".plan", ".engine")
+LABEL_SCALE_PAIRS = {"audio": ("text_audio",), "image": ("image_text",), "text": ("image_text", "text_audio")}
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """Per-item embeddings of one call: ``vectors`` [N, D] float32 (NaN rows where ``errors[i]`` is set)."""
+
+    vectors: np.ndarray
+    errors: tuple[InputError | None, ...]
+    sources: tuple[str, ...]
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([e is None for e in self.errors], dtype=bool)
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    label: str
+    probability: float
+    similarity: float  # cosine between the item's and the label's embeddings
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One item's zero-shot answer: the ``top`` labels, best first, or the ``error`` that stopped it."""
+
+    source: str
+    top: tuple[LabelScore, ...] = ()
+    error: InputError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    index: int  # row of the corpus
+    score: float  # cosine similarity
+
+
+def _as_items(modality: str, items) -> list:
+    """One item or a sequence of items -> a list. A tuple is one waveform for audio; a 3-D array one image."""
+    if isinstance(items, (str, Path, bytes, bytearray, memoryview)):
+        return [items]
+    if modality == "audio" and isinstance(items, tuple):
+        return [items]
+    if isinstance(items, np.ndarray):
+        if modality == "image" and items.ndim in (2, 3):
+            return [items]
+        if modality == "image" and items.ndim == 4:
+            return list(items)
+        if modality == "audio":
+            raise InferUsageError("a bare array is not audio: pass (waveform, sample_rate) tuples, the rate explicit")
+        return list(items)
+    if modality == "image" and hasattr(items, "getbands"):  # a PIL image
+        return [items]
+    return list(items)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    weights = np.exp(shifted)
+    return weights / weights.sum(axis=-1, keepdims=True)
+
+
+def l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+
+
+def cosine_top_k(queries: np.ndarray, corpus: np.ndarray, k: int, block: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """queries [Q, D], corpus [N, D] (normalised) -> (indices [Q, k'], scores [Q, k']), k' = min(k, N), best
+    first. The corpus is scanned in blocks so that memory stays O(Q * block)."""
+    k = min(k, corpus.shape[0])
+    best_scores = np.full((queries.shape[0], 0), -np.inf, np.float32)
+    best_index = np.zeros((queries.shape[0], 0), np.int64)
+    for start in range(0, corpus.shape[0], block):
+        scores = queries @ corpus[start : start + block].T  # [Q, b]
+        take = min(k, scores.shape[1])
+        part = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+        best_scores = np.concatenate([best_scores, np.take_along_axis(scores, part, 1)], axis=1)
+        best_index = np.concatenate([best_index, part + start], axis=1)
+        if best_scores.shape[1] > k:
+            keep = np.argpartition(-best_scores, k - 1, axis=1)[:, :k]
+            best_scores, best_index = np.take_along_axis(best_scores, keep, 1), np.take_along_axis(best_index, keep, 1)
+    order = np.argsort(-best_scores, axis=1, kind="stable")
+    return np.take_along_axis(best_index, order, 1), np.take_along_axis(best_scores, order, 1)
+
+
+def _check_static_shapes(bundle: Path, manifest: Manifest) -> None:
+    """Fixed (integer) graph dims must agree with the preprocessing the manifest asks for."""
+    expected = {
+        "image": {2: manifest.image.size, 3: manifest.image.size},
+        "audio": {1: round(manifest.audio.clip_seconds * manifest.audio.sample_rate)},
+    }
+    for modality, dims in expected.items():
+        spec = manifest.towers.get(modality)
+        shape = spec.inputs[0].shape if spec else ()
+        for axis, want in dims.items():
+            if axis < len(shape) and isinstance(shape[axis], int) and shape[axis] != want:
+                raise BundleError(
+                    f"{bundle}: the {modality} graph's input {spec.inputs[0].name} has a fixed dim {axis} of "
+                    f"{shape[axis]}, but the preprocessing gives {want}; re-export the bundle"
+                )
+
+
+class Runtime:
+    """A loaded bundle. Thread-safe: sessions are shared, the label cache is locked. Open with ``Runtime.open``."""
+
+    def __init__(self, bundle: Path, manifest: Manifest, backend: str, device: str, threads: int | None, **options):
+        self.bundle = bundle
+        self.manifest = manifest
+        self.backend = backend
+        self.device = device
+        self.threads = threads
+        self.batch_size: int = options["batch_size"]
+        self.audio_overlap: float = options["audio_overlap"]
+        self.max_audio_seconds: float = options["max_audio_seconds"]
+        self._towers: dict = {}
+        self._tokenizer = None
+        self._labels: dict[str, np.ndarray] = {}  # label -> [D] embedding
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls,
+        bundle: str | Path,
+        backend: str = "auto",
+        device: str = "cpu",
+        threads: int | None = None,
+        *,
+        batch_size: int = 32,
+        audio_overlap: float = DEFAULT_OVERLAP,
+        max_audio_seconds: float = DEFAULT_MAX_SECONDS,
+        verify: bool = True,
+    ) -> Runtime:
+        """Read and check a bundle (manifest, format version, every file's sha256 unless ``verify=False``).
+
+        ``backend``: "onnxruntime" (ONNX graphs; on ``device="cuda"`` through the TensorRT EP, then the CUDA EP),
+        "tensorrt" (the bundle's ``*.plan`` engines, natively), or "auto" (engines when the bundle holds only
+        engines, else onnxruntime). ``threads``: CPU threads per session (None: onnxruntime's default). Towers are
+        loaded on first use, so a call that needs only audio and text never loads the image graph.
+        """
+        if backend not in BACKENDS:
+            raise BackendError(f"backend {backend!r} is not one of {BACKENDS}")
+        if device not in DEVICES:
+            raise BackendError(f"device {device!r} is not one of {DEVICES}")
+        if batch_size < 1:
+            raise InferUsageError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= audio_overlap < 1.0:
+            raise InferUsageError(f"audio_overlap must be in [0, 1), got {audio_overlap}")
+        bundle = Path(bundle)
+        manifest = load_manifest(bundle, verify=verify)
+        _check_static_shapes(bundle, manifest)
+        for template in manifest.text.prompt_templates:
+            try:
+                check_template(template)
+            except ValueError as error:
+                raise BundleError(f"{bundle}: {error}; fix manifest.json's text.prompt_templates") from error
+        engines = [Path(t.file).suffix in ENGINE_SUFFIXES for t in manifest.towers.values()]
+        if backend == "auto":
+            backend = "tensorrt" if engines and all(engines) else "onnxruntime"
+        if backend == "onnxruntime" and any(engines):
+            raise BundleError(f"{bundle}: holds TensorRT engines; use backend='tensorrt' or export ONNX graphs")
+        if backend == "tensorrt":
+            from .tensorrt_backend import import_tensorrt
+
+            if device != "cuda":
+                raise BackendError("backend='tensorrt' runs on device='cuda' only; use backend='onnxruntime' on CPU")
+            import_tensorrt()  # fail now, with the install hint, rather than on the first batch
+        elif device == "cuda":
+            import onnxruntime
+
+            from .onnxruntime_backend import select_providers
+
+            select_providers(onnxruntime.get_available_providers(), device)
+        return cls(
+            bundle,
+            manifest,
+            backend,
+            device,
+            threads,
+            batch_size=batch_size,
+            audio_overlap=audio_overlap,
+            max_audio_seconds=max_audio_seconds,
+        )
+
+    # ----------------------------------------------------------------------------------------------------- towers
+
+    def _engine_file(self, modality: str) -> Path:
+        """The tower's file for this backend: the manifest's, or for TensorRT a listed ``.plan`` beside an ONNX."""
+        file = Path(self.manifest.towers[modality].file)
+        if self.backend == "tensorrt" and file.suffix not in ENGINE_SUFFIXES:
+            engines = [file.with_suffix(s).as_posix() for s in ENGINE_SUFFIXES]
+            listed = [e for e in engines if e in self.manifest.files]
+            if not listed:
+                raise BundleError(
+                    f"{self.bundle}: no TensorRT engine for the {modality} tower (only {file}); export engines with "
+                    "`synergy export --tensorrt`, or use backend='onnxruntime', device='cuda' (TensorRT EP)"
+                )
+            file = Path(listed[0])
+        return self.bundle / file
+
+    def _tower(self, modality: str):
+        with self._lock:
+            if modality in self._towers:
+                return self._towers[modality]
+            if modality not in self.manifest.towers:
+                raise BundleError(f"{self.bundle}: this bundle has no {modality} tower; re-export it with one")
+            spec = self.manifest.towers[modality]
+            path = self._engine_file(modality)
+            if self.backend == "tensorrt":
+                from .tensorrt_backend import TensorRTTower
+
+                tower = TensorRTTower(path, spec, self.device)
+            else:
+                from .onnxruntime_backend import OnnxRuntimeTower, tensorrt_profile
+
+                clip = round(self.manifest.audio.clip_seconds * self.manifest.audio.sample_rate)
+                profile = tensorrt_profile(
+                    spec, self.batch_size, self.manifest.text.max_length, clip, self.manifest.image.size
+                )
+                tower = OnnxRuntimeTower(path, spec, self.device, self.threads, profile)
+            self._towers[modality] = tower
+            return tower
+
+    def _text_tokenizer(self):
+        with self._lock:
+            if self._tokenizer is None:
+                spec = self.manifest.towers.get("text")
+                length = spec.inputs[0].shape[1] if spec and len(spec.inputs[0].shape) > 1 else None
+                fixed = length if isinstance(length, int) else None
+                self._tokenizer = load_tokenizer(
+                    self.bundle / self.manifest.tokenizer, self.manifest.text.max_length, fixed
+                )
+            return self._tokenizer
+
+    @property
+    def providers(self) -> dict[str, list[str]]:
+        """The execution providers of each loaded onnxruntime tower (empty until a tower is used)."""
+        return {m: t.providers for m, t in self._towers.items() if hasattr(t, "providers")}
+
+    def load(self, *modalities: str) -> Runtime:
+        """Load towers now instead of on first use (all of the bundle's when none are named)."""
+        for modality in modalities or tuple(self.manifest.towers):
+            self._tower(modality)
+        if "text" in (modalities or self.manifest.towers):
+            self._text_tokenizer()
+        return self
+
+    # -------------------------------------------------------------------------------------------------- decoding
+
+    def _decode(self, modality: str, items: list) -> tuple[list, list[InputError | None], list[str]]:
+        """items -> (model-ready arrays or None, errors or None, display names). Audio: [W, clip] windows;
+        image: [3, S, S]; text: the string."""
+        decoded, errors, sources = [], [], []
+        size, mean, std = self.manifest.image.size, self.manifest.image.mean, self.manifest.image.std
+        rate = self.manifest.audio.sample_rate
+        clip = round(self.manifest.audio.clip_seconds * rate)
+        for index, item in enumerate(items):
+            try:
+                if modality == "audio":
+                    name = describe_audio(item, index)
+                    wave = load_audio(item, rate, name=name, max_seconds=self.max_audio_seconds)
+                    value = audio_windows(wave, clip, self.audio_overlap)
+                elif modality == "image":
+                    name = describe_image(item, index)
+                    value = preprocess_image(load_image(item, name=name), size, mean, std)
+                else:
+                    name = item if isinstance(item, str) and len(item) <= 60 else f"<text #{index}>"
+                    value = check_text(item, name)
+                decoded.append(value)
+                errors.append(None)
+            except InputError as error:
+                decoded.append(None)
+                errors.append(error)
+            sources.append(name)
+        return decoded, errors, sources
+
+    # ---------------------------------------------------------------------------------------------------- models
+
+    def _fixed_batch(self, modality: str) -> int | None:
+        dim = self.manifest.towers[modality].inputs[0].shape[0] if modality in self.manifest.towers else None
+        return dim if isinstance(dim, int) else None
+
+    def _run(self, modality: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """One forward pass; pads the batch to the graph's static batch size if it has one. -> [B, D] float32."""
+        batch = next(iter(feeds.values())).shape[0]
+        fixed = self._fixed_batch(modality)
+        if fixed is not None and batch < fixed:
+            feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed - batch, 0)]) for k, v in feeds.items()}
+        return np.asarray(self._tower(modality).run(feeds)[:batch], dtype=np.float32)
+
+    def _compute(self, modality: str, values: list, batch_size: int) -> np.ndarray:
+        """Model-ready values (all good) -> embeddings [N, D]."""
+        spec = self.manifest.towers.get(modality)
+        if spec is None:
+            raise BundleError(f"{self.bundle}: this bundle has no {modality} tower; re-export it with one")
+        batch_size = min(batch_size, self._fixed_batch(modality) or batch_size)
+        dim = self.manifest.embed_dim
+        if not values:
+            return np.zeros((0, dim), np.float32)
+        if modality == "audio":
+            windows = np.concatenate(values)  # [sum W, clip]
+            owners = np.repeat(np.arange(len(values)), [v.shape[0] for v in values])
+            name = spec.inputs[0].name
+            embedded = np.concatenate(
+                [self._run("audio", {name: windows[i : i + batch_size]}) for i in range(0, len(windows), batch_size)]
+            )  # [sum W, D]
+            pooled = np.zeros((len(values), dim), np.float64)
+            np.add.at(pooled, owners, embedded)
+            return l2_normalise(pooled).astype(np.float32)
+        if modality == "image":
+            name = spec.inputs[0].name
+            chunks = [np.stack(values[i : i + batch_size]) for i in range(0, len(values), batch_size)]
+            return np.concatenate([self._run("image", {name: c}) for c in chunks])
+        tokenizer = self._text_tokenizer()
+        ids_name, mask_name = self._text_input_names(spec)
+        out = []
+        for i in range(0, len(values), batch_size):
+            ids, mask = tokenize(tokenizer, values[i : i + batch_size])
+            dtypes = {t.name: t.dtype for t in spec.inputs}
+            feeds = {ids_name: ids.astype(dtypes[ids_name]), mask_name: mask.astype(dtypes[mask_name])}
+            out.append(self._run("text", feeds))
+        return np.concatenate(out)
+
+    @staticmethod
+    def _text_input_names(spec) -> tuple[str, str]:
+        """(ids, mask) input names: by the contract's names when used, else the manifest's order."""
+        names = [t.name for t in spec.inputs]
+        if len(names) != 2:
+            raise BundleError(f"the text tower has inputs {names}; expected token ids and an attention mask")
+        masks = [n for n in names if "mask" in n]
+        if len(masks) == 1:
+            return next(n for n in names if n != masks[0]), masks[0]
+        return names[0], names[1]
+
+    # ------------------------------------------------------------------------------------------------ embeddings
+
+    def embed_batch(self, modality: str, items, batch_size: int | None = None) -> EmbedResult:
+        """Embed a batch where a bad item fails alone: ``EmbedResult`` with NaN rows and typed errors for it."""
+        if modality not in MODALITIES:
+            raise InferUsageError(f"modality {modality!r} is not one of {MODALITIES}")
+        items = _as_items(modality, items)
+        decoded, errors, sources = self._decode(modality, items)
+        good = [i for i, e in enumerate(errors) if e is None]
+        vectors = np.full((len(items), self.manifest.embed_dim), np.nan, np.float32)
+        if good:
+            vectors[good] = self._compute(modality, [decoded[i] for i in good], batch_size or self.batch_size)
+        return EmbedResult(vectors, tuple(errors), tuple(sources))
+
+    def _embed_strict(self, modality: str, items, batch_size: int | None) -> np.ndarray:
+        items = _as_items(modality, items)
+        decoded, errors, _ = self._decode(modality, items)
+        for error in errors:
+            if error is not None:
+                raise error
+        return self._compute(modality, decoded, batch_size or self.batch_size)
+
+    def embed_audio(self, audio, batch_size: int | None = None) -> np.ndarray:
+        """Paths, audio-file bytes or ``(waveform, sample_rate)`` tuples -> [N, D]. Raises ``UnsupportedAudio``
+        for the first bad item (use ``embed_batch`` to keep going past bad items)."""
+        return self._embed_strict("audio", audio, batch_size)
+
+    def embed_image(self, images, batch_size: int | None = None) -> np.ndarray:
+        """Paths, image-file bytes, PIL images or uint8 [H, W, 3] arrays -> [N, D]. Raises ``UnsupportedImage``."""
+        return self._embed_strict("image", images, batch_size)
+
+    def embed_text(self, texts, batch_size: int | None = None) -> np.ndarray:
+        """Strings -> [N, D]. Text longer than the model's max length is truncated."""
+        return self._embed_strict("text", texts, batch_size)
+
+    # ---------------------------------------------------------------------------------------------- zero-shot
+
+    def label_embeddings(self, labels) -> np.ndarray:
+        """A labels file or list -> [K, D]: per label, the normalised mean of its prompt ensemble. Cached."""
+        labels = read_labels(labels)
+        with self._lock:
+            missing = [label for label in labels if label not in self._labels]
+        if missing:
+            templates = self.manifest.text.prompt_templates
+            prompts = [label_prompts(label, templates) for label in missing]
+            flat = self.embed_text([p for group in prompts for p in group])  # [sum P, D]
+            offsets = np.cumsum([0] + [len(group) for group in prompts])
+            means = np.stack([flat[offsets[i] : offsets[i + 1]].mean(axis=0) for i in range(len(missing))])
+            with self._lock:
+                self._labels.update(zip(missing, l2_normalise(means).astype(np.float32)))
+        with self._lock:
+            return np.stack([self._labels[label] for label in labels])
+
+    def label_scale(self, modalities: Sequence[str]) -> float:
+        """The logit scale for these query modalities against text labels (see the module docstring)."""
+        scales = self.manifest.logit_scales
+        per_modality = [np.mean([scales[p] for p in LABEL_SCALE_PAIRS[m]]) for m in modalities]
+        return float(np.mean(per_modality))
+
+    def classify(self, labels, audio=None, image=None, text=None, top_k: int = 5, batch_size: int | None = None):
+        """Zero-shot classification -> one ``Prediction`` per item, in order.
+
+        ``labels``: a labels file path or a sequence of strings. ``audio`` / ``image`` / ``text``: one item or a
+        sequence; when several are given, they must have the same length and item i of each describes the same
+        thing (fused: see the module docstring). A bad item gets ``Prediction.error``; the others go on.
+        """
+        if top_k < 1:
+            raise InferUsageError(f"top_k must be >= 1, got {top_k}")
+        labels = read_labels(labels)
+        given = {m: _as_items(m, x) for m, x in (("audio", audio), ("image", image), ("text", text)) if x is not None}
+        if not given:
+            raise InferUsageError("classify needs audio=, image= or text= inputs")
+        counts = {m: len(v) for m, v in given.items()}
+        if len(set(counts.values())) > 1:
+            raise InferUsageError(f"fused inputs must pair one to one, but the counts differ: {counts}")
+        label_matrix = self.label_embeddings(labels)  # [K, D]
+        results = {m: self.embed_batch(m, items, batch_size) for m, items in given.items()}
+        count = next(iter(counts.values()))
+        with np.errstate(invalid="ignore"):  # failed items are NaN rows; they are reported, not scored
+            fused = l2_normalise(np.mean([r.vectors for r in results.values()], axis=0))  # [N, D]
+            similarity = fused @ label_matrix.T  # [N, K]
+            probabilities = softmax(self.label_scale(list(given)) * similarity)
+        top_k = min(top_k, len(labels))
+        predictions = []
+        for i in range(count):
+            source = " + ".join(r.sources[i] for r in results.values())
+            error = next((r.errors[i] for r in results.values() if r.errors[i] is not None), None)
+            if error is not None:
+                predictions.append(Prediction(source, error=error))
+                continue
+            order = np.argsort(-probabilities[i], kind="stable")[:top_k]
+            top = tuple(LabelScore(labels[j], float(probabilities[i, j]), float(similarity[i, j])) for j in order)
+            predictions.append(Prediction(source, top))
+        return predictions
+
+    # ------------------------------------------------------------------------------------------------- search
+
+    def search(self, queries, corpus_embeddings: np.ndarray, top_k: int = 5) -> list[list[SearchHit]]:
+        """Nearest corpus rows by cosine similarity. ``queries``: embeddings [D] or [Q, D], or strings (embedded as
+        text). ``corpus_embeddings``: [N, D] (e.g. from ``embed_image``). -> per query, up to ``top_k`` hits."""
+        if isinstance(queries, str) or (isinstance(queries, (list, tuple)) and queries and isinstance(queries[0], str)):
+            queries = self.embed_text(queries)
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        corpus = np.asarray(corpus_embeddings, dtype=np.float32)
+        if corpus.ndim != 2 or queries.ndim != 2 or corpus.shape[1] != queries.shape[1]:
+            shapes = f"{queries.shape} and {corpus.shape}"
+            raise InferUsageError(f"search needs queries [Q, D] and a corpus [N, D] with the same D; got {shapes}")
+        if top_k < 1:
+            raise InferUsageError(f"top_k must be >= 1, got {top_k}")
+        if corpus.shape[0] == 0:
+            return [[] for _ in range(queries.shape[0])]
+        indices, scores = cosine_top_k(l2_normalise(queries), l2_normalise(corpus), top_k)
+        return [[SearchHit(int(i), float(s)) for i, s in zip(row_i, row_s)] for row_i, row_s in zip(indices, scores)]
+
+    # -------------------------------------------------------------------------------------------- micro-batcher
+
+    def batcher(
+        self, modality: str, *, max_batch: int | None = None, max_wait_ms: float = 2.0, max_queue: int = 1024
+    ) -> MicroBatcher:
+        """A ``MicroBatcher`` whose ``submit(item)`` futures resolve to the item's embedding [D] (or raise its
+        ``InputError``). Close it (or use ``with``) when done."""
+
+        def process(items: list) -> list:
+            result = self.embed_batch(modality, items)
+            return [error if error is not None else vector for vector, error in zip(result.vectors, result.errors)]
+
+        return MicroBatcher(
+            process, max_batch=max_batch or self.batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            for tower in self._towers.values():
+                if hasattr(tower, "close"):
+                    tower.close()
+            self._towers.clear()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Runtime({str(self.bundle)!r}, backend={self.backend!r}, device={self.device!r})"

@@ -1,0 +1,58 @@
+"""Text in: the bundle's ``tokenizers`` tokenizer, truncated to the model's max length, padded to the batch's longest.
+
+The trainer configured the tokenizer (post-processor with special tokens, padding side, pad token); the runtime
+only sets the truncation length and pads to the longest sequence of each batch (or to the graph's fixed length).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .errors import UnsupportedText
+from .manifest import BundleError
+
+
+def load_tokenizer(path: Path, max_length: int, fixed_length: int | None = None) -> Tokenizer:
+    """Read ``tokenizer.json`` and set truncation to ``max_length`` and padding to the batch's longest sequence
+    (``fixed_length`` when the graph's length dimension is static)."""
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
+        raise BundleError(f"{path}: not a readable tokenizers file ({error}); re-export the bundle") from error
+    padding = tokenizer.padding or {}
+    pad_token = padding.get("pad_token", "<pad>")
+    pad_id = padding.get("pad_id") if tokenizer.padding else tokenizer.token_to_id("<pad>")
+    if pad_id is None:
+        raise BundleError(f"{path}: the tokenizer has no padding settings and no '<pad>' token; re-export the bundle")
+    tokenizer.enable_padding(
+        direction=padding.get("direction", "right"),
+        pad_id=pad_id,
+        pad_type_id=padding.get("pad_type_id", 0),
+        pad_token=pad_token,
+        length=fixed_length,
+    )
+    truncation = tokenizer.truncation or {}
+    tokenizer.enable_truncation(
+        max_length,
+        stride=truncation.get("stride", 0),
+        strategy=truncation.get("strategy", "longest_first"),
+        direction=truncation.get("direction", "right"),
+    )
+    return tokenizer
+
+
+def check_text(text, name: str) -> str:
+    if not isinstance(text, str):
+        raise UnsupportedText(name, f"expected a string, got {type(text).__name__}")
+    return text
+
+
+def tokenize(tokenizer: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """texts -> (input_ids [B, L], attention_mask [B, L]) int64, L = the longest (truncated) sequence."""
+    encodings = tokenizer.encode_batch(texts)
+    ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
+    mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
+    return ids, mask
