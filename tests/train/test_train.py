@@ -1,0 +1,264 @@
+"""Training: loader on generated files, bad samples, a run whose loss falls, exact resume, GradCache accumulation
+equivalence, DDP equivalence (2 real gloo processes), evaluation and CLI smoke tests. Tiny preset throughout."""
+
+import contextlib
+import copy
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from click.testing import CliRunner
+
+from synergy.cli import main
+from synergy.core.checkpoint import load_checkpoint
+from synergy.core.model import create_model
+from synergy.train.config import TrainConfig, load_train_config
+from synergy.train.data import Collate, DataError, EpochBatches, ManifestDataset, read_manifest
+from synergy.train.evaluate import evaluate
+from synergy.train.loop import build_tokenizer, train, train_step
+from synergy.train.synth import synthesize
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, seed=1, train_per_class=3, val_per_class=1, heldout_per_class=1, missing_rate=0.2)
+    return out
+
+
+def _config(synth, out, **kw):
+    base = dict(model="tiny", data=str(synth / "train.csv"), val_data=str(synth / "val.csv"), out=str(out),
+                batch_size=8, steps=6, lr=2e-3, warmup_steps=2, workers=0, save_every=3, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _dataset(model, rows, text_mode="mixed"):
+    c = model.config
+    return ManifestDataset(rows, image_size=c.image.image_size, mean=c.image.mean, std=c.image.std,
+                           sample_rate=c.audio.sample_rate, clip_seconds=c.audio.clip_seconds, text_mode=text_mode,
+                           templates=c.prompt_templates)
+
+
+def test_loader_on_generated_files(synth):
+    model = create_model("tiny")
+    rows = read_manifest(synth / "train.csv")
+    tokenizer = build_tokenizer(model, rows)
+    dataset = _dataset(model, rows)
+    sampler = EpochBatches(len(dataset), 7, seed=0, start_step=0, total_steps=2)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=1,
+                                         collate_fn=Collate(tokenizer, 30, dataset.clip_samples))
+    batches = list(loader)
+    assert len(batches) == 2
+    b = batches[0]
+    assert b["pixel_values"].shape == (7, 3, 30, 30) and b["waveform"].shape == (7, 8000)
+    assert b["input_ids"].shape[0] == 7 and b["input_ids"].shape[1] <= 13
+    assert b["input_ids"][:, 0].eq(tokenizer.token_to_id("<s>")).all()
+    for name in ("image", "audio"):  # a missing modality is a zero row with its mask off
+        missing = ~b[f"{name}_mask"]
+        key = "pixel_values" if name == "image" else "waveform"
+        assert b[key][missing].abs().sum() == 0
+    assert not any(b["bad"])
+    # same (seed, step) -> same batch, in the same order, with the same augmentation
+    again = next(iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0,
+                                                  collate_fn=Collate(tokenizer, 30, dataset.clip_samples))))
+    assert torch.equal(again["pixel_values"], b["pixel_values"]) and again["indices"] == b["indices"]
+
+
+def test_missing_rows_in_manifest_are_masked(synth):
+    rows = read_manifest(synth / "train.csv")
+    assert any(r.image is None for r in rows) or any(r.audio is None for r in rows)
+    assert not any(r.image is None and r.audio is None for r in rows)
+
+
+def test_bad_samples_name_path_and_line(tmp_path, synth):
+    rows = read_manifest(synth / "train.csv")
+    good = next(r for r in rows if r.image and r.audio)
+    (tmp_path / "empty.wav").write_bytes(b"")
+    soundfile.write(tmp_path / "zero.wav", np.zeros((0,), np.float32), 16000)
+    (tmp_path / "noise.wav").write_bytes(b"RIFF....not a wav at all")
+    lines = ["img_path,wav_path,label,caption", f"{good.image},{good.audio},red circle,a red circle"]
+    lines += [f"{good.image},{name},red circle,a red circle" for name in ("missing.wav", "empty.wav", "zero.wav",
+                                                                           "noise.wav")]
+    lines += [f"nothing.png,{good.audio},red circle,x"]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    model = create_model("tiny")
+    dataset = _dataset(model, read_manifest(tmp_path / "m.csv"))
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert samples[0]["bad"] is None
+    messages = [s["bad"] for s in samples[1:]]
+    assert "missing.wav: file not found (manifest line 3)" in messages[0]
+    assert "manifest line 4" in messages[1] and "empty.wav" in messages[1]
+    assert "0 frames" in messages[2] and "manifest line 5" in messages[2]
+    assert "noise.wav" in messages[3] and "manifest line 6" in messages[3]
+    assert "nothing.png: file not found (manifest line 7)" in messages[4]
+    batch = Collate(build_tokenizer(model, dataset.rows), 30, dataset.clip_samples)(samples)
+    assert batch["image_mask"].tolist() == [True] + [False] * 5 and len(batch["bad"]) == 5
+
+
+def test_manifest_errors(tmp_path):
+    with pytest.raises(DataError, match="not found; create one"):
+        read_manifest(tmp_path / "none.csv")
+    (tmp_path / "bad.csv").write_text("image,audio\n")
+    with pytest.raises(DataError, match="missing column"):
+        read_manifest(tmp_path / "bad.csv")
+
+
+def test_training_loss_falls_and_bad_samples_skip(tmp_path, synth):
+    config = _config(synth, tmp_path / "run", steps=24, batch_size=16, lr=3e-3, save_every=100)
+    checkpoint = train(config, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 25))
+    first, last = np.mean([r["loss"] for r in records[:4]]), np.mean([r["loss"] for r in records[-4:]])
+    assert last < first - 0.3, (first, last)
+    model, _ = load_checkpoint(checkpoint)
+    assert model.config.embed_dim == 24
+
+
+def test_on_bad_sample_error_stops_with_the_message(tmp_path, synth):
+    lines = (synth / "train.csv").read_text().splitlines()
+    lines[1] = "images/nope.png," + lines[1].split(",", 1)[1]
+    (synth / "broken.csv").write_text("\n".join(lines) + "\n")
+    try:
+        config = _config(synth, tmp_path / "run", data=str(synth / "broken.csv"), on_bad_sample="error", steps=8,
+                         batch_size=len(lines) - 1)
+        with pytest.raises(DataError, match=r"nope.png: file not found \(manifest line 2\)"):
+            train(config, progress=False)
+    finally:
+        (synth / "broken.csv").unlink()
+
+
+def test_resume_gives_the_same_weights(tmp_path, synth, monkeypatch):
+    straight = train(_config(synth, tmp_path / "a"), progress=False)
+
+    import synergy.train.loop as loop
+
+    real_save = loop.save_checkpoint
+    calls = []
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls.append(1)
+        raise KeyboardInterrupt("killed right after the first checkpoint")
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(synth, tmp_path / "b"), progress=False)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    resumed = train(_config(synth, tmp_path / "b"), resume=True, progress=False)
+    a, _ = load_checkpoint(straight)
+    b, _ = load_checkpoint(resumed)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=name)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def _batch(synth, b=8):
+    model = create_model("tiny")
+    rows = read_manifest(synth / "train.csv")
+    tokenizer = build_tokenizer(model, rows)
+    dataset = _dataset(model, rows)
+    samples = [dataset[(i, i)] for i in range(b)]
+    return Collate(tokenizer, 30, dataset.clip_samples)(samples)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_accumulation_equals_full_batch(synth):
+    torch.manual_seed(0)
+    batch = _batch(synth)
+    full = create_model("tiny")
+    accumulated = copy.deepcopy(full)
+    loss_full = train_step(full, batch, 1, 0, 1, contextlib.nullcontext)
+    loss_acc = train_step(accumulated, batch, 3, 0, 1, contextlib.nullcontext)  # uneven micro-batches: 3, 3, 2
+    torch.testing.assert_close(loss_full, loss_acc)
+    a, b = _grads(full), _grads(accumulated)
+    assert a.keys() == b.keys() and "logit_scale" in a
+    for name in a:  # the same sums in another order: fp32 rounding, relative to each tensor's scale
+        torch.testing.assert_close(a[name], b[name], atol=1e-5 * a[name].abs().max().item() + 1e-8, rtol=1e-4, msg=name)
+
+
+def _ddp_worker(rank, world, port, state, batch, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = create_model("tiny")
+    model.load_state_dict(state)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    b = len(batch["labels"]) // world
+    local = {k: (v[rank * b : (rank + 1) * b] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+    loss = train_step(ddp, local, 1, rank, world, contextlib.nullcontext)
+    dist.all_reduce(loss)
+    if rank == 0:
+        torch.save({"loss": loss, "grads": _grads(model)}, out)
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one_process(tmp_path, synth):
+    torch.manual_seed(0)
+    batch = _batch(synth)
+    batch["image_mask"][1] = False  # masks must travel with the gathered features
+    single = create_model("tiny")
+    state = copy.deepcopy(single.state_dict())
+    loss = train_step(single, batch, 1, 0, 1, contextlib.nullcontext)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(2, port, state, batch, tmp_path / "r0.pt"), nprocs=2, join=True,
+                       start_method="spawn")
+    result = torch.load(tmp_path / "r0.pt", weights_only=True)
+    torch.testing.assert_close(result["loss"], loss, atol=1e-6, rtol=1e-5)
+    expected = _grads(single)
+    assert result["grads"].keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(result["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_evaluate_reports_all_directions(tmp_path, synth):
+    model = create_model("tiny")
+    tokenizer = build_tokenizer(model, read_manifest(synth / "train.csv"))
+    result = evaluate(model, tokenizer, synth / "val.csv")
+    assert set(result["zero_shot"]) == {"audio", "image", "audio+image"}
+    assert {"image->text", "text->image", "text->audio", "audio->text", "audio->image", "image->audio"} <= set(
+        result["retrieval"])
+    assert "image+(audio missing)->text" in result["retrieval"]
+    for value in result["zero_shot"].values():
+        assert 0 <= value["top1"] <= value["top5"] <= 100
+
+
+def test_train_config_overrides(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"steps": 5, "model": "tiny"}))
+    config = load_train_config(tmp_path / "c.json", ["lr=0.01", "model.audio.layers=1", "val_data=none"])
+    assert (config.steps, config.lr, config.model_overrides, config.val_data) == (5, 0.01, {"audio.layers": 1}, None)
+    with pytest.raises(ValueError, match="unknown key"):
+        load_train_config(None, ["learning_rate=1"])
+    with pytest.raises(ValueError, match="on_bad_sample"):
+        load_train_config(None, ["on_bad_sample=maybe"])
+
+
+def test_cli_smoke(tmp_path, synth):
+    runner = CliRunner()
+    result = runner.invoke(main, ["presets"])
+    assert result.exit_code == 0 and "tiny" in result.output
+    out = tmp_path / "run"
+    result = runner.invoke(main, ["train", "--set", "model=tiny", "--set", f"data={synth / 'train.csv'}",
+                                  "--set", "val_data=none", "--set", f"out={out}", "--set", "steps=2",
+                                  "--set", "batch_size=4", "--set", "workers=0"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["eval", str(out / "checkpoint"), "--data", str(synth / "val.csv"),
+                                  "--out", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    assert "audio -> label" in result.output and json.loads((tmp_path / "m.json").read_text())["val"]["rows"] > 0
+    result = runner.invoke(main, ["eval", str(tmp_path / "nope"), "--data", str(synth / "val.csv")])
+    assert result.exit_code == 1 and "no such checkpoint folder" in result.output
+    result = runner.invoke(main, ["train", "--set", "bogus=1"])
+    assert result.exit_code == 1 and "unknown key" in result.output
