@@ -1,0 +1,308 @@
+"""Benchmark: Synergy's fused attention (Triton, key padding as lengths) against PyTorch SDPA.
+
+    python benchmarks/bench_attention.py                       # CUDA, bf16, the four tower shapes, 0% and 50% padding
+    python benchmarks/bench_attention.py --train-step          # + one base-geometry training step, synergy vs sdpa
+    python benchmarks/bench_attention.py --device cpu --shapes 2x2x33x32 --reps 2   # smoke run (interpreted kernel)
+
+Implementations, per shape (B, H, N, d) and padding fraction f (every sequence keeps N - round(f*N) valid tokens):
+  sdpa-flash  SDPA forced onto its flash backend, no mask: computes all N tokens (the padding included)
+  sdpa-mask   SDPA with the boolean key-padding mask [B, 1, 1, N] (flash cannot take a mask: PyTorch picks another)
+  synergy     fused_attention(..., lengths=...): skips the padded tiles
+TFLOP/s count valid tokens only: forward 4*H*d*sum_b(L_b^2) FLOPs (two matmuls), forward+backward 3.5x that (the
+backward is 5 matmuls to the forward's 2). Peak memory is the CUDA allocator's peak above the inputs during one
+forward+backward. On CUDA the JSON goes to benchmarks/results/attention-<gpu>.json; a CPU run writes JSON only with
+--out (CPU numbers are smoke, not results). CI never runs this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = ["32x12x197x64", "16x12x852x64", "8x12x1214x64", "64x8x77x64"]  # ViT-B/16, AST Base, AST Large, text
+IMPLS = ["sdpa-flash", "sdpa-mask", "synergy"]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--shapes", nargs="+", default=SHAPES, help="BxHxNxd, default: %(default)s")
+    p.add_argument("--pad", nargs="+", type=float, default=[0.0, 0.5], help="padding fractions, default: %(default)s")
+    p.add_argument("--impl", nargs="+", default=IMPLS, choices=IMPLS)
+    p.add_argument("--causal", action="store_true", help="causal attention (text-tower style)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--train-step", action="store_true", help="also time one base-geometry training step per impl")
+    p.add_argument("--train-batch", nargs=3, type=int, default=[32, 64, 16], metavar=("IMAGE", "TEXT", "AUDIO"),
+                   help="batch sizes of the training step, default: %(default)s")  # fmt: skip
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default on cuda: results/attention-<gpu>.json)")
+    return p.parse_args(argv)
+
+
+def _torch_dtype(name):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _sync(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, warmup, reps) -> float:
+    """Median wall time of fn() in milliseconds (CUDA events on GPU)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_mb(fn, device) -> float | None:
+    import torch
+
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def attention_call(impl, q, k, v, lengths, causal):
+    """-> a function computing attention with `impl`, returning [B, H, N, d]."""
+    import torch
+    import torch.nn.functional as F
+    from synergy.kernels.attention import fused_attention, key_padding_mask
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if impl == "sdpa-flash":
+        backends = [SDPBackend.FLASH_ATTENTION] if q.is_cuda else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+        def run():
+            with sdpa_kernel(backends):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        return run
+    if impl == "sdpa-mask":
+        n = q.shape[-2]
+        mask = key_padding_mask(lengths, n)[:, None, None, :]  # [B, 1, 1, N]
+        if causal:
+            mask = mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return lambda: fused_attention(q, k, v, lengths=lengths, causal=causal, impl="triton")
+
+
+def bench_shape(shape, pad, impl, args, dtype) -> dict:
+    import torch
+
+    batch, heads, n, head_dim = shape
+    device = args.device
+    valid = n - round(pad * n)
+    lengths = torch.full((batch,), valid, dtype=torch.int32, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (
+        torch.randn(batch, heads, n, head_dim, generator=gen, device=device, dtype=dtype).requires_grad_()
+        for _ in range(3)
+    )
+    grad = torch.randn(batch, heads, n, head_dim, generator=gen, device=device, dtype=dtype)
+    forward = attention_call(impl, q, k, v, lengths, args.causal)
+
+    def forward_backward():
+        torch.autograd.backward(forward(), grad)
+
+    flops_fwd = 4 * heads * head_dim * batch * valid * valid * (0.5 if args.causal else 1.0)
+    row = dict(impl=impl, batch=batch, heads=heads, n=n, head_dim=head_dim, pad=pad, valid_tokens=valid)
+    try:
+        with torch.no_grad():
+            fwd_ms = time_ms(forward, device, args.warmup, args.reps)
+        fwd_bwd_ms = time_ms(forward_backward, device, args.warmup, args.reps)
+        row.update(
+            fwd_ms=fwd_ms,
+            fwd_bwd_ms=fwd_bwd_ms,
+            fwd_tflops=flops_fwd / fwd_ms / 1e9,
+            fwd_bwd_tflops=3.5 * flops_fwd / fwd_bwd_ms / 1e9,
+            peak_mb=peak_memory_mb(forward_backward, device),
+        )
+    except RuntimeError as error:  # e.g. no flash backend for this dtype/device: report, keep going
+        row["error"] = str(error).splitlines()[0][:200]
+    return row
+
+
+# --- base geometry training step --------------------------------------------------------------------------------
+
+
+def build_base_towers(attn_implementation: str, device: str):
+    """BASE GEOMETRY, RANDOM WEIGHTS: the three Synergy-CLIP Base towers built straight from transformers configs
+    (ViT-B/16 as CLIP vision, roberta-base, AST 12-12 = 852 tokens), not from synergy.core, so the attention
+    comparison does not depend on the model code. Attention dropout is 0 (the fused kernel rejects dropout)."""
+    from synergy.kernels.attention import register_attention
+    from transformers import ASTConfig, ASTModel, CLIPVisionConfig, CLIPVisionModel, RobertaConfig, RobertaModel
+
+    if attn_implementation == "synergy":
+        register_attention("synergy")
+    image = CLIPVisionConfig(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12,
+                             num_attention_heads=12, intermediate_size=3072)  # fmt: skip
+    text = RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                         intermediate_size=3072, max_position_embeddings=514,
+                         attention_probs_dropout_prob=0.0)  # fmt: skip
+    audio = ASTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                      num_mel_bins=128, max_length=1024, frequency_stride=12, time_stride=12,
+                      attention_probs_dropout_prob=0.0)  # fmt: skip
+    towers = []
+    for config, cls in ((image, CLIPVisionModel), (text, RobertaModel), (audio, ASTModel)):
+        config._attn_implementation = attn_implementation
+        towers.append(cls(config).to(device).train())
+    return towers
+
+
+def bench_base_training_step(args, batch_image=32, batch_text=64, batch_audio=16, text_len=77) -> list[dict]:
+    """One forward+backward of the three base towers (bf16 autocast on CUDA) per attention implementation. Text
+    lengths are uniform in [8, 77] (padded batch); images and audio have no padding."""
+    import torch
+
+    device = args.device
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    pixels = torch.randn(batch_image, 3, 224, 224, generator=gen).to(device)
+    ids = torch.randint(3, 50265, (batch_text, text_len), generator=gen).to(device)
+    lengths = torch.randint(8, text_len + 1, (batch_text,), generator=gen)
+    text_mask = (torch.arange(text_len)[None, :] < lengths[:, None]).long().to(device)
+    fbank = torch.randn(batch_audio, 1024, 128, generator=gen).to(device)
+    rows = []
+    for impl in ("sdpa", "synergy"):
+        torch.manual_seed(0)
+        image, text, audio = build_base_towers(impl, device)
+
+        def step(image=image, text=text, audio=audio):
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = (
+                    image(pixel_values=pixels).pooler_output.float().square().mean()
+                    + text(input_ids=ids, attention_mask=text_mask).last_hidden_state.float().square().mean()
+                    + audio(input_values=fbank).pooler_output.float().square().mean()
+                )
+            loss.backward()
+            for tower in (image, text, audio):
+                tower.zero_grad(set_to_none=True)
+
+        ms = time_ms(step, device, warmup=min(args.warmup, 3), reps=min(args.reps, 10))
+        rows.append(dict(impl=impl, step_ms=ms, peak_mb=peak_memory_mb(step, device),
+                         batch=dict(image=batch_image, text=batch_text, audio=batch_audio)))  # fmt: skip
+    return rows
+
+
+# --- report -----------------------------------------------------------------------------------------------------
+
+
+def environment(device) -> dict:
+    import torch
+    import transformers
+
+    env = dict(
+        device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        transformers=transformers.__version__,
+        python=platform.python_version(),
+        time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    try:
+        root = Path(__file__).resolve().parent.parent
+        env["commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        env["commit"] = None
+    return env
+
+
+def print_table(rows, train_rows):
+    header = f"{'shape BxHxNxd':>16} {'pad':>4} {'impl':>10} {'fwd ms':>8} {'TFLOP/s':>8} {'f+b ms':>8} {'TFLOP/s':>8} "
+    print(header + f"{'peak MB':>8}  vs sdpa-flash / sdpa-mask (f+b)")
+    by_key = {(r["batch"], r["heads"], r["n"], r["head_dim"], r["pad"], r["impl"]): r for r in rows}
+    for r in rows:
+        shape = f"{r['batch']}x{r['heads']}x{r['n']}x{r['head_dim']}"
+        if "error" in r:
+            print(f"{shape:>16} {r['pad']:>4.2f} {r['impl']:>10}  error: {r['error']}")
+            continue
+        peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+        ratios = ""
+        if r["impl"] == "synergy":
+            for base in ("sdpa-flash", "sdpa-mask"):
+                other = by_key.get((r["batch"], r["heads"], r["n"], r["head_dim"], r["pad"], base))
+                ratios += f" {other['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x" if other and "error" not in other else " -"
+        print(f"{shape:>16} {r['pad']:>4.2f} {r['impl']:>10} {r['fwd_ms']:>8.3f} {r['fwd_tflops']:>8.1f} "
+              f"{r['fwd_bwd_ms']:>8.3f} {r['fwd_bwd_tflops']:>8.1f} {peak:>8} {ratios}")  # fmt: skip
+    for r in train_rows:
+        peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f} MB"
+        print(f"base training step ({r['impl']}): {r['step_ms']:.1f} ms, peak {peak}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernel runs interpreted
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device visible to torch; use --device cpu for a smoke run")
+    dtype = _torch_dtype(args.dtype or ("bf16" if args.device == "cuda" else "fp32"))
+    rows = []
+    for spec in args.shapes:
+        shape = tuple(int(x) for x in spec.lower().split("x"))
+        for pad in args.pad:
+            for impl in args.impl:
+                rows.append(bench_shape(shape, pad, impl, args, dtype))
+    train_rows = bench_base_training_step(args, *args.train_batch) if args.train_step else []
+    print_table(rows, train_rows)
+
+    out = args.out
+    if out is None and args.device == "cuda":
+        gpu = torch.cuda.get_device_name().lower().replace("nvidia", "").strip().replace(" ", "-")
+        out = RESULTS / f"attention-{gpu}.json"
+    if out is not None:
+        report = dict(
+            environment=environment(args.device), dtype=str(dtype).removeprefix("torch."), causal=args.causal,
+            flop_counting="valid tokens only; fwd = 4*H*d*sum(L^2), fwd+bwd = 3.5x fwd", attention=rows,
+            base_training_step=train_rows,
+        )  # fmt: skip
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
