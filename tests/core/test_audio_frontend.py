@@ -198,6 +198,7 @@ def test_onnx_export_dynamic_batch_and_time(tmp_path, small_frontend):
         (example,),
         str(path),
         dynamo=True,
+        optimize=False,  # saves ~1 s; the unoptimised graph holds every op the optimised one could
         input_names=["waveform"],
         output_names=["features"],
         dynamic_shapes={"waveform": {0: batch, 1: time}},
@@ -211,7 +212,7 @@ def test_onnx_export_dynamic_batch_and_time(tmp_path, small_frontend):
     assert "Conv" in op_types
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for rows, num_samples in [(3, 30_001), (1, 4_567), (2, 250)]:  # cropped, padded, shorter than a frame
+    for rows, num_samples in [(3, 30_001), (1, 4_567), (2, 250), (2, 0)]:  # cropped, padded, under a frame, empty
         wave = np.stack([_signal(n, num_samples, seed=5) for n in ["noise", "chirp", "tones_dc"][:rows]])
         (got,) = session.run(None, {"waveform": wave})
         expected = frontend(torch.from_numpy(wave)).numpy()
