@@ -54,7 +54,8 @@ class SynergyModel(nn.Module):
 
     def encode_audio(self, waveform: Tensor) -> Tensor:
         """waveform: [B, T] mono at ``config.audio.sample_rate`` -> [B, D]."""
-        features = self.audio_frontend(waveform)  # [B, num_frames, n_mels]
+        features = self.audio_frontend(waveform)  # [B, num_frames, n_mels], always float32 (quiet bins need it)
+        features = features.to(self.audio_projection.weight.dtype)  # a half-precision tower gets half features
         pooled = self.audio_tower(input_values=features).pooler_output  # [B, width]
         return F.normalize(self.audio_projection(pooled), dim=-1)
 
