@@ -31,7 +31,7 @@ from .labels import read_labels
 from .runtime import Prediction, Runtime
 
 DEFAULT_MODEL = "runs/demo/bundle"
-SOURCE_WIDTH = 48
+SOURCE_WIDTH = 60
 
 
 def expand_inputs(items: Sequence[str], modality: str) -> tuple[list[str], list[Prediction]]:
@@ -62,13 +62,10 @@ def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1) :]
 
 
-def format_table(predictions: list[Prediction], header: bool) -> list[str]:
+def format_table(predictions: list[Prediction], width: int, label_width: int, header: bool) -> list[str]:
     """Rows for people: input, rank, label, probability, cosine similarity. Failures are left to stderr."""
-    done = [p for p in predictions if p.ok]
-    width = min(SOURCE_WIDTH, max([len("input"), *(len(p.source) for p in done)]))
-    label_width = max([len("label"), *(len(s.label) for p in done for s in p.top)])
     lines = [f"{'input':<{width}}  {'#':>2}  {'label':<{label_width}}  {'prob':>6}  {'cos':>6}"] if header else []
-    for prediction in done:
+    for prediction in (p for p in predictions if p.ok):
         for rank, score in enumerate(prediction.top, 1):
             source = _shorten(prediction.source, width) if rank == 1 else ""
             lines.append(
@@ -129,17 +126,20 @@ def run(
         jobs = [("audio+image", {"audio": audio_files, "image": image_files})]
     else:
         jobs = [(m, {m: files}) for m, files in (("audio", audio_files), ("image", image_files)) if files]
+    # one layout for the whole table, although results are printed as each batch is done
+    names = [" + ".join(pair) for pair in zip(audio_files, image_files)] if fused else audio_files + image_files
+    widths = (min(SOURCE_WIDTH, max([len("input"), *map(len, names)])), max([len("label"), *map(len, label_list)]))
     failures = 0
-    header = True
     for modality, failed in (("audio", audio_failures), ("image", image_failures)):
-        failures += _report(failed, modality, as_json, header=False)
+        failures += _report(failed, modality, as_json, widths, header=False)
+    header = True
     with runtime:
         for modality, inputs in jobs:
             count = len(next(iter(inputs.values())))
             for start in range(0, count, batch_size):
                 chunk = {m: files[start : start + batch_size] for m, files in inputs.items()}
                 predictions = runtime.classify(label_list, top_k=top_k, **chunk)
-                failures += _report(predictions, modality, as_json, header)
+                failures += _report(predictions, modality, as_json, widths, header)
                 header = header and not any(p.ok for p in predictions)
     total = len(audio_failures) + len(image_failures) + sum(len(next(iter(i.values()))) for _, i in jobs)
     if failures and not as_json:
@@ -147,13 +147,13 @@ def run(
     return 1 if failures else 0
 
 
-def _report(predictions: list[Prediction], modality: str, as_json: bool, header: bool) -> int:
+def _report(predictions: list[Prediction], modality: str, as_json: bool, widths: tuple[int, int], header: bool) -> int:
     """Print one chunk's results; returns how many failed."""
     if as_json:
         for prediction in predictions:
             print(to_json(prediction, modality), flush=True)
     else:
-        for line in format_table(predictions, header):
+        for line in format_table(predictions, *widths, header):
             print(line)
         for prediction in predictions:
             if not prediction.ok:

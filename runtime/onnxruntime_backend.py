@@ -30,6 +30,7 @@ def select_providers(available: list[str], device: str, tensorrt_options: dict |
         return ["CPUExecutionProvider"]
     providers: list = []
     if "TensorrtExecutionProvider" in available:
+        trt_cache_dir().mkdir(parents=True, exist_ok=True)
         providers.append(("TensorrtExecutionProvider", tensorrt_options or {}))
     if "CUDAExecutionProvider" in available:
         providers.append("CUDAExecutionProvider")
@@ -43,18 +44,13 @@ def select_providers(available: list[str], device: str, tensorrt_options: dict |
     return [*providers, "CPUExecutionProvider"]
 
 
-def tensorrt_profile(spec: TowerSpec, max_batch: int, max_length: int, samples: int, size: int) -> dict:
-    """TensorRT EP options: one optimisation profile covering batch 1..max_batch (and length 1..max_length), so
-    the EP builds its engine once instead of again for every new shape; engines cached on disk."""
-    fixed = {"length": max_length, "samples": samples}
+def tensorrt_profile(spec: TowerSpec, max_batch: int, max_dim: int) -> dict:
+    """TensorRT EP options: one optimisation profile covering batch 1..max_batch and every other dynamic dim
+    1..max_dim (the text length, the clip samples), so the EP builds its engine once rather than for every new
+    shape; engines cached on disk."""
 
     def shape(tensor, batch: int, low: bool) -> str:
-        dims = [batch]
-        for dim in tensor.shape[1:]:
-            if isinstance(dim, int):
-                dims.append(dim)
-            else:
-                dims.append(1 if low else fixed.get(dim, size))
+        dims = [batch] + [d if isinstance(d, int) else (1 if low else max_dim) for d in tensor.shape[1:]]
         return f"{tensor.name}:" + "x".join(str(d) for d in dims)
 
     def profile(batch: int, low: bool) -> str:

@@ -259,10 +259,12 @@ class Runtime:
             else:
                 from .onnxruntime_backend import OnnxRuntimeTower, tensorrt_profile
 
-                clip = round(self.manifest.audio.clip_seconds * self.manifest.audio.sample_rate)
-                profile = tensorrt_profile(
-                    spec, self.batch_size, self.manifest.text.max_length, clip, self.manifest.image.size
-                )
+                largest = {
+                    "audio": round(self.manifest.audio.clip_seconds * self.manifest.audio.sample_rate),
+                    "image": self.manifest.image.size,
+                    "text": self.manifest.text.max_length,
+                }
+                profile = tensorrt_profile(spec, self.batch_size, largest[modality])
                 tower = OnnxRuntimeTower(path, spec, self.device, self.threads, profile)
             self._towers[modality] = tower
             return tower
