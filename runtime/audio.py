@@ -158,20 +158,26 @@ def _check_waveform(samples, rate, name: str, max_seconds: float, max_channels: 
     return (samples.astype(np.float64) / full).astype(np.float32), rate
 
 
-def audio_windows(wave: np.ndarray, clip_samples: int, overlap: float = DEFAULT_OVERLAP) -> np.ndarray:
-    """Cut a waveform [T] into the model's clips: [W, clip_samples].
+def clip_audio(wave: np.ndarray, clip_samples: int, overlap: float = DEFAULT_OVERLAP) -> tuple[np.ndarray, list]:
+    """A waveform [T] -> (wave zero-padded to at least one clip [max(T, clip)], window start offsets).
 
-    Short audio is zero-padded at the end (W = 1). Long audio gives full clips starting every
+    Short audio is zero-padded at the end (one window). Long audio gives full clips starting every
     ``clip_samples * (1 - overlap)`` samples, plus one aligned to the end when the last start leaves a tail.
+    Offsets rather than windows: the runtime cuts windows one batch at a time, so long files cost no copies.
     """
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     length = wave.shape[0]
     if length <= clip_samples:
-        return np.pad(wave, (0, clip_samples - length))[None]
+        return np.pad(wave, (0, clip_samples - length)), [0]
     hop = max(1, round(clip_samples * (1.0 - overlap)))
     starts = list(range(0, length - clip_samples + 1, hop))
     if starts[-1] + clip_samples < length:
         starts.append(length - clip_samples)
-    view = np.lib.stride_tricks.sliding_window_view(wave, clip_samples)  # [T - clip + 1, clip], no copy
-    return np.ascontiguousarray(view[starts])
+    return wave, starts
+
+
+def audio_windows(wave: np.ndarray, clip_samples: int, overlap: float = DEFAULT_OVERLAP) -> np.ndarray:
+    """Cut a waveform [T] into the model's clips: [W, clip_samples] (see ``clip_audio``)."""
+    wave, starts = clip_audio(wave, clip_samples, overlap)
+    return np.stack([wave[s : s + clip_samples] for s in starts])

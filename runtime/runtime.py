@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import DEFAULT_MAX_SECONDS, DEFAULT_OVERLAP, audio_windows, describe_audio, load_audio
+from .audio import DEFAULT_MAX_SECONDS, DEFAULT_OVERLAP, clip_audio, describe_audio, load_audio
 from .batcher import MicroBatcher
 from .errors import BackendError, InferUsageError, InputError
 from .image import describe_image, load_image, preprocess_image
@@ -307,7 +307,7 @@ class Runtime:
                 if modality == "audio":
                     name = describe_audio(item, index)
                     wave = load_audio(item, rate, name=name, max_seconds=self.max_audio_seconds)
-                    value = audio_windows(wave, clip, self.audio_overlap)
+                    value = clip_audio(wave, clip, self.audio_overlap)  # (wave, window starts)
                 elif modality == "image":
                     name = describe_image(item, index)
                     value = preprocess_image(load_image(item, name=name), size, mean, std)
@@ -346,15 +346,15 @@ class Runtime:
         if not values:
             return np.zeros((0, dim), np.float32)
         if modality == "audio":
-            windows = np.concatenate(values)  # [sum W, clip]
-            owners = np.repeat(np.arange(len(values)), [v.shape[0] for v in values])
+            clip = round(self.manifest.audio.clip_seconds * self.manifest.audio.sample_rate)
+            windows = [(owner, start) for owner, (_, starts) in enumerate(values) for start in starts]
             name = spec.inputs[0].name
-            embedded = np.concatenate(
-                [self._run("audio", {name: windows[i : i + batch_size]}) for i in range(0, len(windows), batch_size)]
-            )  # [sum W, D]
             pooled = np.zeros((len(values), dim), np.float64)
-            np.add.at(pooled, owners, embedded)
-            return l2_normalise(pooled).astype(np.float32)
+            for i in range(0, len(windows), batch_size):
+                chunk = windows[i : i + batch_size]
+                batch = np.stack([values[owner][0][start : start + clip] for owner, start in chunk])  # [b, clip]
+                np.add.at(pooled, [owner for owner, _ in chunk], self._run("audio", {name: batch}))
+            return l2_normalise(pooled).astype(np.float32)  # mean of the window embeddings, re-normalised
         if modality == "image":
             name = spec.inputs[0].name
             chunks = [np.stack(values[i : i + batch_size]) for i in range(0, len(values), batch_size)]
