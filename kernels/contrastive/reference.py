@@ -11,6 +11,8 @@ exactly 0 (and zero gradients).
 This file materialises the [b, B] logits of each direction: simple and exact, O(b * B) memory.
 """
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -47,7 +49,7 @@ def trimodal_contrastive_loss_reference(
     (the columns; None: the local rows); global_masks: 3 x [B] bool. Arguments are assumed checked and defaulted by
     `synergy.kernels.contrastive.trimodal_contrastive_loss` (global_masks is required when global_features is given
     with masks). Returns a scalar, float32 (float64 for float64 inputs)."""
-    dtype = torch.promote_types(image.dtype, torch.float32)  # half inputs are computed in float32
+    dtype = functools.reduce(torch.promote_types, [image.dtype, text.dtype, audio.dtype, torch.float32])  # half -> fp32
     local = [x.to(dtype) for x in (image, text, audio)]
     columns = local if global_features is None else [x.to(dtype) for x in global_features]
     b, big_b = local[0].shape[0], columns[0].shape[0]

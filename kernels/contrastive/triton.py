@@ -320,18 +320,18 @@ def _interpreted() -> bool:
 def default_tile_config(n_rows: int, n_cols: int, dim: int, device: torch.device) -> TileConfig:
     """Tile sizes as a small function of the shape (no autotune: it cannot run interpreted).
 
-    Interpreted (numpy), the cost is per operation, not per element: the biggest tiles that the test shapes fill.
-    On GPUs 64 x 64 x 64 tiles with 4 warps: two fp32 [64, 64] accumulators per program, so the register file also
-    holds the backward's softmax tiles. NOT tuned on a GPU yet."""
+    Interpreted (numpy), the cost is per operation, not per element: the biggest tiles the test shapes fill.
+    On GPUs 64 x 64 x 64 tiles with 8 warps: the backward holds four fp32 [64, 64] tiles (two recomputed products,
+    two softmax tiles) per program. NOT tuned on a GPU yet."""
     if _interpreted():
 
-        def fit(n: int, cap: int) -> int:
-            return max(16, min(cap, triton.next_power_of_2(n)))
+        def fit(n: int) -> int:
+            return max(16, min(128, triton.next_power_of_2(n)))
 
-        return TileConfig(fit(n_rows, 64), fit(n_cols, 64), fit(dim, 128), 4)
+        return TileConfig(fit(n_rows), fit(n_cols), fit(dim), 4)
     n_sm = torch.cuda.get_device_properties(device).multi_processor_count
     # the 3 modalities are the second grid axis: 4 * n_sm / 3 row programs give about 4 programs per SM
-    return TileConfig(64, 64, 64, 4, max_programs=max(1, 4 * n_sm // 3))
+    return TileConfig(64, 64, 64, 8, max_programs=max(1, 4 * n_sm // 3))
 
 
 def _input_precision(dtype: torch.dtype) -> str:
