@@ -39,6 +39,7 @@ def main(argv=None) -> None:
 
     config = TrainConfig(
         model="small",
+        model_overrides={"prompt_templates": classes["templates"]},  # zero-shot prompts come with the data set
         data=str(data / "train.csv"),
         val_data=str(data / "val.csv"),
         out=str(run),
