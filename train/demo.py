@@ -74,10 +74,14 @@ def main(argv=None) -> None:
     from synergy.runtime import Runtime
 
     runtime = Runtime.open(run / "bundle")
-    rows = [line.split(",") for line in (data / "val.csv").read_text().splitlines()[1:4]]
-    for img, wav, label, _ in rows:
-        top = runtime.classify(labels, audio=[str(data / wav)], top_k=1)[0]
-        print(f"  {wav}: predicted {top[0][0]!r} (p={top[0][1]:.2f}); truth {label!r}")
+    rows = [line.split(",") for line in (data / "val.csv").read_text(encoding="utf-8").splitlines()[1:]]
+    rows = [(wav, label) for _, wav, label, _ in rows if wav]
+    predictions = runtime.classify(labels, audio=[str(data / wav) for wav, _ in rows], top_k=1)
+    for (wav, label), prediction in list(zip(rows, predictions))[:3]:
+        best = prediction.top[0]
+        print(f"  {wav}: {best.label!r} (p={best.probability:.2f}); truth {label!r}")
+    correct = sum(p.ok and p.top[0].label == label for (_, label), p in zip(rows, predictions))
+    print(f"  runtime audio -> label top-1 on val: {100 * correct / len(rows):.1f}% of {len(rows)} clips")
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; results in {run}/eval.json; "
           f"try: synergy infer --audio '{data}/audio/*.wav' --labels <file with one label per line>")
 
