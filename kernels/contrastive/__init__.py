@@ -90,6 +90,10 @@ def _check(
         len(global_masks) != 3 or any(m.shape != (big_b,) or m.dtype != torch.bool for m in global_masks)
     ):
         raise ValueError(f"global_masks must be three [B]=[{big_b}] bool tensors (image, text, audio)")
+    if global_features is None and global_masks is not None:
+        raise ValueError(
+            "global_masks goes with global_features; without them the columns are the local rows: pass masks"
+        )
     if global_features is None and row_offset != 0:
         raise ValueError(f"row_offset={row_offset} needs global_features (the columns the offset indexes into)")
     if not 0 <= row_offset <= big_b - b:
@@ -113,8 +117,8 @@ def trimodal_contrastive_loss(
     image, text, audio: [b, D] local rows, L2-normalised; logit_scale: [3] exponentiated scales of the pairs.
     masks: 3 x [b] bool, which local rows have each modality (None: all). A local row counts in a pair when it has
     both modalities. global_features: 3 x [B, D], the columns (every process's rows, gathered WITH gradient; None:
-    the local rows are the columns); global_masks: 3 x [B] bool (default: masks without global_features, all True
-    with global_features and no masks); global_masks[row_offset:row_offset + b] must equal masks.
+    the local rows are the columns); global_masks: 3 x [B] bool, only with global_features (default: all True; required
+    when masks are given); global_masks[row_offset:row_offset + b] must equal masks (default: that slice).
     row_offset: global index of local row 0 (rank * b). Each pair loss is 0.5 * (row terms + column terms) summed
     over the local rows that count, divided by the GLOBAL number of rows valid in both modalities, so the losses of
     all processes add up to the full-batch loss; a pair without valid rows adds exactly 0.
@@ -123,6 +127,8 @@ def trimodal_contrastive_loss(
     """
     features = (image, text, audio)
     _check(features, logit_scale, masks, global_features, global_masks, row_offset)
+    if masks is None and global_masks is not None:  # the local rows' masks are their slice of the global ones
+        masks = tuple(m[row_offset : row_offset + image.shape[0]] for m in global_masks)
     if _resolve_impl(impl, image) == "torch":
         return trimodal_contrastive_loss_reference(
             image, text, audio, logit_scale, masks=masks, global_features=global_features,

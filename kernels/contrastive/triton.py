@@ -43,7 +43,8 @@ directions, each recompute + one gradient product). The ideal fused count the be
 Precision: fp32, fp16 and bf16 inputs; every dot accumulates in fp32; logits, logsumexps and the softmax are fp32. For
 fp16/bf16 the softmax-minus-target tile is rounded to the input dtype before its gradient dot (as FlashAttention
 does); the per-pair factor c_p * s_p (which may be tiny, 0.5/n) is applied after the dot, in fp32, so fp16 does not
-flush it to zero. fp32 inputs use IEEE fp32 dots (no TF32): a TF32 logit at scale 100 could be off by 0.05.
+flush it to zero. fp32 inputs follow torch.get_float32_matmul_precision(): IEEE fp32 dots under "highest" (torch's
+default), TF32 under "high"/"medium" (a TF32 logit at scale 100 can be off by about 0.05).
 
 Written with pointer arithmetic only (no block pointers, no autotune, no inline asm) so it runs on Triton 3.6 on GPUs
 and under TRITON_INTERPRET=1 (Triton 3.9, CPU) where the tests run it.
@@ -142,8 +143,8 @@ def _trimodal_ce_fwd_kernel(
             y1_rows = y1_base + cols.to(tl.int64)[:, None] * DIM
             g0 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # x . y of direction (m, 0)
             g1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # x . y of direction (m, 1)
-            for d0 in range(0, DIM, BLOCK_D):
-                dd = d0 + offs_d
+            for d_start in range(0, DIM, BLOCK_D):
+                dd = d_start + offs_d
                 d_ok = dd < DIM
                 x = tl.load(x_rows + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
                 y0 = tl.load(y0_rows + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BN, BD]
@@ -244,8 +245,8 @@ def _trimodal_ce_bwd_kernel(
         y1_rows = y1_base + cols.to(tl.int64)[:, None] * DIM
         g0 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         g1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for d0 in range(0, DIM, BLOCK_D):  # recompute both directions' x . y; the x tile is loaded once for both
-            dd = d0 + offs_d
+        for d_start in range(0, DIM, BLOCK_D):  # recompute both directions' x . y; the x tile is loaded once for both
+            dd = d_start + offs_d
             d_ok = dd < DIM
             x = tl.load(x_rows + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             y0 = tl.load(y0_rows + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
@@ -255,16 +256,16 @@ def _trimodal_ce_bwd_kernel(
         logits0 = g0 * s0
         logits1 = g1 * s1
         is_target = (rows[:, None] + row_offset) == (cols[None, :] + col_offset)
-        # d0, d1: d loss / d logits of the tile, divided by c_p
-        d0 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        d1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        # dl0, dl1: d loss / d logits of the tile, divided by c_p
+        dl0 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        dl1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if ROW_TERM:
             key0 = col_ok & (tl.load(col_key_ptr + q0 * n_cols + cols, mask=col_ok, other=0) != 0)
             key1 = col_ok & (tl.load(col_key_ptr + q1 * n_cols + cols, mask=col_ok, other=0) != 0)
             keep0 = valid0[:, None] & key0[None, :]
             keep1 = valid1[:, None] & key1[None, :]
-            d0 += tl.where(valid0[:, None], _softmax_minus_target(logits0, lse0[:, None], keep0, is_target), 0.0)
-            d1 += tl.where(valid1[:, None], _softmax_minus_target(logits1, lse1[:, None], keep1, is_target), 0.0)
+            dl0 += tl.where(valid0[:, None], _softmax_minus_target(logits0, lse0[:, None], keep0, is_target), 0.0)
+            dl1 += tl.where(valid1[:, None], _softmax_minus_target(logits1, lse1[:, None], keep1, is_target), 0.0)
         if COL_TERM:
             # the columns as queries: direction (q0, 1) is the transpose of (m, 0), (q1, 0) that of (m, 1)
             c_lse0 = tl.load(col_lse_ptr + (q0 * 2 + 1) * n_cols + cols, mask=col_ok, other=0.0)
@@ -273,20 +274,20 @@ def _trimodal_ce_bwd_kernel(
             c_valid1 = tl.load(col_valid_ptr + q1 * n_cols + cols, mask=col_ok, other=0) != 0
             keep0 = row_key[:, None] & c_valid0[None, :]
             keep1 = row_key[:, None] & c_valid1[None, :]
-            d0 += tl.where(c_valid0[None, :], _softmax_minus_target(logits0, c_lse0[None, :], keep0, is_target), 0.0)
-            d1 += tl.where(c_valid1[None, :], _softmax_minus_target(logits1, c_lse1[None, :], keep1, is_target), 0.0)
-        dscale0 += tl.sum(d0 * g0, 1)
-        dscale1 += tl.sum(d1 * g1, 1)
+            dl0 += tl.where(c_valid0[None, :], _softmax_minus_target(logits0, c_lse0[None, :], keep0, is_target), 0.0)
+            dl1 += tl.where(c_valid1[None, :], _softmax_minus_target(logits1, c_lse1[None, :], keep1, is_target), 0.0)
+        dscale0 += tl.sum(dl0 * g0, 1)
+        dscale1 += tl.sum(dl1 * g1, 1)
         # d rows_m[tile] += c s D @ Y, one D-chunk at a time through the fp32 buffer this program owns
-        d0 = d0.to(row_ptr.dtype.element_ty)
-        d1 = d1.to(row_ptr.dtype.element_ty)
+        dl0 = dl0.to(row_ptr.dtype.element_ty)
+        dl1 = dl1.to(row_ptr.dtype.element_ty)
         for d_start in range(0, DIM, BLOCK_D):
             dd = d_start + offs_d
             d_ok = dd < DIM
             y0 = tl.load(y0_rows + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             y1 = tl.load(y1_rows + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            update = tl.dot(d0, y0, input_precision=INPUT_PRECISION) * f0
-            update += tl.dot(d1, y1, input_precision=INPUT_PRECISION) * f1
+            update = tl.dot(dl0, y0, input_precision=INPUT_PRECISION) * f0
+            update += tl.dot(dl1, y1, input_precision=INPUT_PRECISION) * f1
             out = dx_rows + dd[None, :]
             out_mask = row_ok[:, None] & d_ok[None, :]
             tl.store(out, tl.load(out, mask=out_mask, other=0.0) + update, mask=out_mask)
@@ -317,12 +318,13 @@ def _interpreted() -> bool:
     return type(_trimodal_ce_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-def default_tile_config(n_rows: int, n_cols: int, dim: int, device: torch.device) -> TileConfig:
+def default_tile_config(n_rows: int, n_cols: int, dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
     """Tile sizes as a small function of the shape (no autotune: it cannot run interpreted).
 
     Interpreted (numpy), the cost is per operation, not per element: the biggest tiles the test shapes fill.
-    On GPUs 64 x 64 x 64 tiles with 8 warps: the backward holds four fp32 [64, 64] tiles (two recomputed products,
-    two softmax tiles) per program. NOT tuned on a GPU yet."""
+    On GPUs 64 x 64 tiles with 8 warps, D-chunks of 64 (16-bit) or 32 (fp32, whose dots need twice the registers):
+    the sizes at which ptxas reports no spills for sm_90 at D = 512 (checked by compiling, without a GPU). NOT tuned
+    by timing on a GPU yet."""
     if _interpreted():
 
         def fit(n: int) -> int:
@@ -330,12 +332,16 @@ def default_tile_config(n_rows: int, n_cols: int, dim: int, device: torch.device
 
         return TileConfig(fit(n_rows), fit(n_cols), fit(dim), 4)
     n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+    block_d = 32 if dtype == torch.float32 else 64
     # the 3 modalities are the second grid axis: 4 * n_sm / 3 row programs give about 4 programs per SM
-    return TileConfig(64, 64, 64, 8, max_programs=max(1, 4 * n_sm // 3))
+    return TileConfig(64, 64, block_d, 8, max_programs=max(1, 4 * n_sm // 3))
 
 
 def _input_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" only names the default; 16-bit dots are exact
+    """fp32 inputs follow torch's own setting: IEEE fp32 dots under "highest" (torch's default), TF32 otherwise."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"  # for 16-bit inputs only the name of the default: their dots are exact, accumulated in fp32
 
 
 def trimodal_ce_fwd(
@@ -477,6 +483,6 @@ def trimodal_contrastive_triton(
     cols = None if global_features is None else torch.stack(global_features)  # [3, B, D]
     if tiles is None:
         n_cols = rows.shape[1] if cols is None else cols.shape[1]
-        tiles = default_tile_config(rows.shape[1], n_cols, rows.shape[2], rows.device)
+        tiles = default_tile_config(rows.shape[1], n_cols, rows.shape[2], rows.dtype, rows.device)
     loss = TriModalContrastiveFunction.apply(rows, cols, logit_scale, masks, global_masks, row_offset, tiles)
     return loss

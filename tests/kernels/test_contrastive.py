@@ -274,6 +274,49 @@ def test_triton_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
 
 
+COMPILE_FOR_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from synergy.kernels.contrastive import triton as kernels
+
+def signature(fn, dtype, constexprs):
+    def kind(name):
+        if name in constexprs:
+            return "constexpr"
+        if name in ("row_ptr", "col_ptr"):
+            return "*" + dtype
+        if name.endswith("_ptr"):
+            return "*i8" if ("key" in name or "valid" in name) else "*fp32"
+        return "i32"
+    return {name: kind(name) for name in fn.arg_names}
+
+fwd, bwd = kernels._trimodal_ce_fwd_kernel, kernels._trimodal_ce_bwd_kernel
+variants = [(fwd, dict(SYMMETRIC=True)), (fwd, dict(SYMMETRIC=False))]
+variants += [(bwd, dict(ROW_TERM=True, COL_TERM=True)), (bwd, dict(ROW_TERM=False, COL_TERM=True))]
+for dtype, precision, block_d in (("bf16", "tf32", 64), ("fp32", "ieee", 32)):
+    for fn, flags in variants if dtype == "bf16" else variants[2:3]:
+        constexprs = dict(DIM=100, BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, INPUT_PRECISION=precision, **flags)
+        source = ASTSource(fn, signature(fn, dtype, constexprs), constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        assert len(compiled.asm["cubin"]) > 0, (fn.__name__, dtype, flags)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
+    """The interpreter runs Python, not the compiler: compile every kernel variant to an sm_90 (H100) cubin with the
+    local Triton (no GPU needed), so type or layout errors that only the compiler sees fail here, not on the GPU."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real every time, and leave ~/.triton alone
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
 # --- public API: dispatch, module, errors --------------------------------------------------------------------------
 
 
@@ -325,6 +368,17 @@ def test_bad_arguments_say_what_to_do():
         trimodal_contrastive_loss(x, x, x, scales, global_features=gathered, row_offset=6)
     with pytest.raises(ValueError, match="needs global_features"):
         trimodal_contrastive_loss(x, x, x, scales, row_offset=2)
+    with pytest.raises(ValueError, match="global_masks goes with global_features"):
+        trimodal_contrastive_loss(x, x, x, scales, global_masks=masks)
+
+
+def test_local_masks_default_to_their_slice_of_the_global_masks():
+    feats = make_features(12, 8, torch.float64, seed=16)
+    masks = random_masks(12, seed=17)
+    local = [f[4:8] for f in feats]
+    kwargs = dict(global_features=tuple(feats), global_masks=masks, row_offset=4, impl="torch")
+    explicit = trimodal_contrastive_loss(*local, torch.tensor(SCALES), masks=tuple(m[4:8] for m in masks), **kwargs)
+    assert torch.equal(trimodal_contrastive_loss(*local, torch.tensor(SCALES), **kwargs), explicit)
 
 
 # --- GPU (skipped with a reason on CPU) -----------------------------------------------------------------------------
