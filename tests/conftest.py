@@ -8,6 +8,8 @@ import pytest
 
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# interpreted kernels do their tile products in numpy: OpenBLAS threads thrash on a busy 2-core machine
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def _cuda_available() -> bool:

@@ -89,13 +89,14 @@ def train_step(model, batch, accumulation: int, rank: int, world: int, autocast)
     if accumulation == 1:
         with autocast():
             *features, scales = model(*inputs)
-        loss = contrastive_loss([f.float() for f in features], scales, masks, rank, world)
+        # embeddings go in as produced (bf16 under autocast): the Triton loss accumulates in fp32 on tensor cores
+        loss = contrastive_loss(features, scales, masks, rank, world)
         (loss * world).backward()  # DDP averages gradients over processes; the loss shares add up
         return loss.detach()
     chunks = [torch.tensor_split(x, accumulation) for x in inputs]
     with torch.no_grad(), autocast():
         outs = [model(*(c[i] for c in chunks)) for i in range(accumulation)]
-    features = [torch.cat([o[m] for o in outs]).float().requires_grad_() for m in range(3)]
+    features = [torch.cat([o[m] for o in outs]).requires_grad_() for m in range(3)]
     scales = outs[0][3].detach().float().requires_grad_()
     loss = contrastive_loss(features, scales, masks, rank, world)
     (loss * world).backward()
