@@ -89,7 +89,9 @@ def eval_command(checkpoint, csv_paths, labels, out_path):
         model, tokenizer = load_checkpoint(checkpoint)
         label_list = None
         if labels:
-            label_list = [line.strip() for line in Path(labels).read_text(encoding="utf-8").splitlines() if line.strip()]
+            label_list = [
+                line.strip() for line in Path(labels).read_text(encoding="utf-8").splitlines() if line.strip()
+            ]
         results = {Path(p).stem: evaluate(model, tokenizer, p, label_list) for p in csv_paths}
     except (CheckpointError, DataError, OSError) as error:
         raise click.ClickException(str(error)) from error
@@ -104,14 +106,55 @@ def eval_command(checkpoint, csv_paths, labels, out_path):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
 @click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx", "trt", "triton"]))
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
-@click.option("--opset", default=None, type=int, help="ONNX opset (default: the exporter's).")
-@click.option("--force", is_flag=True, help="Replace an existing --out folder.")
-def export_command(checkpoint, out, fmt, precision, opset, force):
+@click.option("--opset", default=None, type=int, help="ONNX opset, >= 18 (default: 18).")
+@click.option("--force", is_flag=True, help="Replace an existing --out bundle.")
+@click.option(
+    "--eval-data",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Synergy-CLIP CSV (e.g. the synthetic val.csv) for the zero-shot agreement check (default: a built-in set).",
+)
+@click.option("--external-data", is_flag=True, help="Keep weights in <graph>.onnx.data files (automatic above 1 GiB).")
+@click.option("--min-batch", default=1, show_default=True, type=int, help="TensorRT profile: smallest batch.")
+@click.option("--opt-batch", default=8, show_default=True, type=int, help="TensorRT profile / Triton preferred batch.")
+@click.option("--max-batch", default=64, show_default=True, type=int, help="TensorRT profile / Triton max_batch_size.")
+@click.option(
+    "--triton-platform",
+    default="onnxruntime",
+    show_default=True,
+    type=click.Choice(["onnxruntime", "tensorrt"]),
+    help="--format triton: ONNX models for Triton's ONNX Runtime backend, or TensorRT plans (needs TensorRT).",
+)
+def export_command(
+    checkpoint,
+    out,
+    fmt,
+    precision,
+    opset,
+    force,
+    eval_data,
+    external_data,
+    min_batch,
+    opt_batch,
+    max_batch,
+    triton_platform,
+):
     """Export a checkpoint to a verified bundle (ONNX graphs, TensorRT engines or a Triton model repository)."""
-    from synergy.export import ExportError, export_bundle
+    from synergy.export import BatchProfile, ExportError, export_bundle
 
     try:
-        report = export_bundle(checkpoint, out, fmt=fmt, precision=precision, opset=opset, force=force)
+        report = export_bundle(
+            checkpoint,
+            out,
+            fmt=fmt,
+            precision=precision,
+            opset=opset,
+            force=force,
+            eval_data=eval_data,
+            external_data=True if external_data else None,
+            batch=BatchProfile(min_batch, opt_batch, max_batch),
+            triton_platform=triton_platform,
+        )
     except ExportError as error:
         raise click.ClickException(str(error)) from error
     click.echo(report)

@@ -116,7 +116,9 @@ class ManifestDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def _text(self, row: Row, rng) -> str:
-        use_caption = row.caption and (self.text_mode == "caption" or (self.text_mode == "mixed" and rng.random() < 0.5))
+        use_caption = row.caption and (
+            self.text_mode == "caption" or (self.text_mode == "mixed" and rng.random() < 0.5)
+        )
         if use_caption or not row.label:
             return row.caption
         template = self.templates[int(rng.integers(len(self.templates)))] if rng is not None else self.templates[0]

@@ -19,7 +19,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import torch
-
     from synergy.export import export_bundle
     from synergy.train.config import TrainConfig
     from synergy.train.evaluate import evaluate, format_report, write_report
@@ -54,8 +53,10 @@ def main(argv=None) -> None:
         seed=args.seed,
     )
     resume = (run / "checkpoint" / "train_state").is_dir()
-    print(f"[2/5] training the `small` preset for {config.steps} steps x {config.batch_size} on CPU"
-          + (" (resuming)" if resume else ""))
+    print(
+        f"[2/5] training the `small` preset for {config.steps} steps x {config.batch_size} on CPU"
+        + (" (resuming)" if resume else "")
+    )
     checkpoint = train(config, resume=resume)
 
     print("[3/5] evaluating: zero-shot among all classes (seen + held-out combinations), retrieval")
@@ -82,8 +83,10 @@ def main(argv=None) -> None:
         print(f"  {wav}: {best.label!r} (p={best.probability:.2f}); truth {label!r}")
     correct = sum(p.ok and p.top[0].label == label for (_, label), p in zip(rows, predictions))
     print(f"  runtime audio -> label top-1 on val: {100 * correct / len(rows):.1f}% of {len(rows)} clips")
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; results in {run}/eval.json; "
-          f"try: synergy infer --audio '{data}/audio/*.wav' --labels <file with one label per line>")
+    print(
+        f"\ndemo finished in {time.perf_counter() - start:.0f} s; results in {run}/eval.json; "
+        f"try: synergy infer --audio '{data}/audio/*.wav' --labels <file with one label per line>"
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from synergy.core.model import SynergyModel
 from synergy.train.data import Collate, ManifestDataset, read_manifest
 
@@ -39,7 +38,9 @@ def embed_manifest(model: SynergyModel, tokenizer, csv_path, batch_size: int = 6
     labels, bad = [], []
     for batch in loader:
         bad += batch["bad"]
-        image, text, audio, _ = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["waveform"])
+        image, text, audio, _ = model(
+            batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["waveform"]
+        )
         for name, value in (("image", image), ("text", text), ("audio", audio)):
             parts[name].append(value.float())
             parts[f"{name}_mask"].append(batch[f"{name}_mask"])

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
-
 from synergy.core.checkpoint import load_checkpoint, load_train_state, save_checkpoint
 from synergy.core.config import load_config
 from synergy.core.model import LOGIT_SCALE_MAX, SynergyModel
@@ -23,6 +21,7 @@ from synergy.kernels.contrastive import trimodal_contrastive_loss
 from synergy.train.config import TrainConfig
 from synergy.train.data import Collate, DataError, EpochBatches, ManifestDataset, read_manifest
 from synergy.train.evaluate import evaluate
+from tqdm import tqdm
 
 MODALITIES = ("image", "text", "audio")
 

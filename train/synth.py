@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import io
 import json
 import math
 import multiprocessing
@@ -313,7 +314,11 @@ def _render_batch(batch) -> None:
             Image.fromarray(pixels).save(os.path.join(root, sample.image), format="PNG")
         if sample.audio:
             wave = render_sound(shape, colour, sample_rate, clip_seconds, audio_rng)
-            soundfile.write(os.path.join(root, sample.audio), wave, sample_rate, subtype="PCM_16", format="WAV")
+            # encode in memory: closing a real file makes libsndfile fsync it, which costs more than the synthesis
+            encoded = io.BytesIO()
+            soundfile.write(encoded, wave, sample_rate, subtype="PCM_16", format="WAV")
+            with open(os.path.join(root, sample.audio), "wb") as f:
+                f.write(encoded.getvalue())
 
 
 def _attributes(class_id: int) -> tuple[str, str]:

@@ -47,7 +47,9 @@ def test_unknown_preset_and_key_list_the_valid_ones():
 def test_overrides_reach_the_towers():
     model = create_model("tiny", embed_dim=10, **{"audio.layers": 1})
     assert model.config.embed_dim == 10 and model.config.audio.layers == 1
-    assert len(model.audio_tower.encoder.layer if hasattr(model.audio_tower, "encoder") else model.audio_tower.layers) == 1
+    assert (
+        len(model.audio_tower.encoder.layer if hasattr(model.audio_tower, "encoder") else model.audio_tower.layers) == 1
+    )
 
 
 def test_embeddings_shapes_and_normalised():
@@ -140,25 +142,52 @@ def test_towers_load_from_local_pretrained_folders(tmp_path):
     """Tiny random transformers models saved with save_pretrained, loaded through the real code path."""
     torch.manual_seed(0)
     vision = CLIPVisionModel(
-        CLIPVisionConfig(image_size=30, patch_size=6, hidden_size=36, num_hidden_layers=1, num_attention_heads=3,
-                         intermediate_size=37)
+        CLIPVisionConfig(
+            image_size=30,
+            patch_size=6,
+            hidden_size=36,
+            num_hidden_layers=1,
+            num_attention_heads=3,
+            intermediate_size=37,
+        )
     )
     text = RobertaModel(
-        RobertaConfig(vocab_size=131, hidden_size=36, num_hidden_layers=1, num_attention_heads=3, intermediate_size=37,
-                      max_position_embeddings=20, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        RobertaConfig(
+            vocab_size=131,
+            hidden_size=36,
+            num_hidden_layers=1,
+            num_attention_heads=3,
+            intermediate_size=37,
+            max_position_embeddings=20,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
         add_pooling_layer=False,
     )
     audio = ASTModel(
-        ASTConfig(hidden_size=36, num_hidden_layers=1, num_attention_heads=3, intermediate_size=37, patch_size=8,
-                  frequency_stride=8, time_stride=6, max_length=48, num_mel_bins=24)
+        ASTConfig(
+            hidden_size=36,
+            num_hidden_layers=1,
+            num_attention_heads=3,
+            intermediate_size=37,
+            patch_size=8,
+            frequency_stride=8,
+            time_stride=6,
+            max_length=48,
+            num_mel_bins=24,
+        )
     )
     for name, module in (("vision", vision), ("text", text), ("audio", audio)):
         module.save_pretrained(tmp_path / name)
     configure(_tokenizer(), 13).save(str(tmp_path / "text" / "tokenizer.json"))
     model = create_model(
         "tiny",
-        **{"image.pretrained": str(tmp_path / "vision"), "text.pretrained": str(tmp_path / "text"),
-           "audio.pretrained": str(tmp_path / "audio")},
+        **{
+            "image.pretrained": str(tmp_path / "vision"),
+            "text.pretrained": str(tmp_path / "text"),
+            "audio.pretrained": str(tmp_path / "audio"),
+        },
     ).eval()
     for tower, original in ((model.image_tower, vision), (model.text_tower, text), (model.audio_tower, audio)):
         loaded_state = tower.state_dict()

@@ -4,17 +4,14 @@ equivalence, DDP equivalence (2 real gloo processes), evaluation and CLI smoke t
 import contextlib
 import copy
 import json
-import os
-import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import soundfile
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from click.testing import CliRunner
-
 from synergy.cli import main
 from synergy.core.checkpoint import load_checkpoint
 from synergy.core.model import create_model
@@ -33,17 +30,35 @@ def synth(tmp_path_factory):
 
 
 def _config(synth, out, **kw):
-    base = dict(model="tiny", data=str(synth / "train.csv"), val_data=str(synth / "val.csv"), out=str(out),
-                batch_size=8, steps=6, lr=2e-3, warmup_steps=2, workers=0, save_every=3, seed=3)
+    base = dict(
+        model="tiny",
+        data=str(synth / "train.csv"),
+        val_data=str(synth / "val.csv"),
+        out=str(out),
+        batch_size=8,
+        steps=6,
+        lr=2e-3,
+        warmup_steps=2,
+        workers=0,
+        save_every=3,
+        seed=3,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
 
 def _dataset(model, rows, text_mode="mixed"):
     c = model.config
-    return ManifestDataset(rows, image_size=c.image.image_size, mean=c.image.mean, std=c.image.std,
-                           sample_rate=c.audio.sample_rate, clip_seconds=c.audio.clip_seconds, text_mode=text_mode,
-                           templates=c.prompt_templates)
+    return ManifestDataset(
+        rows,
+        image_size=c.image.image_size,
+        mean=c.image.mean,
+        std=c.image.std,
+        sample_rate=c.audio.sample_rate,
+        clip_seconds=c.audio.clip_seconds,
+        text_mode=text_mode,
+        templates=c.prompt_templates,
+    )
 
 
 def test_loader_on_generated_files(synth):
@@ -52,8 +67,9 @@ def test_loader_on_generated_files(synth):
     tokenizer = build_tokenizer(model, rows)
     dataset = _dataset(model, rows)
     sampler = EpochBatches(len(dataset), 7, seed=0, start_step=0, total_steps=2)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=1,
-                                         collate_fn=Collate(tokenizer, 30, dataset.clip_samples))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=1, collate_fn=Collate(tokenizer, 30, dataset.clip_samples)
+    )
     batches = list(loader)
     assert len(batches) == 2
     b = batches[0]
@@ -66,8 +82,13 @@ def test_loader_on_generated_files(synth):
         assert b[key][missing].abs().sum() == 0
     assert not any(b["bad"])
     # same (seed, step) -> same batch, in the same order, with the same augmentation
-    again = next(iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0,
-                                                  collate_fn=Collate(tokenizer, 30, dataset.clip_samples))))
+    again = next(
+        iter(
+            torch.utils.data.DataLoader(
+                dataset, batch_sampler=sampler, num_workers=0, collate_fn=Collate(tokenizer, 30, dataset.clip_samples)
+            )
+        )
+    )
     assert torch.equal(again["pixel_values"], b["pixel_values"]) and again["indices"] == b["indices"]
 
 
@@ -84,8 +105,9 @@ def test_bad_samples_name_path_and_line(tmp_path, synth):
     soundfile.write(tmp_path / "zero.wav", np.zeros((0,), np.float32), 16000)
     (tmp_path / "noise.wav").write_bytes(b"RIFF....not a wav at all")
     lines = ["img_path,wav_path,label,caption", f"{good.image},{good.audio},red circle,a red circle"]
-    lines += [f"{good.image},{name},red circle,a red circle" for name in ("missing.wav", "empty.wav", "zero.wav",
-                                                                           "noise.wav")]
+    lines += [
+        f"{good.image},{name},red circle,a red circle" for name in ("missing.wav", "empty.wav", "zero.wav", "noise.wav")
+    ]
     lines += [f"nothing.png,{good.audio},red circle,x"]
     (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
     model = create_model("tiny")
@@ -126,8 +148,14 @@ def test_on_bad_sample_error_stops_with_the_message(tmp_path, synth):
     lines[1] = "images/nope.png," + lines[1].split(",", 1)[1]
     (synth / "broken.csv").write_text("\n".join(lines) + "\n")
     try:
-        config = _config(synth, tmp_path / "run", data=str(synth / "broken.csv"), on_bad_sample="error", steps=8,
-                         batch_size=len(lines) - 1)
+        config = _config(
+            synth,
+            tmp_path / "run",
+            data=str(synth / "broken.csv"),
+            on_bad_sample="error",
+            steps=8,
+            batch_size=len(lines) - 1,
+        )
         with pytest.raises(DataError, match=r"nope.png: file not found \(manifest line 2\)"):
             train(config, progress=False)
     finally:
@@ -187,35 +215,52 @@ def test_gradient_accumulation_equals_full_batch(synth):
         torch.testing.assert_close(a[name], b[name], atol=1e-5 * a[name].abs().max().item() + 1e-8, rtol=1e-4, msg=name)
 
 
-def _ddp_worker(rank, world, port, state, batch, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    model = create_model("tiny")
-    model.load_state_dict(state)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    b = len(batch["labels"]) // world
-    local = {k: (v[rank * b : (rank + 1) * b] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
-    loss = train_step(ddp, local, 1, rank, world, contextlib.nullcontext)
-    dist.all_reduce(loss)
-    if rank == 0:
-        torch.save({"loss": loss, "grads": _grads(model)}, out)
-    dist.destroy_process_group()
+DDP_WORKER = """
+import contextlib, sys, torch
+from synergy.core.model import create_model
+from synergy.train.loop import _distributed, train_step
+
+torch.set_num_threads(1)
+rank, world = _distributed()  # torchrun's environment -> gloo process group
+inputs = torch.load(sys.argv[1], weights_only=False)
+model = create_model("tiny")
+model.load_state_dict(inputs["state"])
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+batch, b = inputs["batch"], len(inputs["batch"]["labels"]) // world
+local = {k: v[rank * b : (rank + 1) * b] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}
+loss = train_step(ddp, local, 1, rank, world, contextlib.nullcontext)
+torch.distributed.all_reduce(loss)
+if rank == 0:
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    torch.save({"loss": loss, "grads": grads}, sys.argv[2])
+torch.distributed.destroy_process_group()
+"""
 
 
 def test_ddp_two_processes_match_one_process(tmp_path, synth):
+    """Two real processes under torchrun (gloo) give the loss and gradients of one process on the whole batch."""
     torch.manual_seed(0)
     batch = _batch(synth)
     batch["image_mask"][1] = False  # masks must travel with the gathered features
     single = create_model("tiny")
     state = copy.deepcopy(single.state_dict())
     loss = train_step(single, batch, 1, 0, 1, contextlib.nullcontext)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(2, port, state, batch, tmp_path / "r0.pt"), nprocs=2, join=True,
-                       start_method="spawn")
-    result = torch.load(tmp_path / "r0.pt", weights_only=True)
+    torch.save({"state": state, "batch": batch}, tmp_path / "inputs.pt")
+    (tmp_path / "worker.py").write_text(DDP_WORKER)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(tmp_path / "worker.py"),
+        str(tmp_path / "inputs.pt"),
+        str(tmp_path / "out.pt"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = torch.load(tmp_path / "out.pt", weights_only=True)
     torch.testing.assert_close(result["loss"], loss, atol=1e-6, rtol=1e-5)
     expected = _grads(single)
     assert result["grads"].keys() == expected.keys()
@@ -229,7 +274,8 @@ def test_evaluate_reports_all_directions(tmp_path, synth):
     result = evaluate(model, tokenizer, synth / "val.csv")
     assert set(result["zero_shot"]) == {"audio", "image", "audio+image"}
     assert {"image->text", "text->image", "text->audio", "audio->text", "audio->image", "image->audio"} <= set(
-        result["retrieval"])
+        result["retrieval"]
+    )
     assert "image+(audio missing)->text" in result["retrieval"]
     for value in result["zero_shot"].values():
         assert 0 <= value["top1"] <= value["top5"] <= 100
@@ -250,12 +296,30 @@ def test_cli_smoke(tmp_path, synth):
     result = runner.invoke(main, ["presets"])
     assert result.exit_code == 0 and "tiny" in result.output
     out = tmp_path / "run"
-    result = runner.invoke(main, ["train", "--set", "model=tiny", "--set", f"data={synth / 'train.csv'}",
-                                  "--set", "val_data=none", "--set", f"out={out}", "--set", "steps=2",
-                                  "--set", "batch_size=4", "--set", "workers=0"])
+    result = runner.invoke(
+        main,
+        [
+            "train",
+            "--set",
+            "model=tiny",
+            "--set",
+            f"data={synth / 'train.csv'}",
+            "--set",
+            "val_data=none",
+            "--set",
+            f"out={out}",
+            "--set",
+            "steps=2",
+            "--set",
+            "batch_size=4",
+            "--set",
+            "workers=0",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    result = runner.invoke(main, ["eval", str(out / "checkpoint"), "--data", str(synth / "val.csv"),
-                                  "--out", str(tmp_path / "m.json")])
+    result = runner.invoke(
+        main, ["eval", str(out / "checkpoint"), "--data", str(synth / "val.csv"), "--out", str(tmp_path / "m.json")]
+    )
     assert result.exit_code == 0, result.output
     assert "audio -> label" in result.output and json.loads((tmp_path / "m.json").read_text())["val"]["rows"] > 0
     result = runner.invoke(main, ["eval", str(tmp_path / "nope"), "--data", str(synth / "val.csv")])
