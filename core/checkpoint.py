@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
 from synergy.core.config import ConfigError, config_from_dict
 from synergy.core.model import SynergyModel
 from synergy.core.towers import tower_hf_config
-from tokenizers import Tokenizer
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 TRAIN_STATE = "train_state"

@@ -10,10 +10,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from synergy.core.audio_frontend import LogMelFrontend
 from synergy.core.config import SynergyConfig, load_config
 from synergy.core.towers import build_audio_tower, build_image_tower, build_text_tower
-from torch import Tensor, nn
 
 PAIRS = ("image_text", "text_audio", "audio_image")
 LOGIT_SCALE_INIT = math.log(1 / 0.07)

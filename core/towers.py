@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from synergy.core.config import AudioTowerConfig, ImageTowerConfig, TextTowerConfig
 from torch import nn
 from transformers import ASTConfig, AutoConfig, AutoModel, CLIPVisionConfig, CLIPVisionModel, RobertaConfig
+
+from synergy.core.config import AudioTowerConfig, ImageTowerConfig, TextTowerConfig
 
 
 def _attention(attn_implementation: str) -> str:

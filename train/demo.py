@@ -19,6 +19,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import torch
+
     from synergy.export import export_bundle
     from synergy.train.config import TrainConfig
     from synergy.train.evaluate import evaluate, format_report, write_report

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from synergy.core.model import SynergyModel
 from synergy.train.data import Collate, ManifestDataset, read_manifest
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+
 from synergy.core.checkpoint import load_checkpoint, load_train_state, save_checkpoint
 from synergy.core.config import load_config
 from synergy.core.model import LOGIT_SCALE_MAX, SynergyModel
@@ -21,7 +23,6 @@ from synergy.kernels.contrastive import trimodal_contrastive_loss
 from synergy.train.config import TrainConfig
 from synergy.train.data import Collate, DataError, EpochBatches, ManifestDataset, read_manifest
 from synergy.train.evaluate import evaluate
-from tqdm import tqdm
 
 MODALITIES = ("image", "text", "audio")
 
@@ -192,7 +193,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    # appended across resumes; open for the whole loop and closed after it
+    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
     bar = tqdm(total=config.steps, initial=step, disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
     bad_total = int(state["bad_samples"]) if state else 0
     window_start, window_samples = time.perf_counter(), 0

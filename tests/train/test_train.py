@@ -12,6 +12,7 @@ import pytest
 import soundfile
 import torch
 from click.testing import CliRunner
+
 from synergy.cli import main
 from synergy.core.checkpoint import load_checkpoint
 from synergy.core.model import create_model
