@@ -1,0 +1,390 @@
+"""``export_bundle``: a checkpoint folder -> a verified, self-contained bundle (ONNX, TensorRT or Triton layout).
+
+Steps: check the arguments and the output folder (before anything slow); load the checkpoint with SDPA
+attention; export the three towers with ``torch.onnx.export(dynamo=True)`` (:mod:`.graphs`); convert to float16
+if asked (:mod:`.fp16`); save, check (``onnx.checker`` full check, no STFT/DFT, external data inside the bundle)
+and verify against PyTorch in onnxruntime (:mod:`.verify`); build and verify TensorRT engines for ``trt``; write
+Triton configs for ``triton``; copy ``tokenizer.json``; write ``manifest.json`` with the sha256 of every file
+and read it back. Everything happens in a temporary sibling folder that is renamed into place at the end, so a
+failed or interrupted export leaves nothing behind (and ``--force`` replaces the old bundle only then).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform as platform_module
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from synergy.export.errors import ExportError
+from synergy.export.tensorrt_engines import BatchProfile
+from synergy.runtime.manifest import (
+    MANIFEST_NAME,
+    PAIRS,
+    AudioPreprocessing,
+    BundleError,
+    ImagePreprocessing,
+    Manifest,
+    TextPreprocessing,
+    TowerSpec,
+    load_manifest,
+    sha256_file,
+    write_manifest,
+)
+
+FORMATS = ("onnx", "trt", "triton")
+PRECISIONS = ("fp32", "fp16")
+TRITON_PLATFORMS = ("onnxruntime", "tensorrt")
+MODALITIES = ("image", "text", "audio")
+EXPORTER = "torch.onnx.export(dynamo=True)"
+LIBRARIES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers", "numpy")
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    fmt: str = "onnx",
+    precision: str = "fp32",
+    opset: int | None = None,
+    force: bool = False,
+    eval_data: str | Path | None = None,
+    external_data: bool | None = None,
+    batch: BatchProfile | None = None,
+    triton_platform: str = "onnxruntime",
+) -> str:
+    """Export ``checkpoint`` (a folder from ``synergy train``) to the bundle folder ``out``; return the report.
+
+    ``fmt``: "onnx" (image/text/audio.onnx), "trt" (TensorRT engines ``*.plan`` + their ONNX sources; needs
+    TensorRT and a GPU) or "triton" (a Triton model repository, ``triton_platform`` "onnxruntime" or "tensorrt").
+    ``precision``: "fp32" or "fp16" (mixed: LayerNorm, softmax, reductions and the audio front end stay fp32;
+    inputs and outputs stay float32). ``opset``: ONNX opset (>= 18; default 18). ``force``: replace an existing
+    bundle at ``out``. ``eval_data``: a Synergy-CLIP CSV for the zero-shot agreement check (default: a built-in
+    seeded set). ``external_data``: weights in ``<graph>.onnx.data`` side files (None: only above 1 GiB).
+    ``batch``: min/opt/max batch of TensorRT profiles and Triton's max_batch_size / preferred batch.
+
+    Raises ``ExportError`` (nothing written) for a bad checkpoint, bad arguments, an existing ``out`` without
+    ``force``, a graph that fails its checks, or a verification that misses its thresholds.
+    """
+    started = time.perf_counter()
+    from synergy.export.graphs import DEFAULT_OPSET
+
+    opset = DEFAULT_OPSET if opset is None else opset
+    batch = batch or BatchProfile()
+    _check_arguments(fmt, precision, opset, triton_platform)
+    checkpoint, out = Path(checkpoint), Path(out)
+    _check_output(checkpoint, out, force)
+    engines = fmt == "trt" or (fmt == "triton" and triton_platform == "tensorrt")
+    trt = capability = None
+    if engines:  # fail now, before minutes of export, when TensorRT or the GPU is missing
+        from synergy.export.tensorrt_engines import compute_capability, import_tensorrt
+
+        trt = import_tensorrt()
+        capability = compute_capability()
+
+    model, tokenizer, checkpoint_hashes = _load(checkpoint)
+    evaluation = _evaluation_set(model, eval_data)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        manifest, report = _write_bundle(
+            tmp,
+            model=model,
+            tokenizer=tokenizer,
+            checkpoint=checkpoint,
+            checkpoint_hashes=checkpoint_hashes,
+            fmt=fmt,
+            precision=precision,
+            opset=opset,
+            evaluation=evaluation,
+            external_data=external_data,
+            batch=batch,
+            triton_platform=triton_platform,
+            trt=trt,
+            capability=capability,
+            started=started,
+        )
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sizes = ", ".join(f"{name} ({_size(out / name)})" for name in sorted(manifest.files))
+    return f"{report}\nwrote {out}: {sizes}\nexported in {time.perf_counter() - started:.1f} s"
+
+
+# ----------------------------------------------------------------------------------------------------- checks
+
+
+def _check_arguments(fmt: str, precision: str, opset: int, triton_platform: str) -> None:
+    from synergy.export.graphs import MIN_OPSET
+
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ExportError(f"opset {opset!r} is not supported; the torch.export-based exporter needs >= {MIN_OPSET}")
+    if triton_platform not in TRITON_PLATFORMS:
+        raise ExportError(f"unknown Triton platform {triton_platform!r}; choose one of {', '.join(TRITON_PLATFORMS)}")
+
+
+def _check_output(checkpoint: Path, out: Path, force: bool) -> None:
+    source, target = checkpoint.resolve(), out.resolve()
+    if target == source or target in source.parents or source in target.parents:
+        raise ExportError(f"--out {out} overlaps the checkpoint folder {checkpoint}; write the bundle elsewhere")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a folder; choose another path")
+    if not force:
+        raise ExportError(f"--out {out} already exists; pass --force to replace it, or choose another folder")
+    if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise ExportError(
+            f"--out {out} is a non-empty folder without {MANIFEST_NAME}, not a Synergy bundle; refusing to replace it "
+            "even with --force (remove it yourself or choose another folder)"
+        )
+
+
+def _load(checkpoint: Path):
+    from synergy.core.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        model, tokenizer = load_checkpoint(checkpoint, attn_implementation="sdpa")
+    except CheckpointError as error:
+        raise ExportError(f"cannot export: {error}") from error
+    hashes = {name: sha256_file(checkpoint / name) for name in ("config.json", "model.safetensors")}
+    return model.float().eval(), tokenizer, hashes
+
+
+def _evaluation_set(model, eval_data):
+    from synergy.export.verify import builtin_evaluation_set, read_evaluation_set
+
+    config = model.config
+    size = model.image_tower.config.image_size
+    clip = round(config.audio.clip_seconds * config.audio.sample_rate)
+    args = (size, config.image.mean, config.image.std, config.audio.sample_rate, clip)
+    if eval_data is None:
+        return builtin_evaluation_set(*args)
+    try:
+        return read_evaluation_set(eval_data, *args)
+    except ValueError as error:
+        raise ExportError(str(error)) from error
+
+
+# ------------------------------------------------------------------------------------------------------ write
+
+
+def _write_bundle(tmp: Path, **job) -> tuple[Manifest, str]:
+    from synergy.export import graphs as graph_io
+    from synergy.export.fp16 import convert_to_float16
+
+    model, fmt, precision, trt = job["model"], job["fmt"], job["precision"], job["trt"]
+    triton = fmt == "triton"
+    platform = job["triton_platform"] if triton else ("tensorrt" if fmt == "trt" else "onnxruntime")
+    cache_key = (job["checkpoint_hashes"]["model.safetensors"], job["checkpoint_hashes"]["config.json"])
+    try:
+        graphs = graph_io.export_tower_graphs(model, job["opset"], cache_key)
+    except Exception as error:  # torch.export / translation errors: long, but the first lines say which op
+        raise ExportError(f"ONNX export failed: {type(error).__name__}: {str(error)[:2000]}") from error
+
+    # the ONNX graphs: what onnxruntime runs (onnx, triton+onnxruntime) or what TensorRT builds from
+    from synergy.export.tensorrt_engines import tensorrt_major
+
+    weakly_typed_fp16 = trt is not None and precision == "fp16" and tensorrt_major(trt) < 11
+    onnx_precision = "fp32" if weakly_typed_fp16 else precision  # TensorRT 10 builds fp16 from the fp32 graph
+    onnx_files, specs = {}, {}
+    for modality in MODALITIES:
+        graph = graphs[modality]
+        proto = graph.model
+        if onnx_precision == "fp16":
+            try:
+                proto = convert_to_float16(proto, keep_fp32=graph.fp32_nodes)
+            except ValueError as error:
+                raise ExportError(f"float16 conversion of the {modality} graph failed: {error}") from error
+        external = job["external_data"]
+        if triton:
+            rel = _triton_onnx_file(modality, platform, external, proto)
+        else:
+            rel = f"{modality}.onnx"
+        path = tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        graph_io.save_graph(proto, path, external)
+        try:
+            graph_io.check_graph(path, tmp, graph.inputs, graph.outputs)
+        except Exception as error:  # ValueError from our checks, ValidationError from onnx.checker
+            raise ExportError(f"{rel} failed its checks: {error}") from error
+        onnx_files[modality] = rel
+        specs[modality] = graph
+
+    verifications = [_verify_onnx(tmp, onnx_files, onnx_precision, job)]
+    tower_files = dict(onnx_files)
+    extra = {}
+    if trt is not None:
+        tower_files, extra["tensorrt"] = _build_engines(tmp, onnx_files, specs, job)
+        verifications.append(_verify_engines(tmp, tower_files, specs, job))
+    if triton:
+        from synergy.export.triton_repository import model_name, write_model_config
+
+        for modality in MODALITIES:
+            write_model_config(tmp, modality, platform, specs[modality].inputs, specs[modality].outputs, job["batch"])
+        extra["triton"] = {
+            "platform": platform,
+            "models": {m: model_name(m) for m in MODALITIES},
+            "max_batch_size": job["batch"].max,
+            "preferred_batch_size": job["batch"].opt,
+        }
+    report = "\n".join(v.format() for v in verifications)
+    failures = [f for v in verifications for f in v.failures()]
+    if failures:
+        raise ExportError(f"verification failed, nothing written:\n{report}")
+
+    shutil.copyfile(job["checkpoint"] / "tokenizer.json", tmp / "tokenizer.json")
+    manifest = _manifest(tmp, tower_files, specs, verifications, extra, job, platform)
+    write_manifest(tmp, manifest)
+    try:
+        load_manifest(tmp, verify=True)  # the runtime's reader: schema and every sha256
+    except BundleError as error:
+        raise ExportError(f"the bundle does not read back: {error}") from error
+    header = f"exported {job['checkpoint']} as {fmt} ({precision}, opset {job['opset']}, {EXPORTER})" + (
+        f", Triton platform {platform}" if triton else ""
+    )
+    return manifest, f"{header}\n{report}"
+
+
+def _triton_onnx_file(modality: str, platform: str, external: bool | None, proto) -> str:
+    from synergy.export.graphs import EXTERNAL_DATA_BYTES
+    from synergy.export.triton_repository import model_file, model_name
+
+    if platform == "tensorrt":  # the engine's ONNX source sits beside model.plan; Triton loads only the plan
+        return f"{model_name(modality)}/1/model.onnx"
+    is_external = external if external is not None else proto.ByteSize() > EXTERNAL_DATA_BYTES
+    return model_file(modality, platform, is_external)
+
+
+def _verify_onnx(tmp: Path, files: dict, precision: str, job):
+    import onnxruntime
+
+    from synergy.export.verify import verify_towers
+
+    runners = {}
+    for modality, rel in files.items():
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        session = onnxruntime.InferenceSession(str(tmp / rel), options, providers=["CPUExecutionProvider"])
+        runners[modality] = lambda feeds, s=session: s.run(["embedding"], feeds)[0]
+    target = f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider, {precision} graphs"
+    return verify_towers(job["model"], job["tokenizer"], runners, job["evaluation"], precision, target)
+
+
+def _build_engines(tmp: Path, onnx_files: dict, specs: dict, job) -> tuple[dict, dict]:
+    from synergy.export.tensorrt_engines import build_engine, input_profiles
+
+    trt, model = job["trt"], job["model"]
+    config = model.config
+    clip = round(config.audio.clip_seconds * config.audio.sample_rate)
+    files, info = {}, {}
+    for modality, rel in onnx_files.items():
+        plan = (tmp / rel).with_suffix(".plan")
+        profiles = input_profiles(specs[modality].inputs, job["batch"], config.text.max_length, clip)
+        info[modality] = build_engine(
+            trt,
+            tmp / rel,
+            plan,
+            onnx_sha256=sha256_file(tmp / rel),
+            precision=job["precision"],
+            profiles=profiles,
+            fp32_nodes=specs[modality].fp32_nodes,
+            capability=job["capability"],
+        )
+        files[modality] = plan.relative_to(tmp).as_posix()
+    return files, info
+
+
+def _verify_engines(tmp: Path, files: dict, specs: dict, job):
+    from synergy.export.verify import verify_towers
+    from synergy.runtime.errors import BackendError
+    from synergy.runtime.tensorrt_backend import TensorRTTower
+
+    runners = {}
+    try:
+        for modality, rel in files.items():
+            spec = TowerSpec(rel, specs[modality].inputs, specs[modality].outputs, job["precision"])
+            runners[modality] = TensorRTTower(tmp / rel, spec, "cuda").run
+    except BackendError as error:
+        raise ExportError(f"cannot run the engines to verify them: {error}") from error
+    trt = job["trt"]
+    target = f"TensorRT {trt.__version__} engines ({job['precision']}, compute capability {job['capability']})"
+    # the profile caps the batch; the runtime's tower splits larger batches, so 17 still runs
+    return verify_towers(job["model"], job["tokenizer"], runners, job["evaluation"], job["precision"], target)
+
+
+def _manifest(tmp: Path, tower_files: dict, specs: dict, verifications, extra: dict, job, platform) -> Manifest:
+    model = job["model"]
+    config = model.config
+    scales = model.logit_scales().detach().tolist()
+    files = {
+        path.relative_to(tmp).as_posix(): sha256_file(path)
+        for path in sorted(tmp.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+    versions = {"python": platform_module.python_version()}
+    for library in ("synergy", *LIBRARIES):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[library] = metadata.version(library)
+    if job["trt"] is not None:
+        versions["tensorrt"] = job["trt"].__version__
+    backend = "tensorrt" if all(Path(f).suffix == ".plan" for f in tower_files.values()) else "onnx"
+    return Manifest(
+        embed_dim=config.embed_dim,
+        logit_scales=dict(zip(PAIRS, (float(s) for s in scales))),
+        towers={m: TowerSpec(tower_files[m], specs[m].inputs, specs[m].outputs, job["precision"]) for m in MODALITIES},
+        image=ImagePreprocessing(
+            model.image_tower.config.image_size, tuple(config.image.mean), tuple(config.image.std)
+        ),
+        audio=AudioPreprocessing(config.audio.sample_rate, config.audio.clip_seconds),
+        text=TextPreprocessing(config.text.max_length, tuple(config.prompt_templates)),
+        backend=backend,
+        precision=job["precision"],
+        tokenizer="tokenizer.json",
+        files=files,
+        versions=versions,
+        extra={
+            **extra,
+            "format": job["fmt"],
+            "exporter": EXPORTER,
+            "opset": job["opset"],
+            "checkpoint": {"path": str(job["checkpoint"]), "sha256": job["checkpoint_hashes"]},
+            "verification": [v.to_dict() for v in verifications],
+            "audio_front_end_fp32_nodes": len(specs["audio"].fp32_nodes),
+            "export_seconds": round(time.perf_counter() - job["started"], 2),
+        },
+    )
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """fsync the new bundle, then swap it in: the old bundle (``--force``) goes only once the new one is whole."""
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _size(path: Path) -> str:
+    size = path.stat().st_size
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
