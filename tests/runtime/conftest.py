@@ -19,6 +19,8 @@ import pytest
 import soundfile
 import torch
 from PIL import Image
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
 from synergy.runtime.manifest import (
     AudioPreprocessing,
     ImagePreprocessing,
@@ -29,7 +31,6 @@ from synergy.runtime.manifest import (
     sha256_file,
     write_manifest,
 )
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 EMBED_DIM = 21
 IMAGE_SIZE = 37

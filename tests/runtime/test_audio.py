@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import soundfile
 import soxr
+
 from synergy.runtime.audio import audio_windows, load_audio
 from synergy.runtime.errors import UnsupportedAudio
 

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+
 from synergy.runtime import BatcherFull, MicroBatcher, UnsupportedAudio
 
 from .conftest import SAMPLE_RATE, tone

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+
 from synergy.runtime import Runtime
 from synergy.runtime.manifest import load_manifest, sha256_file, write_manifest
 

@@ -5,6 +5,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+
 from synergy.runtime.errors import UnsupportedImage
 from synergy.runtime.image import load_image, preprocess_image
 

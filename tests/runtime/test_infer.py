@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import soundfile
+
 from synergy.runtime.errors import InferUsageError, LabelsError
 from synergy.runtime.infer import run
 

@@ -1,6 +1,7 @@
 """Labels files: cleaned (NFC, whitespace, invisible characters), blank lines skipped, duplicates/empties refused."""
 
 import pytest
+
 from synergy.runtime.errors import InferUsageError, LabelsError
 from synergy.runtime.labels import label_prompts, normalise_label, read_labels
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+
 from synergy.runtime import (
     BackendError,
     BundleError,
