@@ -87,7 +87,7 @@ def _attention_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # N == 1 would become a constexpr in the length arithmetic
 def _attention_fwd_kernel(
     Q,
     K,
@@ -252,7 +252,7 @@ def _attention_bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # N == 1 would become a constexpr in the length arithmetic
 def _attention_bwd_dkdv_kernel(
     Q,
     K,
@@ -399,7 +399,7 @@ def _attention_bwd_dq_inner(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # N == 1 would become a constexpr in the length arithmetic
 def _attention_bwd_dq_kernel(
     Q,
     K,
@@ -486,21 +486,19 @@ INTERPRETED = type(_attention_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def _tile_config(head_dim: int, interpreted: bool) -> dict:
-    """Tile sizes and launch options. Fixed per head dim rather than autotuned (autotune does not run interpreted):
-    the values follow Triton's fused-attention tutorial for H100/A100. Interpreted, small tiles make odd test sizes
-    cross several tiles and both kinds of tile edge."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    """Per kernel: (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages). Fixed per head dim, not autotuned
+    (autotune does not run interpreted). GPU values start from Triton's fused-attention tutorial and were checked by
+    compiling for sm_90 (Triton 3.9, ptxas -v): every kernel uses wgmma, spills are <= 12 bytes. They are
+    not tuned on hardware. Interpreted, small tiles make odd test sizes cross several tiles and both kinds of edge."""
     if interpreted:
-        return dict(BLOCK_D=block_d, fwd=(32, 16), dkdv=(16, 32), dq=(32, 16), num_warps=4, num_stages=1)
-    wide = block_d > 64
-    return dict(
-        BLOCK_D=block_d,
-        fwd=(128, 32 if wide else 64),  # (BLOCK_M query rows, BLOCK_N keys)
-        dkdv=(32, 64 if wide else 128),  # (BLOCK_M query rows per step, BLOCK_N keys per program)
-        dq=(64 if wide else 128, 32),  # (BLOCK_M query rows per program, BLOCK_N keys per step)
-        num_warps=8 if wide else 4,
-        num_stages=2 if wide else 3,
-    )
+        return dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1), preprocess=(32, 0, 4, 1))
+    if triton.next_power_of_2(head_dim) <= 64:
+        return dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 4, 3), preprocess=(64, 0, 4, 1))
+    return dict(fwd=(128, 32, 8, 2), dkdv=(32, 64, 8, 2), dq=(64, 32, 8, 2), preprocess=(64, 0, 4, 1))
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16; 80 and 96 pad to 128
 
 
 def _check_inputs(q: torch.Tensor, lengths: torch.Tensor | None) -> None:
@@ -534,8 +532,7 @@ def attention_fwd(
     is free."""
     _check_inputs(q, lengths)
     batch, heads, n, head_dim = q.shape
-    cfg = _tile_config(head_dim, INTERPRETED)
-    block_m, block_n = cfg["fwd"]
+    block_m, block_n, num_warps, num_stages = _tile_config(head_dim, INTERPRETED)["fwd"]
     out = torch.empty(batch, n, heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(batch * heads, n, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(n, block_m), batch * heads)
@@ -543,9 +540,9 @@ def attention_fwd(
         q, k, v, out, lse, lengths if lengths is not None else q,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         heads, n, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
         HAS_LENGTHS=lengths is not None, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out, lse
 
@@ -566,29 +563,32 @@ def attention_bwd(
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     cfg = _tile_config(head_dim, INTERPRETED)
-    launch = dict(HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    dims = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim))
     masking = dict(CAUSAL=causal, HAS_LENGTHS=lengths is not None, DOT_PRECISION=_dot_precision(q.dtype))
     lengths_arg = lengths if lengths is not None else q
     qk_scale_log2 = scale * LOG2E
 
     delta = torch.empty(batch * heads, n, dtype=torch.float32, device=q.device)
-    block_m = 64 if not INTERPRETED else 32
+    block_m, _, num_warps, num_stages = cfg["preprocess"]
     _attention_bwd_preprocess_kernel[(triton.cdiv(n, block_m), batch * heads)](
-        out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, n, BLOCK_M=block_m, **launch
-    )
+        out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, n,
+        BLOCK_M=block_m, **dims, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    block_m, block_n = cfg["dkdv"]
+    block_m, block_n, num_warps, num_stages = cfg["dkdv"]
     _attention_bwd_dkdv_kernel[(triton.cdiv(n, block_n), batch * heads)](
         q, k, v, grad_out, lse, delta, dk, dv, lengths_arg,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        heads, n, qk_scale_log2, scale, BLOCK_M=block_m, BLOCK_N=block_n, **masking, **launch,
+        heads, n, qk_scale_log2, scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, **dims, **masking, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    block_m, block_n = cfg["dq"]
+    block_m, block_n, num_warps, num_stages = cfg["dq"]
     _attention_bwd_dq_kernel[(triton.cdiv(n, block_m), batch * heads)](
         q, k, v, grad_out, lse, delta, dq, lengths_arg,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq.stride()[:3],
-        heads, n, qk_scale_log2, scale, BLOCK_M=block_m, BLOCK_N=block_n, **masking, **launch,
+        heads, n, qk_scale_log2, scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, **dims, **masking, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return dq, dk, dv
 

@@ -15,6 +15,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from synergy.kernels import attention
 from synergy.kernels.attention import (
     attention_reference,
@@ -23,7 +25,6 @@ from synergy.kernels.attention import (
     set_default_impl,
     synergy_attention_forward,
 )
-from torch import nn
 
 FP32 = (torch.float32, 2e-5, 1e-4)
 FP16 = (torch.float16, 5e-3, 5e-3)
@@ -67,6 +68,25 @@ def test_triton_matches_reference(shape, causal, lengths, dtype_tol):
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert g.dtype == dtype and g.shape == w.shape, name
         torch.testing.assert_close(g.float(), w, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(
+    ("shape", "causal", "lengths"), [((3, 1, 150, 64), True, [150, 70, 0]), ((2, 1, 100, 80), False, [100, 37])]
+)
+def test_gpu_tile_sizes_interpreted(monkeypatch, shape, causal, lengths):
+    """The GPU tile sizes (BLOCK_M 128 > N, 128-key dK/dV tiles, ...) take other edge paths than the small test tiles:
+    run them through the interpreter too."""
+    from synergy.kernels.attention import triton as attention_triton
+
+    gpu_tiles = attention_triton._tile_config
+    monkeypatch.setattr(attention_triton, "_tile_config", lambda head_dim, interpreted: gpu_tiles(head_dim, False))
+    q, k, v = _inputs(*shape, torch.float32, seed=2)
+    grad = torch.randn(shape)
+    lengths = torch.tensor(lengths)
+    got = _forward_backward(q, k, v, grad, lengths=lengths, causal=causal, impl="triton")
+    want = _reference_fp32(q, k, v, grad, lengths=lengths, causal=causal)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_padding_semantics_exact_zeros_and_no_nan():
