@@ -65,7 +65,9 @@ def build_text_tower(cfg: TextTowerConfig, attn_implementation: str, hf_config: 
         model = AutoModel.from_config(_config_from_dict(hf_config, attn), add_pooling_layer=False)
     elif cfg.pretrained:
         folder = _pretrained_folder(cfg.pretrained, "text")
-        model = AutoModel.from_pretrained(folder, add_pooling_layer=False, attn_implementation=attn)
+        # the fused kernel has no attention dropout (roberta-base ships 0.1): drop it rather than fail in training
+        extra = {"attention_probs_dropout_prob": 0.0} if attn == "synergy" else {}
+        model = AutoModel.from_pretrained(folder, add_pooling_layer=False, attn_implementation=attn, **extra)
     else:
         config = RobertaConfig(
             vocab_size=cfg.vocab_size,
