@@ -147,6 +147,24 @@ def _check_static_shapes(bundle: Path, manifest: Manifest) -> None:
                 )
 
 
+def tower_file(bundle: Path, manifest: Manifest, modality: str, backend: str) -> Path:
+    """The file of a tower for ``backend``: the manifest's, or its sibling listed in the bundle (the ONNX source of
+    an engine for onnxruntime, ``<tower>.plan`` beside an ONNX graph for TensorRT)."""
+    file = Path(manifest.towers[modality].file)
+    is_engine = file.suffix in ENGINE_SUFFIXES
+    if backend == "tensorrt" and not is_engine:
+        siblings, fix = ENGINE_SUFFIXES, "export engines with `synergy export --format trt` on the GPU machine"
+    elif backend == "onnxruntime" and is_engine:
+        siblings, fix = (".onnx",), "use backend='tensorrt', device='cuda', or export with `--format onnx`"
+    else:
+        return bundle / file
+    listed = [file.with_suffix(s).as_posix() for s in siblings if file.with_suffix(s).as_posix() in manifest.files]
+    if not listed:
+        kind = "TensorRT engine" if backend == "tensorrt" else "ONNX graph"
+        raise BundleError(f"{bundle}: no {kind} for the {modality} tower (only {file}); {fix}")
+    return bundle / listed[0]
+
+
 class Runtime:
     """A loaded bundle. Thread-safe: sessions are shared, the label cache is locked. Open with ``Runtime.open``."""
 
@@ -180,9 +198,10 @@ class Runtime:
         """Read and check a bundle (manifest, format version, every file's sha256 unless ``verify=False``).
 
         ``backend``: "onnxruntime" (ONNX graphs; on ``device="cuda"`` through the TensorRT EP, then the CUDA EP),
-        "tensorrt" (the bundle's ``*.plan`` engines, natively), or "auto" (engines when the bundle holds only
-        engines, else onnxruntime). ``threads``: CPU threads per session (None: onnxruntime's default). Towers are
-        loaded on first use, so a call that needs only audio and text never loads the image graph.
+        "tensorrt" (the bundle's ``*.plan`` engines, natively), or "auto" (the engines of a TensorRT bundle on
+        ``device="cuda"``, else onnxruntime, on the engines' ONNX sources where the bundle has only engines).
+        ``threads``: CPU threads per session (None: onnxruntime's default). Towers are loaded on first use, so a
+        call that needs only audio and text never loads the image graph.
         """
         if backend not in BACKENDS:
             raise BackendError(f"backend {backend!r} is not one of {BACKENDS}")
@@ -202,9 +221,7 @@ class Runtime:
                 raise BundleError(f"{bundle}: {error}; fix manifest.json's text.prompt_templates") from error
         engines = [Path(t.file).suffix in ENGINE_SUFFIXES for t in manifest.towers.values()]
         if backend == "auto":
-            backend = "tensorrt" if engines and all(engines) else "onnxruntime"
-        if backend == "onnxruntime" and any(engines):
-            raise BundleError(f"{bundle}: holds TensorRT engines; use backend='tensorrt' or export ONNX graphs")
+            backend = "tensorrt" if engines and all(engines) and device == "cuda" else "onnxruntime"
         if backend == "tensorrt":
             from .tensorrt_backend import import_tensorrt
 
@@ -217,6 +234,8 @@ class Runtime:
             from .onnxruntime_backend import select_providers
 
             select_providers(onnxruntime.get_available_providers(), device)
+        for modality in manifest.towers:
+            tower_file(bundle, manifest, modality, backend)  # every tower has a file this backend runs
         return cls(
             bundle,
             manifest,
@@ -230,20 +249,6 @@ class Runtime:
 
     # ----------------------------------------------------------------------------------------------------- towers
 
-    def _engine_file(self, modality: str) -> Path:
-        """The tower's file for this backend: the manifest's, or for TensorRT a listed ``.plan`` beside an ONNX."""
-        file = Path(self.manifest.towers[modality].file)
-        if self.backend == "tensorrt" and file.suffix not in ENGINE_SUFFIXES:
-            engines = [file.with_suffix(s).as_posix() for s in ENGINE_SUFFIXES]
-            listed = [e for e in engines if e in self.manifest.files]
-            if not listed:
-                raise BundleError(
-                    f"{self.bundle}: no TensorRT engine for the {modality} tower (only {file}); export engines with "
-                    "`synergy export --tensorrt`, or use backend='onnxruntime', device='cuda' (TensorRT EP)"
-                )
-            file = Path(listed[0])
-        return self.bundle / file
-
     def _tower(self, modality: str):
         with self._lock:
             if modality in self._towers:
@@ -251,7 +256,7 @@ class Runtime:
             if modality not in self.manifest.towers:
                 raise BundleError(f"{self.bundle}: this bundle has no {modality} tower; re-export it with one")
             spec = self.manifest.towers[modality]
-            path = self._engine_file(modality)
+            path = tower_file(self.bundle, self.manifest, modality, self.backend)
             if self.backend == "tensorrt":
                 from .tensorrt_backend import TensorRTTower
 

@@ -1,6 +1,7 @@
 """Runtime on a real exported bundle: embeddings equal the torch towers', batching, windows, classify, search,
 per-item errors, and bundle checks."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -19,6 +20,7 @@ from synergy.runtime import (
 )
 from synergy.runtime.audio import audio_windows
 from synergy.runtime.image import load_image, preprocess_image
+from synergy.runtime.manifest import load_manifest, sha256_file, write_manifest
 from synergy.runtime.text import tokenize
 
 from .conftest import (
@@ -256,3 +258,33 @@ def test_loaded_towers_and_providers(tiny_bundle):
         assert runtime.providers == {}  # towers load on first use
         runtime.load("audio")
         assert runtime.providers == {"audio": ["CPUExecutionProvider"]}
+
+
+def _engine_bundle(bundle, keep_onnx: bool) -> None:
+    """Turn the copy into a TensorRT-format bundle: towers point at ``*.plan`` (placeholder bytes: nothing on CPU
+    loads them), with or without their ONNX sources listed beside them."""
+    manifest = load_manifest(bundle)
+    towers, files = {}, dict(manifest.files)
+    for modality, spec in manifest.towers.items():
+        plan = spec.file.replace(".onnx", ".plan")
+        (bundle / plan).write_bytes(b"not a real engine")
+        files[plan] = sha256_file(bundle / plan)
+        if not keep_onnx:
+            files.pop(spec.file)
+        towers[modality] = dataclasses.replace(spec, file=plan)
+    write_manifest(bundle, dataclasses.replace(manifest, towers=towers, files=files, backend="tensorrt"))
+
+
+def test_engine_bundle_runs_its_onnx_sources_on_cpu(bundle_copy, runtime):
+    _engine_bundle(bundle_copy, keep_onnx=True)
+    wave = [(tone(0.2), SAMPLE_RATE)]
+    for backend in ("auto", "onnxruntime"):
+        with Runtime.open(bundle_copy, backend=backend, threads=1) as engines:
+            assert engines.backend == "onnxruntime"
+            np.testing.assert_array_equal(engines.embed_audio(wave), runtime.embed_audio(wave))
+
+
+def test_engine_only_bundle_on_cpu_says_what_to_do(bundle_copy):
+    _engine_bundle(bundle_copy, keep_onnx=False)
+    with pytest.raises(BundleError, match=r"no ONNX graph for the \w+ tower .*backend='tensorrt', device='cuda'"):
+        Runtime.open(bundle_copy)
