@@ -237,22 +237,23 @@ def _write_bundle(tmp: Path, **job) -> tuple[Manifest, str]:
             "max_batch_size": job["batch"].max,
             "preferred_batch_size": job["batch"].opt,
         }
-    report = "\n".join(v.format() for v in verifications)
+    header = f"exported {job['checkpoint']} as {fmt} ({precision}, opset {job['opset']}, {EXPORTER})" + (
+        f", Triton platform {platform}" if triton else ""
+    )
+    report = "\n".join([header, *(v.format() for v in verifications)])
     failures = [f for v in verifications for f in v.failures()]
     if failures:
         raise ExportError(f"verification failed, nothing written:\n{report}")
 
     shutil.copyfile(job["checkpoint"] / "tokenizer.json", tmp / "tokenizer.json")
+    extra["report"] = report
     manifest = _manifest(tmp, tower_files, specs, verifications, extra, job, platform)
     write_manifest(tmp, manifest)
     try:
         load_manifest(tmp, verify=True)  # the runtime's reader: schema and every sha256
     except BundleError as error:
         raise ExportError(f"the bundle does not read back: {error}") from error
-    header = f"exported {job['checkpoint']} as {fmt} ({precision}, opset {job['opset']}, {EXPORTER})" + (
-        f", Triton platform {platform}" if triton else ""
-    )
-    return manifest, f"{header}\n{report}"
+    return manifest, report
 
 
 def _triton_onnx_file(modality: str, platform: str, external: bool | None, proto) -> str:
@@ -267,6 +268,7 @@ def _triton_onnx_file(modality: str, platform: str, external: bool | None, proto
 
 def _verify_onnx(tmp: Path, files: dict, precision: str, job):
     import onnxruntime
+    import torch
 
     from synergy.export.verify import verify_towers
 
@@ -274,6 +276,7 @@ def _verify_onnx(tmp: Path, files: dict, precision: str, job):
     for modality, rel in files.items():
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads = torch.get_num_threads()  # the reference runs beside it with the same budget
         session = onnxruntime.InferenceSession(str(tmp / rel), options, providers=["CPUExecutionProvider"])
         runners[modality] = lambda feeds, s=session: s.run(["embedding"], feeds)[0]
     target = f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider, {precision} graphs"

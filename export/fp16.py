@@ -69,8 +69,10 @@ def convert_to_float16(model: onnx.ModelProto, keep_fp32: Collection[str] = ()) 
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             raise ValueError(f"node {node.name!r} ({node.op_type}) has a subgraph; the conversion needs a flat graph")
     types = _elem_types(converted)
+    # standalone copies: protobuf hands out a new wrapper per access, so ids of graph.node[i] are not stable
+    source = [_copy(node) for node in graph.node]
     readers = defaultdict(list)  # value -> the nodes reading it
-    for node in graph.node:
+    for node in source:
         for name in node.input:
             if name:
                 readers[name].append(node)
@@ -82,7 +84,7 @@ def convert_to_float16(model: onnx.ModelProto, keep_fp32: Collection[str] = ()) 
             return all(computes_fp32(r) for r in deciding)
         return node.op_type in FP32_OPS or node.name in keep
 
-    fp32 = {id(node): computes_fp32(node) for node in graph.node}
+    fp32 = {id(node): computes_fp32(node) for node in source}  # ``source`` keeps the ids alive
     half_initializer = _convert_initializers(graph, readers, fp32)
     names = _NameSource(graph)
 
@@ -98,7 +100,7 @@ def convert_to_float16(model: onnx.ModelProto, keep_fp32: Collection[str] = ()) 
             casts[value, to] = out
         return casts[value, to]
 
-    for node in list(graph.node):
+    for node in source:
         node_fp32 = fp32[id(node)]
         if node.op_type in UNSUPPORTED_FLOAT_SOURCES and not node_fp32:
             raise ValueError(f"node {node.name!r}: {node.op_type} makes float32 values from an attribute; keep it fp32")
@@ -136,6 +138,12 @@ def convert_to_float16(model: onnx.ModelProto, keep_fp32: Collection[str] = ()) 
     graph.node.extend(nodes)
     del graph.value_info[:]  # stale float32 types; recomputed (and checked) below
     return onnx.shape_inference.infer_shapes(converted, check_type=True, strict_mode=True)
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
 
 
 def float16_array(values: np.ndarray) -> np.ndarray:

@@ -1,0 +1,87 @@
+"""The verification's pass/fail logic and its evaluation sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from synergy.export.verify import (
+    MIN_DECIDED_QUERIES,
+    TowerCheck,
+    Verification,
+    _batches,
+    builtin_evaluation_set,
+    read_evaluation_set,
+)
+
+
+def _verification(precision, *, max_abs=1e-6, cosine=1.0, decided_agreement=1.0, decided=100) -> Verification:
+    check = TowerCheck(max_abs, cosine, cosine, items=64, batch_sizes=(1, 3, 17))
+    return Verification(
+        target="test",
+        precision=precision,
+        towers={"image": check, "text": check, "audio": check},
+        agreement=0.97,
+        queries=128,
+        labels=12,
+        decided_agreement=decided_agreement,
+        decided_queries=decided,
+        evaluation_set="test",
+    )
+
+
+def test_thresholds():
+    assert _verification("fp32").failures() == []
+    assert "max abs error" in _verification("fp32", max_abs=2e-4).failures()[0]
+    assert "min cosine" in _verification("fp32", cosine=0.9998).failures()[0]
+    assert _verification("fp16", max_abs=1e-2, cosine=0.9995).failures() == []
+    assert "min cosine" in _verification("fp16", cosine=0.998).failures()[0]
+    assert "agreement 98.00%" in _verification("fp16", decided_agreement=0.98).failures()[0]
+    assert _verification("fp32", decided_agreement=0.5).failures() == []  # fp32 is gated on errors, not agreement
+    assert _verification("fp16", cosine=float("nan")).failures()  # NaN never passes
+
+
+def test_agreement_gate_needs_decided_queries():
+    few = _verification("fp16", decided_agreement=0.5, decided=MIN_DECIDED_QUERIES - 1)
+    assert not few.agreement_gated and few.failures() == []
+    assert "agreement not gated" in few.format()
+    assert few.to_dict()["zero_shot_gate_applied"] is False
+    enough = _verification("fp16", decided_agreement=0.5, decided=MIN_DECIDED_QUERIES)
+    assert enough.agreement_gated and enough.failures()
+
+
+@pytest.mark.parametrize("count", [1, 5, 21, 64])
+def test_batches_cover_every_item_with_sizes_1_3_17(count):
+    batches = _batches(count)
+    assert [len(b) for b in batches[:3]] == [1, 3, 17]
+    assert np.array_equal(np.concatenate(batches)[:count], np.arange(count))
+
+
+def test_builtin_set_is_fixed():
+    args = (30, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 16000, 8000)
+    first, second = builtin_evaluation_set(*args), builtin_evaluation_set(*args)
+    assert first.images.shape == (64, 3, 30, 30) and first.waveforms.shape == (64, 8000)
+    assert first.images.dtype == np.float32 and first.waveforms.dtype == np.float32
+    assert np.array_equal(first.images, second.images) and np.array_equal(first.waveforms, second.waveforms)
+    assert np.abs(first.waveforms).max() < 1.0
+
+
+def test_reads_a_synergy_clip_csv(tmp_path):
+    synth = pytest.importorskip("synergy.train.synth")
+    summary = synth.synthesize(
+        tmp_path / "data",
+        train_per_class=1,
+        val_per_class=1,
+        heldout_per_class=0,
+        image_size=32,
+        clip_seconds=0.5,
+        missing_rate=0.0,
+        workers=1,
+    )
+    csv_path = tmp_path / "data" / "val.csv"
+    assert csv_path.is_file(), summary
+    evaluation = read_evaluation_set(csv_path, 30, (0.5,) * 3, (0.25,) * 3, 16000, 8000, limit=5)
+    assert evaluation.images.shape == (5, 3, 30, 30) and evaluation.waveforms.shape == (5, 8000)
+    assert len(evaluation.labels) >= 2 and "val.csv" in evaluation.source
+    with pytest.raises(ValueError, match="no such file"):
+        read_evaluation_set(tmp_path / "missing.csv", 30, (0.5,) * 3, (0.25,) * 3, 16000, 8000)
