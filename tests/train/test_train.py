@@ -265,8 +265,9 @@ def test_ddp_two_processes_match_one_process(tmp_path, synth):
     torch.testing.assert_close(result["loss"], loss, atol=1e-6, rtol=1e-5)
     expected = _grads(single)
     assert result["grads"].keys() == expected.keys()
-    for name, grad in expected.items():
-        torch.testing.assert_close(result["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    for name, grad in expected.items():  # AST's zero-initialised tokens get gradients ~1e6: tolerance per tensor
+        atol = 1e-5 * grad.abs().max().item() + 1e-8
+        torch.testing.assert_close(result["grads"][name], grad, atol=atol, rtol=1e-4, msg=name)
 
 
 def test_evaluate_reports_all_directions(tmp_path, synth):
