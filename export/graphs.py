@@ -15,7 +15,10 @@ Graph contract (``synergy.runtime.manifest``): inputs ``pixel_values`` [batch, 3
 from __future__ import annotations
 
 import ast
+import contextlib
+import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,7 +145,7 @@ def export_tower_graphs(model: SynergyModel, opset: int, cache_key: tuple | None
     graphs = {}
     for modality, module_type in GRAPH_MODULES.items():
         inputs, outputs = specs[modality]
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
                 module_type(model).eval(),
                 examples[modality],
@@ -164,6 +167,22 @@ def export_tower_graphs(model: SynergyModel, opset: int, cache_key: tuple | None
         _CACHE.clear()
         _CACHE[key] = graphs
     return graphs
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's chatter that says nothing about this export: its registry's "torchvision is not
+    installed" log lines, the renaming note when text inputs share their dims, and a pytree deprecation."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
+    finally:
+        registry.setLevel(level)
 
 
 def _name_output(graph, name: str) -> None:
