@@ -266,7 +266,7 @@ def test_ddp_two_processes_match_one_process(tmp_path, synth):
     expected = _grads(single)
     assert result["grads"].keys() == expected.keys()
     for name, grad in expected.items():  # AST's zero-initialised tokens get gradients ~1e6: tolerance per tensor
-        atol = 1e-5 * grad.abs().max().item() + 1e-8
+        atol = 1e-5 * grad.abs().max().item() + 1e-6
         torch.testing.assert_close(result["grads"][name], grad, atol=atol, rtol=1e-4, msg=name)
 
 
