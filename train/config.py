@@ -30,7 +30,10 @@ class TrainConfig:
     on_bad_sample: str = "skip"  # skip | error
 
 
-def _coerce(value: str, current):
+def _coerce(value: str, current, optional: bool):
+    """``value`` in the type of ``current``; ``optional`` fields (``str | None``) also take none/null."""
+    if optional and value.lower() in ("none", "null"):
+        return None
     if isinstance(current, bool):
         if value.lower() in ("1", "true", "yes", "on"):
             return True
@@ -41,8 +44,6 @@ def _coerce(value: str, current):
         return int(value)
     if isinstance(current, float):
         return float(value)
-    if current is None and value.lower() in ("none", "null", ""):
-        return None
     return value
 
 
@@ -75,7 +76,8 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | tup
         if key not in names or key == "model_overrides":
             raise ValueError(f"--set {key}: unknown key; valid keys: {sorted(set(names) - {'model_overrides'})}")
         try:
-            data[key] = _coerce(value, data.get(key, getattr(defaults, key)))
+            optional = "None" in str(names[key].type)  # annotations are strings here (__future__)
+            data[key] = _coerce(value, data.get(key, getattr(defaults, key)), optional)
         except ValueError as error:
             raise ValueError(f"--set {key}={value}: {error}") from error
     config = TrainConfig(**data)

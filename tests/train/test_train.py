@@ -213,7 +213,9 @@ def test_gradient_accumulation_equals_full_batch(synth):
     a, b = _grads(full), _grads(accumulated)
     assert a.keys() == b.keys() and "logit_scale" in a
     for name in a:  # the same sums in another order: fp32 rounding, relative to each tensor's scale
-        torch.testing.assert_close(a[name], b[name], atol=1e-5 * a[name].abs().max().item() + 1e-8, rtol=1e-4, msg=name)
+        # k_proj biases get a zero gradient in exact arithmetic (softmax ignores a per-query shift): their values
+        # are rounding noise, hence the absolute floor, as in the DDP check below
+        torch.testing.assert_close(a[name], b[name], atol=1e-5 * a[name].abs().max().item() + 1e-6, rtol=1e-4, msg=name)
 
 
 DDP_WORKER = """
