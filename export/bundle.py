@@ -312,17 +312,23 @@ def _verify_engines(tmp: Path, files: dict, specs: dict, job):
     from synergy.runtime.errors import BackendError
     from synergy.runtime.tensorrt_backend import TensorRTTower
 
-    runners = {}
+    towers = {}
     try:
         for modality, rel in files.items():
             spec = TowerSpec(rel, specs[modality].inputs, specs[modality].outputs, job["precision"])
-            runners[modality] = TensorRTTower(tmp / rel, spec, "cuda").run
+            towers[modality] = TensorRTTower(tmp / rel, spec, "cuda")
     except BackendError as error:
         raise ExportError(f"cannot run the engines to verify them: {error}") from error
     trt = job["trt"]
     target = f"TensorRT {trt.__version__} engines ({job['precision']}, compute capability {job['capability']})"
-    # the profile caps the batch; the runtime's tower splits larger batches, so 17 still runs
-    return verify_towers(job["model"], job["tokenizer"], runners, job["evaluation"], job["precision"], target)
+    try:  # the profile caps the batch; the runtime's tower splits larger batches, so 17 still runs
+        runners = {modality: tower.run for modality, tower in towers.items()}
+        return verify_towers(
+            job["model"], job["tokenizer"], runners, job["evaluation"], job["precision"], target, audio_lengths=()
+        )
+    finally:
+        for tower in towers.values():
+            tower.close()
 
 
 def _manifest(tmp: Path, tower_files: dict, specs: dict, verifications, extra: dict, job, platform) -> Manifest:

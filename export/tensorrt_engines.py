@@ -122,14 +122,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def _pin_fp32_layers(trt, network, fp32_nodes: Collection[str]) -> int:
     """Weakly typed fp16 builds: ask for float32 on the layers that overflow or lose the signal in half. The ONNX
-    parser names a layer after its node (with a suffix when one node makes several layers)."""
+    parser names a layer after its node; only exact names are matched (a prefix rule would also catch
+    ``node_div_2`` for ``node_div``), so a helper layer the parser adds under another name may stay fp16: the
+    fp16 verification of the engine then fails the export rather than shipping it."""
     layer_types = {getattr(trt.LayerType, n) for n in FP32_LAYER_TYPES if hasattr(trt.LayerType, n)}
     unary = {getattr(trt.UnaryOperation, n) for n in FP32_UNARY_OPS if hasattr(trt.UnaryOperation, n)}
-    prefixes = tuple(fp32_nodes)
+    names = set(fp32_nodes)
     pinned = 0
     for index in range(network.num_layers):
         layer = network.get_layer(index)
-        keep = layer.type in layer_types or (bool(prefixes) and layer.name.startswith(prefixes))
+        keep = layer.type in layer_types or layer.name in names
         if layer.type == trt.LayerType.UNARY:
             layer.__class__ = trt.IUnaryLayer
             keep = keep or layer.op in unary

@@ -315,8 +315,12 @@ def verify_towers(
     evaluation: EvaluationSet,
     precision: str,
     target: str,
+    audio_lengths: tuple[float, ...] = (0.6, 1.3),
 ) -> Verification:
-    """Run ``evaluation`` through the exported towers (``runners``) and PyTorch; see the module docstring."""
+    """Run ``evaluation`` through the exported towers (``runners``) and PyTorch; see the module docstring.
+
+    ``audio_lengths``: extra waveform lengths, in clips, run through the audio tower besides one clip (none for
+    TensorRT engines, whose profile holds one clip: the runtime cuts audio into clips)."""
     model = model.eval()
     config = model.config
 
@@ -350,7 +354,7 @@ def verify_towers(
     audio_out, audio_ref, audio_cmp = embed_all(
         "audio", len(waves), lambda i: {"waveform": waves[i]}, lambda f: f["waveform"].shape[1]
     )
-    for length in (round(0.6 * clip), round(1.3 * clip)):
+    for length in (round(fraction * clip) for fraction in audio_lengths):
         part = np.concatenate([waves[:3], waves[:3]], axis=1)[:, :length]  # longer: the clip played twice
         feeds = {"waveform": np.ascontiguousarray(part)}
         audio_cmp.add(runners["audio"](feeds), reference("audio", feeds), length)

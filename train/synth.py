@@ -332,16 +332,19 @@ def render_image(shape: str, colour: str, size: int, rng: np.random.Generator) -
     """-> [size, size, 3] uint8: the shape in its colour over a textured, low-saturation background."""
     # background: a muted random tint (saturation <= 0.2), smooth blotches, so mean colour is a weak cue
     bg_rgb = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.2), rng.uniform(0.2, 0.85)), np.float32)
-    blotches = rng.normal(0.0, 0.08, size=(5, 5, 3)).astype(np.float32)
+    blotches = rng.normal(0.0, 0.06, size=(5, 5, 3)).astype(np.float32)
     blotches = np.stack([_upsample(blotches[..., ch], size) for ch in range(3)], axis=-1)  # [S, S, 3]
     background = bg_rgb + blotches
 
     # foreground: hue within ±10° of the colour's, bright enough that the family stays clear
     hue = (HUE_DEGREES[colour] + rng.uniform(-10.0, 10.0)) / 360.0 % 1.0
     fg_rgb = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.65, 1.0), rng.uniform(0.75, 1.0)), np.float32)
-    radius = rng.uniform(0.18, 0.40) * size  # circumradius
-    cx, cy = rng.uniform(radius + 1, size - radius - 1, size=2)
-    angle = rng.uniform(0.0, 2 * math.pi)
+    # circumradius 25-40% of the side, centre within ±12% of the middle: a shape spans several 8 px patches
+    radius = rng.uniform(0.25, 0.40) * size
+    cx, cy = size / 2 + rng.uniform(-1.0, 1.0, size=2) * min(0.12 * size, size / 2 - radius - 1)  # stays inside
+    # a tilt of ±20°, not a full turn: a square stays a square (not a diamond), a cross a plus (not an x), which a
+    # small ViT trained for minutes from scratch can learn; size, place, colour and background vary freely
+    angle = math.radians(rng.uniform(-20.0, 20.0))
     alpha = _shape_mask(shape, size, cx, cy, radius, angle)  # [S, S] in [0, 1], anti-aliased
 
     # a lighting gradient across the shape: colour jitter that keeps the hue
