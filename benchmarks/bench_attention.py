@@ -101,8 +101,9 @@ def attention_call(impl, q, k, v, lengths, causal):
     """-> a function computing attention with `impl`, returning [B, H, N, d]."""
     import torch
     import torch.nn.functional as F
-    from synergy.kernels.attention import fused_attention, key_padding_mask
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from synergy.kernels.attention import fused_attention, key_padding_mask
 
     if impl == "sdpa-flash":
         backends = [SDPBackend.FLASH_ATTENTION] if q.is_cuda else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
@@ -164,8 +165,9 @@ def build_base_towers(attn_implementation: str, device: str):
     """BASE GEOMETRY, RANDOM WEIGHTS: the three Synergy-CLIP Base towers built straight from transformers configs
     (ViT-B/16 as CLIP vision, roberta-base, AST 12-12 = 852 tokens), not from synergy.core, so the attention
     comparison does not depend on the model code. Attention dropout is 0 (the fused kernel rejects dropout)."""
-    from synergy.kernels.attention import register_attention
     from transformers import ASTConfig, ASTModel, CLIPVisionConfig, CLIPVisionModel, RobertaConfig, RobertaModel
+
+    from synergy.kernels.attention import register_attention
 
     if attn_implementation == "synergy":
         register_attention("synergy")

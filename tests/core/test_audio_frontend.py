@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+
 from synergy.core.audio_frontend import LogMelFrontend
 
 SAMPLE_RATE = 16_000

@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+
 from synergy.kernels.contrastive import (
     PAIRS,
     TriModalContrastiveLoss,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import soundfile
 from PIL import Image
+
 from synergy.train import synth
 
 
