@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def main(argv=None) -> None:
 
     from synergy.export import export_bundle
     from synergy.train.config import TrainConfig
+    from synergy.train.data import read_manifest
     from synergy.train.evaluate import evaluate, format_report, write_report
     from synergy.train.loop import train
     from synergy.train.synth import synthesize
@@ -76,17 +78,20 @@ def main(argv=None) -> None:
     from synergy.runtime import Runtime
 
     runtime = Runtime.open(run / "bundle")
-    rows = [line.split(",") for line in (data / "val.csv").read_text(encoding="utf-8").splitlines()[1:]]
-    rows = [(wav, label) for _, wav, label, _ in rows if wav]
-    predictions = runtime.classify(labels, audio=[str(data / wav) for wav, _ in rows], top_k=1)
+    rows = [(row.audio, row.label) for row in read_manifest(data / "val.csv") if row.audio]  # captions hold commas
+    predictions = runtime.classify(labels, audio=[str(wav) for wav, _ in rows], top_k=1)
     for (wav, label), prediction in list(zip(rows, predictions))[:3]:
         best = prediction.top[0]
-        print(f"  {wav}: {best.label!r} (p={best.probability:.2f}); truth {label!r}")
+        print(f"  {wav.relative_to(data)}: {best.label!r} (p={best.probability:.2f}); truth {label!r}")
     correct = sum(p.ok and p.top[0].label == label for (_, label), p in zip(rows, predictions))
     print(f"  runtime audio -> label top-1 on val: {100 * correct / len(rows):.1f}% of {len(rows)} clips")
+    labels_file = run / "labels.txt"  # one label per line: what `synergy infer --labels` reads
+    labels_file.write_text("\n".join(labels) + "\n", encoding="utf-8")
+    synergy = Path(sys.executable).with_name("synergy")  # the venv's entry point, runnable without activating it
     print(
-        f"\ndemo finished in {time.perf_counter() - start:.0f} s; results in {run}/eval.json; "
-        f"try: synergy infer --audio '{data}/audio/*.wav' --labels <file with one label per line>"
+        f"\ndemo finished in {time.perf_counter() - start:.0f} s; results in {run}/eval.json\n"
+        f"try: {synergy if synergy.is_file() else 'synergy'} infer --audio '{data}/audio/val/*.wav' "
+        f"--labels {labels_file} --model {run / 'bundle'} --top-k 3"
     )
 
 
