@@ -1,0 +1,374 @@
+"""Benchmark: the torch-free runtime (onnxruntime) against PyTorch inference of the same checkpoint.
+
+    python benchmarks/bench_runtime.py                                   # after `make demo`: small + base audio, CPU
+    python benchmarks/bench_runtime.py --skip-base --batches 1 8 --budget 5   # quicker
+    python benchmarks/bench_runtime.py --device cuda                     # GPU: torch eager vs ORT CUDA EP
+
+Two parts, both on the audio tower (what `synergy infer --audio` runs):
+
+cold start   `synergy infer --audio x.wav --labels labels.txt --model BUNDLE` against a torch program that loads the
+             checkpoint and prints the same answer: wall time from process start to exit (the result printed), and
+             peak RSS (the child's ru_maxrss). One warm-up run each (page cache), then the median of --cold-runs.
+throughput   one audio-tower call on a batch of clips, per configuration:
+               torch         the PyTorch model, eager, no_grad (the export source)
+               ort           the exported graph, onnxruntime's defaults (graph optimisation level ALL)
+               ort-fused     the graph after onnxruntime.transformers' optimizer (attention / LayerNorm / GELU fusions)
+               ort-int8      ort-fused with dynamic int8 quantisation of MatMul weights; the log-mel front end stays
+                             fp32 (its DFT and mel matrices are the signal path, not learnt weights)
+             median (p50) and p99 latency over the repetitions that fit in --budget seconds (at least --min-reps),
+             throughput = batch / p50. Accuracy of each configuration against torch on an evaluation set: cosine of
+             the embeddings (mean and min) and zero-shot top-1 agreement.
+             Models: `small` = the demo checkpoint (its val clips, zero-shot over its classes with the prompt
+             ensemble); `base-audio` = the `base` preset's AST geometry (12 x 768, 10.24 s clips, 852 tokens) with
+             random weights. Random weights have no classes, so its "zero-shot" labels are the torch embeddings of
+             other synthetic clips: agreement then says whether a configuration keeps the nearest prototype.
+
+JSON goes to benchmarks/results/runtime-<device>.json (device, versions, commit) and a table is printed. CI never
+runs this; the README's table comes from its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CONFIGS = ["torch", "ort", "ort-fused", "ort-int8"]
+MODELS = ["small", "base-audio"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, default=ROOT / "runs" / "demo", help="the demo's folder (checkpoint, bundle)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and onnxruntime intra-op threads")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
+    p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    p.add_argument("--skip-base", action="store_true", help="only the small preset (the base tower is slow on CPU)")
+    p.add_argument("--skip-cold", action="store_true", help="no cold-start part")
+    p.add_argument("--cold-runs", type=int, default=3)
+    p.add_argument("--budget", type=float, default=15.0, help="seconds of repetitions per (model, config, batch)")
+    p.add_argument("--min-reps", type=int, default=3)
+    p.add_argument("--max-reps", type=int, default=200)
+    p.add_argument("--base-clips", type=int, default=16, help="evaluation clips (and as many prototypes) for base")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: results/runtime-<device>.json)")
+    p.add_argument("--torch-infer", nargs=3, metavar=("CHECKPOINT", "AUDIO", "LABELS"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------------ cold start
+
+
+def torch_infer(checkpoint: str, audio: str, labels: str) -> None:
+    """The torch path of the cold-start comparison: what a user without the runtime would write."""
+    import soundfile
+    import soxr
+    import torch
+
+    from synergy.core.checkpoint import load_checkpoint
+    from synergy.train.evaluate import label_embeddings
+
+    model, tokenizer = load_checkpoint(checkpoint)
+    model.eval()
+    names = [line.strip() for line in Path(labels).read_text(encoding="utf-8").splitlines() if line.strip()]
+    wave, rate = soundfile.read(audio, dtype="float32", always_2d=True)
+    wave = wave.mean(axis=1)
+    if rate != model.config.audio.sample_rate:
+        wave = soxr.resample(wave, rate, model.config.audio.sample_rate)
+    with torch.no_grad():
+        classes = label_embeddings(model, tokenizer, names)  # [K, D]
+        query = model.encode_audio(torch.from_numpy(np.ascontiguousarray(wave))[None])  # [1, D]
+        scale = model.logit_scales().exp().mean()
+        probs = (scale * query.float() @ classes.T).softmax(-1)[0]
+    best = int(probs.argmax())
+    print(f"{audio}\t{names[best]}\t{probs[best].item():.3f}")
+
+
+def measure_child(command: list[str]) -> tuple[float, float, str]:
+    """-> (wall seconds from spawn to exit, peak RSS in MiB, stdout) of one child process; raises if it fails."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=ROOT)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not a running max over children
+        wall = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if child.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({child.returncode}):\n{stderr[-2000:]}")
+    return wall, usage.ru_maxrss / 1024, stdout  # ru_maxrss is in KiB on Linux
+
+
+def cold_start(run: Path, labels: Path, audio: str, runs: int) -> dict:
+    synergy = Path(sys.executable).with_name("synergy")
+    infer = [str(synergy)] if synergy.is_file() else [sys.executable, "-m", "synergy.cli"]
+    commands = {
+        "synergy infer (onnxruntime)": [*infer, "infer", "--audio", audio, "--labels", str(labels),
+                                        "--model", str(run / "bundle"), "--top-k", "1"],
+        "torch (load_checkpoint)": [sys.executable, __file__, "--torch-infer", str(run / "checkpoint"), audio,
+                                    str(labels)],
+    }  # fmt: skip
+    result = {}
+    for name, command in commands.items():
+        measure_child(command)  # warm the page cache: both paths then read their files from memory
+        samples = [measure_child(command) for _ in range(runs)]
+        result[name] = {
+            "seconds": statistics.median(s[0] for s in samples),
+            "peak_rss_mib": statistics.median(s[1] for s in samples),
+            "runs": runs,
+            "answer": samples[0][2].strip().splitlines()[-1] if samples[0][2].strip() else "",
+        }
+        print(f"  {name:<30} {result[name]['seconds']:7.2f} s  {result[name]['peak_rss_mib']:7.0f} MiB")
+    runtime, reference = result["synergy infer (onnxruntime)"], result["torch (load_checkpoint)"]
+    result["speedup"] = reference["seconds"] / runtime["seconds"]
+    result["rss_ratio"] = runtime["peak_rss_mib"] / reference["peak_rss_mib"]
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ throughput
+
+
+def ort_session(path: Path, device: str, threads: int):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    return onnxruntime.InferenceSession(str(path), options, providers=providers)
+
+
+def fuse_transformer(source: Path, target: Path, heads: int, width: int) -> dict:
+    """onnxruntime.transformers' optimizer (model_type "vit": AST is a ViT over log-mel patches) -> fused op counts."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(str(source), model_type="vit", num_heads=heads, hidden_size=width, opt_level=0)
+    optimized.save_model_to_file(str(target))
+    return {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
+
+
+def quantize_int8(source: Path, target: Path, keep_fp32: set[str]) -> int:
+    """Dynamic int8 quantisation of MatMul weights; the log-mel front end's nodes stay fp32. -> nodes kept."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    present = {node.name for node in onnx.load(str(source), load_external_data=False).graph.node}
+    excluded = sorted(keep_fp32 & present)
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                     nodes_to_exclude=excluded, per_channel=True)  # fmt: skip
+    return len(excluded)
+
+
+def latency(fn, budget: float, min_reps: int, max_reps: int) -> list[float]:
+    fn()  # warm-up: allocations, lazy kernels
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - started < budget):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+def in_batches(fn, waves: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate([fn(waves[i : i + batch]) for i in range(0, len(waves), batch)])
+
+
+def small_setup(run: Path):
+    """The demo checkpoint, its bundle's audio graph, its val clips and its classes' label embeddings."""
+    import torch
+
+    from synergy.core.checkpoint import load_checkpoint
+    from synergy.runtime.audio import load_audio
+    from synergy.train.data import read_manifest
+    from synergy.train.evaluate import label_embeddings
+
+    model, tokenizer = load_checkpoint(run / "checkpoint")
+    model.eval()
+    data = run / "data"
+    classes = json.loads((data / "classes.json").read_text())
+    labels = classes["train_classes"] + classes["heldout_classes"]
+    rate = model.config.audio.sample_rate
+    clip = round(model.config.audio.clip_seconds * rate)
+    waves = [load_audio(str(row.audio), rate) for row in read_manifest(data / "val.csv") if row.audio]
+    waves = np.stack([np.pad(w[:clip], (0, max(0, clip - len(w)))) for w in waves]).astype(np.float32)
+    with torch.no_grad():
+        prototypes = label_embeddings(model, tokenizer, labels).numpy()
+    return model, waves, prototypes, f"{len(labels)} classes of the demo set, prompt ensemble"
+
+
+def base_setup(clips: int):
+    """The base preset's AST geometry with random weights (tiny image/text towers: only audio is measured)."""
+    import torch
+
+    from synergy.core.config import config_from_dict, load_config
+    from synergy.core.model import create_model
+
+    base, tiny = load_config("base").to_dict(), load_config("tiny").to_dict()
+    torch.manual_seed(0)
+    model = create_model(config_from_dict({**base, "image": tiny["image"], "text": tiny["text"]})).eval()
+    audio = model.config.audio
+    samples = round(audio.clip_seconds * audio.sample_rate)
+    rng = np.random.default_rng(0)
+    t = np.arange(samples) / audio.sample_rate
+
+    def synthetic_clip() -> np.ndarray:  # a few tones with vibrato, in noise: log-mel patterns vary clip to clip
+        wave = 0.02 * rng.standard_normal(samples)
+        for _ in range(3):
+            f0, depth, rate = rng.uniform(100, 4000), rng.uniform(0, 50), rng.uniform(0.5, 5)
+            wave += rng.uniform(0.05, 0.3) * np.sin(2 * np.pi * (f0 * t + depth / rate * np.sin(2 * np.pi * rate * t)))
+        return wave.astype(np.float32)
+
+    waves = np.stack([synthetic_clip() for _ in range(clips)])
+    references = np.stack([synthetic_clip() for _ in range(clips)])
+    with torch.no_grad():
+        prototypes = in_batches(lambda w: model.encode_audio(torch.from_numpy(w)).numpy(), references, 8)
+    return model, waves, prototypes, f"{clips} prototypes: torch embeddings of other synthetic clips"
+
+
+def throughput(name: str, args, workdir: Path) -> dict:
+    import torch
+
+    from synergy.export.graphs import export_tower_graphs, save_graph
+
+    torch.set_num_threads(args.threads)
+    print(f"\n[{name}] preparing")
+    if name == "small":
+        model, waves, prototypes, label_note = small_setup(args.run)
+    else:
+        model, waves, prototypes, label_note = base_setup(args.base_clips)
+    # the exporter `synergy export` uses; in memory the graph still knows which nodes are the log-mel front end
+    exported = export_tower_graphs(model, opset=18)["audio"]
+    graph = workdir / f"{name}-audio.onnx"
+    save_graph(exported.model, graph)
+    audio = model.config.audio
+    device = args.device
+    model = model.to(device)
+
+    def torch_run(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = model.encode_audio(torch.from_numpy(batch).to(device))
+        return out.float().cpu().numpy()
+
+    runners, notes = {}, {}
+    for config in args.configs:
+        t0 = time.perf_counter()
+        if config == "torch":
+            runners[config] = torch_run
+            continue
+        path = graph
+        if config in ("ort-fused", "ort-int8"):
+            path = workdir / f"{name}-fused.onnx"
+            if not path.exists():
+                notes["ort-fused"] = {"fused_ops": fuse_transformer(graph, path, audio.heads, audio.width)}
+        if config == "ort-int8":
+            source, path = path, workdir / f"{name}-int8.onnx"
+            notes[config] = {"fp32_frontend_nodes": quantize_int8(source, path, set(exported.fp32_nodes))}
+        session = ort_session(path, device, args.threads)
+        runners[config] = lambda batch, s=session: s.run(None, {"waveform": batch})[0]
+        notes.setdefault(config, {})["prepare_seconds"] = round(time.perf_counter() - t0, 1)
+
+    reference = in_batches(torch_run, waves, 8)
+    reference_top = (reference @ prototypes.T).argmax(1)
+    rows = []
+    for config, run in runners.items():
+        out = reference if config == "torch" else in_batches(run, waves, 8)
+        cos = cosine(out, reference)
+        accuracy = {
+            "cosine_mean": float(cos.mean()),
+            "cosine_min": float(cos.min()),
+            "zero_shot_agreement": float(((out @ prototypes.T).argmax(1) == reference_top).mean()),
+            "eval_clips": len(waves),
+        }
+        for batch in args.batches:
+            feed = np.ascontiguousarray(np.resize(waves, (batch, waves.shape[1])))  # repeats clips past the set
+            times = latency(lambda run=run, feed=feed: run(feed), args.budget, args.min_reps, args.max_reps)
+            p50 = float(np.percentile(times, 50))
+            row = {"model": name, "config": config, "batch": batch, "p50_ms": 1e3 * p50,
+                   "p99_ms": 1e3 * float(np.percentile(times, 99)), "items_per_s": batch / p50, "reps": len(times),
+                   **accuracy, **notes.get(config, {})}  # fmt: skip
+            rows.append(row)
+            print(f"  {config:<10} batch {batch:>3}: p50 {row['p50_ms']:9.1f} ms  p99 {row['p99_ms']:9.1f} ms  "
+                  f"{row['items_per_s']:8.1f} clips/s  cos min {row['cosine_min']:.5f}  "
+                  f"agree {100 * row['zero_shot_agreement']:.1f}%  ({len(times)} reps)")  # fmt: skip
+    for row in rows:  # speed relative to torch eager at the same batch
+        torch_row = next((r for r in rows if r["config"] == "torch" and r["batch"] == row["batch"]), None)
+        row["speedup_vs_torch"] = row["items_per_s"] / torch_row["items_per_s"] if torch_row else None
+    return {"rows": rows, "labels": label_note, "clip_seconds": audio.clip_seconds,
+            "geometry": {"layers": audio.layers, "width": audio.width, "heads": audio.heads}}  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------------------- report
+
+
+def environment(device: str, threads: int) -> dict:
+    import onnxruntime
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+           "threads": threads, "cpu_count": os.cpu_count()}  # fmt: skip
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True)  # fmt: skip
+        env["commit"] = commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        env["commit"] = None
+    if device == "cuda":
+        env["device"] = {"name": torch.cuda.get_device_name(0)}
+    else:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), platform.machine())  # fmt: skip
+        env["device"] = {"name": model, "cpu": True}
+    return env
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.torch_infer:
+        torch_infer(*args.torch_infer)
+        return 0
+    models = [m for m in args.models if not (args.skip_base and m == "base-audio")]
+    needs_demo = "small" in models or not args.skip_cold
+    if needs_demo and not (args.run / "bundle" / "manifest.json").is_file():
+        print(f"{args.run}/bundle not found: run `make demo` first (or pass --run), or use --models base-audio "
+              "--skip-cold", file=sys.stderr)  # fmt: skip
+        return 2
+    report = {"environment": environment(args.device, args.threads), "args": {k: str(v) for k, v in vars(args).items()}}
+    with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
+        workdir = Path(tmp)
+        if not args.skip_cold:
+            print("[cold start] small preset: process start -> result printed, peak RSS")
+            from synergy.train.data import read_manifest
+
+            audio = str(next(row.audio for row in read_manifest(args.run / "data" / "val.csv") if row.audio))
+            report["cold_start"] = cold_start(args.run, args.run / "labels.txt", audio, args.cold_runs)
+        report["throughput"] = {name: throughput(name, args, workdir) for name in models}
+    out = args.out or RESULTS / f"runtime-{'cpu' if args.device == 'cpu' else 'cuda'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, allow_nan=False))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
