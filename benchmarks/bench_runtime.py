@@ -96,19 +96,32 @@ def torch_infer(checkpoint: str, audio: str, labels: str) -> None:
     print(f"{audio}\t{names[best]}\t{probs[best].item():.3f}")
 
 
+# Peak RSS through a small launcher: Linux keeps a process's RSS high-water mark across exec, and subprocess starts
+# children with vfork from this (large) process, so the child's ru_maxrss would start at the benchmark's own size.
+# The launcher is a fresh interpreter (~10 MiB) that forks, execs the command and reports wait4's rusage.
+LAUNCHER = """
+import json, os, sys, time
+report, argv = sys.argv[1], sys.argv[2:]
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execv(argv[0], argv)
+_, status, usage = os.wait4(pid, 0)
+with open(report, "w") as f:
+    json.dump({"seconds": time.perf_counter() - start, "maxrss_kib": usage.ru_maxrss,
+               "exit": os.waitstatus_to_exitcode(status)}, f)
+"""
+
+
 def measure_child(command: list[str]) -> tuple[float, float, str]:
-    """-> (wall seconds from spawn to exit, peak RSS in MiB, stdout) of one child process; raises if it fails."""
-    start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=ROOT)
-        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not a running max over children
-        wall = time.perf_counter() - start
-        child.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if child.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({child.returncode}):\n{stderr[-2000:]}")
-    return wall, usage.ru_maxrss / 1024, stdout  # ru_maxrss is in KiB on Linux
+    """-> (wall seconds from fork to exit, peak RSS in MiB, stdout) of one process; raises if it fails."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as report:
+        done = subprocess.run([sys.executable, "-c", LAUNCHER, report.name, *command], capture_output=True,
+                              text=True, cwd=ROOT)  # fmt: skip
+        result = json.loads(Path(report.name).read_text() or "{}")
+    if done.returncode != 0 or result.get("exit") != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    return result["seconds"], result["maxrss_kib"] / 1024, done.stdout
 
 
 def cold_start(run: Path, labels: Path, audio: str, runs: int) -> dict:
@@ -117,7 +130,7 @@ def cold_start(run: Path, labels: Path, audio: str, runs: int) -> dict:
     commands = {
         "synergy infer (onnxruntime)": [*infer, "infer", "--audio", audio, "--labels", str(labels),
                                         "--model", str(run / "bundle"), "--top-k", "1"],
-        "torch (load_checkpoint)": [sys.executable, __file__, "--torch-infer", str(run / "checkpoint"), audio,
+        "torch (load_checkpoint)": [sys.executable, str(Path(__file__).resolve()), "--torch-infer", str(run / "checkpoint"), audio,
                                     str(labels)],
     }  # fmt: skip
     result = {}
