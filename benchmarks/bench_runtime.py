@@ -130,8 +130,8 @@ def cold_start(run: Path, labels: Path, audio: str, runs: int) -> dict:
     commands = {
         "synergy infer (onnxruntime)": [*infer, "infer", "--audio", audio, "--labels", str(labels),
                                         "--model", str(run / "bundle"), "--top-k", "1"],
-        "torch (load_checkpoint)": [sys.executable, str(Path(__file__).resolve()), "--torch-infer", str(run / "checkpoint"), audio,
-                                    str(labels)],
+        "torch (load_checkpoint)": [sys.executable, str(Path(__file__).resolve()), "--torch-infer",
+                                    str(run / "checkpoint"), audio, str(labels)],
     }  # fmt: skip
     result = {}
     for name, command in commands.items():
@@ -282,28 +282,29 @@ def throughput(name: str, args, workdir: Path) -> dict:
             out = model.encode_audio(torch.from_numpy(batch).to(device))
         return out.float().cpu().numpy()
 
-    runners, notes = {}, {}
-    for config in args.configs:
-        t0 = time.perf_counter()
+    def prepare(config: str):
+        """-> (run(batch) -> [B, D], notes). One configuration at a time: each onnxruntime session's arena grows to
+        its largest batch (GBs at batch 32 on the base tower), so a session is dropped before the next is made."""
         if config == "torch":
-            runners[config] = torch_run
-            continue
-        path = graph
+            return torch_run, {}
+        notes, path = {}, graph
         if config in ("ort-fused", "ort-int8"):
             path = workdir / f"{name}-fused.onnx"
-            if not path.exists():
-                notes["ort-fused"] = {"fused_ops": fuse_transformer(graph, path, audio.heads, audio.width)}
+            if not path.exists():  # ort-int8 quantises the fused graph
+                notes["fused_ops"] = fuse_transformer(graph, path, audio.heads, audio.width)
         if config == "ort-int8":
             source, path = path, workdir / f"{name}-int8.onnx"
-            notes[config] = {"fp32_frontend_nodes": quantize_int8(source, path, set(exported.fp32_nodes))}
+            notes["fp32_frontend_nodes"] = quantize_int8(source, path, set(exported.fp32_nodes))
         session = ort_session(path, device, args.threads)
-        runners[config] = lambda batch, s=session: s.run(None, {"waveform": batch})[0]
-        notes.setdefault(config, {})["prepare_seconds"] = round(time.perf_counter() - t0, 1)
+        return (lambda batch: session.run(None, {"waveform": batch})[0]), notes
 
     reference = in_batches(torch_run, waves, 8)
     reference_top = (reference @ prototypes.T).argmax(1)
     rows = []
-    for config, run in runners.items():
+    for config in args.configs:
+        t0 = time.perf_counter()
+        run, notes = prepare(config)
+        notes["prepare_seconds"] = round(time.perf_counter() - t0, 1)
         out = reference if config == "torch" else in_batches(run, waves, 8)
         cos = cosine(out, reference)
         accuracy = {
@@ -318,11 +319,12 @@ def throughput(name: str, args, workdir: Path) -> dict:
             p50 = float(np.percentile(times, 50))
             row = {"model": name, "config": config, "batch": batch, "p50_ms": 1e3 * p50,
                    "p99_ms": 1e3 * float(np.percentile(times, 99)), "items_per_s": batch / p50, "reps": len(times),
-                   **accuracy, **notes.get(config, {})}  # fmt: skip
+                   **accuracy, **notes}  # fmt: skip
             rows.append(row)
             print(f"  {config:<10} batch {batch:>3}: p50 {row['p50_ms']:9.1f} ms  p99 {row['p99_ms']:9.1f} ms  "
                   f"{row['items_per_s']:8.1f} clips/s  cos min {row['cosine_min']:.5f}  "
-                  f"agree {100 * row['zero_shot_agreement']:.1f}%  ({len(times)} reps)")  # fmt: skip
+                  f"agree {100 * row['zero_shot_agreement']:.1f}%  ({len(times)} reps)", flush=True)  # fmt: skip
+        del run  # frees the session and its arena
     for row in rows:  # speed relative to torch eager at the same batch
         torch_row = next((r for r in rows if r["config"] == "torch" and r["batch"] == row["batch"]), None)
         row["speedup_vs_torch"] = row["items_per_s"] / torch_row["items_per_s"] if torch_row else None
@@ -367,6 +369,12 @@ def main(argv=None) -> int:
               "--skip-cold", file=sys.stderr)  # fmt: skip
         return 2
     report = {"environment": environment(args.device, args.threads), "args": {k: str(v) for k, v in vars(args).items()}}
+    out = args.out or RESULTS / f"runtime-{'cpu' if args.device == 'cpu' else 'cuda'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(report: dict) -> None:
+        out.write_text(json.dumps(report, indent=2, allow_nan=False))
+
     with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
         workdir = Path(tmp)
         if not args.skip_cold:
@@ -375,10 +383,11 @@ def main(argv=None) -> int:
 
             audio = str(next(row.audio for row in read_manifest(args.run / "data" / "val.csv") if row.audio))
             report["cold_start"] = cold_start(args.run, args.run / "labels.txt", audio, args.cold_runs)
-        report["throughput"] = {name: throughput(name, args, workdir) for name in models}
-    out = args.out or RESULTS / f"runtime-{'cpu' if args.device == 'cpu' else 'cuda'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, allow_nan=False))
+            write(report)
+        report["throughput"] = {}
+        for name in models:  # written after each model: a long run that dies keeps what it measured
+            report["throughput"][name] = throughput(name, args, workdir)
+            write(report)
     print(f"\nwrote {out}")
     return 0
 
