@@ -89,8 +89,9 @@ def test_missing_files_and_empty_globs_fail_alone(inputs, tiny_bundle, capsys):
     assert "2 of 3 inputs failed" in err
 
 
-def test_usage_errors(inputs, tiny_bundle, tmp_path):
+def test_usage_errors(inputs, tiny_bundle, tmp_path, monkeypatch):
     labels, model = str(inputs / "labels.txt"), str(tiny_bundle[0])
+    monkeypatch.chdir(tmp_path)  # the default bundle path is relative: `make demo` writes one in the checkout
     with pytest.raises(InferUsageError, match=r"no inputs"):
         run([], [], labels, model=model)
     empty = tmp_path / "empty.txt"
