@@ -161,7 +161,11 @@ def ort_session(path: Path, device: str, threads: int):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    return onnxruntime.InferenceSession(str(path), options, providers=providers)
+    session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():  # ORT falls back silently
+        raise SystemExit(f"onnxruntime has no CUDA execution provider here ({session.get_providers()}): "
+                         "install onnxruntime-gpu, or benchmark with --device cpu")  # fmt: skip
+    return session
 
 
 def fuse_transformer(source: Path, target: Path, heads: int, width: int) -> dict:
