@@ -15,6 +15,8 @@ throughput   one audio-tower call on a batch of clips, per configuration:
                ort-fused     the graph after onnxruntime.transformers' optimizer (attention / LayerNorm / GELU fusions)
                ort-int8      ort-fused with dynamic int8 quantisation of MatMul weights; the log-mel front end stays
                              fp32 (its DFT and mel matrices are the signal path, not learnt weights)
+               ort-opset23   the graph exported at opset 23 (`synergy export --opset 23`): attention is ONNX's own
+                             Attention op, which onnxruntime runs fused; the other graphs are opset 18
              median (p50) and p99 latency over the repetitions that fit in --budget seconds (at least --min-reps),
              throughput = batch / p50. Accuracy of each configuration against torch on an evaluation set: cosine of
              the embeddings (mean and min) and zero-shot top-1 agreement.
@@ -44,7 +46,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-CONFIGS = ["torch", "ort", "ort-fused", "ort-int8"]
+CONFIGS = ["torch", "ort", "ort-fused", "ort-int8", "ort-opset23"]
 MODELS = ["small", "base-audio"]
 
 
@@ -292,6 +294,9 @@ def throughput(name: str, args, workdir: Path) -> dict:
         if config == "torch":
             return torch_run, {}
         notes, path = {}, graph
+        if config == "ort-opset23":
+            path = workdir / f"{name}-audio-opset23.onnx"
+            save_graph(export_tower_graphs(model, opset=23)["audio"].model, path)
         if config in ("ort-fused", "ort-int8"):
             path = workdir / f"{name}-fused.onnx"
             if not path.exists():  # ort-int8 quantises the fused graph
