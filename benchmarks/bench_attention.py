@@ -21,10 +21,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from provenance import git_commit  # benchmarks/provenance.py: this folder is on sys.path
 
 SHAPES = ["32x12x197x64", "16x12x852x64", "8x12x1214x64", "64x8x77x64"]  # ViT-B/16, AST Base, AST Large, text
 IMPLS = ["sdpa-flash", "sdpa-mask", "synergy"]
@@ -241,13 +242,7 @@ def environment(device) -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    try:
-        root = Path(__file__).resolve().parent.parent
-        env["commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        env["commit"] = None
+    env["commit"] = git_commit()
     return env
 
 

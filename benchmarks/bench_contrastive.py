@@ -20,13 +20,13 @@ import json
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from provenance import git_commit  # benchmarks/provenance.py: this folder is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ("triton", "torch", "torch-compile")
@@ -166,13 +166,7 @@ def environment(device: str) -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True)  # fmt: skip
-        env["commit"] = commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        env["commit"] = None
+    env["commit"] = git_commit()
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(device)
         env["device"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",

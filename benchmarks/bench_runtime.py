@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import git_commit  # benchmarks/provenance.py: this folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -350,13 +351,7 @@ def environment(device: str, threads: int) -> dict:
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
            "threads": threads, "cpu_count": os.cpu_count()}  # fmt: skip
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True)  # fmt: skip
-        env["commit"] = commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        env["commit"] = None
+    env["commit"] = git_commit()
     if device == "cuda":
         env["device"] = {"name": torch.cuda.get_device_name(0)}
     else:
