@@ -31,8 +31,8 @@ class TrainConfig:
 
 
 def _coerce(value: str, current, optional: bool):
-    """``value`` in the type of ``current``; ``optional`` fields (``str | None``) also take none/null."""
-    if optional and value.lower() in ("none", "null"):
+    """``value`` in the type of ``current``; ``optional`` fields (``str | None``) also take none, null or empty."""
+    if optional and value.lower() in ("none", "null", ""):
         return None
     if isinstance(current, bool):
         if value.lower() in ("1", "true", "yes", "on"):

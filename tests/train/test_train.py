@@ -289,6 +289,7 @@ def test_train_config_overrides(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"steps": 5, "model": "tiny"}))
     config = load_train_config(tmp_path / "c.json", ["lr=0.01", "model.audio.layers=1", "val_data=none"])
     assert (config.steps, config.lr, config.model_overrides, config.val_data) == (5, 0.01, {"audio.layers": 1}, None)
+    assert load_train_config(None, ["val_data="]).val_data is None  # an empty value clears an optional field too
     with pytest.raises(ValueError, match="unknown key"):
         load_train_config(None, ["learning_rate=1"])
     with pytest.raises(ValueError, match="on_bad_sample"):
