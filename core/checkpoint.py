@@ -1,22 +1,21 @@
 """Checkpoint = a folder: ``config.json``, ``model.safetensors``, ``tokenizer.json`` (+ ``train_state/``).
 
-Saves are atomic: everything is written into a sibling temp folder, fsynced, then renamed over the old one, so an
-interrupted save or a full disk never leaves a half-written checkpoint in place of a good one.
+Saves are atomic (:mod:`synergy.core.atomic_folder`): a kill at any instant or a full disk leaves the last complete
+checkpoint, which :func:`recover_checkpoint` puts back in place before a resume.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from tokenizers import Tokenizer
 
+from synergy.core.atomic_folder import DiskFullError, atomic_folder, recover_folder
 from synergy.core.config import ConfigError, config_from_dict
 from synergy.core.model import SynergyModel
 from synergy.core.towers import tower_hf_config
@@ -29,54 +28,55 @@ class CheckpointError(ValueError):
     """A checkpoint folder that is missing, incomplete or corrupt."""
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-
-
 def save_checkpoint(
     folder: str | Path, model: SynergyModel, tokenizer: Tokenizer, train_state: dict | None = None
 ) -> Path:
-    """Write ``folder`` atomically. ``train_state``: tensors/numbers for resume, saved as ``train_state/state.pt``
-    (loaded with ``weights_only=True``)."""
+    """Write ``folder`` atomically (:mod:`synergy.core.atomic_folder`). ``train_state``: tensors/numbers for resume,
+    saved as ``train_state/state.pt`` (loaded with ``weights_only=True``).
+
+    Raises :class:`CheckpointError` when the disk fills up; the previous checkpoint is then left as it was."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    config = {
+        "synergy": model.config.to_dict(),
+        "towers": {
+            "image": tower_hf_config(model.image_tower),
+            "text": tower_hf_config(model.text_tower),
+            "audio": tower_hf_config(model.audio_tower),
+        },
+    }
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     try:
-        config = {
-            "synergy": model.config.to_dict(),
-            "towers": {
-                "image": tower_hf_config(model.image_tower),
-                "text": tower_hf_config(model.text_tower),
-                "audio": tower_hf_config(model.audio_tower),
-            },
-        }
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        if train_state is not None:
-            (tmp / TRAIN_STATE).mkdir()
-            torch.save(train_state, tmp / TRAIN_STATE / "state.pt")
-        _fsync_tree(tmp)
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-        tmp.rename(folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_folder(folder) as tmp:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            # serialised in memory and written by Python: safetensors' own writer reports a full disk as a
+            # SafetensorError without the errno, and the error must say "out of space"
+            (tmp / "model.safetensors").write_bytes(save_safetensors(state, metadata={"format": "pt"}))
+            (tmp / "tokenizer.json").write_text(tokenizer.to_str(pretty=True))
+            if train_state is not None:
+                (tmp / TRAIN_STATE).mkdir()
+                with open(tmp / TRAIN_STATE / "state.pt", "wb") as f:
+                    torch.save(train_state, f)
+    except DiskFullError as error:
+        kept = f"the previous checkpoint in {folder} is intact" if folder.is_dir() else "nothing was saved"
+        raise CheckpointError(
+            f"{error.strerror}; {kept}. Free space on {folder.parent} (or point `out` elsewhere) and continue "
+            "with `synergy train --resume`"
+        ) from error
     return folder
+
+
+def recover_checkpoint(folder: str | Path) -> None:
+    """After a killed save: bring back the last complete checkpoint and remove half-written temp folders."""
+    recover_folder(folder)
 
 
 def read_checkpoint_config(folder: str | Path) -> dict:
     folder = Path(folder)
+    if not folder.is_dir() and folder.with_name(f".{folder.name}.old").is_dir():
+        raise CheckpointError(
+            f"{folder}: a save was interrupted; the last complete checkpoint is in .{folder.name}.old and "
+            "`synergy train --resume` puts it back"
+        )
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder (expected {', '.join(CHECKPOINT_FILES)})")
     missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]

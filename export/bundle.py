@@ -12,7 +12,6 @@ failed or interrupted export leaves nothing behind (and ``--force`` replaces the
 from __future__ import annotations
 
 import contextlib
-import os
 import platform as platform_module
 import shutil
 import tempfile
@@ -375,19 +374,11 @@ def _manifest(tmp: Path, tower_files: dict, specs: dict, verifications, extra: d
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    """fsync the new bundle, then swap it in: the old bundle (``--force``) goes only once the new one is whole."""
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """fsync the new bundle (files and folders), then swap it in: the old bundle (``--force``) goes only once the new
+    one is whole. The one atomic folder writer, shared with checkpoints."""
+    from synergy.core.atomic_folder import replace_folder
+
+    replace_folder(tmp, out)
 
 
 def _size(path: Path) -> str:
