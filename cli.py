@@ -1,25 +1,139 @@
 """The `synergy` command. Each command imports its module inside the function, so `synergy infer` (the torch-free
-runtime) starts without importing torch."""
+runtime) starts without importing torch, and usage errors are found before torch loads.
+
+One vocabulary for every command: `--checkpoint` is a folder written by `synergy train`, `--bundle` a folder written
+by `synergy export`, `--data` a manifest CSV, `--out` what the command writes (a folder for `data synth`, `train` and
+`export`; a file for `eval` and `infer`). One exit-code contract: 0 ok, 1 some inputs failed (each reported), 2 a
+usage, checkpoint or bundle error (nothing ran). Old spellings still work and print a deprecation note.
+"""
 
 from __future__ import annotations
 
+import csv
+import os
 import sys
+from pathlib import Path
 
 import click
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageProblem(click.ClickException):
+    """A usage, checkpoint or bundle error: nothing ran. Shown as "Error: ..." and exits 2."""
+
+    exit_code = EXIT_USAGE
+
+
+def deprecated(old: str, new: str) -> None:
+    """A note on stderr for an old spelling that still works."""
+    click.echo(f"note: {old} is deprecated and will be removed; use {new}", err=True)
+
+
+def check_csv(path: str, option: str = "--data") -> Path:
+    """A manifest CSV given on the command line must exist: a missing one is a typo, not a reason to make data."""
+    from synergy.suggest import did_you_mean
+
+    csv_path = Path(path)
+    if csv_path.is_file():
+        return csv_path
+    if csv_path.is_dir():
+        raise UsageProblem(f"{option} {path}: is a folder; give the manifest CSV inside it (e.g. {path}/val.csv)")
+    folder = csv_path.parent
+    siblings = [p.name for p in folder.iterdir() if p.suffix == ".csv"] if folder.is_dir() else []
+    hint = did_you_mean(csv_path.name, siblings, cutoff=0.7) if siblings else ""
+    where = "" if csv_path.is_absolute() else f" (relative to the current folder {os.getcwd()})"
+    raise UsageProblem(f"{option} {path}: no such file{where}{hint}; check the path")
+
+
+def check_checkpoint(positional: str | None, option: str | None) -> Path:
+    """``--checkpoint`` (or the old positional CHECKPOINT): a folder from `synergy train`, checked before torch."""
+    if positional and option:
+        raise UsageProblem(f"two checkpoints given ({positional} and --checkpoint {option}); give one")
+    if positional:
+        deprecated(f"the positional CHECKPOINT ({positional})", f"--checkpoint {positional}")
+    path = positional or option
+    if not path:
+        raise UsageProblem(
+            "no checkpoint: pass --checkpoint DIR, the folder `synergy train` wrote (e.g. runs/train/checkpoint)"
+        )
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UsageProblem(
+            f"--checkpoint {path}: no such folder; pass the checkpoint folder that `synergy train` wrote"
+        )
+    missing = [name for name in ("config.json", "model.safetensors") if not (folder / name).is_file()]
+    if missing:
+        inside = folder / "checkpoint"
+        hint = f"; did you mean {inside}?" if (inside / "config.json").is_file() else ""
+        raise UsageProblem(f"--checkpoint {path}: not a checkpoint (no {' or '.join(missing)}){hint}")
+    return folder
+
+
+def manifest_labels(csv_paths) -> list[str]:
+    """The union of the ``label`` column of manifest CSVs, sorted (read with the csv module: no torch needed)."""
+    labels: set[str] = set()
+    for path in csv_paths:
+        with open(path, newline="", encoding="utf-8") as f:
+            labels.update((row.get("label") or "").strip() for row in csv.DictReader(f))
+    return sorted(label for label in labels if label)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="synergy")
 def main():
-    """Synergy: a tri-modal (image, text, audio) CLIP — train, export, infer."""
+    """Synergy: a tri-modal (image, text, audio) CLIP — train, export, infer.
+
+    \b
+    Words used by every command:
+      --checkpoint DIR  a folder written by `synergy train` (config.json, model.safetensors, tokenizer.json)
+      --bundle DIR      a folder written by `synergy export` (manifest.json, ONNX graphs or engines)
+      --data CSV        a manifest: img_path, wav_path, label, caption (paths relative to the CSV's folder)
+      --out PATH        what the command writes: a folder (data synth, train, export) or a file (eval, infer)
+    Exit codes: 0 ok, 1 some inputs failed (each reported), 2 usage, checkpoint or bundle error.
+    """
 
 
 @main.command("presets")
 def presets_command():
-    """List the model presets."""
-    from synergy.core.config import list_presets
+    """The model presets: each tower's geometry and the parameter count."""
+    import torch
 
-    click.echo("\n".join(list_presets()))
+    from synergy.core.config import list_presets, load_config
+    from synergy.core.towers import build_audio_tower, build_image_tower, build_text_tower
+
+    builders = {"image": build_image_tower, "text": build_text_tower, "audio": build_audio_tower}
+    presets = []
+    for name in list_presets():
+        config = load_config(name)
+        counts = {}
+        with torch.device("meta"):  # shapes only: no memory, no initialisation, milliseconds for `large`
+            for tower, build in builders.items():
+                module, width = build(getattr(config, tower), config.attn_implementation)
+                counts[tower] = sum(p.numel() for p in module.parameters()) + width * config.embed_dim  # + projection
+        i, t, a = config.image, config.text, config.audio
+        towers = {
+            "image": f"CLIP ViT  {i.image_size} px, patch {i.patch_size}, {i.layers} layers x {i.width}",
+            "text": f"RoBERTa   {t.max_length} tokens, vocab {t.vocab_size}, {t.layers} layers x {t.width}",
+            "audio": f"AST       {a.clip_seconds:g} s at {a.sample_rate / 1000:g} kHz, {a.n_mels} mel x "
+            f"{a.num_frames} frames, patch {a.patch_size}, {a.layers} layers x {a.width}",
+        }
+        presets.append((sum(counts.values()) + 3, name, config, towers, counts))  # + the three logit scales
+    column = max(len(text) for *_, towers, _ in presets for text in towers.values())
+    for total, name, config, towers, counts in sorted(presets, key=lambda preset: preset[0]):
+        click.echo(f"{name:<8} {_count(total)} parameters, embed_dim {config.embed_dim}")
+        for tower, text in towers.items():
+            pretrained = getattr(config, tower).pretrained
+            source = f"  from {pretrained}" if pretrained else ""
+            click.echo(f"  {tower:<6} {text:<{column}} {_count(counts[tower]):>8}{source}")
+    click.echo("(parameters counted on torch's meta device: towers + projections + 3 logit scales)")
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return str(n)
 
 
 @main.group("data")
@@ -33,9 +147,10 @@ def data_group():
 @click.option("--train-per-class", default=160, show_default=True, type=int)
 @click.option("--val-per-class", default=20, show_default=True, type=int)
 @click.option("--heldout-per-class", default=20, show_default=True, type=int)
-@click.option("--overwrite", is_flag=True, help="Replace an earlier synth output in --out.")
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty --out, replacing an earlier synth output.")
 def synth_command(out, seed, train_per_class, val_per_class, heldout_per_class, overwrite):
-    """Write the synthetic tri-modal data set (deterministic by --seed)."""
+    """Write the synthetic tri-modal data set (deterministic by --seed): PNG + WAV files, train/val/heldout CSVs,
+    labels.txt and classes.json."""
     from synergy.train.synth import synthesize
 
     try:
@@ -48,7 +163,7 @@ def synth_command(out, seed, train_per_class, val_per_class, heldout_per_class, 
             overwrite=overwrite,
         )
     except (FileExistsError, ValueError) as error:
-        raise click.ClickException(str(error)) from error
+        raise UsageProblem(str(error)) from error
     click.echo(summary)
 
 
@@ -73,13 +188,34 @@ def train_command(config_path, overrides, resume):
 
 
 @main.command("eval")
-@click.argument("checkpoint", type=click.Path())
-@click.option("--data", "csv_paths", required=True, multiple=True, type=click.Path(), help="Manifest CSV; repeatable.")
-@click.option("--labels", type=click.Path(dir_okay=False), help="Candidate labels, one per line (default: the CSV's).")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write the metrics JSON here.")
-def eval_command(checkpoint, csv_paths, labels, out_path):
-    """Zero-shot classification and retrieval metrics of a checkpoint on manifest CSVs."""
-    from pathlib import Path
+@click.argument("legacy_checkpoint", required=False, metavar="[CHECKPOINT]")
+@click.option("--checkpoint", "checkpoint_dir", help="Checkpoint folder from `synergy train`.")
+@click.option("--data", "csv_paths", required=True, multiple=True, help="Manifest CSV; repeatable.")
+@click.option(
+    "--labels",
+    help="Candidate labels, one per line (default: the union of every --data CSV's labels, the same for each CSV).",
+)
+@click.option("--out", "out_path", help="Metrics JSON file to write.")
+def eval_command(legacy_checkpoint, checkpoint_dir, csv_paths, labels, out_path):
+    """Zero-shot classification and retrieval metrics of a checkpoint on manifest CSVs.
+
+    Each CSV is scored against the same candidates: by default the union of all --data CSVs' labels, so a held-out
+    split competes with the seen classes too. The positional CHECKPOINT is the old spelling of --checkpoint."""
+    from synergy.runtime.errors import LabelsError
+    from synergy.runtime.labels import read_labels  # torch-free
+
+    checkpoint = check_checkpoint(legacy_checkpoint, checkpoint_dir)
+    csv_paths = [check_csv(p) for p in csv_paths]
+    if out_path and Path(out_path).is_dir():
+        raise UsageProblem(f"--out {out_path} is a folder; give the metrics file to write, e.g. {out_path}/eval.json")
+    try:
+        label_list = list(read_labels(labels)) if labels else manifest_labels(csv_paths)
+    except LabelsError as error:
+        raise UsageProblem(f"--labels {error}") from error
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise UsageProblem(f"cannot read the labels of {', '.join(map(str, csv_paths))}: {error}") from error
+    source = f"--labels {labels}" if labels else f"the union of the labels in {len(csv_paths)} CSV(s)"
+    click.echo(f"zero-shot candidates: {len(label_list)} labels ({source})", err=True)
 
     from synergy.core.checkpoint import CheckpointError, load_checkpoint
     from synergy.train.data import DataError
@@ -87,33 +223,34 @@ def eval_command(checkpoint, csv_paths, labels, out_path):
 
     try:
         model, tokenizer = load_checkpoint(checkpoint)
-        label_list = None
-        if labels:
-            label_list = [
-                line.strip() for line in Path(labels).read_text(encoding="utf-8").splitlines() if line.strip()
-            ]
-        results = {Path(p).stem: evaluate(model, tokenizer, p, label_list) for p in csv_paths}
+        results = {p.stem: evaluate(model, tokenizer, p, label_list) for p in csv_paths}
     except (CheckpointError, DataError, OSError) as error:
-        raise click.ClickException(str(error)) from error
+        raise UsageProblem(str(error)) from error
     click.echo(format_report(results))
     if out_path:
         write_report(results, out_path)
         click.echo(f"metrics: {out_path}")
+    bad = {split: len(result["bad_rows"]) for split, result in results.items() if result["bad_rows"]}
+    if bad:
+        counts = ", ".join(f"{n} in {split}" for split, n in bad.items())
+        click.echo(f"{sum(bad.values())} rows could not be read ({counts}); they are left out of the metrics", err=True)
+        sys.exit(EXIT_SOME_FAILED)
 
 
 @main.command("export")
-@click.argument("checkpoint", type=click.Path())
+@click.argument("legacy_checkpoint", required=False, metavar="[CHECKPOINT]")
+@click.option("--checkpoint", "checkpoint_dir", help="Checkpoint folder from `synergy train`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
 @click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx", "trt", "triton"]))
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
 @click.option("--opset", default=None, type=int, help="ONNX opset, >= 18 (default: 18).")
 @click.option("--force", is_flag=True, help="Replace an existing --out bundle.")
 @click.option(
-    "--eval-data",
+    "--data",
     default=None,
-    type=click.Path(dir_okay=False),
-    help="Synergy-CLIP CSV (e.g. the synthetic val.csv) for the zero-shot agreement check (default: a built-in set).",
+    help="Manifest CSV (e.g. the synthetic val.csv) for the zero-shot agreement check (default: a built-in set).",
 )
+@click.option("--eval-data", "legacy_eval_data", default=None, hidden=True, help="Old spelling of --data.")
 @click.option("--external-data", is_flag=True, help="Keep weights in <graph>.onnx.data files (automatic above 1 GiB).")
 @click.option("--min-batch", default=1, show_default=True, type=int, help="TensorRT profile: smallest batch.")
 @click.option("--opt-batch", default=8, show_default=True, type=int, help="TensorRT profile / Triton preferred batch.")
@@ -126,20 +263,38 @@ def eval_command(checkpoint, csv_paths, labels, out_path):
     help="--format triton: ONNX models for Triton's ONNX Runtime backend, or TensorRT plans (needs TensorRT).",
 )
 def export_command(
-    checkpoint,
+    legacy_checkpoint,
+    checkpoint_dir,
     out,
     fmt,
     precision,
     opset,
     force,
-    eval_data,
+    data,
+    legacy_eval_data,
     external_data,
     min_batch,
     opt_batch,
     max_batch,
     triton_platform,
 ):
-    """Export a checkpoint to a verified bundle (ONNX graphs, TensorRT engines or a Triton model repository)."""
+    """Export a checkpoint to a verified bundle (ONNX graphs, TensorRT engines or a Triton model repository).
+
+    The positional CHECKPOINT is the old spelling of --checkpoint, --eval-data the old spelling of --data."""
+    checkpoint = check_checkpoint(legacy_checkpoint, checkpoint_dir)
+    if legacy_eval_data:
+        deprecated("--eval-data", "--data")
+        if data:
+            raise UsageProblem("both --data and --eval-data given; give --data only")
+    eval_data = data or legacy_eval_data
+    if eval_data:
+        check_csv(eval_data)
+    out_path = Path(out)
+    if out_path.exists() and not force:
+        raise UsageProblem(f"--out {out} already exists; pass --force to replace it, or choose another folder")
+    if out_path.exists() and not out_path.is_dir():
+        raise UsageProblem(f"--out {out} exists and is not a folder; choose another path")
+
     from synergy.export import BatchProfile, ExportError, export_bundle
 
     try:
@@ -156,7 +311,7 @@ def export_command(
             triton_platform=triton_platform,
         )
     except ExportError as error:
-        raise click.ClickException(str(error)) from error
+        raise UsageProblem(str(error)) from error
     click.echo(report)
 
 
@@ -164,34 +319,47 @@ def export_command(
 @click.option("--audio", multiple=True, help="Audio file, folder or glob; repeatable.")
 @click.option("--image", multiple=True, help="Image file, folder or glob; repeatable.")
 @click.option("--labels", required=True, type=click.Path(dir_okay=False), help="Candidate labels, one per line.")
-@click.option("--model", default="runs/demo/bundle", show_default=True, help="Bundle folder from `synergy export`.")
+@click.option("--bundle", default=None, help="Bundle folder from `synergy export`.  [default: runs/demo/bundle]")
+@click.option("--model", "legacy_model", default=None, hidden=True, help="Old spelling of --bundle.")
+@click.option("--fuse", is_flag=True, help="Pair each audio file with the image of the same stem: one answer per pair.")
+@click.option("--out", "out_path", help="Write JSON lines to this file instead of printing each result.")
 @click.option("--top-k", default=5, show_default=True, type=int)
-@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout instead of a table.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "onnxruntime", "tensorrt"]))
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--batch-size", default=32, show_default=True, type=int)
-def infer_command(audio, image, labels, model, top_k, as_json, backend, device, batch_size):
+def infer_command(
+    audio, image, labels, bundle, legacy_model, fuse, out_path, top_k, as_json, backend, device, batch_size
+):
     """Zero-shot classification of audio and/or images with an exported bundle (no torch needed).
 
-    Exit codes: 0 all inputs ok, 1 some inputs failed (each reported), 2 usage error."""
+    Every file gets its own answer; with --fuse, dog.wav and dog.png are classified together as one item. A summary
+    line (inputs, ok, failed, time) ends every run, on stderr.
+
+    Exit codes: 0 all inputs ok, 1 some inputs failed (each reported), 2 usage or bundle error."""
     from synergy.runtime.errors import InferUsageError
     from synergy.runtime.infer import run
 
+    if legacy_model:
+        deprecated("--model", "--bundle")
+        if bundle:
+            raise UsageProblem("both --bundle and --model given; give --bundle only")
     try:
         code = run(
             audio=list(audio),
             image=list(image),
             labels=labels,
-            model=model,
+            bundle=bundle or legacy_model,
             top_k=top_k,
             as_json=as_json,
             backend=backend,
             device=device,
             batch_size=batch_size,
+            fuse=fuse,
+            out=out_path,
         )
     except InferUsageError as error:
-        click.echo(f"Error: {error}", err=True)
-        sys.exit(2)
+        raise UsageProblem(str(error)) from error
     sys.exit(code)
 
 

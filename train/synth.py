@@ -20,6 +20,9 @@ worker processes render them. Layout::
     out/images/{split}/{red_circle}_{0007}.png
     out/audio/{split}/{red_circle}_{0007}.wav
     out/train.csv  out/val.csv  out/heldout.csv   # written last (temp + rename): a CSV present = its files exist
+    out/labels.txt                        # every class, one per line: what `synergy infer --labels` reads
+
+An existing output is replaced only with ``overwrite=True`` (CLI: ``--overwrite``).
 """
 
 from __future__ import annotations
@@ -109,6 +112,23 @@ class SynthSummary:
     n_heldout: int
     n_missing_image: int  # train rows with an empty img_path
     n_missing_audio: int  # train rows with an empty wav_path
+    labels_txt: Path  # every class (train + held-out), one per line
+
+    def __str__(self) -> str:
+        """What a person wants after `synergy data synth`: where the files are and what they hold."""
+        seen, held = len(self.train_classes), len(self.heldout_classes)
+        return "\n".join(
+            [
+                f"wrote the synthetic tri-modal set to {self.root}",
+                f"  {self.train_csv.name:<12} {self.n_train:>6} rows  ({self.n_missing_image} without image, "
+                f"{self.n_missing_audio} without audio)",
+                f"  {self.val_csv.name:<12} {self.n_val:>6} rows  (the {seen} training classes)",
+                f"  {self.heldout_csv.name:<12} {self.n_heldout:>6} rows  ({held} held-out combinations: "
+                f"{', '.join(self.heldout_classes)})",
+                f"  {self.labels_txt.name:<12} {seen + held:>6} labels (for synergy infer --labels and synergy eval)",
+                f"  {self.classes_json.name:<12} {'':>6} classes, prompt templates and generator settings",
+            ]
+        )
 
 
 @dataclass(frozen=True)
@@ -144,8 +164,8 @@ def synthesize(
 
     ``missing_rate``: the fraction of *train* rows (rounded) with an empty ``img_path`` or ``wav_path``, never both;
     val and held-out rows are complete. ``workers``: processes that render files (1 = in this process); the output
-    is byte-identical for any value. ``out`` must be new, empty or a previous synth output (whose files are
-    replaced); any other non-empty folder needs ``overwrite=True``, which replaces only the paths this writes.
+    is byte-identical for any value. ``out`` must be new or empty; a non-empty folder (an earlier synth output or
+    anything else) needs ``overwrite=True``, which replaces only the paths this writes.
     """
     if train_per_class < 1 or val_per_class < 0 or heldout_per_class < 0:
         raise ValueError(
@@ -209,6 +229,8 @@ def synthesize(
         root, seed, image_size, sample_rate, clip_seconds, [s for split in SPLITS for s in samples[split]], workers
     )
 
+    labels_txt = root / "labels.txt"
+    labels_txt.write_text("\n".join(train_classes + heldout_classes) + "\n", encoding="utf-8")
     for split in SPLITS:
         _write_csv(root / f"{split}.csv", [_csv_row(s, grid, seed) for s in samples[split]])
     train = samples["train"]
@@ -226,6 +248,7 @@ def synthesize(
         n_heldout=len(samples["heldout"]),
         n_missing_image=sum(s.image is None for s in train),
         n_missing_audio=sum(s.audio is None for s in train),
+        labels_txt=labels_txt,
     )
 
 
@@ -258,14 +281,15 @@ def _prepare_folder(root: Path, overwrite: bool) -> None:
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"{root}: exists and is not a folder; choose a folder path for --out")
     if root.is_dir() and any(root.iterdir()):
-        if not (overwrite or is_synth_output(root)):
+        if not overwrite:
+            what = "holds an earlier synth output" if is_synth_output(root) else "is not empty"
             raise FileExistsError(
-                f"{root}: folder is not empty and is not a synth output (no classes.json from {GENERATOR}); "
-                "choose a new or empty folder, or pass overwrite=True (CLI: --overwrite) to write into it"
+                f"{root}: folder {what}; choose a new or empty folder, or pass overwrite=True (CLI: --overwrite) "
+                "to replace the files this generator writes (other files are kept)"
             )
         for name in ("images", "audio"):
             shutil.rmtree(root / name, ignore_errors=True)
-        for name in ("classes.json", *(f"{split}.csv" for split in SPLITS)):
+        for name in ("classes.json", "labels.txt", *(f"{split}.csv" for split in SPLITS)):
             (root / name).unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
 

@@ -140,10 +140,46 @@ def test_refuses_a_foreign_folder_unless_overwrite(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine" and summary.train_csv.is_file()
 
 
+def test_labels_txt_lists_every_class_once(tiny):
+    assert tiny.labels_txt == tiny.root / "labels.txt"
+    lines = tiny.labels_txt.read_text(encoding="utf-8").splitlines()
+    assert lines == list(tiny.train_classes + tiny.heldout_classes) and len(set(lines)) == 20
+    from synergy.runtime.labels import read_labels  # what `synergy infer --labels` reads
+
+    assert read_labels(tiny.labels_txt) == tuple(lines)
+
+
+def test_summary_reads_as_text_not_a_dataclass_dump(tiny):
+    text = str(tiny)
+    assert "SynthSummary(" not in text and "PosixPath" not in text
+    lines = text.splitlines()
+    assert lines[0] == f"wrote the synthetic tri-modal set to {tiny.root}"
+    rows = {line.split()[0]: line.split()[1] for line in lines[1:]}
+    assert rows == {
+        "train.csv": str(tiny.n_train),
+        "val.csv": str(tiny.n_val),
+        "heldout.csv": str(tiny.n_heldout),
+        "labels.txt": "20",
+        "classes.json": "classes,",
+    }
+    assert f"({tiny.n_missing_image} without image, {tiny.n_missing_audio} without audio)" in lines[1]
+    assert ", ".join(tiny.heldout_classes) in lines[3]
+
+
+def test_refuses_to_replace_an_earlier_output_without_overwrite(tmp_path):
+    synth.synthesize_tiny(tmp_path, train_per_class=1, val_per_class=0, heldout_per_class=0)
+    before = all_files(tmp_path)
+    with pytest.raises(FileExistsError, match="holds an earlier synth output.*overwrite=True"):
+        synth.synthesize_tiny(tmp_path, seed=9, train_per_class=1, val_per_class=0, heldout_per_class=0)
+    assert all_files(tmp_path) == before
+
+
 def test_rewrites_a_previous_output_without_leftovers(tmp_path):
     synth.synthesize_tiny(tmp_path, train_per_class=2, val_per_class=0, heldout_per_class=1, missing_rate=0.0)
     assert any((tmp_path / "images" / "train").glob("*_0001.png"))
-    summary = synth.synthesize_tiny(tmp_path, train_per_class=1, val_per_class=0, heldout_per_class=0, missing_rate=0)
+    summary = synth.synthesize_tiny(
+        tmp_path, train_per_class=1, val_per_class=0, heldout_per_class=0, missing_rate=0, overwrite=True
+    )
     assert summary.n_train == len(summary.train_classes) and summary.n_heldout == 0
     assert not any((tmp_path / "images").rglob("*_0001.png"))
     assert not any((tmp_path / "audio" / "heldout").glob("*.wav"))
