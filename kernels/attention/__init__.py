@@ -14,13 +14,13 @@ the CPU tests run the kernel inside real towers) or "torch" (always SDPA). Set i
 environment variable SYNERGY_ATTENTION_IMPL before import.
 """
 
-import importlib.util
 import logging
 import os
 import weakref
 
 import torch
 
+from ..dispatch import IMPLS, is_exporting, resolve_impl
 from .reference import attention_reference, key_padding_mask
 
 __all__ = [
@@ -35,32 +35,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMPLS = ("auto", "triton", "torch")
-
-
-def _is_exporting() -> bool:
-    """True while torch.export / dynamo-ONNX, TorchScript tracing or legacy ONNX export trace the model."""
-    return bool(torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
-
-
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _resolve_impl(impl: str, x: torch.Tensor) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if x.is_cuda and not _is_exporting() and _triton_importable() else "torch"
-    if impl == "triton":
-        if not _triton_importable():
-            raise RuntimeError("impl='triton' needs triton: pip install 'synergy[gpu]', or use impl='torch'")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(
-                "impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is first imported (the Triton "
-                "interpreter, slow, for tests); use impl='torch' or move the tensors to a CUDA device"
-            )
-    return impl
+KERNELS = f"{__name__}.triton"  # imported lazily: importing this package must not import triton
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None) -> None:
@@ -91,7 +66,7 @@ def fused_attention(
     of 0 gives an all-zero sequence. causal: query i sees keys j <= i. scale defaults to 1/sqrt(d).
     Returns [B, H, N, d] (from the Triton path, a view whose memory is laid out [B, N, H, d])."""
     _check_shapes(q, k, v, lengths)
-    if _resolve_impl(impl, q) == "torch":
+    if resolve_impl(impl, q.device, kernels=KERNELS) == "torch":
         return attention_reference(q, k, v, lengths=lengths, causal=causal, scale=scale)
     from .triton import fused_attention_triton  # lazy: importing this package must not import triton
 
@@ -186,7 +161,7 @@ def synergy_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs_sdpa
         )
 
-    if _is_exporting() or _resolve_impl(_default_impl, query) == "torch":
+    if is_exporting() or resolve_impl(_default_impl, query.device, kernels=KERNELS) == "torch":
         return sdpa()
     for name in ("position_bias", "softcap", "sliding_window", "cache", "s_aux"):
         if kwargs.get(name) is not None:

@@ -11,11 +11,12 @@ not import triton.
 """
 
 import functools
-import importlib.util
 
 import torch
 from torch import Tensor, nn
 
+from ..dispatch import IMPLS, resolve_impl
+from .distributed import gather_features as gather_features  # re-exported: the global-negatives gather
 from .reference import MODALITIES, PAIRS, trimodal_contrastive_loss_reference
 
 __all__ = [
@@ -26,32 +27,7 @@ __all__ = [
     "trimodal_contrastive_loss_reference",
 ]
 
-IMPLS = ("auto", "triton", "torch")
-
-
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _resolve_impl(impl: str, x: Tensor) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if x.is_cuda and _triton_importable() else "torch"
-    if impl == "triton":
-        if not _triton_importable():
-            raise RuntimeError(
-                "impl='triton' needs the triton package: pip install 'synergy[gpu]', or use impl='torch'"
-            )
-        if not x.is_cuda:
-            from . import triton as kernels  # lazy: only an explicit triton request on CPU gets here
-
-            if not kernels._interpreted():
-                raise RuntimeError(
-                    "impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is first imported (the "
-                    "Triton interpreter, slow, for tests); use impl='torch' or move the tensors to a CUDA device"
-                )
-    return impl
+KERNELS = f"{__name__}.triton"  # imported lazily: importing this package must not import triton
 
 
 def _check(
@@ -62,8 +38,19 @@ def _check(
     global_masks: tuple[Tensor, Tensor, Tensor] | None,
     row_offset: int,
 ) -> None:
-    """Shape checks only (no values: those would synchronise the GPU every step)."""
+    """Shape and device checks only (no values: those would synchronise the GPU every step)."""
     b, dim = features[0].shape if features[0].dim() == 2 else (None, None)
+    # a kernel handed a pointer of another device reads garbage or dies with an illegal address: say which tensor
+    device = features[0].device
+    others = [*zip(MODALITIES, features), ("logit_scale", logit_scale)]
+    for group, tensors in (("masks", masks), ("global_features", global_features), ("global_masks", global_masks)):
+        others += [(f"{group}[{i}] ({m})", x) for i, (m, x) in enumerate(zip(MODALITIES, tensors or ()))]
+    for name, x in others:
+        if x.device != device:
+            raise ValueError(
+                f"{name} is on {x.device} but the image features are on {device}: every tensor of the loss must be "
+                f"on one device; move it with .to({str(device)!r})"
+            )
     for name, x in zip(MODALITIES, features):
         if x.dim() != 2 or x.shape != (b, dim):
             shapes = [tuple(f.shape) for f in features]
@@ -129,7 +116,7 @@ def trimodal_contrastive_loss(
     _check(features, logit_scale, masks, global_features, global_masks, row_offset)
     if masks is None and global_masks is not None:  # the local rows' masks are their slice of the global ones
         masks = tuple(m[row_offset : row_offset + image.shape[0]] for m in global_masks)
-    if _resolve_impl(impl, image) == "torch":
+    if resolve_impl(impl, image.device, kernels=KERNELS) == "torch":
         return trimodal_contrastive_loss_reference(
             image, text, audio, logit_scale, masks=masks, global_features=global_features,
             global_masks=global_masks, row_offset=row_offset,

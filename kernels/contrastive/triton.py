@@ -319,8 +319,8 @@ class TileConfig:
     max_programs: int = 1 << 30
 
 
-def _interpreted() -> bool:
-    return type(_trimodal_ce_fwd_kernel).__name__ == "InterpretedFunction"
+# the kernels were compiled for the Triton interpreter (TRITON_INTERPRET=1 when triton was first imported): numpy on CPU
+INTERPRETED = type(_trimodal_ce_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def default_tile_config(n_rows: int, n_cols: int, dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
@@ -330,7 +330,7 @@ def default_tile_config(n_rows: int, n_cols: int, dim: int, dtype: torch.dtype, 
     On GPUs 64 x 64 tiles with 8 warps, D-chunks of 64 (16-bit) or 32 (fp32, whose dots need twice the registers):
     the sizes at which ptxas reports no spills for sm_90 at D = 512 (checked by compiling, without a GPU). NOT tuned
     by timing on a GPU yet."""
-    if _interpreted():
+    if INTERPRETED:
 
         def fit(n: int) -> int:
             return max(16, min(128, triton.next_power_of_2(n)))

@@ -200,6 +200,7 @@ KERNEL_CASES = [
 ]
 
 
+@pytest.mark.interpreted
 @pytest.mark.parametrize(("batch", "dim", "dtype", "masked"), KERNEL_CASES)
 def test_triton_matches_reference(batch, dim, dtype, masked):
     feats = make_features(batch, dim, dtype, seed=batch + dim)
@@ -207,6 +208,7 @@ def test_triton_matches_reference(batch, dim, dtype, masked):
     assert_matches_reference(feats, torch.tensor(SCALES), dtype, masks=masks)
 
 
+@pytest.mark.interpreted
 def test_triton_small_tiles_persistent_grid():
     """16 x 16 x 16 tiles on B=37, D=40: several row and column tiles with ragged edges, three D chunks, and a
     persistent forward grid of 2 programs per modality that walks several row tiles (the partial column buffer)."""
@@ -217,6 +219,7 @@ def test_triton_small_tiles_persistent_grid():
     assert_matches_reference(feats, torch.tensor(SCALES), torch.float32, masks=random_masks(37, seed=7), tiles=tiles)
 
 
+@pytest.mark.interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_missing_modality_and_empty_pair(dtype):
     """Audio missing everywhere (text-audio and audio-image have no rows) and image/text never on the same row
@@ -238,6 +241,7 @@ def test_triton_missing_modality_and_empty_pair(dtype):
 RECTANGULAR_CASES = [((21, 21, 22), 100, torch.float32), ((24, 40), 32, torch.float16), ((1, 6), 32, torch.float32)]
 
 
+@pytest.mark.interpreted
 @pytest.mark.parametrize(("splits", "dim", "dtype"), RECTANGULAR_CASES)
 def test_triton_rectangular_matches_reference(splits, dim, dtype):
     """Each rank's local rows against the gathered columns (separate leaves, as all_gather with gradient gives):
@@ -255,6 +259,7 @@ def test_triton_rectangular_matches_reference(splits, dim, dtype):
         offset += b
 
 
+@pytest.mark.interpreted
 def test_triton_rectangular_small_tiles():
     from synergy.kernels.contrastive.triton import TileConfig
 
@@ -268,6 +273,7 @@ def test_triton_rectangular_small_tiles():
     )  # fmt: skip
 
 
+@pytest.mark.interpreted
 def test_triton_is_deterministic():
     feats = make_features(40, 32, torch.float16, seed=13)
     runs = [loss_and_grads(trimodal_contrastive_loss, feats, torch.tensor(SCALES), impl="triton") for _ in range(2)]
@@ -371,6 +377,30 @@ def test_bad_arguments_say_what_to_do():
         trimodal_contrastive_loss(x, x, x, scales, row_offset=2)
     with pytest.raises(ValueError, match="global_masks goes with global_features"):
         trimodal_contrastive_loss(x, x, x, scales, global_masks=masks)
+
+
+def test_tensors_on_another_device_than_the_features_are_an_error():
+    """A CPU logit_scale or CPU masks with CUDA features hand a kernel a host pointer (an illegal address, or garbage):
+    the boundary names the tensor. The meta device stands in for "another device" on a machine without a GPU."""
+    x = F.normalize(torch.randn(4, 8), dim=-1)
+    scales = torch.ones(3)
+    masks = tuple(torch.ones(4, dtype=torch.bool) for _ in range(3))
+    elsewhere = torch.device("meta")
+    with pytest.raises(ValueError, match="logit_scale is on meta but the image features are on cpu"):
+        trimodal_contrastive_loss(x, x, x, scales.to(elsewhere))
+    with pytest.raises(ValueError, match=r"masks\[2\] \(audio\) is on meta"):
+        trimodal_contrastive_loss(x, x, x, scales, masks=(*masks[:2], masks[2].to(elsewhere)))
+    with pytest.raises(ValueError, match="text is on meta"):
+        trimodal_contrastive_loss(x, x.to(elsewhere), x, scales)
+    gathered = tuple(torch.randn(8, 8) for _ in range(3))
+    with pytest.raises(ValueError, match=r"global_features\[0\] \(image\) is on meta"):
+        trimodal_contrastive_loss(x, x, x, scales, global_features=(gathered[0].to(elsewhere), *gathered[1:]))
+    global_masks = tuple(torch.ones(8, dtype=torch.bool) for _ in range(3))
+    with pytest.raises(ValueError, match=r"global_masks\[1\] \(text\) is on meta"):
+        trimodal_contrastive_loss(
+            x, x, x, scales, global_features=gathered, global_masks=(global_masks[0], global_masks[1].to(elsewhere),
+                                                                       global_masks[2]),
+        )  # fmt: skip
 
 
 def test_local_masks_default_to_their_slice_of_the_global_masks():

@@ -1,0 +1,80 @@
+"""The suite on a GPU machine, simulated on this one: tests/conftest.py sees an `nvidia-smi`, so the pytest process
+compiles triton (no TRITON_INTERPRET) and the tests marked `interpreted` must run, and pass, in a child process
+with the interpreter. Before the child processes existed they raised "needs TRITON_INTERPRET=1" there."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pytest_as_on_a_gpu_machine(tmp_path, *args):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'NVIDIA-SMI (fake, for the test)'\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_interpreted_tests_run_in_a_child_process_where_nvidia_smi_exists(tmp_path):
+    junit = tmp_path / "junit.xml"
+    result = _pytest_as_on_a_gpu_machine(
+        tmp_path,
+        f"--junitxml={junit}",
+        "tests/kernels/test_attention.py::test_strided_inputs_as_transformers_passes_them",  # interpreted
+        "tests/kernels/test_attention.py::test_padding_semantics_exact_zeros_and_no_nan",  # interpreted
+        "tests/kernels/test_attention.py::test_dispatch_and_errors",  # runs in the parent
+        "tests/kernels/test_attention.py::test_cuda_fp32_and_auto_dispatch",  # requires_cuda: skips (no CUDA here)
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert "2 interpreted kernel tests ran in 1 child process(es) with TRITON_INTERPRET=1" in output, output[-3000:]
+    assert "3 passed, 1 skipped" in output, output[-3000:]
+    # the replayed reports reach the other plugins too: junit lists each interpreted test as passed
+    xml = junit.read_text()
+    assert 'name="test_strided_inputs_as_transformers_passes_them"' in xml and 'failures="0"' in xml, xml
+
+
+MINI_SUITE = """
+import os
+
+import pytest
+
+
+@pytest.mark.interpreted
+def test_in_the_child():
+    assert os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+
+
+@pytest.mark.interpreted
+def test_fails_in_the_child():
+    assert 1 + 1 == 3, "wrong arithmetic, reported from the child"
+
+
+def test_in_the_parent():
+    assert "TRITON_INTERPRET" not in os.environ
+"""
+
+
+def test_child_failures_and_environment_reach_the_parent(tmp_path):
+    """A mini suite with this conftest: the interpreted tests see TRITON_INTERPRET=1 and no GPU, the parent's test
+    does not, and a failure in the child fails the parent's run with the child's assertion message."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (suite / "test_mini.py").write_text(MINI_SUITE)
+    (suite / "pytest.ini").write_text("[pytest]\nmarkers =\n    interpreted: run under TRITON_INTERPRET=1\n")
+    result = _pytest_as_on_a_gpu_machine(tmp_path, "--rootdir", str(suite), "-c", str(suite / "pytest.ini"), str(suite))
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "1 failed, 2 passed" in output, output
+    failed = [line for line in output.splitlines() if line.startswith("FAILED ")]
+    assert len(failed) == 1 and failed[0].endswith("test_mini.py::test_fails_in_the_child"), output
+    assert "wrong arithmetic, reported from the child" in output, output
+    assert "2 interpreted kernel tests ran in 1 child process(es)" in output, output
