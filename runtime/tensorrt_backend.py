@@ -1,8 +1,10 @@
 """One tower as a native TensorRT engine (``*.plan``), through the TensorRT 10+ Python API and cuda-python.
 
 Imports are lazy: ``import synergy.runtime`` works without TensorRT; asking for this backend without it is a
-``BackendError`` that names the extra to install. An execution context is not thread-safe, so ``run`` holds a
-lock; batches larger than the engine's optimisation profile allows are split.
+``BackendError`` that names the extra to install. An execution context is not thread-safe, so ``run`` holds the
+tower's lock; batches larger than the engine's optimisation profile allows are split. ``close`` takes the same lock,
+so it waits for a batch in flight instead of freeing the device buffers under it, and a closed tower stays closed:
+a later ``run`` is a ``BackendError``, never a launch on freed memory.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class TensorRTTower:
         self.max_batch = min(self.engine.get_tensor_profile_shape(n, 0)[2][0] for n in self.inputs)
         self._stream = _check(cudart, cudart.cudaStreamCreate())
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity in bytes)
+        self._closed = False  # guarded by _lock, with the stream and the buffers
 
     def _device_buffer(self, name: str, nbytes: int) -> int:
         pointer, capacity = self._buffers.get(name, (0, 0))
@@ -94,6 +97,8 @@ class TensorRTTower:
         cudart = self._cudart
         to_device, to_host = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         with self._lock:
+            if self._closed:
+                raise BackendError("this TensorRT tower is closed (Runtime.close() was called); open the bundle again")
             for name in self.inputs:
                 array = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
                 if not self.context.set_input_shape(name, array.shape):
@@ -112,9 +117,14 @@ class TensorRTTower:
         return output.astype(np.float32, copy=False)
 
     def close(self) -> None:
-        for pointer, _ in self._buffers.values():
-            self._cudart.cudaFree(pointer)
-        self._buffers.clear()
-        if self._stream is not None:
-            self._cudart.cudaStreamDestroy(self._stream)
-            self._stream = None
+        """Free the device buffers and the stream once no batch is in flight (idempotent)."""
+        with self._lock:  # a run in another thread finishes its batch (synchronised) before its buffers go
+            if self._closed:
+                return
+            self._closed = True
+            for pointer, _ in self._buffers.values():
+                self._cudart.cudaFree(pointer)
+            self._buffers.clear()
+            if self._stream is not None:
+                self._cudart.cudaStreamDestroy(self._stream)
+                self._stream = None
