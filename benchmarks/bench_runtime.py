@@ -2,6 +2,8 @@
 
     python benchmarks/bench_runtime.py                                   # after `make demo`: small + base audio, CPU
     python benchmarks/bench_runtime.py --skip-base --batches 1 8 --budget 5   # quicker
+    python benchmarks/bench_runtime.py --models base-audio --configs torch ort ort-opset23 --batches 8 --skip-cold
+    python benchmarks/bench_runtime.py --models tiny-audio --skip-cold --budget 1   # smoke run, seconds, no demo
     python benchmarks/bench_runtime.py --device cuda                     # GPU: torch eager vs ORT CUDA EP
 
 Two parts, both on the audio tower (what `synergy infer --audio` runs):
@@ -17,16 +19,24 @@ throughput   one audio-tower call on a batch of clips, per configuration:
                              fp32 (its DFT and mel matrices are the signal path, not learnt weights)
                ort-opset23   the graph exported at opset 23 (`synergy export --opset 23`): attention is ONNX's own
                              Attention op, which onnxruntime runs fused; the other graphs are opset 18
-             median (p50) and p99 latency over the repetitions that fit in --budget seconds (at least --min-reps),
-             throughput = batch / p50. Accuracy of each configuration against torch on an evaluation set: cosine of
-             the embeddings (mean and min) and zero-shot top-1 agreement.
+             Configurations are interleaved: --rounds rounds of A B C (each configuration, each batch), so drift of
+             the machine (other processes, thermal or boost clocks) falls on every configuration alike. Each round
+             opens a fresh onnxruntime session (one at a time: a session's arena grows to its largest batch, GBs
+             at batch 32 on the base tower), warms it up with one call, then times the calls that fit in
+             --budget / --rounds seconds (at least --min-reps). Reported per (configuration, batch): p50 and p99
+             over all calls, the median of each round, their spread ((max - min) / median), and the speed-up
+             against torch eager *within each round* (its min, median and max over rounds), which is the number to
+             quote: both sides of each ratio ran minutes apart at most. Accuracy of each configuration against torch
+             on an evaluation set: cosine of the embeddings (mean and min) and zero-shot top-1 agreement.
              Models: `small` = the demo checkpoint (its val clips, zero-shot over its classes with the prompt
              ensemble); `base-audio` = the `base` preset's AST geometry (12 x 768, 10.24 s clips, 852 tokens) with
-             random weights. Random weights have no classes, so its "zero-shot" labels are the torch embeddings of
-             other synthetic clips: agreement then says whether a configuration keeps the nearest prototype.
+             random weights; `tiny-audio` = the `tiny` preset, random weights (a smoke run of this script). Random
+             weights have no classes, so their "zero-shot" labels are the torch embeddings of other synthetic clips:
+             agreement then says whether a configuration keeps the nearest prototype.
 
-JSON goes to benchmarks/results/runtime-<device>.json (device, versions, commit) and a table is printed. CI never
-runs this; the README's table comes from its output.
+JSON goes to benchmarks/results/runtime-<device>.json (device: CPU model, ISA flags such as AVX2 / AVX-512 / VNNI /
+BF16 / AMX, thread settings, load average; versions, commit) and a table is printed. CI never runs this; the
+README's table comes from its output.
 """
 
 from __future__ import annotations
@@ -48,7 +58,11 @@ from provenance import git_commit  # benchmarks/provenance.py: this folder is on
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ["torch", "ort", "ort-fused", "ort-int8", "ort-opset23"]
-MODELS = ["small", "base-audio"]
+MODELS = ["small", "base-audio", "tiny-audio"]
+# /proc/cpuinfo flags that decide which onnxruntime / oneDNN kernels run (int8 dot products, bf16, AMX tiles)
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")  # fmt: skip
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ORT_NUM_THREADS")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,12 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and onnxruntime intra-op threads")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
-    p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    p.add_argument("--models", nargs="+", default=MODELS[:2], choices=MODELS)
     p.add_argument("--skip-base", action="store_true", help="only the small preset (the base tower is slow on CPU)")
     p.add_argument("--skip-cold", action="store_true", help="no cold-start part")
     p.add_argument("--cold-runs", type=int, default=3)
     p.add_argument("--budget", type=float, default=15.0, help="seconds of repetitions per (model, config, batch)")
-    p.add_argument("--min-reps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds: A B C, A B C, ... (the budget is shared)")
+    p.add_argument("--min-reps", type=int, default=2, help="timed calls per round at least")
     p.add_argument("--max-reps", type=int, default=200)
     p.add_argument("--base-clips", type=int, default=16, help="evaluation clips (and as many prototypes) for base")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: results/runtime-<device>.json)")
@@ -132,7 +147,7 @@ def cold_start(run: Path, labels: Path, audio: str, runs: int) -> dict:
     infer = [str(synergy)] if synergy.is_file() else [sys.executable, "-m", "synergy.cli"]
     commands = {
         "synergy infer (onnxruntime)": [*infer, "infer", "--audio", audio, "--labels", str(labels),
-                                        "--model", str(run / "bundle"), "--top-k", "1"],
+                                        "--bundle", str(run / "bundle"), "--top-k", "1"],
         "torch (load_checkpoint)": [sys.executable, str(Path(__file__).resolve()), "--torch-infer",
                                     str(run / "checkpoint"), audio, str(labels)],
     }  # fmt: skip
@@ -192,6 +207,13 @@ def quantize_int8(source: Path, target: Path, keep_fp32: set[str]) -> int:
     return len(excluded)
 
 
+def ort_feeds(session, batch: np.ndarray) -> dict[str, np.ndarray]:
+    """The audio graph's inputs: ``waveform`` [B, T] and, in graphs that take it, ``waveform_lengths`` [B] int64 (real
+    samples per row; every benchmark row is a full clip)."""
+    feeds = {"waveform": batch, "waveform_lengths": np.full(len(batch), batch.shape[1], np.int64)}
+    return {i.name: feeds[i.name] for i in session.get_inputs()}
+
+
 def latency(fn, budget: float, min_reps: int, max_reps: int) -> list[float]:
     fn()  # warm-up: allocations, lazy kernels
     times: list[float] = []
@@ -236,14 +258,14 @@ def small_setup(run: Path):
     return model, waves, prototypes, f"{len(labels)} classes of the demo set, prompt ensemble"
 
 
-def base_setup(clips: int):
-    """The base preset's AST geometry with random weights (tiny image/text towers: only audio is measured)."""
+def random_setup(preset: str, clips: int):
+    """A preset's AST geometry with random weights (tiny image/text towers: only audio is measured)."""
     import torch
 
     from synergy.core.config import config_from_dict, load_config
     from synergy.core.model import create_model
 
-    base, tiny = load_config("base").to_dict(), load_config("tiny").to_dict()
+    base, tiny = load_config(preset).to_dict(), load_config("tiny").to_dict()
     torch.manual_seed(0)
     model = create_model(config_from_dict({**base, "image": tiny["image"], "text": tiny["text"]})).eval()
     audio = model.config.audio
@@ -275,7 +297,7 @@ def throughput(name: str, args, workdir: Path) -> dict:
     if name == "small":
         model, waves, prototypes, label_note = small_setup(args.run)
     else:
-        model, waves, prototypes, label_note = base_setup(args.base_clips)
+        model, waves, prototypes, label_note = random_setup(name.removesuffix("-audio"), args.base_clips)
     # the exporter `synergy export` uses; in memory the graph still knows which nodes are the log-mel front end
     exported = export_tower_graphs(model, opset=18)["audio"]
     graph = workdir / f"{name}-audio.onnx"
@@ -289,11 +311,10 @@ def throughput(name: str, args, workdir: Path) -> dict:
             out = model.encode_audio(torch.from_numpy(batch).to(device))
         return out.float().cpu().numpy()
 
-    def prepare(config: str):
-        """-> (run(batch) -> [B, D], notes). One configuration at a time: each onnxruntime session's arena grows to
-        its largest batch (GBs at batch 32 on the base tower), so a session is dropped before the next is made."""
+    def prepare(config: str) -> tuple[Path | None, dict]:
+        """Write the configuration's graph once -> (its path, or None for torch; notes)."""
         if config == "torch":
-            return torch_run, {}
+            return None, {}
         notes, path = {}, graph
         if config == "ort-opset23":
             path = workdir / f"{name}-audio-opset23.onnx"
@@ -305,40 +326,77 @@ def throughput(name: str, args, workdir: Path) -> dict:
         if config == "ort-int8":
             source, path = path, workdir / f"{name}-int8.onnx"
             notes["fp32_frontend_nodes"] = quantize_int8(source, path, set(exported.fp32_nodes))
+        return path, notes
+
+    def open_runner(path: Path | None):
+        """-> run(batch) -> [B, D]. A fresh session per round; the caller drops it before opening the next."""
+        if path is None:
+            return torch_run
         session = ort_session(path, device, args.threads)
-        return (lambda batch: session.run(None, {"waveform": batch})[0]), notes
+        return lambda batch: session.run(None, ort_feeds(session, batch))[0]
 
     reference = in_batches(torch_run, waves, 8)
     reference_top = (reference @ prototypes.T).argmax(1)
-    rows = []
+    graphs, notes, accuracy = {}, {}, {}
     for config in args.configs:
         t0 = time.perf_counter()
-        run, notes = prepare(config)
-        notes["prepare_seconds"] = round(time.perf_counter() - t0, 1)
+        graphs[config], notes[config] = prepare(config)
+        notes[config]["prepare_seconds"] = round(time.perf_counter() - t0, 1)
+        run = open_runner(graphs[config])
         out = reference if config == "torch" else in_batches(run, waves, 8)
+        del run  # frees the session and its arena
         cos = cosine(out, reference)
-        accuracy = {
+        accuracy[config] = {
             "cosine_mean": float(cos.mean()),
             "cosine_min": float(cos.min()),
             "zero_shot_agreement": float(((out @ prototypes.T).argmax(1) == reference_top).mean()),
             "eval_clips": len(waves),
         }
+
+    # interleaved rounds: A B C, A B C, ...; times[config][batch] = one list of call times per round
+    times = {c: {b: [] for b in args.batches} for c in args.configs}
+    budget = args.budget / max(1, args.rounds)
+    max_reps = max(args.min_reps, args.max_reps // max(1, args.rounds))
+    for round_index in range(args.rounds):
+        for config in args.configs:
+            run = open_runner(graphs[config])
+            for batch in args.batches:
+                feed = np.ascontiguousarray(np.resize(waves, (batch, waves.shape[1])))  # repeats clips past the set
+                calls = latency(lambda run=run, feed=feed: run(feed), budget, args.min_reps, max_reps)
+                times[config][batch].append(calls)
+                print(f"  round {round_index + 1}/{args.rounds}  {config:<11} batch {batch:>3}: "
+                      f"median {1e3 * statistics.median(calls):9.1f} ms  ({len(calls)} calls)", flush=True)  # fmt: skip
+            del run
+
+    rows = []
+    for config in args.configs:
         for batch in args.batches:
-            feed = np.ascontiguousarray(np.resize(waves, (batch, waves.shape[1])))  # repeats clips past the set
-            times = latency(lambda run=run, feed=feed: run(feed), args.budget, args.min_reps, args.max_reps)
-            p50 = float(np.percentile(times, 50))
+            every = [t for calls in times[config][batch] for t in calls]
+            per_round = [statistics.median(calls) for calls in times[config][batch]]
+            torch_rounds = times.get("torch", {}).get(batch)
+            ratios = (
+                [statistics.median(t) / m for t, m in zip(torch_rounds, per_round)] if torch_rounds else []
+            )  # torch's time / this configuration's time, round by round
+            p50 = float(np.percentile(every, 50))
             row = {"model": name, "config": config, "batch": batch, "p50_ms": 1e3 * p50,
-                   "p99_ms": 1e3 * float(np.percentile(times, 99)), "items_per_s": batch / p50, "reps": len(times),
-                   **accuracy, **notes}  # fmt: skip
+                   "p99_ms": 1e3 * float(np.percentile(every, 99)), "items_per_s": batch / p50, "reps": len(every),
+                   "round_medians_ms": [round(1e3 * m, 2) for m in per_round],
+                   "round_spread": (max(per_round) - min(per_round)) / statistics.median(per_round),
+                   "speedup_vs_torch": statistics.median(ratios) if ratios else None,
+                   "speedup_vs_torch_min": min(ratios) if ratios else None,
+                   "speedup_vs_torch_max": max(ratios) if ratios else None,
+                   **accuracy[config], **notes[config]}  # fmt: skip
             rows.append(row)
-            print(f"  {config:<10} batch {batch:>3}: p50 {row['p50_ms']:9.1f} ms  p99 {row['p99_ms']:9.1f} ms  "
-                  f"{row['items_per_s']:8.1f} clips/s  cos min {row['cosine_min']:.5f}  "
-                  f"agree {100 * row['zero_shot_agreement']:.1f}%  ({len(times)} reps)", flush=True)  # fmt: skip
-        del run  # frees the session and its arena
-    for row in rows:  # speed relative to torch eager at the same batch
-        torch_row = next((r for r in rows if r["config"] == "torch" and r["batch"] == row["batch"]), None)
-        row["speedup_vs_torch"] = row["items_per_s"] / torch_row["items_per_s"] if torch_row else None
-    return {"rows": rows, "labels": label_note, "clip_seconds": audio.clip_seconds,
+    print(f"\n  {'config':<11} {'batch':>5} {'p50 ms':>10} {'clips/s':>9} {'spread':>7} {'vs torch (min-max)':>20}"
+          f" {'cos min':>8} {'agree':>6}")  # fmt: skip
+    for row in rows:
+        speed = (f"{row['speedup_vs_torch']:.2f}x ({row['speedup_vs_torch_min']:.2f}-{row['speedup_vs_torch_max']:.2f})"
+                 if row["speedup_vs_torch"] is not None else "-")  # fmt: skip
+        print(f"  {row['config']:<11} {row['batch']:>5} {row['p50_ms']:>10.1f} {row['items_per_s']:>9.1f} "
+              f"{100 * row['round_spread']:>6.1f}% {speed:>20} {row['cosine_min']:>8.5f} "
+              f"{100 * row['zero_shot_agreement']:>5.1f}%")  # fmt: skip
+    return {"rows": rows, "labels": label_note, "clip_seconds": audio.clip_seconds, "rounds": args.rounds,
+            "order": "interleaved: each round runs every configuration, in --configs order",
             "geometry": {"layers": audio.layers, "width": audio.width, "heads": audio.heads}}  # fmt: skip
 
 
@@ -349,16 +407,36 @@ def environment(device: str, threads: int) -> dict:
     import onnxruntime
     import torch
 
+    torch.set_num_threads(threads)  # before reading the settings back: what every torch measurement then uses
     env = {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-           "threads": threads, "cpu_count": os.cpu_count()}  # fmt: skip
-    env["commit"] = git_commit()
+           "commit": git_commit(), "cpu": cpu_description()}  # fmt: skip
+    env["threads"] = {
+        "requested (--threads)": threads,  # torch.set_num_threads and onnxruntime intra_op_num_threads
+        "onnxruntime_inter_op": 1,
+        "torch_intra_op": torch.get_num_threads(),
+        "torch_inter_op": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        **{name: os.environ.get(name) for name in THREAD_VARIABLES},
+    }
+    env["load_average_at_start"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if device == "cuda":
         env["device"] = {"name": torch.cuda.get_device_name(0)}
     else:
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), platform.machine())  # fmt: skip
-        env["device"] = {"name": model, "cpu": True}
+        env["device"] = {"name": env["cpu"]["model"], "cpu": True}
     return env
+
+
+def cpu_description() -> dict:
+    """CPU model and the ISA flags that pick kernels (AVX2, AVX-512, VNNI, BF16, AMX), from /proc/cpuinfo."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return {"model": platform.processor() or platform.machine(), "isa": None}
+    field = lambda key: next((ln.split(":", 1)[1].strip() for ln in lines if ln.split(":")[0].strip() == key), None)
+    flags = set((field("flags") or "").split())
+    return {"model": field("model name") or platform.machine(), "isa": [f for f in ISA_FLAGS if f in flags],
+            "isa_absent": [f for f in ISA_FLAGS if f not in flags]}  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -367,12 +445,18 @@ def main(argv=None) -> int:
         torch_infer(*args.torch_infer)
         return 0
     models = [m for m in args.models if not (args.skip_base and m == "base-audio")]
+    if args.rounds < 1 or args.min_reps < 1:
+        print("--rounds and --min-reps must be >= 1", file=sys.stderr)
+        return 2
     needs_demo = "small" in models or not args.skip_cold
     if needs_demo and not (args.run / "bundle" / "manifest.json").is_file():
         print(f"{args.run}/bundle not found: run `make demo` first (or pass --run), or use --models base-audio "
               "--skip-cold", file=sys.stderr)  # fmt: skip
         return 2
     report = {"environment": environment(args.device, args.threads), "args": {k: str(v) for k, v in vars(args).items()}}
+    cpu = report["environment"]["cpu"]
+    print(f"{cpu['model']}; ISA: {' '.join(cpu['isa'] or []) or 'unknown'}; threads: {args.threads}; "
+          f"load average {report['environment']['load_average_at_start']}")  # fmt: skip
     out = args.out or RESULTS / f"runtime-{'cpu' if args.device == 'cpu' else 'cuda'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
