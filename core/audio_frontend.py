@@ -5,6 +5,10 @@ per-frame DC removal, pre-emphasis 0.97, symmetric Hann window, |DFT|^2 zero-pad
 bank from 20 Hz to Nyquist, natural log with a float32-epsilon floor; zero-pad or crop to ``num_frames`` after the
 log; then ``(x - mean) / (2 * std)``), so pretrained AST checkpoints see the features they were trained on.
 
+Each row carries its real number of samples (``lengths``): batches are zero-padded to one length, but a row's
+frames past its own samples are padding in the log domain (0 before normalisation), exactly where the extractor,
+run on that clip alone, pads; so a clip gets the same features alone or in a padded batch.
+
 Framing, DC removal, pre-emphasis, window and the real DFT are all linear in the samples of a frame, so they are
 folded into one matrix applied by one strided ``conv1d``: no STFT/FFT op (ONNX and TensorRT support for those is
 patchy) and no Python branch on the input length.
@@ -12,24 +16,19 @@ patchy) and no Python branch on the input length.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synergy.runtime.audio import count_frames, kaldi_frame_sizes
+
 PREEMPHASIS = 0.97
 LOW_FREQUENCY_HZ = 20.0
 # float32 machine epsilon: kaldi's (and the extractor's) floor before the log
 MEL_FLOOR = 1.192092955078125e-07
-
-
-def kaldi_frame_sizes(sample_rate: int) -> tuple[int, int, int]:
-    """Kaldi's frame length (25 ms), frame shift (10 ms) and FFT size (next power of two) in samples."""
-    frame_length = sample_rate * 25 // 1000
-    hop_length = sample_rate * 10 // 1000
-    fft_length = 1 << (frame_length - 1).bit_length()
-    return frame_length, hop_length, fft_length
 
 
 def kaldi_mel_filters(sample_rate: int, fft_length: int, n_mels: int) -> torch.Tensor:
@@ -82,7 +81,8 @@ class LogMelFrontend(nn.Module):
     (25 ms / 10 ms); the extractor's numpy path hard-codes 400 / 160 / 512, so the two agree at 16 kHz only.
 
     Clips shorter than ``num_frames`` frames are zero-padded in the log domain (as AST does) and longer ones are
-    cropped; a clip shorter than one frame (``T < frame_length``, including ``T = 0``) gives all padding.
+    cropped; a clip shorter than one frame (length < ``frame_length``, including 0) gives all padding (the
+    runtime and the data loader refuse such clips before they get here).
 
     The folded DFT kernel and the mel matrix are non-persistent buffers: rebuilt from the arguments in
     ``__init__``, they follow ``.to(device)`` but stay out of ``state_dict`` (checkpoints hold learned weights only)
@@ -120,25 +120,71 @@ class LogMelFrontend(nn.Module):
         self.register_buffer("mel_filters", mel, persistent=False)  # [n_freq, n_mels]
         frame_ends = torch.arange(num_frames) * self.hop_length + self.frame_length
         self.register_buffer("frame_ends", frame_ends, persistent=False)  # [num_frames] int64
+        self.register_buffer("sample_index", torch.arange(self.num_samples), persistent=False)  # [num_samples]
 
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        """waveform: [B, T] float -> [B, num_frames, n_mels] float32."""
-        num_samples_in = waveform.shape[-1]
+    def forward(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """waveform: [B, T] float, zero-padded rows; lengths: [B] int64 real samples per row (None: all T)
+        -> [B, num_frames, n_mels] float32."""
+        if lengths is None:
+            lengths = torch.full(waveform.shape[:1], waveform.shape[-1], dtype=torch.int64, device=waveform.device)
+        lengths = lengths.to(torch.int64).clamp(max=self.num_samples)[:, None]  # [B, 1]
         # autocast would run the conv in bf16/fp16 and bury quiet bins under rounding noise: keep float32
-        with torch.autocast(device_type=waveform.device.type, enabled=False):
+        with torch.autocast(device_type=waveform.device.type, enabled=False), _true_float32(waveform.device):
             wave = waveform.to(torch.float32)
             # pad then crop to exactly the samples num_frames frames read: the frame count is static, short clips
             # (even T < frame_length) never under-run the conv, and long clips cost no more than a full one
             wave = F.pad(wave, (0, self.num_samples))[:, : self.num_samples]  # [B, num_samples]
+            is_sample = self.sample_index < lengths  # [B, num_samples]
             # per-frame DC removal makes the output blind to a constant offset in exact arithmetic, but in float32
             # a large offset leaks through the rounded kernel (x100 error on a quiet tone riding 0.9 DC): remove
-            # the clip's mean first, which keeps that leak at the level of the signal's own rounding
-            wave = wave - wave.mean(dim=-1, keepdim=True)
+            # the clip's mean (over its real samples only) first, which keeps that leak at the level of the
+            # signal's own rounding
+            wave = torch.where(is_sample, wave, 0.0)
+            mean = wave.sum(dim=-1, keepdim=True) / lengths.clamp(min=1).to(torch.float32)
+            wave = torch.where(is_sample, wave - mean, 0.0)
             spectrum = F.conv1d(wave[:, None, :], self.dft_kernel, stride=self.hop_length)  # [B, 2 * n_freq, frames]
             real, imag = spectrum.split(self.n_freq, dim=1)
             power = (real.square() + imag.square()).transpose(1, 2)  # [B, num_frames, n_freq]
             log_mel = torch.log(torch.clamp(power @ self.mel_filters, min=MEL_FLOOR))  # [B, num_frames, n_mels]
-            # frames that ran past the real samples are padding: 0 in the log domain, as AST pads (snip-edges)
-            is_real_frame = self.frame_ends <= num_samples_in  # [num_frames]
-            log_mel = torch.where(is_real_frame[:, None], log_mel, 0.0)
+            # kaldi snip-edges: a frame that runs past the row's real samples is not a frame; AST pads the log-mel
+            # with 0 there (frames past the end of the tensor would read zeros instead: the same rule covers them)
+            is_real_frame = self.frame_ends <= lengths  # [B, num_frames]
+            log_mel = torch.where(is_real_frame[:, :, None], log_mel, 0.0)
             return (log_mel - self.mean) / (2.0 * self.std)
+
+
+def _true_float32(device: torch.device):
+    """cuDNN runs float32 convolutions in TF32 by default on Ampere and newer, and ``set_float32_matmul_precision``
+    lets matmuls do the same: 10 mantissa bits would move quiet bins between GPU training and the float32 ONNX
+    runtime. Force IEEE float32 for the front end on CUDA (restored afterwards); nothing to do on CPU or in export."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return _cuda_ieee_float32()
+
+
+@contextlib.contextmanager
+def _cuda_ieee_float32():
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32, matmul.allow_tf32 = False, False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+def check_clip_geometry(sample_rate: int, clip_seconds: float, num_frames: int) -> None:
+    """A clip must fill the tower's frames: none cropped (audio silently dropped from every window) and at most 5%
+    padding (AST's own AudioSet setting, 10 s in 1024 frames, pads 2.5%). Raises ``ValueError`` with the
+    consistent values."""
+    clip_samples = round(clip_seconds * sample_rate)
+    frames = count_frames(clip_samples, sample_rate)
+    hop = kaldi_frame_sizes(sample_rate)[1]
+    if frames > num_frames or num_frames - frames > max(3, 0.05 * num_frames):
+        consistent_seconds = num_frames * hop / sample_rate
+        consistent_frames = count_frames(round(consistent_seconds * sample_rate), sample_rate)
+        raise ValueError(
+            f"audio clip_seconds={clip_seconds:g} gives {frames} frames at {sample_rate} Hz but num_frames="
+            f"{num_frames}; use clip_seconds={consistent_seconds:g} for {num_frames} frames "
+            f"({consistent_frames} real), or num_frames={max(1, frames)} for {clip_seconds:g} s clips"
+        )

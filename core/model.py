@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from synergy.core.audio_frontend import LogMelFrontend
+from synergy.core.audio_frontend import LogMelFrontend, check_clip_geometry
 from synergy.core.config import SynergyConfig, load_config
 from synergy.core.towers import build_audio_tower, build_image_tower, build_text_tower
 
@@ -33,6 +33,7 @@ class SynergyModel(nn.Module):
         self.text_tower, text_width = build_text_tower(config.text, attn, hf.get("text"))
         self.audio_tower, audio_width = build_audio_tower(config.audio, attn, hf.get("audio"))
         a = config.audio
+        check_clip_geometry(a.sample_rate, a.clip_seconds, a.num_frames)
         self.audio_frontend = LogMelFrontend(a.sample_rate, a.n_mels, a.num_frames, a.mean, a.std)
         self.image_projection = nn.Linear(image_width, config.embed_dim, bias=False)
         self.text_projection = nn.Linear(text_width, config.embed_dim, bias=False)
@@ -52,9 +53,10 @@ class SynergyModel(nn.Module):
         hidden = self.text_tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, w]
         return F.normalize(self.text_projection(hidden[:, 0]), dim=-1)
 
-    def encode_audio(self, waveform: Tensor) -> Tensor:
-        """waveform: [B, T] mono at ``config.audio.sample_rate`` -> [B, D]."""
-        features = self.audio_frontend(waveform)  # [B, num_frames, n_mels], always float32 (quiet bins need it)
+    def encode_audio(self, waveform: Tensor, waveform_lengths: Tensor | None = None) -> Tensor:
+        """waveform: [B, T] mono at ``config.audio.sample_rate``, rows zero-padded; waveform_lengths: [B] int64 real
+        samples per row (None: every row is T long) -> [B, D]. A clip gives the same embedding alone or padded."""
+        features = self.audio_frontend(waveform, waveform_lengths)  # [B, frames, mels], float32 (quiet bins need it)
         features = features.to(self.audio_projection.weight.dtype)  # a half-precision tower gets half features
         pooled = self.audio_tower(input_values=features).pooler_output  # [B, width]
         return F.normalize(self.audio_projection(pooled), dim=-1)
@@ -63,13 +65,20 @@ class SynergyModel(nn.Module):
         """[3] exp'd scales for (image-text, text-audio, audio-image), clamped at 100 as in CLIP."""
         return self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
 
-    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, waveform: Tensor):
+    def forward(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        waveform: Tensor,
+        waveform_lengths: Tensor | None = None,
+    ):
         """One training batch -> ``(image, text, audio, logit_scales)``: [B, D] x 3 and [3]. The scales come out of
         forward so that DDP sees every parameter used inside its forward."""
         return (
             self.encode_image(pixel_values),
             self.encode_text(input_ids, attention_mask),
-            self.encode_audio(waveform),
+            self.encode_audio(waveform, waveform_lengths),
             self.logit_scales(),
         )
 

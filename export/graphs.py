@@ -9,7 +9,8 @@ which happen to be right for these towers today; it is also deprecated since tor
 dynamo path is paid once per process and checkpoint (:func:`export_tower_graphs` caches the graphs).
 
 Graph contract (``synergy.runtime.manifest``): inputs ``pixel_values`` [batch, 3, S, S] float32, ``input_ids`` +
-``attention_mask`` [batch, length] int64, ``waveform`` [batch, samples] float32; output ``embedding`` [batch, D].
+``attention_mask`` [batch, length] int64, ``waveform`` [batch, samples] float32 + ``waveform_lengths`` [batch]
+int64 (real samples per row: the front end pads in the log-mel domain past them); output ``embedding`` [batch, D].
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ class AudioGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, waveform: Tensor) -> Tensor:
-        return self.model.encode_audio(waveform)
+    def forward(self, waveform: Tensor, waveform_lengths: Tensor) -> Tensor:
+        return self.model.encode_audio(waveform, waveform_lengths)
 
 
 GRAPH_MODULES = {"image": ImageGraph, "text": TextGraph, "audio": AudioGraph}
@@ -91,13 +92,19 @@ def tower_specs(model: SynergyModel) -> dict[str, tuple[tuple[TensorSpec, ...], 
             ),
             output,
         ),
-        "audio": ((TensorSpec("waveform", "float32", ("batch", "samples")),), output),
+        "audio": (
+            (
+                TensorSpec("waveform", "float32", ("batch", "samples")),
+                TensorSpec("waveform_lengths", "int64", ("batch",)),
+            ),
+            output,
+        ),
     }
 
 
 def example_inputs(model: SynergyModel) -> dict[str, tuple[Tensor, ...]]:
-    """Batches of 2 (1 would let torch.export specialise the batch dim) with a padded text row, so the export
-    traces the attention-mask path rather than the no-padding shortcut."""
+    """Batches of 2 (1 would let torch.export specialise the batch dim) with a padded text row and a short audio
+    row, so the export traces the masking paths rather than the no-padding shortcuts."""
     config = model.config
     generator = torch.Generator().manual_seed(0)
     size = model.image_tower.config.image_size
@@ -110,7 +117,7 @@ def example_inputs(model: SynergyModel) -> dict[str, tuple[Tensor, ...]]:
     return {
         "image": (torch.randn(2, 3, size, size, generator=generator),),
         "text": (ids, mask),
-        "audio": (0.1 * torch.randn(2, samples, generator=generator),),
+        "audio": (0.1 * torch.randn(2, samples, generator=generator), torch.tensor([samples, samples // 2])),
     }
 
 
@@ -122,7 +129,7 @@ def _dynamic_shapes(modality: str, model: SynergyModel) -> dict:
         # positions beyond max_length have no position embedding: the graph's length is bounded by it
         length = torch.export.Dim("length", min=1, max=model.config.text.max_length)
         return {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}}
-    return {"waveform": {0: batch, 1: torch.export.Dim("samples", min=1)}}
+    return {"waveform": {0: batch, 1: torch.export.Dim("samples", min=1)}, "waveform_lengths": {0: batch}}
 
 
 _CACHE: dict[tuple, dict[str, TowerGraph]] = {}

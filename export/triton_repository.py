@@ -10,7 +10,9 @@ One model per tower, named ``synergy_<tower>``, each with a ``config.pbtxt`` and
 ``platform``: "onnxruntime" (Triton's ONNX Runtime backend; ``1/model.onnx``, or when the weights are external the
 directory layout ``1/model.onnx/model.onnx`` + its data file, which Triton copies as a unit) or "tensorrt"
 (``1/model.plan``, engines built for the server's GPU). The batch dim is Triton's (``max_batch_size``), so the
-configs list the other dims; variable dims are -1. Requests are batched server-side by ``dynamic_batching``;
+configs list the other dims; variable dims are -1. A per-row scalar such as ``waveform_lengths`` [batch] has no
+other dim: Triton needs at least one, so it is declared ``dims: [ 1 ]`` with ``reshape: { shape: [ ] }`` (the
+documented way to hand the model a [batch] tensor). Requests are batched server-side by ``dynamic_batching``;
 Triton only batches requests whose shapes agree, so text clients should pad to the model's max length.
 """
 
@@ -55,9 +57,9 @@ def model_config(
             if spec.shape[0] != "batch":
                 raise ValueError(f"{spec.name}: Triton batching needs the batch dim first, got {spec.shape}")
             dims = ", ".join("-1" if isinstance(d, str) else str(d) for d in spec.shape[1:])
-            blocks.append(
-                f'  {{\n    name: "{spec.name}"\n    data_type: {TRITON_DTYPES[spec.dtype]}\n    dims: [ {dims} ]\n  }}'
-            )
+            reshape = "" if dims else "\n    reshape: { shape: [ ] }"  # [batch] -> Triton's [batch, 1] and back
+            head = f'  {{\n    name: "{spec.name}"\n    data_type: {TRITON_DTYPES[spec.dtype]}\n'
+            blocks.append(f"{head}    dims: [ {dims or '1'} ]{reshape}\n  }}")
         return ",\n".join(blocks)
 
     # one instance per GPU for engines; ONNX models go where Triton finds a device (GPU if any, else CPU)

@@ -1,8 +1,9 @@
 """Verification of exported towers against PyTorch, run before an export reports success.
 
 Per tower: every item of a fixed evaluation set goes through the exported graph (or engine) in batches of 1, 3
-and 17 (so the dynamic batch dim is exercised), text at two or more lengths and audio at three lengths (shorter
-than a clip: padded frames; longer: cropped), and through the PyTorch model in float32. Measured: the largest
+and 17 (so the dynamic batch dim is exercised), text at two or more lengths, audio in batches that mix clips of
+different real lengths (a third of the built-in sounds are shorter than a clip) and at three tensor lengths
+(shorter than a clip: padded frames; longer: cropped), and through the PyTorch model in float32. Measured: the largest
 absolute error and the smallest cosine between the two embeddings of an item. Across towers: zero-shot top-1
 agreement, i.e. how often the exported model picks the same label as PyTorch for an image or a sound, the labels
 being embedded from the prompt templates by each side's own text tower.
@@ -67,9 +68,15 @@ THRESHOLDS = {"fp32": Thresholds(1e-4, 0.9999, None), "fp16": Thresholds(None, 0
 @dataclass(frozen=True)
 class EvaluationSet:
     images: np.ndarray  # [N, 3, S, S] float32, normalised
-    waveforms: np.ndarray  # [M, T] float32 at the model's sample rate, T = one clip
+    waveforms: np.ndarray  # [M, T] float32 at the model's sample rate, T = one clip, rows zero-padded
     labels: tuple[str, ...]
     source: str
+    waveform_lengths: np.ndarray | None = None  # [M] int64 real samples per row (None: every row is T long)
+
+    def audio_lengths(self) -> np.ndarray:
+        if self.waveform_lengths is not None:
+            return self.waveform_lengths
+        return np.full(self.waveforms.shape[0], self.waveforms.shape[1], np.int64)
 
 
 @dataclass(frozen=True)
@@ -196,15 +203,19 @@ def builtin_evaluation_set(
     # sounds: a tone with 1-4 harmonics and an attack/decay envelope at a random onset, over white noise
     t = np.arange(clip_samples, dtype=np.float64) / sample_rate
     waveforms = np.empty((count, clip_samples), np.float32)
+    lengths = np.full(count, clip_samples, np.int64)
     for n in range(count):
         f0 = rng.uniform(110, min(2000, sample_rate / 8))
         tone = sum(rng.uniform(0.2, 1.0) * np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 6.3)) for k in range(1, 5))
         onset = rng.uniform(0, 0.4) * t[-1]
         envelope = np.clip((t - onset) * 40, 0, 1) * np.exp(-np.clip(t - onset, 0, None) * rng.uniform(1, 8))
         wave = rng.uniform(0.05, 0.5) * tone / 4 * envelope + rng.normal(0, rng.uniform(0.001, 0.02), t.shape)
+        if n % 3 == 2:  # a third are short clips, so batches mix real lengths (padding must not move them)
+            lengths[n] = max(clip_samples // 10, round(rng.uniform(0.1, 0.9) * clip_samples))
+            wave[lengths[n] :] = 0.0
         waveforms[n] = wave.astype(np.float32)
-    source = f"built-in set: {count} pictures, {count} sounds, seed {seed}"
-    return EvaluationSet(images.astype(np.float32), waveforms, BUILTIN_LABELS, source)
+    source = f"built-in set: {count} pictures, {count} sounds ({int((lengths < clip_samples).sum())} short), seed {seed}"
+    return EvaluationSet(images.astype(np.float32), waveforms, BUILTIN_LABELS, source, lengths)
 
 
 def read_evaluation_set(
@@ -212,7 +223,7 @@ def read_evaluation_set(
 ) -> EvaluationSet:
     """Up to ``limit`` pictures and sounds of a Synergy-CLIP CSV, decoded as the runtime decodes them; labels are
     the CSV's distinct labels. Raises ``ValueError`` naming what is wrong with the file."""
-    from synergy.runtime.audio import load_audio
+    from synergy.runtime.audio import cut_window, load_audio, window_spans
     from synergy.runtime.errors import InputError
     from synergy.runtime.image import load_image, preprocess_image
 
@@ -223,22 +234,25 @@ def read_evaluation_set(
         rows = list(csv.DictReader(f))
     if not rows or not {"img_path", "wav_path", "label"} <= set(rows[0]):
         raise ValueError(f"evaluation data {csv_path}: expected a CSV with columns img_path, wav_path, label")
-    images, waveforms = [], []
+    images, waveforms, lengths = [], [], []
     try:
         for row in rows:
             if row["img_path"] and len(images) < limit:
                 picture = load_image(csv_path.parent / row["img_path"])
                 images.append(preprocess_image(picture, image_size, mean, std))
             if row["wav_path"] and len(waveforms) < limit:
-                wave = load_audio(csv_path.parent / row["wav_path"], sample_rate)[:clip_samples]
-                waveforms.append(np.pad(wave, (0, clip_samples - wave.shape[0])))
+                wave = load_audio(csv_path.parent / row["wav_path"], sample_rate)
+                window, length = cut_window(wave, window_spans(wave.shape[0], clip_samples)[0], clip_samples)
+                waveforms.append(window)
+                lengths.append(length)
     except InputError as error:
         raise ValueError(f"evaluation data {csv_path}: {error}") from error
     labels = tuple(sorted({row["label"] for row in rows if row["label"]}))
     if not images or not waveforms or len(labels) < 2:
         raise ValueError(f"evaluation data {csv_path}: needs pictures, sounds and at least two labels")
     source = f"{csv_path.name}: {len(images)} pictures, {len(waveforms)} sounds"
-    return EvaluationSet(np.stack(images).astype(np.float32), np.stack(waveforms).astype(np.float32), labels, source)
+    images, waveforms = np.stack(images).astype(np.float32), np.stack(waveforms).astype(np.float32)
+    return EvaluationSet(images, waveforms, labels, source, np.asarray(lengths, np.int64))
 
 
 # ------------------------------------------------------------------------------------------------ verification
@@ -331,7 +345,7 @@ def verify_towers(
                 return model.encode_image(tensors["pixel_values"]).numpy()
             if modality == "text":
                 return model.encode_text(tensors["input_ids"], tensors["attention_mask"]).numpy()
-            return model.encode_audio(tensors["waveform"]).numpy()
+            return model.encode_audio(tensors["waveform"], tensors["waveform_lengths"]).numpy()
 
     def embed_all(modality, count, make_feeds, length_of=None):
         """-> (exported [count, D], reference [count, D], TowerCheck), batches of 1, 3, 17, ..."""
@@ -349,14 +363,17 @@ def verify_towers(
         "image", len(evaluation.images), lambda i: {"pixel_values": evaluation.images[i]}
     )
     # sounds at one clip, then at a shorter and a longer length
-    waves = evaluation.waveforms
+    waves, real = evaluation.waveforms, evaluation.audio_lengths()
     clip = waves.shape[1]
     audio_out, audio_ref, audio_cmp = embed_all(
-        "audio", len(waves), lambda i: {"waveform": waves[i]}, lambda f: f["waveform"].shape[1]
+        "audio",
+        len(waves),
+        lambda i: {"waveform": waves[i], "waveform_lengths": real[i]},
+        lambda f: f["waveform"].shape[1],
     )
     for length in (round(fraction * clip) for fraction in audio_lengths):
         part = np.concatenate([waves[:3], waves[:3]], axis=1)[:, :length]  # longer: the clip played twice
-        feeds = {"waveform": np.ascontiguousarray(part)}
+        feeds = {"waveform": np.ascontiguousarray(part), "waveform_lengths": np.full(3, length, np.int64)}
         audio_cmp.add(runners["audio"](feeds), reference("audio", feeds), length)
     # prompts: each batch padded to its longest, then all of them padded to max_length
     templates = config.prompt_templates

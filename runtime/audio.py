@@ -6,9 +6,15 @@ Rules, chosen here and documented in the README:
   refused rather than guessed at (a 5.1 film mix or a microphone array is rarely what the caller meant).
 - The duration is checked from the header, before anything is decoded (``max_seconds``, default 10 minutes).
 - A file whose header promises more frames than it holds is truncated and refused, as are 0 frames and NaN/Inf.
-- Audio shorter than a clip is zero-padded at the end, as in training. Longer audio is cut into full clips every
-  ``clip * (1 - overlap)`` samples (default overlap 0.5); a last clip aligned to the end covers the tail, so every
-  window is real audio. The caller mean-pools the window embeddings and re-normalises.
+- Audio shorter than one kaldi analysis frame (25 ms) is refused: it has no frame, so the model would see only
+  padding. Audio up to one clip is one window that keeps its real length: the window is zero-padded to the clip
+  for batching, and its length travels with it, so the model pads in the log-mel domain exactly as transformers'
+  ``ASTFeatureExtractor`` does (a waveform padded with zeros would give different features). Longer audio is cut
+  into full clips every ``clip * (1 - overlap)`` samples (default overlap 0.5); a last clip aligned to the end
+  covers the tail, so every window is real audio. The caller mean-pools the window embeddings and re-normalises.
+
+Training, ``synergy eval`` and the runtime all cut windows with :func:`window_spans` and :func:`cut_window`: one
+source of truth, so the same file gives the same embedding everywhere (training adds only its random crop).
 """
 
 from __future__ import annotations
@@ -27,6 +33,20 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".
 MAX_CHANNELS = 2
 DEFAULT_MAX_SECONDS = 600.0
 DEFAULT_OVERLAP = 0.5
+
+
+def kaldi_frame_sizes(sample_rate: int) -> tuple[int, int, int]:
+    """Kaldi's frame length (25 ms), frame shift (10 ms) and FFT size (next power of two) in samples."""
+    frame_length = sample_rate * 25 // 1000
+    hop_length = sample_rate * 10 // 1000
+    fft_length = 1 << (frame_length - 1).bit_length()
+    return frame_length, hop_length, fft_length
+
+
+def count_frames(num_samples: int, sample_rate: int) -> int:
+    """Kaldi snip-edges frames in ``num_samples``: only frames that lie wholly inside the audio count."""
+    frame_length, hop_length, _ = kaldi_frame_sizes(sample_rate)
+    return 0 if num_samples < frame_length else 1 + (num_samples - frame_length) // hop_length
 
 
 def describe_audio(source, index: int) -> str:
@@ -66,6 +86,13 @@ def load_audio(
         )
     if rate != sample_rate:
         wave = soxr.resample(wave, rate, sample_rate, quality="HQ")
+    minimum = kaldi_frame_sizes(sample_rate)[0]
+    if wave.shape[0] < minimum:
+        raise UnsupportedAudio(
+            name,
+            f"{wave.shape[0] / sample_rate * 1000:.1f} ms long, shorter than one analysis frame "
+            f"({minimum * 1000 // sample_rate} ms = {minimum} samples at {sample_rate} Hz); pass at least that much audio",
+        )
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
@@ -158,26 +185,35 @@ def _check_waveform(samples, rate, name: str, max_seconds: float, max_channels: 
     return (samples.astype(np.float64) / full).astype(np.float32), rate
 
 
-def clip_audio(wave: np.ndarray, clip_samples: int, overlap: float = DEFAULT_OVERLAP) -> tuple[np.ndarray, list]:
-    """A waveform [T] -> (wave zero-padded to at least one clip [max(T, clip)], window start offsets).
+def window_spans(length: int, clip_samples: int, overlap: float = DEFAULT_OVERLAP) -> list[tuple[int, int]]:
+    """The windows of a waveform of ``length`` samples as ``(start, stop)`` spans, each at most one clip long.
 
-    Short audio is zero-padded at the end (one window). Long audio gives full clips starting every
-    ``clip_samples * (1 - overlap)`` samples, plus one aligned to the end when the last start leaves a tail.
-    Offsets rather than windows: the runtime cuts windows one batch at a time, so long files cost no copies.
+    Up to one clip: one span, the whole audio (its real length is kept; see the module docstring). Longer: full
+    clips starting every ``clip_samples * (1 - overlap)`` samples, plus one aligned to the end when the last start
+    leaves a tail. Spans rather than arrays, so long files cost no copies until a batch is cut.
     """
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    length = wave.shape[0]
     if length <= clip_samples:
-        return np.pad(wave, (0, clip_samples - length)), [0]
+        return [(0, length)]
     hop = max(1, round(clip_samples * (1.0 - overlap)))
     starts = list(range(0, length - clip_samples + 1, hop))
     if starts[-1] + clip_samples < length:
         starts.append(length - clip_samples)
-    return wave, starts
+    return [(start, start + clip_samples) for start in starts]
 
 
-def audio_windows(wave: np.ndarray, clip_samples: int, overlap: float = DEFAULT_OVERLAP) -> np.ndarray:
-    """Cut a waveform [T] into the model's clips: [W, clip_samples] (see ``clip_audio``)."""
-    wave, starts = clip_audio(wave, clip_samples, overlap)
-    return np.stack([wave[s : s + clip_samples] for s in starts])
+def cut_window(wave: np.ndarray, span: tuple[int, int], clip_samples: int) -> tuple[np.ndarray, int]:
+    """One window of ``wave`` [T] -> (samples zero-padded to the clip [clip_samples] float32, real length)."""
+    start, stop = span
+    window = np.zeros(clip_samples, np.float32)
+    window[: stop - start] = wave[start:stop]
+    return window, stop - start
+
+
+def audio_windows(
+    wave: np.ndarray, clip_samples: int, overlap: float = DEFAULT_OVERLAP
+) -> tuple[np.ndarray, np.ndarray]:
+    """A waveform [T] -> (windows [W, clip_samples] float32, real lengths [W] int64): what the audio graph takes."""
+    cut = [cut_window(wave, span, clip_samples) for span in window_spans(wave.shape[0], clip_samples, overlap)]
+    return np.stack([w for w, _ in cut]), np.array([n for _, n in cut], np.int64)

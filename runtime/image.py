@@ -1,9 +1,9 @@
 """Images in: decode (Pillow), convert to RGB, resize + center crop, normalise — the CLIP image processor's steps.
 
-The steps are those of training's evaluation path (``train/data.py``): resize so the shortest edge is ``size``
-(bicubic; the long edge rounded), center crop ``size`` x ``size``, /255, subtract the mean, divide by the std.
-``transformers.CLIPImageProcessor`` floors the long edge instead of rounding: at most one pixel of difference
-before the crop. EXIF orientation is not applied, as in training.
+The same steps as ``transformers.CLIPImageProcessor`` (tested against it): transparency is composited onto white,
+the shortest edge is resized to ``size`` (bicubic, the long edge floored), center crop ``size`` x ``size``, /255,
+subtract the mean, divide by the std. EXIF orientation is not applied, as transformers does not. Training and
+evaluation call these functions too (training swaps the resize + center crop for its random resized crop).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def load_image(source, *, name: str | None = None) -> Image.Image:
             )
         if min(source.shape[:2]) == 0:
             raise UnsupportedImage(name, f"array of shape {source.shape} has no pixels")
-        return Image.fromarray(source).convert("RGB")
+        return _to_rgb(Image.fromarray(source), name)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
@@ -77,20 +77,41 @@ def load_image(source, *, name: str | None = None) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image, name: str) -> Image.Image:
+    """Any mode -> RGB; transparency (an alpha band, or a palette/greyscale transparency key) is composited onto
+    white, as transformers' ``convert_to_rgb`` does (a plain ``convert("RGB")`` would show what lies under it)."""
     if min(image.size) == 0:
         raise UnsupportedImage(name, f"image of size {image.size} has no pixels")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_shortest_edge(image: Image.Image, size: int) -> Image.Image:
+    """Shortest edge to ``size`` (bicubic), the long edge ``int(size * long / short)`` as transformers computes it."""
+    width, height = image.size
+    if width <= height:
+        new_width, new_height = size, int(size * height / width)
+    else:
+        new_width, new_height = int(size * width / height), size
+    if (new_width, new_height) == (width, height):
+        return image
+    return image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+
+
+def normalise_pixels(image: Image.Image, mean, std) -> np.ndarray:
+    """RGB image [H, W] -> [3, H, W] float32: /255, (x - mean) / std."""
+    pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # [H, W, 3]
+    pixels = (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def preprocess_image(image: Image.Image, size: int, mean, std) -> np.ndarray:
-    """RGB image -> pixel_values [3, size, size] float32: shortest edge to ``size`` (bicubic), center crop, /255,
-    (x - mean) / std."""
+    """RGB image -> pixel_values [3, size, size] float32: shortest edge to ``size``, center crop, normalise."""
+    image = resize_shortest_edge(image, size)
     width, height = image.size
-    scale = size / min(width, height)
-    new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
-    if (new_width, new_height) != (width, height):
-        image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
-    top, left = (new_height - size) // 2, (new_width - size) // 2
-    pixels = np.asarray(image, dtype=np.float32)[top : top + size, left : left + size]  # [size, size, 3]
-    pixels = (pixels / np.float32(255.0) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # [3, size, size]
+    top, left = (height - size) // 2, (width - size) // 2
+    return normalise_pixels(image.crop((left, top, left + size, top + size)), mean, std)

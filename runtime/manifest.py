@@ -5,8 +5,12 @@ A bundle is a folder::
     manifest.json  image.onnx  text.onnx  audio.onnx  (or *.plan for TensorRT)  tokenizer.json
 
 Graph contract (every backend): inputs are ``pixel_values`` [B,3,H,W] float32, ``input_ids`` + ``attention_mask``
-[B,L] int64, ``waveform`` [B,T] float32 at the model's sample rate; the output is ``embedding`` [B,D] float32,
-L2-normalised. This module imports only the standard library (it is the runtime's ground floor).
+[B,L] int64, ``waveform`` [B,T] float32 at the model's sample rate (rows zero-padded) + ``waveform_lengths`` [B]
+int64 (each row's real samples); the output is ``embedding`` [B,D] float32, L2-normalised.
+
+Format versions: 1 fed the audio graph a waveform only (short clips were zero-padded as samples, which is not
+how AST pads: wrong embeddings for clips shorter than one clip); 2 adds ``waveform_lengths``. A version-1 bundle
+is refused with the command that re-exports it. This module imports only the standard library (it is the runtime's ground floor).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+AUDIO_INPUTS = ("waveform", "waveform_lengths")
 MANIFEST_NAME = "manifest.json"
 MODALITIES = ("image", "text", "audio")
 PAIRS = ("image_text", "text_audio", "audio_image")
@@ -84,6 +89,12 @@ class Manifest:
         version = data.get("format_version")
         if not isinstance(version, int):
             raise BundleError("manifest.json has no integer 'format_version'; this is not a Synergy bundle")
+        if version < FORMAT_VERSION:
+            raise BundleError(
+                f"bundle format version {version} is older than this runtime reads ({FORMAT_VERSION}): its audio graph "
+                "pads short clips as samples instead of in the log-mel domain, which gives wrong embeddings; "
+                "re-export it from its checkpoint: synergy export CHECKPOINT --out NEW_BUNDLE"
+            )
         if version > FORMAT_VERSION:
             raise BundleError(
                 f"bundle format version {version} is newer than this runtime reads ({FORMAT_VERSION}); "
@@ -100,7 +111,7 @@ class Manifest:
                 for name, t in data["towers"].items()
             }
             image, audio, text = data["image"], data["audio"], data["text"]
-            return cls(
+            manifest = cls(
                 embed_dim=int(data["embed_dim"]),
                 logit_scales={k: float(v) for k, v in data["logit_scales"].items()},
                 towers=towers,
@@ -117,6 +128,11 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as error:
             raise BundleError(f"manifest.json is malformed: {error!r}; re-export the bundle") from error
+        audio = manifest.towers.get("audio")
+        if audio is not None and tuple(t.name for t in audio.inputs) != AUDIO_INPUTS:
+            names = [t.name for t in audio.inputs]
+            raise BundleError(f"manifest.json: the audio tower's inputs are {names}, expected {list(AUDIO_INPUTS)}")
+        return manifest
 
 
 def sha256_file(path: Path) -> str:

@@ -11,7 +11,8 @@ Choices, documented here once:
   sequence. A bad item is a typed ``InputError`` for that item: ``embed_batch`` returns it beside the others'
   vectors and ``classify`` returns it in that item's ``Prediction``; the strict ``embed_*`` raise it.
 - Long audio: windows of the model's clip (``audio_overlap``, default 0.5) whose embeddings are averaged and
-  re-normalised; short audio is zero-padded at the end, as in training (see ``audio.py``).
+  re-normalised; short audio is one window that keeps its real length, which the audio graph takes beside the
+  samples, so padding never changes an embedding (see ``audio.py``).
 - Labels: each label's embedding is the normalised mean of its normalised prompt embeddings (the manifest's
   templates); cached per label for the life of the runtime.
 - Several modalities for one item (``classify(audio=..., image=...)``): the item's embedding is the normalised mean
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import DEFAULT_MAX_SECONDS, DEFAULT_OVERLAP, clip_audio, describe_audio, load_audio
+from .audio import DEFAULT_MAX_SECONDS, DEFAULT_OVERLAP, cut_window, describe_audio, load_audio, window_spans
 from .batcher import MicroBatcher
 from .errors import BackendError, InferUsageError, InputError
 from .image import describe_image, load_image, preprocess_image
@@ -301,8 +302,8 @@ class Runtime:
     # -------------------------------------------------------------------------------------------------- decoding
 
     def _decode(self, modality: str, items: list) -> tuple[list, list[InputError | None], list[str]]:
-        """items -> (model-ready arrays or None, errors or None, display names). Audio: [W, clip] windows;
-        image: [3, S, S]; text: the string."""
+        """items -> (model-ready values or None, errors or None, display names). Audio: (waveform [T], window
+        spans); image: [3, S, S]; text: the string."""
         decoded, errors, sources = [], [], []
         size, mean, std = self.manifest.image.size, self.manifest.image.mean, self.manifest.image.std
         rate = self.manifest.audio.sample_rate
@@ -312,7 +313,7 @@ class Runtime:
                 if modality == "audio":
                     name = describe_audio(item, index)
                     wave = load_audio(item, rate, name=name, max_seconds=self.max_audio_seconds)
-                    value = clip_audio(wave, clip, self.audio_overlap)  # (wave, window starts)
+                    value = (wave, window_spans(wave.shape[0], clip, self.audio_overlap))
                 elif modality == "image":
                     name = describe_image(item, index)
                     value = preprocess_image(load_image(item, name=name), size, mean, std)
@@ -352,13 +353,14 @@ class Runtime:
             return np.zeros((0, dim), np.float32)
         if modality == "audio":
             clip = round(self.manifest.audio.clip_seconds * self.manifest.audio.sample_rate)
-            windows = [(owner, start) for owner, (_, starts) in enumerate(values) for start in starts]
-            name = spec.inputs[0].name
+            windows = [(owner, span) for owner, (_, spans) in enumerate(values) for span in spans]
+            wave_name, lengths_name = (t.name for t in spec.inputs)
             pooled = np.zeros((len(values), dim), np.float64)
             for i in range(0, len(windows), batch_size):
                 chunk = windows[i : i + batch_size]
-                batch = np.stack([values[owner][0][start : start + clip] for owner, start in chunk])  # [b, clip]
-                np.add.at(pooled, [owner for owner, _ in chunk], self._run("audio", {name: batch}))
+                cut = [cut_window(values[owner][0], span, clip) for owner, span in chunk]
+                feeds = {wave_name: np.stack([w for w, _ in cut]), lengths_name: np.array([n for _, n in cut])}
+                np.add.at(pooled, [owner for owner, _ in chunk], self._run("audio", feeds))  # feeds: [b, clip], [b]
             return l2_normalise(pooled).astype(np.float32)  # mean of the window embeddings, re-normalised
         if modality == "image":
             name = spec.inputs[0].name

@@ -1,8 +1,13 @@
 """Manifest data: Synergy-CLIP's CSV (``img_path, wav_path, label, caption``) -> tri-modal batches.
 
-Paths are relative to the CSV; an empty cell means that modality is missing for the row. A row whose file is
-missing or undecodable becomes a *bad sample* naming its path and row number: the collate function drops it and
-the trainer counts it (``on_bad_sample="skip"``) or stops with that message (``"error"``).
+Paths are relative to the CSV's folder; an empty cell means that modality is missing for the row. A row whose file
+is missing or undecodable, a row with no modality at all and a row with too few columns become *bad samples* naming
+the path and manifest line: the collate function masks them out and the trainer counts them
+(``on_bad_sample="skip"``) or stops with that message (``"error"``).
+
+Decoding and preprocessing are the runtime's (``synergy.runtime``: audio, image, windows, tokenizing), so training,
+``synergy eval`` and ``synergy infer`` see the same input for the same file; training adds only a random crop of
+long audio and a random resized crop of images.
 """
 
 from __future__ import annotations
@@ -13,11 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile
-import soxr
 import torch
 from PIL import Image
 from tokenizers import Tokenizer
+
+from synergy.runtime.audio import cut_window, load_audio, window_spans
+from synergy.runtime.errors import InputError
+from synergy.runtime.image import load_image, normalise_pixels, preprocess_image
+from synergy.runtime.text import tokenize
+from synergy.train.seeds import stable_seed
 
 COLUMNS = ("img_path", "wav_path", "label", "caption")
 
@@ -33,28 +42,37 @@ class Row:
     audio: Path | None
     label: str
     caption: str
+    problem: str | None = None  # why the row cannot be used (reported as a bad sample), None when it can
 
 
 def read_manifest(path: str | Path) -> list[Row]:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: manifest not found; create one with `synergy data synth --out DIR`")
+        raise DataError(f"{path}: manifest not found; check the path (a CSV with columns {','.join(COLUMNS)})")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise DataError(f"{path}: missing column(s) {missing}; expected header {','.join(COLUMNS)}")
+        width = len(reader.fieldnames)
         root = path.parent
         rows = []
-        for line, record in enumerate(reader, start=2):
-            image, audio = (record["img_path"] or "").strip(), (record["wav_path"] or "").strip()
+        for record in reader:
+            line = reader.line_num  # the CSV line the record ended on (captions may hold newlines)
+            cells = {c: (record[c] or "").strip() for c in COLUMNS}
+            problem = None
+            if None in record.values():
+                problem = f"{sum(v is None for v in record.values())} of {width} columns missing"
+            elif not any(cells.values()):
+                problem = "no image, audio, label or caption: the row has no modality"
             rows.append(
                 Row(
                     line=line,
-                    image=root / image if image else None,
-                    audio=root / audio if audio else None,
-                    label=(record["label"] or "").strip(),
-                    caption=(record["caption"] or "").strip(),
+                    image=root / cells["img_path"] if cells["img_path"] else None,
+                    audio=root / cells["wav_path"] if cells["wav_path"] else None,
+                    label=cells["label"],
+                    caption=cells["caption"],
+                    problem=problem,
                 )
             )
     if not rows:
@@ -62,47 +80,22 @@ def read_manifest(path: str | Path) -> list[Row]:
     return rows
 
 
-def load_image(path: Path, size: int, mean, std, rng: np.random.Generator | None) -> np.ndarray:
-    """-> [3, size, size] float32. Training (``rng`` given): random resized crop over 80-100% of the area."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-    w, h = img.size
-    if rng is not None:
-        scale = rng.uniform(0.8, 1.0)
-        cw, ch = max(1, round(w * math.sqrt(scale))), max(1, round(h * math.sqrt(scale)))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        img = img.crop((x, y, x + cw, y + ch)).resize((size, size), Image.BICUBIC)
-    else:  # shortest edge to size, then centre crop: what the runtime does
-        s = size / min(w, h)
-        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        w, h = img.size
-        x, y = (w - size) // 2, (h - size) // 2
-        img = img.crop((x, y, x + size, y + size))
-    pixels = np.asarray(img, dtype=np.float32) / 255.0  # [H, W, 3]
-    pixels = (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
-
-
-def load_audio(path: Path, sample_rate: int, clip_samples: int, rng: np.random.Generator | None) -> np.ndarray:
-    """-> [clip_samples] float32 mono at ``sample_rate``. Training: random crop when longer; padding at the end."""
-    wave, sr = soundfile.read(str(path), dtype="float32", always_2d=True)  # [T, C]
-    if wave.shape[0] == 0:
-        raise DataError("0 frames (empty audio)")
-    if not np.isfinite(wave).all():
-        raise DataError("NaN or Inf samples")
-    wave = wave.mean(axis=1)
-    if sr != sample_rate:
-        wave = soxr.resample(wave, sr, sample_rate).astype(np.float32)
-    if len(wave) > clip_samples:
-        start = int(rng.integers(0, len(wave) - clip_samples + 1)) if rng is not None else 0
-        wave = wave[start : start + clip_samples]
-    return np.pad(wave, (0, clip_samples - len(wave)))
+def random_resized_crop(path: Path, size: int, rng: np.random.Generator) -> Image.Image:
+    """Training's image augmentation: a random crop over 80-100% of the area, resized to ``size`` x ``size``
+    (bicubic), normalised by the caller. -> RGB PIL image."""
+    image = load_image(path, name=str(path))
+    w, h = image.size
+    scale = rng.uniform(0.8, 1.0)
+    cw, ch = max(1, round(w * math.sqrt(scale))), max(1, round(h * math.sqrt(scale)))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return image.crop((x, y, x + cw, y + ch)).resize((size, size), Image.Resampling.BICUBIC)
 
 
 class ManifestDataset(torch.utils.data.Dataset):
     """Items are ``(row index, augmentation seed)`` pairs, so augmentation is a pure function of the sampler's
     output: a resumed run and a DDP rank see exactly the samples an uninterrupted single process would.
-    ``augment_seed=None`` means evaluation: no augmentation, first template."""
+    ``augment_seed=None`` means evaluation: no augmentation, first template, and long audio cut into every
+    window (as the runtime cuts it); training takes one random clip of long audio."""
 
     def __init__(self, rows, *, image_size, mean, std, sample_rate, clip_seconds, text_mode, templates):
         if text_mode not in ("prompt", "caption", "mixed"):
@@ -124,33 +117,52 @@ class ManifestDataset(torch.utils.data.Dataset):
         template = self.templates[int(rng.integers(len(self.templates)))] if rng is not None else self.templates[0]
         return template.format(row.label)
 
+    def _image(self, path: Path, rng) -> np.ndarray:
+        """-> [3, size, size] float32."""
+        if rng is None:
+            return preprocess_image(load_image(path, name=str(path)), self.image_size, self.mean, self.std)
+        return normalise_pixels(random_resized_crop(path, self.image_size, rng), self.mean, self.std)
+
+    def _audio(self, path: Path, rng) -> tuple[np.ndarray, np.ndarray]:
+        """-> (windows [W, clip_samples] float32 zero-padded, real lengths [W] int64); W = 1 in training."""
+        wave = load_audio(path, self.sample_rate, name=str(path))
+        if rng is None:
+            spans = window_spans(wave.shape[0], self.clip_samples)
+        else:
+            start = int(rng.integers(0, max(0, wave.shape[0] - self.clip_samples) + 1))
+            spans = [(start, min(wave.shape[0], start + self.clip_samples))]
+        cut = [cut_window(wave, span, self.clip_samples) for span in spans]
+        return np.stack([w for w, _ in cut]), np.array([n for _, n in cut], np.int64)
+
     def __getitem__(self, item):
         index, augment_seed = item if isinstance(item, tuple) else (item, None)
         row = self.rows[index]
         rng = np.random.default_rng(augment_seed) if augment_seed is not None else None
-        sample = {"index": index, "label": row.label, "bad": None}
+        sample = {"index": index, "label": row.label, "bad": None, "image": None, "audio": None}
         current = None
         try:
+            if row.problem:
+                raise DataError(row.problem)
             current = row.image
-            sample["image"] = (
-                load_image(row.image, self.image_size, self.mean, self.std, rng) if row.image is not None else None
-            )
+            sample["image"] = self._image(row.image, rng) if row.image is not None else None
             current = row.audio
-            sample["audio"] = (
-                load_audio(row.audio, self.sample_rate, self.clip_samples, rng) if row.audio is not None else None
-            )
+            sample["audio"] = self._audio(row.audio, rng) if row.audio is not None else None
         except Exception as error:  # any decoder failure is this sample's problem, reported with its row
-            reason = str(error) or type(error).__name__
-            if isinstance(error, FileNotFoundError) or (current is not None and not current.exists()):
-                reason = "file not found"
-            sample["bad"] = f"{current}: {reason} (manifest line {row.line})"
+            reason = error.problem if isinstance(error, InputError) else (str(error) or type(error).__name__)
+            where = f"{current}: " if current is not None else ""
+            sample["bad"] = f"{where}{reason} (manifest line {row.line})"
+            sample["image"] = sample["audio"] = None
         sample["text"] = self._text(row, rng if rng is not None else np.random.default_rng(0))
         return sample
 
 
 class Collate:
     """Samples -> batch dict of tensors with per-modality validity masks. A bad sample stays in the batch as a row
-    with every modality masked out (so every DDP rank keeps the same batch shape) and its message is listed."""
+    with every modality masked out (so every DDP rank keeps the same batch shape) and its message is listed.
+
+    Audio comes as windows: ``waveform`` [W, clip] (zero-padded) with ``waveform_lengths`` [W] (real samples) and
+    ``audio_owner`` [W] (the row of each window). Every row has at least one window (an empty one, length 0, where
+    it has no audio), so with one window per row, as in training, ``waveform`` lines up with the rows."""
 
     def __init__(self, tokenizer: Tokenizer, image_size: int, clip_samples: int):
         self.tokenizer, self.image_size, self.clip_samples = tokenizer, image_size, clip_samples
@@ -158,22 +170,29 @@ class Collate:
     def __call__(self, samples):
         n = len(samples)
         image = torch.zeros(n, 3, self.image_size, self.image_size)
-        waveform = torch.zeros(n, self.clip_samples)
         has = {m: torch.zeros(n, dtype=torch.bool) for m in ("image", "audio", "text")}
+        windows, lengths, owners = [], [], []
         for i, s in enumerate(samples):
+            audio = None if s["bad"] else s["audio"]
+            if audio is None:
+                audio = (np.zeros((1, self.clip_samples), np.float32), np.zeros(1, np.int64))
+            windows.append(audio[0])
+            lengths.append(audio[1])
+            owners += [i] * len(audio[1])
             if s["bad"]:
                 continue
             if s["image"] is not None:
                 image[i], has["image"][i] = torch.from_numpy(s["image"]), True
-            if s["audio"] is not None:
-                waveform[i], has["audio"][i] = torch.from_numpy(s["audio"]), True
+            has["audio"][i] = s["audio"] is not None
             has["text"][i] = bool(s["text"])
-        encodings = self.tokenizer.encode_batch([s["text"] or "" for s in samples])
+        ids, mask = tokenize(self.tokenizer, [s["text"] or "" for s in samples])
         return {
             "pixel_values": image,  # [B, 3, H, W]
-            "waveform": waveform,  # [B, T]
-            "input_ids": torch.tensor([e.ids for e in encodings], dtype=torch.long),  # [B, L]
-            "attention_mask": torch.tensor([e.attention_mask for e in encodings], dtype=torch.long),
+            "waveform": torch.from_numpy(np.concatenate(windows)),  # [W, clip]
+            "waveform_lengths": torch.from_numpy(np.concatenate(lengths)),  # [W]
+            "audio_owner": torch.tensor(owners, dtype=torch.long),  # [W]
+            "input_ids": torch.from_numpy(ids),  # [B, L]
+            "attention_mask": torch.from_numpy(mask),
             "image_mask": has["image"],
             "audio_mask": has["audio"],
             "text_mask": has["text"],
@@ -206,4 +225,4 @@ class EpochBatches(torch.utils.data.Sampler):
             if len(batch) < self.batch_size:  # fewer rows than one batch: wrap around
                 batch = (batch * (self.batch_size // max(1, len(batch)) + 1))[: self.batch_size]
             mine = batch[self.rank * local : (self.rank + 1) * local]
-            yield [(i, hash((self.seed, step, slot + self.rank * local)) & 0x7FFFFFFF) for slot, i in enumerate(mine)]
+            yield [(i, stable_seed(self.seed, step, slot + self.rank * local)) for slot, i in enumerate(mine)]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from synergy.core.model import SynergyModel
+from synergy.runtime.text import tokenize
 from synergy.train.data import Collate, ManifestDataset, read_manifest
 
 DIRECTIONS = [(q, t) for q in ("image", "text", "audio") for t in ("image", "text", "audio") if q != t]
@@ -17,8 +18,11 @@ DIRECTIONS = [(q, t) for q in ("image", "text", "audio") for t in ("image", "tex
 
 @torch.no_grad()
 def embed_manifest(model: SynergyModel, tokenizer, csv_path, batch_size: int = 64, workers: int = 0) -> dict:
-    """Every row of a manifest -> {"image"|"text"|"audio": [N, D], "<m>_mask": [N] bool, "labels": [N]}.
-    Text is the caption (the label in the first template where the caption is empty)."""
+    """Every row of a manifest -> {"image"|"text"|"audio": [N, D], "<m>_mask": [N] bool, "labels": [N]} on the
+    CPU, in float32. Inputs are decoded and cut exactly as the runtime does (``synergy.runtime``): audio longer
+    than a clip is every window, the window embeddings averaged and re-normalised, so ``synergy eval`` and
+    ``synergy infer`` agree on every file. Text is the caption (the label in the first template where the caption
+    is empty). Batches go to the model's device."""
     config = model.config
     rows = read_manifest(csv_path)
     dataset = ManifestDataset(
@@ -33,17 +37,29 @@ def embed_manifest(model: SynergyModel, tokenizer, csv_path, batch_size: int = 6
     )
     collate = Collate(tokenizer, config.image.image_size, dataset.clip_samples)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     parts: dict[str, list] = {k: [] for k in ("image", "text", "audio", "image_mask", "text_mask", "audio_mask")}
     labels, bad = [], []
     for batch in loader:
         bad += batch["bad"]
-        image, text, audio, _ = model(
-            batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["waveform"]
+        on_device = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        image = model.encode_image(on_device["pixel_values"])
+        text = model.encode_text(on_device["input_ids"], on_device["attention_mask"])
+        audio = torch.cat(  # long audio has several windows: run them batch_size at a time
+            [
+                model.encode_audio(waves, lengths).float()
+                for waves, lengths in zip(
+                    on_device["waveform"].split(batch_size), on_device["waveform_lengths"].split(batch_size)
+                )
+            ]
         )
+        pooled = torch.zeros(len(batch["labels"]), audio.shape[1], device=device)
+        pooled.index_add_(0, on_device["audio_owner"], audio)  # mean of the window embeddings, re-normalised
+        audio = F.normalize(pooled, dim=-1)
         for name, value in (("image", image), ("text", text), ("audio", audio)):
-            parts[name].append(value.float())
+            parts[name].append(value.float().cpu())
             parts[f"{name}_mask"].append(batch[f"{name}_mask"])
         labels += batch["labels"]
     model.train(was_training)
@@ -54,15 +70,16 @@ def embed_manifest(model: SynergyModel, tokenizer, csv_path, batch_size: int = 6
 
 @torch.no_grad()
 def label_embeddings(model: SynergyModel, tokenizer, labels: list[str], templates=None) -> torch.Tensor:
-    """[K, D]: each label through every prompt template, embeddings averaged and re-normalised (prompt ensemble)."""
+    """[K, D] on the CPU: each label through every prompt template, embeddings averaged and re-normalised
+    (prompt ensemble), tokenized as the runtime tokenizes."""
     templates = templates or model.config.prompt_templates
     texts = [t.format(label) for label in labels for t in templates]
-    enc = tokenizer.encode_batch(texts)
-    ids = torch.tensor([e.ids for e in enc])
-    mask = torch.tensor([e.attention_mask for e in enc])
+    ids, mask = tokenize(tokenizer, texts)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    emb = model.encode_text(ids, mask).float().reshape(len(labels), len(templates), -1).mean(1)
+    emb = model.encode_text(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
+    emb = emb.float().cpu().reshape(len(labels), len(templates), -1).mean(1)
     model.train(was_training)
     return F.normalize(emb, dim=-1)
 
@@ -121,28 +138,26 @@ def evaluate(model: SynergyModel, tokenizer, csv_path, labels: list[str] | None 
 
 
 def format_report(results: dict[str, dict]) -> str:
-    """results: split name -> evaluate() output. A table for people."""
-    lines = []
+    """results: split name -> evaluate() output. A table for people; each column is as wide as its split's name."""
     splits = list(results)
-    header = f"{'zero-shot top-1 (%)':<24}" + "".join(f"{s:>14}" for s in splits)
+    widths = [max(10, len(s)) + 2 for s in splits]  # two spaces between columns, whatever the names
+
+    def row(title: str, cells: list[str], first: int) -> str:
+        return f"{title:<{first}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths))
+
+    lines = []
+    header = row("zero-shot top-1 (%)", splits, 24)
     lines += [header, "-" * len(header)]
     for task in ("audio", "image", "audio+image"):
-        cells = []
-        for s in splits:
-            value = results[s]["zero_shot"].get(task)
-            cells.append(f"{value['top1']:>14.1f}" if value else f"{'-':>14}")
-        lines.append(f"{task + ' -> label':<24}" + "".join(cells))
-    lines.append(f"{'classes (chance %)':<24}" + "".join(f"{100 / results[s]['classes']:>14.1f}" for s in splits))
+        values = [results[s]["zero_shot"].get(task) for s in splits]
+        lines.append(row(task + " -> label", [f"{v['top1']:.1f}" if v else "-" for v in values], 24))
+    lines.append(row("classes (chance %)", [f"{100 / results[s]['classes']:.1f}" for s in splits], 24))
     lines.append("")
-    header = f"{'retrieval R@1/R@5 (%)':<34}" + "".join(f"{s:>14}" for s in splits)
+    header = row("retrieval R@1/R@5 (%)", splits, 34)
     lines += [header, "-" * len(header)]
-    keys = list(results[splits[0]]["retrieval"])
-    for key in keys:
-        cells = []
-        for s in splits:
-            r = results[s]["retrieval"].get(key)
-            cells.append(f"{r['R@1']:>7.1f}/{r['R@5']:<6.1f}" if r else f"{'-':>14}")
-        lines.append(f"{key:<34}" + "".join(cells))
+    for key in results[splits[0]]["retrieval"]:
+        values = [results[s]["retrieval"].get(key) for s in splits]
+        lines.append(row(key, [f"{v['R@1']:.1f}/{v['R@5']:.1f}" if v else "-" for v in values], 34))
     return "\n".join(lines)
 
 

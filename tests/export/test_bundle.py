@@ -44,7 +44,9 @@ def _inputs(model, modality: str, batch: int, length: int | None = None, seed: i
             ids[row, keep:] = 0
         return {"input_ids": ids.astype(np.int64), "attention_mask": mask}
     samples = length or round(config.audio.clip_seconds * config.audio.sample_rate)
-    return {"waveform": (0.1 * rng.standard_normal((batch, samples))).astype(np.float32)}
+    real = np.full(batch, samples, np.int64)
+    real[1::2] = rng.integers(samples // 4, samples, real[1::2].shape)  # ragged rows: padding past their length
+    return {"waveform": (0.1 * rng.standard_normal((batch, samples))).astype(np.float32), "waveform_lengths": real}
 
 
 def _torch(model, modality: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -54,7 +56,7 @@ def _torch(model, modality: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
             return model.encode_image(tensors["pixel_values"]).numpy()
         if modality == "text":
             return model.encode_text(tensors["input_ids"], tensors["attention_mask"]).numpy()
-        return model.encode_audio(tensors["waveform"]).numpy()
+        return model.encode_audio(tensors["waveform"], tensors["waveform_lengths"]).numpy()
 
 
 def _assert_close(got: np.ndarray, want: np.ndarray, precision: str) -> None:
@@ -98,7 +100,7 @@ def test_graph_io_declares_the_dynamic_dims(exports):
     expected = {
         "image": {"pixel_values": ["batch", 3, 30, 30]},
         "text": {"input_ids": ["batch", "length"], "attention_mask": ["batch", "length"]},
-        "audio": {"waveform": ["batch", "samples"]},
+        "audio": {"waveform": ["batch", "samples"], "waveform_lengths": ["batch"]},
     }
     for modality, inputs in expected.items():
         graph = onnx.load(bundle / f"{modality}.onnx").graph
@@ -311,6 +313,6 @@ def test_cli_reports_errors_without_traceback(checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     result = CliRunner().invoke(main, ["export", str(checkpoint), "--out", str(out)])
-    assert result.exit_code == 1 and "already exists; pass --force" in result.output
+    assert result.exit_code == 2 and "already exists; pass --force" in result.output  # a usage error
     result = CliRunner().invoke(main, ["export", str(checkpoint), "--out", str(out), "--format", "tflite"])
     assert result.exit_code == 2 and "tflite" in result.output

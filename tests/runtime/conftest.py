@@ -1,6 +1,7 @@
 """A small real bundle for the runtime tests, built once per session.
 
-Three tiny torch towers that follow the graph contract (pixel_values / input_ids + attention_mask / waveform ->
+Three tiny torch towers that follow the graph contract (pixel_values / input_ids + attention_mask / waveform +
+waveform_lengths ->
 L2-normalised ``embedding``), exported with ``torch.onnx.export(dynamo=True)`` with dynamic batch (and length),
 a word-level ``tokenizers`` tokenizer with a template post-processor and padding, and a manifest written by
 ``runtime.manifest.write_manifest`` with every file's sha256. Sizes are odd on purpose (D=21, S=37, L=13).
@@ -75,16 +76,19 @@ class TinyTextTower(torch.nn.Module):
 
 
 class TinyAudioTower(torch.nn.Module):
-    """waveform [B, T] -> embedding [B, D]: a strided Conv1d "front end", log-magnitude, mean over time."""
+    """waveform [B, T], waveform_lengths [B] -> embedding [B, D]: a strided Conv1d "front end", log-magnitude,
+    mean over the frames that lie inside each row's real samples."""
 
     def __init__(self):
         super().__init__()
         self.frames = torch.nn.Conv1d(1, 23, kernel_size=64, stride=32)
         self.proj = torch.nn.Linear(23, EMBED_DIM, bias=False)
 
-    def forward(self, waveform):
-        frames = self.frames(waveform.unsqueeze(1))  # [B, 23, frames]
-        pooled = torch.log1p(frames.abs()).mean(dim=-1)  # [B, 23]
+    def forward(self, waveform, waveform_lengths):
+        frames = torch.log1p(self.frames(waveform.unsqueeze(1)).abs())  # [B, 23, F]
+        ends = torch.arange(frames.shape[-1], device=waveform.device) * 32 + 64  # [F]
+        real = (ends[None] <= waveform_lengths[:, None]).to(frames.dtype)[:, None]  # [B, 1, F]
+        pooled = (frames * real).sum(-1) / real.sum(-1).clamp(min=1.0)  # [B, 23]
         return torch.nn.functional.normalize(self.proj(pooled), dim=-1)
 
 
@@ -147,7 +151,13 @@ def build_bundle(folder: Path) -> dict:
             ["input_ids", "attention_mask"],
             {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}},
         )
-        _export(towers["audio"], (torch.randn(2, clip),), folder / "audio.onnx", ["waveform"], {"waveform": {0: batch}})
+        _export(
+            towers["audio"],
+            (torch.randn(2, clip), torch.tensor([clip, clip // 2])),
+            folder / "audio.onnx",
+            ["waveform", "waveform_lengths"],
+            {"waveform": {0: batch}, "waveform_lengths": {0: batch}},
+        )
     output = (TensorSpec("embedding", "float32", ("batch", EMBED_DIM)),)
     manifest = Manifest(
         embed_dim=EMBED_DIM,
@@ -164,7 +174,11 @@ def build_bundle(folder: Path) -> dict:
                 ),
                 output,
             ),
-            "audio": TowerSpec("audio.onnx", (TensorSpec("waveform", "float32", ("batch", clip)),), output),
+            "audio": TowerSpec(
+                "audio.onnx",
+                (TensorSpec("waveform", "float32", ("batch", clip)), TensorSpec("waveform_lengths", "int64", ("batch",))),
+                output,
+            ),
         },
         image=ImagePreprocessing(IMAGE_SIZE, MEAN, STD),
         audio=AudioPreprocessing(SAMPLE_RATE, CLIP_SECONDS),

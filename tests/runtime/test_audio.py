@@ -13,17 +13,19 @@ from .conftest import SAMPLE_RATE, audio_bytes, tone
 # ------------------------------------------------------------------------------------------------------ windows
 
 
-def test_short_audio_is_zero_padded_at_the_end():
+def test_short_audio_is_one_window_that_keeps_its_real_length():
     wave = np.arange(1, 71, dtype=np.float32)
-    windows = audio_windows(wave, 129)
-    assert windows.shape == (1, 129)
+    windows, lengths = audio_windows(wave, 129)
+    assert windows.shape == (1, 129) and lengths.tolist() == [70]  # the model pads past 70, in the log-mel domain
     np.testing.assert_array_equal(windows[0, :70], wave)
     assert not windows[0, 70:].any()
 
 
 def test_exact_clip_is_one_window():
     wave = np.arange(129, dtype=np.float32)
-    np.testing.assert_array_equal(audio_windows(wave, 129), wave[None])
+    windows, lengths = audio_windows(wave, 129)
+    np.testing.assert_array_equal(windows, wave[None])
+    assert lengths.tolist() == [129]
 
 
 @pytest.mark.parametrize(
@@ -37,8 +39,8 @@ def test_exact_clip_is_one_window():
 )
 def test_long_audio_windows_cover_everything_with_full_clips(length, overlap, starts):
     wave = np.arange(length, dtype=np.float32)
-    windows = audio_windows(wave, 129, overlap)
-    assert windows.shape == (len(starts), 129)
+    windows, lengths = audio_windows(wave, 129, overlap)
+    assert windows.shape == (len(starts), 129) and lengths.tolist() == [129] * len(starts)
     np.testing.assert_array_equal(windows[:, 0], starts)
     np.testing.assert_array_equal(windows[-1], wave[-129:])
 
@@ -72,8 +74,17 @@ def test_stereo_is_downmixed_and_channel_axis_found():
 
 
 def test_int16_pcm_is_scaled():
-    pcm = np.array([0, 16384, -32768, 32767], dtype=np.int16)
-    np.testing.assert_allclose(load_audio((pcm, SAMPLE_RATE), SAMPLE_RATE), [0, 0.5, -1, 32767 / 32768])
+    pcm = np.tile(np.array([0, 16384, -32768, 32767], dtype=np.int16), 50)  # 200 samples: one 25 ms frame
+    np.testing.assert_allclose(load_audio((pcm, SAMPLE_RATE), SAMPLE_RATE), np.tile([0, 0.5, -1, 32767 / 32768], 50))
+
+
+@pytest.mark.parametrize("rate", [SAMPLE_RATE, 44_100])
+def test_audio_shorter_than_one_frame_is_refused_by_name_and_one_frame_is_answered(rate):
+    frame = rate * 25 // 1000  # kaldi's 25 ms analysis frame
+    with pytest.raises(UnsupportedAudio, match=r"<waveform #0>: .* shorter than one analysis frame \(25 ms"):
+        load_audio((tone(0.02, rate=rate), rate), SAMPLE_RATE)
+    wave = load_audio((tone(0.05, rate=rate), rate), SAMPLE_RATE)  # 50 ms: two frames, a valid clip
+    assert wave.shape[0] >= 2 * frame * SAMPLE_RATE // rate
 
 
 def test_resampled_with_soxr():

@@ -14,11 +14,23 @@ from .conftest import IMAGE_SIZE, MEAN, STD, picture
 
 @pytest.mark.parametrize(("width", "height"), [(37, 37), (70, 45), (45, 129), (20, 31), (129, 36)])
 def test_preprocess_matches_training_eval_path(width, height, tmp_path):
-    train_data = pytest.importorskip("synergy.train.data")
+    from synergy.train.data import ManifestDataset, read_manifest
+
     path = tmp_path / "x.png"
     picture(width, height, seed=width).save(path)
+    (tmp_path / "m.csv").write_text("img_path,wav_path,label,caption\nx.png,,dog,\n")
+    dataset = ManifestDataset(
+        read_manifest(tmp_path / "m.csv"),
+        image_size=IMAGE_SIZE,
+        mean=MEAN,
+        std=STD,
+        sample_rate=8000,
+        clip_seconds=0.5,
+        text_mode="prompt",
+        templates=("{}",),
+    )
     ours = preprocess_image(load_image(path), IMAGE_SIZE, MEAN, STD)
-    theirs = train_data.load_image(path, IMAGE_SIZE, MEAN, STD, rng=None)
+    theirs = dataset[0]["image"]  # evaluation: no augmentation seed
     assert ours.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and ours.dtype == np.float32
     np.testing.assert_array_equal(ours, theirs)
 

@@ -77,10 +77,10 @@ def test_audio_embeddings_equal_torch_for_short_and_long_audio(runtime, tiny_bun
     short, long = tone(0.2, freq=300), tone(1.7, freq=500)
     got = runtime.embed_audio([(short, SAMPLE_RATE), (long, SAMPLE_RATE)])
     padded = np.pad(short, (0, CLIP - short.size))[None]
-    np.testing.assert_allclose(got[0], _torch(audio_tower, padded)[0], atol=ATOL)
-    windows = audio_windows(long, CLIP, 0.5)
+    np.testing.assert_allclose(got[0], _torch(audio_tower, padded, np.array([short.size]))[0], atol=ATOL)
+    windows, lengths = audio_windows(long, CLIP, 0.5)
     assert windows.shape[0] == 6  # starts 0, 2000, ..., 8000 and a tail window at 9600
-    pooled = _torch(audio_tower, windows).mean(axis=0)
+    pooled = _torch(audio_tower, windows, lengths).mean(axis=0)
     np.testing.assert_allclose(got[1], pooled / np.linalg.norm(pooled), atol=ATOL)
 
 
@@ -213,6 +213,14 @@ def test_bundle_from_a_newer_format(bundle_copy):
     manifest["format_version"] += 1
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"newer than this runtime reads.*upgrade synergy"):
+        Runtime.open(bundle_copy)
+
+
+def test_bundle_from_an_older_format_is_refused_with_the_reexport_command(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["format_version"] = 1  # its audio graph took a waveform only: short clips padded as samples
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"format version 1 is older.*wrong embeddings.*synergy export CHECKPOINT"):
         Runtime.open(bundle_copy)
 
 
