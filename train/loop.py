@@ -1,5 +1,11 @@
 """`synergy train`: AdamW, warm-up + cosine, cached-embedding gradient accumulation, clipping, bf16 autocast on
-CUDA, atomic checkpoints with exact resume, metrics JSONL, and DDP under torchrun with global negatives."""
+CUDA, crash-safe checkpoints with exact resume, metrics JSONL, evaluation, and DDP under torchrun with global
+negatives.
+
+:func:`train` is the recipe, and the parts follow it down this file: the process (rank, device, process group), the
+model and its state (fresh or resumed), the data, the step (GradCache with replayed randomness), the run log, the
+evaluation and the save.
+"""
 
 from __future__ import annotations
 
@@ -8,31 +14,175 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from synergy.core.checkpoint import load_checkpoint, load_train_state, save_checkpoint
+from synergy.core.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_train_state,
+    recover_checkpoint,
+    save_checkpoint,
+)
 from synergy.core.config import load_config
 from synergy.core.model import LOGIT_SCALE_MAX, SynergyModel
 from synergy.core.tokenizer import load_pretrained_tokenizer, train_tokenizer
 from synergy.kernels.contrastive import trimodal_contrastive_loss
+from synergy.kernels.contrastive.distributed import gather_features
 from synergy.train.config import TrainConfig
 from synergy.train.data import Collate, DataError, EpochBatches, ManifestDataset, read_manifest
-from synergy.train.evaluate import evaluate
+from synergy.train.evaluate import evaluate, format_report, write_report
+from synergy.train.seeds import stable_seed
 
 MODALITIES = ("image", "text", "audio")
+LOG_EVERY_S = 30.0  # off a terminal, one progress line this often: a bar's \r updates would fill a log file
+RATE_WINDOW = 20  # steps behind samples/s: the recent speed, not a lifetime average with evaluations and saves in it
+# the other ranks wait in a barrier while rank 0 evaluates or saves; NCCL's default 10 minutes is too short for that
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world) under torchrun (gloo on CPU, nccl on CUDA); (0, 1) otherwise."""
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, force: bool = False) -> Path:
+    """Train; returns the checkpoint folder (``<out>/checkpoint``). ``resume``: continue from it (the same data order,
+    schedule and randomness as an uninterrupted run); ``force``: replace an existing checkpoint; without either, an
+    existing checkpoint is an error. With ``val_data``, the run ends with an evaluation, written to ``<out>/eval.json``
+    (the report `synergy eval` writes)."""
+    process = start_process()
+    out = Path(config.out)
+    checkpoint = out / "checkpoint"
+    rows = read_manifest(config.data)
+    model, tokenizer, state = model_and_state(config, rows, checkpoint, resume, force, process)
+    step = int(state["step"]) if state else 0
+    model.to(process.device)
+    optimizer = _optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    loader = _loader(config, model, rows, tokenizer, step, process)
+    ddp = model
+    if process.world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ddp_device_ids(process.device))
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if process.device.type == "cuda"
+        else contextlib.nullcontext
+    )
+    log = RunLog(out, config, step, process, show=progress)
+    log.start(model, rows, process, resumed_from=step if state else None)
+    bad_total = int(state["bad_samples"]) if state else 0
+    saved = step
+
+    def save():
+        train_state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "bad_samples": bad_total,
+        }
+        if process.rank == 0:
+            save_checkpoint(checkpoint, model, tokenizer, train_state)
+        barrier(process)
+
+    model.train()
+    tick = time.perf_counter()
+    try:
+        for batch in loader:
+            _check_bad_samples(batch, config, log)
+            # dropout draws from a generator seeded by (seed, step, rank): an exact resume needs no saved RNG state
+            torch.manual_seed(stable_seed(config.seed, step, process.rank))
+            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(ddp, batch, config.accumulation, process.rank, process.world, autocast)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
+            step += 1
+            loss, bad = _reduce(loss, len(batch["bad"]), process)
+            bad_total += bad
+            record = {
+                "step": step,
+                "loss": round(loss, 5),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": round(float(grad_norm), 4),
+                "logit_scales": [round(s, 3) for s in model.logit_scales().tolist()],
+                "bad_samples": bad_total,
+            }
+            seconds, samples = time.perf_counter() - tick, len(batch["labels"]) * process.world
+            final = step == config.steps
+            result = None
+            if config.val_data and (final or (config.eval_every and step % config.eval_every == 0)):
+                result = evaluate_on_rank_zero(model, tokenizer, config.val_data, process)
+                if result is not None:
+                    record["val"] = result["zero_shot"]
+                    log.message(f"step {step}: val zero-shot top-1 {_zero_shot_line(result)}")
+            log.step(record, seconds, samples)
+            if step % config.save_every == 0 or final:
+                save()
+                saved = step
+            if final and result is not None:
+                report = {Path(config.val_data).stem: result}
+                write_report(report, out / "eval.json")
+                log.message(f"evaluation of the final model on {config.val_data}:\n{format_report(report)}")
+                log.message(f"report: {out / 'eval.json'}")
+            tick = time.perf_counter()  # after logging, evaluation and saving: samples/s counts training only
+    except KeyboardInterrupt:
+        if step > saved:  # Ctrl-C: keep what was trained since the last save
+            save()
+        log.message(f"interrupted at step {step}; the checkpoint {checkpoint} holds step {step}")
+        log.close()
+        raise
+    log.close()
+    if bad_total:
+        log.message(f"skipped {bad_total} bad sample(s) in total; see the messages above")
+    barrier(process)
+    return checkpoint
+
+
+# --------------------------------------------------------------------------------------------------- the process
+
+
+@dataclass(frozen=True)
+class Process:
+    rank: int
+    world: int
+    device: torch.device
+
+
+def start_process() -> Process:
+    """torchrun's environment -> this process's rank, world size and device; (0, 1, cuda:0 or cpu) without torchrun.
+    On CUDA the device is set BEFORE the process group exists, so NCCL binds each rank to its own GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    return Process(rank=dist.get_rank() if world > 1 else 0, world=world, device=device)
+
+
+def ddp_device_ids(device: torch.device) -> list[int] | None:
+    """DDP's ``device_ids``: the GPU's index (0 included: a bare truth test of the index would drop GPU 0), or
+    None on the CPU."""
+    return [device.index] if device.type == "cuda" else None
+
+
+def barrier(process: Process) -> None:
+    if process.world > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------- the model and its state
 
 
 def build_tokenizer(model: SynergyModel, rows):
@@ -44,84 +194,28 @@ def build_tokenizer(model: SynergyModel, rows):
     return train_tokenizer(corpus, text.vocab_size, text.max_length)
 
 
-def contrastive_loss(features, scales, masks, rank: int, world: int) -> torch.Tensor:
-    """This process's share of the full-batch loss: local rows against all processes' columns (gathered with
-    gradient), divided by the global count, so the sum over processes is the full-batch loss."""
-    if world == 1:
-        return trimodal_contrastive_loss(*features, scales, masks=masks)
-    from torch.distributed.nn.functional import all_gather
-
-    global_features = tuple(torch.cat(all_gather(f.contiguous())) for f in features)
-    global_masks = []
-    for m in masks:
-        gathered = [torch.empty_like(m) for _ in range(world)]
-        dist.all_gather(gathered, m.contiguous())
-        global_masks.append(torch.cat(gathered))
-    return trimodal_contrastive_loss(
-        *features,
-        scales,
-        masks=masks,
-        global_features=global_features,
-        global_masks=tuple(global_masks),
-        row_offset=rank * features[0].shape[0],
-    )
-
-
-def _inputs(batch, device):
-    keys = ("pixel_values", "input_ids", "attention_mask", "waveform")
-    return [batch[k].to(device, non_blocking=True) for k in keys]
-
-
-def _masks(batch, device):
-    return tuple(batch[f"{m}_mask"].to(device) for m in MODALITIES)
-
-
-def train_step(model, batch, accumulation: int, rank: int, world: int, autocast) -> torch.Tensor:
-    """Forward + backward of one global batch (this process's rows). Returns this process's loss share.
-
-    With ``accumulation`` > 1 the embeddings are first computed without a graph, the loss and its gradient with
-    respect to the embeddings are taken over the whole batch, and each micro-batch is then re-run with a graph and
-    back-propagated with its slice of those gradients (GradCache): the gradient equals the full-batch one and the
-    negatives stay global, at the price of one extra forward.
-    """
-    device = next(model.parameters()).device
-    inputs, masks = _inputs(batch, device), _masks(batch, device)
-    if accumulation == 1:
-        with autocast():
-            *features, scales = model(*inputs)
-        # embeddings go in as produced (bf16 under autocast): the Triton loss accumulates in fp32 on tensor cores
-        loss = contrastive_loss(features, scales, masks, rank, world)
-        (loss * world).backward()  # DDP averages gradients over processes; the loss shares add up
-        return loss.detach()
-    chunks = [torch.tensor_split(x, accumulation) for x in inputs]
-    with torch.no_grad(), autocast():
-        outs = [model(*(c[i] for c in chunks)) for i in range(accumulation)]
-    features = [torch.cat([o[m] for o in outs]).requires_grad_() for m in range(3)]
-    scales = outs[0][3].detach().float().requires_grad_()
-    loss = contrastive_loss(features, scales, masks, rank, world)
-    (loss * world).backward()
-    sizes = [len(c) for c in chunks[0]]
-    offsets = [sum(sizes[:i]) for i in range(accumulation)]
-    for i in range(accumulation):
-        last = i == accumulation - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync, autocast():
-            *out, out_scales = model(*(c[i] for c in chunks))
-        rows = slice(offsets[i], offsets[i] + sizes[i])
-        surrogate = sum((o.float() * f.grad[rows]).sum() for o, f in zip(out, features))
-        surrogate = surrogate + (out_scales.float() * (scales.grad if last else torch.zeros_like(scales.grad))).sum()
-        surrogate.backward()
-    return loss.detach()
-
-
-def _schedule(config: TrainConfig):
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+def model_and_state(config: TrainConfig, rows, checkpoint: Path, resume: bool, force: bool, process: Process):
+    """-> (model, tokenizer, train state or None). Resuming loads all three from ``checkpoint``, after putting back
+    the last complete checkpoint if a save was killed; a fresh run refuses to replace a checkpoint unless forced."""
+    if process.rank == 0:
+        recover_checkpoint(checkpoint)
+    barrier(process)  # no rank reads the checkpoint while rank 0 may still be renaming it back
+    if resume:
+        if not checkpoint.is_dir():
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}; start without --resume")
+        model, tokenizer = load_checkpoint(checkpoint)
+        state = load_train_state(checkpoint)
+        if state is None:
+            raise DataError(f"{checkpoint}: no train_state/ to resume from; it is a final export-only checkpoint")
+        return model, tokenizer, state
+    if checkpoint.is_dir() and not force:
+        raise CheckpointError(
+            f"{checkpoint} already holds a checkpoint; continue it with --resume, replace it with --force, or "
+            "choose another folder with --set out=DIR"
+        )
+    torch.manual_seed(config.seed)  # the initial weights are a function of the seed
+    model = SynergyModel(load_config(config.model, **config.model_overrides))
+    return model, build_tokenizer(model, rows), None
 
 
 def _optimizer(model: SynergyModel, config: TrainConfig) -> torch.optim.AdamW:
@@ -134,31 +228,22 @@ def _optimizer(model: SynergyModel, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6, fused=torch.cuda.is_available())
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train; returns the checkpoint folder (``<out>/checkpoint``)."""
-    rank, world = _distributed()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    out = Path(config.out)
-    checkpoint = out / "checkpoint"
-    torch.manual_seed(config.seed)
-    rows = read_manifest(config.data)
+def _schedule(config: TrainConfig):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    state = None
-    if resume and checkpoint.exists():
-        model, tokenizer = load_checkpoint(checkpoint)
-        state = load_train_state(checkpoint)
-        if state is None:
-            raise DataError(f"{checkpoint}: no train_state/ to resume from; it is a final export-only checkpoint")
-    elif resume:
-        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}; start without --resume")
-    else:
-        model = SynergyModel(load_config(config.model, **config.model_overrides))
-        tokenizer = build_tokenizer(model, rows)
-    model.to(device)
+    return factor
+
+
+# ------------------------------------------------------------------------------------------------------- the data
+
+
+def _dataset(config: TrainConfig, model: SynergyModel, rows) -> ManifestDataset:
     mc = model.config
-    dataset = ManifestDataset(
+    return ManifestDataset(
         rows,
         image_size=mc.image.image_size,
         mean=mc.image.mean,
@@ -168,93 +253,254 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
         text_mode=config.text_mode,
         templates=mc.prompt_templates,
     )
-    optimizer = _optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
-    step = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-    ddp = model
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index else None)
-    sampler = EpochBatches(len(dataset), config.batch_size, config.seed, step, config.steps, rank, world)
-    loader = torch.utils.data.DataLoader(
+
+
+def _loader(config: TrainConfig, model: SynergyModel, rows, tokenizer, start_step: int, process: Process):
+    """Batches from ``start_step`` on: a pure function of (seed, step), so a resumed run sees what it would have."""
+    dataset = _dataset(config, model, rows)
+    sampler = EpochBatches(
+        len(dataset), config.batch_size, config.seed, start_step, config.steps, process.rank, process.world
+    )
+    return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=config.workers,
-        collate_fn=Collate(tokenizer, mc.image.image_size, dataset.clip_samples),
+        collate_fn=Collate(tokenizer, model.config.image.image_size, dataset.clip_samples),
         persistent_workers=False,
         prefetch_factor=4 if config.workers else None,
     )
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+
+
+def _check_bad_samples(batch, config: TrainConfig, log: RunLog) -> None:
+    if not batch["bad"]:
+        return
+    if config.on_bad_sample == "error":
+        raise DataError(f"bad sample: {batch['bad'][0]} (use --set on_bad_sample=skip to skip such rows)")
+    for message in batch["bad"]:
+        log.message(f"skipping bad sample: {message}")
+
+
+# -------------------------------------------------------------------------------------------------------- the step
+
+
+def contrastive_loss(features, scales, masks, rank: int, world: int) -> torch.Tensor:
+    """This process's share of the full-batch loss: local rows against all processes' columns (gathered with
+    gradient), divided by the global count, so the sum over processes is the full-batch loss."""
+    if world == 1:
+        return trimodal_contrastive_loss(*features, scales, masks=masks)
+    global_features, global_masks = gather_features(tuple(features), masks)
+    return trimodal_contrastive_loss(
+        *features,
+        scales,
+        masks=masks,
+        global_features=global_features,
+        global_masks=global_masks,
+        row_offset=rank * features[0].shape[0],
     )
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    # appended across resumes; open for the whole loop and closed after it
-    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
-    bar = tqdm(total=config.steps, initial=step, disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
-    bad_total = int(state["bad_samples"]) if state else 0
-    window_start, window_samples = time.perf_counter(), 0
 
-    def save():
-        train_state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step,
-            "bad_samples": bad_total,
-        }
-        save_checkpoint(checkpoint, model, tokenizer, train_state)
 
-    model.train()
-    for batch in loader:
-        if batch["bad"]:
-            bad_total += len(batch["bad"])
-            if config.on_bad_sample == "error":
-                raise DataError(f"bad sample: {batch['bad'][0]} (use --set on_bad_sample=skip to skip such rows)")
-            for message in batch["bad"]:
-                tqdm.write(f"skipping bad sample: {message}")
-        optimizer.zero_grad(set_to_none=True)
-        loss = train_step(ddp, batch, config.accumulation, rank, world, autocast)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
-        step += 1
-        if world > 1:
-            dist.all_reduce(loss)
-        window_samples += len(batch["labels"]) * world
-        bar.update(1)
-        if rank == 0:
-            elapsed = time.perf_counter() - window_start
-            rate = window_samples / max(elapsed, 1e-9)
-            bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.0f}")
-            record = {
-                "step": step,
-                "loss": round(loss.item(), 5),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": round(float(grad_norm), 4),
-                "samples_per_s": round(rate, 2),
-                "logit_scales": [round(s, 3) for s in model.logit_scales().tolist()],
-                "bad_samples": bad_total,
-            }
-            if config.eval_every and config.val_data and step % config.eval_every == 0 and step < config.steps:
-                record["val"] = evaluate(model, tokenizer, config.val_data)["zero_shot"]
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-        if step % config.save_every == 0 or step == config.steps:
-            if rank == 0:
-                save()
-            if world > 1:
-                dist.barrier()
-    bar.close()
-    if metrics is not None:
-        metrics.close()
-    if rank == 0 and bad_total:
-        print(f"skipped {bad_total} bad sample(s) in total; see the messages above")
-    if world > 1:
-        dist.barrier()
-    return checkpoint
+def _inputs(batch, device):
+    keys = ("pixel_values", "input_ids", "attention_mask", "waveform", "waveform_lengths")
+    return [batch[k].to(device, non_blocking=True) for k in keys]
+
+
+def _masks(batch, device):
+    return tuple(batch[f"{m}_mask"].to(device) for m in MODALITIES)
+
+
+@dataclass(frozen=True)
+class RandomState:
+    """The CPU and (on CUDA) the device generator's state: taken before a micro-batch's no-grad forward and put back
+    before its re-forward, so dropout drops the same units in both and the cached gradients fit the graph."""
+
+    cpu: torch.Tensor
+    cuda: torch.Tensor | None
+    device: torch.device
+
+    @classmethod
+    def capture(cls, device: torch.device) -> RandomState:
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return cls(torch.get_rng_state(), cuda, device)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def train_step(model, batch, accumulation: int, rank: int, world: int, autocast) -> torch.Tensor:
+    """Forward + backward of one global batch (this process's rows). Returns this process's loss share.
+
+    With ``accumulation`` > 1 the embeddings are first computed without a graph, the loss and its gradient with
+    respect to the embeddings are taken over the whole batch, and each micro-batch is then re-run with a graph, with
+    the random state of its first pass, and back-propagated with its slice of those gradients (GradCache): the
+    gradient equals that of the whole batch with the same dropout, the negatives stay global, at the price of one
+    extra forward.
+    """
+    device = next(model.parameters()).device
+    inputs, masks = _inputs(batch, device), _masks(batch, device)
+    if accumulation == 1:
+        with autocast():
+            *features, scales = model(*inputs)
+        # embeddings go in as produced (bf16 under autocast): the Triton loss accumulates in fp32 on tensor cores
+        loss = contrastive_loss(features, scales, masks, rank, world)
+        (loss * world).backward()  # DDP averages gradients over processes; the loss shares add up
+        return loss.detach()
+    chunks = [torch.tensor_split(x, accumulation) for x in inputs]
+    states, outs = [], []
+    with torch.no_grad(), autocast():
+        for i in range(accumulation):
+            states.append(RandomState.capture(device))
+            outs.append(model(*(c[i] for c in chunks)))
+    after = RandomState.capture(device)
+    features = [torch.cat([o[m] for o in outs]).requires_grad_() for m in range(3)]
+    scales = outs[0][3].detach().float().requires_grad_()
+    loss = contrastive_loss(features, scales, masks, rank, world)
+    (loss * world).backward()
+    sizes = [len(c) for c in chunks[0]]
+    offsets = [sum(sizes[:i]) for i in range(accumulation)]
+    for i in range(accumulation):
+        last = i == accumulation - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        states[i].restore()
+        with sync, autocast():
+            *out, out_scales = model(*(c[i] for c in chunks))
+        rows = slice(offsets[i], offsets[i] + sizes[i])
+        surrogate = sum((o.float() * f.grad[rows]).sum() for o, f in zip(out, features))
+        surrogate = surrogate + (out_scales.float() * (scales.grad if last else torch.zeros_like(scales.grad))).sum()
+        surrogate.backward()
+    after.restore()  # the generators end where the cached pass left them, as if each micro-batch ran once
+    return loss.detach()
+
+
+def _reduce(loss: torch.Tensor, bad: int, process: Process) -> tuple[float, int]:
+    """(the full-batch loss, bad samples over all ranks): one all_reduce carries both."""
+    if process.world == 1:
+        return loss.item(), bad
+    stats = torch.stack([loss.float(), torch.tensor(float(bad), device=loss.device)])
+    dist.all_reduce(stats)
+    return stats[0].item(), int(stats[1].item())
+
+
+# ------------------------------------------------------------------------------------------------------ the run log
+
+
+class RecentRate:
+    """Samples per second over the last ``window`` steps."""
+
+    def __init__(self, window: int = RATE_WINDOW):
+        self.steps: deque[tuple[float, int]] = deque(maxlen=window)
+
+    def add(self, seconds: float, samples: int) -> None:
+        self.steps.append((seconds, samples))
+
+    @property
+    def per_second(self) -> float:
+        seconds = sum(s for s, _ in self.steps)
+        return sum(n for _, n in self.steps) / seconds if seconds > 0 else 0.0
+
+
+def cut_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps <= ``step`` (the restored checkpoint's), so a resumed run appends from there and no
+    step appears twice; a torn last line (a kill mid-write) goes too. Replaced through a renamed temp file."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunLog:
+    """Rank 0's account of the run: ``train_config.json``, ``metrics.jsonl`` (cut back to the starting step), a
+    tqdm bar on a terminal or a plain line every ``LOG_EVERY_S`` seconds elsewhere, and messages; other ranks are
+    silent."""
+
+    def __init__(self, out: Path, config: TrainConfig, start_step: int, process: Process, show: bool):
+        self.main, self.total, self.config = process.rank == 0, config.steps, config
+        self.show = show and self.main
+        self.interactive = self.show and sys.stderr.isatty()
+        self.rate = RecentRate()
+        self.last_line = -math.inf
+        self.metrics = None
+        if self.main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+            cut_metrics(out / "metrics.jsonl", start_step)
+            self.metrics = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - open for the loop, closed by close()
+        self.bar = tqdm(
+            total=config.steps,
+            initial=start_step,
+            disable=not self.interactive,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+
+    def message(self, text: str) -> None:
+        if self.show:
+            tqdm.write(text)
+
+    def start(self, model: SynergyModel, rows, process: Process, resumed_from: int | None) -> None:
+        c = self.config
+        params = sum(p.numel() for p in model.parameters())
+        missing = {m: sum(getattr(r, m) is None for r in rows) for m in ("image", "audio")}
+        missing["text"] = sum(not (r.caption or r.label) for r in rows)
+        self.message(
+            f"training {c.model} ({params / 1e6:.2f}M parameters) on {c.data}: {len(rows)} rows "
+            f"(missing: {', '.join(f'{m} {n}' for m, n in missing.items())}); "
+            f"validation {c.val_data or 'none'}\n"
+            f"  {c.steps} steps x batch {c.batch_size}"
+            + (f" ({c.accumulation} micro-batches)" if c.accumulation > 1 else "")
+            + f" on {process.world} x {process.device.type}; output {c.out}"
+            + (f"; resuming from step {resumed_from}" if resumed_from is not None else "")
+        )
+
+    def step(self, record: dict, seconds: float, samples: int) -> None:
+        if not self.main:
+            return
+        self.rate.add(seconds, samples)
+        record["samples_per_s"] = round(self.rate.per_second, 2)
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{self.rate.per_second:.0f}", refresh=False)
+        now = time.perf_counter()
+        if self.show and not self.interactive and (now - self.last_line >= LOG_EVERY_S or record["step"] == self.total):
+            self.last_line = now
+            print(
+                f"step {record['step']}/{self.total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                f"{self.rate.per_second:.1f} samples/s",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+
+# ------------------------------------------------------------------------------------------------- the evaluation
+
+
+def evaluate_on_rank_zero(model: SynergyModel, tokenizer, val_data: str, process: Process) -> dict | None:
+    """Rank 0 evaluates the unwrapped model (no DDP collectives inside); the other ranks wait for it in a barrier,
+    not inside the next step's all_gather, so every rank runs the same collectives in the same order."""
+    result = evaluate(model, tokenizer, val_data) if process.rank == 0 else None
+    barrier(process)
+    return result
+
+
+def _zero_shot_line(result: dict) -> str:
+    return ", ".join(f"{task} {value['top1']:.1f}%" for task, value in result["zero_shot"].items()) or "no rows"

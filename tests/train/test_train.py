@@ -16,10 +16,11 @@ from click.testing import CliRunner
 from synergy.cli import main
 from synergy.core.checkpoint import load_checkpoint
 from synergy.core.model import create_model
+from synergy.kernels.contrastive import trimodal_contrastive_loss
 from synergy.train.config import TrainConfig, load_train_config
 from synergy.train.data import Collate, DataError, EpochBatches, ManifestDataset, read_manifest
 from synergy.train.evaluate import evaluate
-from synergy.train.loop import build_tokenizer, train, train_step
+from synergy.train.loop import _inputs, _masks, build_tokenizer, train, train_step
 from synergy.train.synth import synthesize
 
 
@@ -116,17 +117,17 @@ def test_bad_samples_name_path_and_line(tmp_path, synth):
     samples = [dataset[i] for i in range(len(dataset))]
     assert samples[0]["bad"] is None
     messages = [s["bad"] for s in samples[1:]]
-    assert "missing.wav: file not found (manifest line 3)" in messages[0]
+    assert "missing.wav: no such file; check the path (manifest line 3)" in messages[0]
     assert "manifest line 4" in messages[1] and "empty.wav" in messages[1]
     assert "0 frames" in messages[2] and "manifest line 5" in messages[2]
     assert "noise.wav" in messages[3] and "manifest line 6" in messages[3]
-    assert "nothing.png: file not found (manifest line 7)" in messages[4]
+    assert "nothing.png: no such file; check the path (manifest line 7)" in messages[4]
     batch = Collate(build_tokenizer(model, dataset.rows), 30, dataset.clip_samples)(samples)
     assert batch["image_mask"].tolist() == [True] + [False] * 5 and len(batch["bad"]) == 5
 
 
 def test_manifest_errors(tmp_path):
-    with pytest.raises(DataError, match="not found; create one"):
+    with pytest.raises(DataError, match="manifest not found; check the path"):
         read_manifest(tmp_path / "none.csv")
     (tmp_path / "bad.csv").write_text("image,audio\n")
     with pytest.raises(DataError, match="missing column"):
@@ -157,7 +158,7 @@ def test_on_bad_sample_error_stops_with_the_message(tmp_path, synth):
             steps=8,
             batch_size=len(lines) - 1,
         )
-        with pytest.raises(DataError, match=r"nope.png: file not found \(manifest line 2\)"):
+        with pytest.raises(DataError, match=r"nope.png: no such file; check the path \(manifest line 2\)"):
             train(config, progress=False)
     finally:
         (synth / "broken.csv").unlink()
@@ -218,30 +219,80 @@ def test_gradient_accumulation_equals_full_batch(synth):
         torch.testing.assert_close(a[name], b[name], atol=1e-5 * a[name].abs().max().item() + 1e-6, rtol=1e-4, msg=name)
 
 
+def _with_dropout(model, p=0.1):
+    """A pretrained RoBERTa keeps hidden (and attention) dropout 0.1; the tiny preset has none."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+    return model
+
+
+def _micro_batch_reference(model, batch, accumulation):
+    """The gradient GradCache must equal: the same micro-batch forwards (so the same dropout draws), all kept in
+    one graph, one loss over the whole batch, one backward."""
+    inputs, masks = _inputs(batch, torch.device("cpu")), _masks(batch, torch.device("cpu"))
+    chunks = [torch.tensor_split(x, accumulation) for x in inputs]
+    outs = [model(*(c[i] for c in chunks)) for i in range(accumulation)]
+    features = [torch.cat([o[m] for o in outs]) for m in range(3)]
+    loss = trimodal_contrastive_loss(*features, outs[0][3], masks=masks)
+    loss.backward()
+    return loss.detach()
+
+
+def test_gradient_accumulation_with_dropout_replays_the_random_state(synth):
+    torch.manual_seed(0)
+    batch = _batch(synth)
+    reference = _with_dropout(create_model("tiny")).train()
+    accumulated, other_seed = copy.deepcopy(reference), copy.deepcopy(reference)
+    torch.manual_seed(11)
+    loss_reference = _micro_batch_reference(reference, batch, 3)
+    torch.manual_seed(11)
+    loss_accumulated = train_step(accumulated, batch, 3, 0, 1, contextlib.nullcontext)
+    after = torch.rand(1)
+    torch.manual_seed(11)
+    _micro_batch_reference(copy.deepcopy(reference), batch, 3)
+    assert torch.equal(after, torch.rand(1))  # the generator ends where one pass per micro-batch leaves it
+    torch.manual_seed(12)
+    _micro_batch_reference(other_seed, batch, 3)
+    a, b, c = _grads(reference), _grads(accumulated), _grads(other_seed)
+    # the test can fail: other dropout draws give another gradient
+    assert any(not torch.allclose(a[n], c[n], atol=1e-5, rtol=1e-3) for n in a)
+    torch.testing.assert_close(loss_accumulated, loss_reference)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5 * a[name].abs().max().item() + 1e-6, rtol=1e-4, msg=name)
+
+
 DDP_WORKER = """
 import contextlib, sys, torch
 from synergy.core.model import create_model
-from synergy.train.loop import _distributed, train_step
+from synergy.train.loop import start_process, train_step
 
 torch.set_num_threads(1)
-rank, world = _distributed()  # torchrun's environment -> gloo process group
+process = start_process()  # torchrun's environment -> gloo process group
+rank, world = process.rank, process.world
 inputs = torch.load(sys.argv[1], weights_only=False)
 model = create_model("tiny")
 model.load_state_dict(inputs["state"])
 ddp = torch.nn.parallel.DistributedDataParallel(model)
 batch, b = inputs["batch"], len(inputs["batch"]["labels"]) // world
 local = {k: v[rank * b : (rank + 1) * b] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}
-loss = train_step(ddp, local, 1, rank, world, contextlib.nullcontext)
-torch.distributed.all_reduce(loss)
+results = {}
+for accumulation in (1, 3):  # 3 micro-batches of this rank's 4 rows: 2, 1, 1
+    model.zero_grad(set_to_none=True)
+    loss = train_step(ddp, local, accumulation, rank, world, contextlib.nullcontext)
+    torch.distributed.all_reduce(loss)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    results[accumulation] = {"loss": loss, "grads": grads}
 if rank == 0:
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    torch.save({"loss": loss, "grads": grads}, sys.argv[2])
+    torch.save(results, sys.argv[2])
 torch.distributed.destroy_process_group()
 """
 
 
 def test_ddp_two_processes_match_one_process(tmp_path, synth):
-    """Two real processes under torchrun (gloo) give the loss and gradients of one process on the whole batch."""
+    """Two real processes under torchrun (gloo), without and with gradient accumulation, give the loss and gradients
+    of one process on the whole batch."""
     torch.manual_seed(0)
     batch = _batch(synth)
     batch["image_mask"][1] = False  # masks must travel with the gathered features
@@ -263,13 +314,16 @@ def test_ddp_two_processes_match_one_process(tmp_path, synth):
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = torch.load(tmp_path / "out.pt", weights_only=True)
-    torch.testing.assert_close(result["loss"], loss, atol=1e-6, rtol=1e-5)
+    results = torch.load(tmp_path / "out.pt", weights_only=True)
     expected = _grads(single)
-    assert result["grads"].keys() == expected.keys()
-    for name, grad in expected.items():  # AST's zero-initialised tokens get gradients ~1e6: tolerance per tensor
-        atol = 1e-5 * grad.abs().max().item() + 1e-6
-        torch.testing.assert_close(result["grads"][name], grad, atol=atol, rtol=1e-4, msg=name)
+    for accumulation, result in results.items():
+        torch.testing.assert_close(result["loss"], loss, atol=1e-6, rtol=1e-5)
+        assert result["grads"].keys() == expected.keys()
+        for name, grad in expected.items():  # AST's zero-initialised tokens get gradients ~1e6: tolerance per tensor
+            atol = 1e-5 * grad.abs().max().item() + 1e-6
+            torch.testing.assert_close(
+                result["grads"][name], grad, atol=atol, rtol=1e-4, msg=f"accumulation {accumulation}: {name}"
+            )
 
 
 def test_evaluate_reports_all_directions(tmp_path, synth):
@@ -328,6 +382,6 @@ def test_cli_smoke(tmp_path, synth):
     assert result.exit_code == 0, result.output
     assert "audio -> label" in result.output and json.loads((tmp_path / "m.json").read_text())["val"]["rows"] > 0
     result = runner.invoke(main, ["eval", str(tmp_path / "nope"), "--data", str(synth / "val.csv")])
-    assert result.exit_code == 1 and "no such checkpoint folder" in result.output
+    assert result.exit_code == 2 and "no such checkpoint folder" in result.output  # a usage error
     result = runner.invoke(main, ["train", "--set", "bogus=1"])
     assert result.exit_code == 1 and "unknown key" in result.output
