@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.synergy-installed
 RUN ?= runs/demo
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install demo test test-all lint format bench gpu-proof clean
 
 # torch first: on a machine without CUDA take the CPU build (torch==2.13.0 is served from a local file on our
 # machines; an unpinned torch would pull several GB of CUDA wheels). With a GPU, pip's default torch has CUDA.
@@ -37,6 +37,13 @@ bench: demo
 		$(PY) benchmarks/bench_attention.py --train-step; \
 	else echo "no NVIDIA GPU: skipping bench_contrastive.py and bench_attention.py (they measure CUDA kernels)"; fi
 	$(PY) benchmarks/bench_runtime.py  # CPU; `--device cuda` with onnxruntime-gpu installed
+
+# The GPU proof (README "GPU proof"): on a GPU machine with the system python3 (torch, triton preinstalled; no venv, no
+# package registry) it installs synergy without deps + wheels/*.whl, runs the suite and the CUDA benchmarks, JSON to OUT.
+# DRY_RUN=1: every part at toy size on CPU, with the venv (CI runs it).
+OUT ?= runs/gpu-proof
+gpu-proof: $(if $(DRY_RUN),$(STAMP))
+	$(if $(DRY_RUN),$(PY),$(PYTHON)) benchmarks/gpu_proof.py --out $(OUT) $(if $(DRY_RUN),--dry-run)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -1,5 +1,5 @@
 """Benchmark the tri-modal contrastive loss, forward + backward: Triton kernels vs the PyTorch reference (eager and
-under torch.compile).
+under torch.compile) vs the materialised-logits baseline (open_clip's loss: s * x @ y.T and F.cross_entropy both ways).
 
     python benchmarks/bench_contrastive.py                                  # the issue's sweep on the local GPU
     python benchmarks/bench_contrastive.py --impl triton --batch 32768 --dim 512
@@ -8,8 +8,11 @@ under torch.compile).
 Per (impl, D, B): median forward+backward time over --iters runs after --warmup (CUDA events), peak memory above
 the inputs (torch.cuda.max_memory_allocated; includes the feature gradients), achieved TFLOP/s counting
 8 * B^2 * D per pair (the fused minimum: one product forward, recompute + two gradient products backward), and the
-largest B of the sweep that ran before running out of memory. Writes benchmarks/results/contrastive-<gpu>.json
-(device, versions, git commit, numbers) on CUDA; CPU runs only print unless --out is given.
+largest B of the sweep that ran before running out of memory. --memory-cap-gib caps the allocator (an 80 GB GPU on
+an H200), --find-max-seconds stops the doubling before a run predicted (quadratic in B) to outlast the budget; each
+impl's peak memory is fitted linearly in B to predict the largest B under the cap, reported beside the measured one.
+Writes benchmarks/results/contrastive-<gpu>.json (device, versions, git commit, numbers; rewritten after every row)
+on CUDA; CPU runs only print unless --out is given.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from provenance import git_commit  # benchmarks/provenance.py: this folder is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
-IMPLS = ("triton", "torch", "torch-compile")
+IMPLS = ("triton", "torch", "torch-compile", "torch-ce")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_BATCHES = (4096, 16384, 32768, 65536, 131072, 262144, 1048576)
 
@@ -42,11 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=IMPLS,
         default=list(IMPLS),
         help="triton: the fused kernels; torch: the reference, eager; torch-compile: the reference "
-        "under torch.compile (default: all)",
+        "under torch.compile; torch-ce: materialised logits + F.cross_entropy (open_clip's loss) (default: all)",
     )
     parser.add_argument("--batch", nargs="+", type=int, default=list(DEFAULT_BATCHES), help="global batch sizes B")
     parser.add_argument("--dim", nargs="+", type=int, default=[512, 768], help="embedding dims D")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16"])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke run: no memory numbers)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (torch.compile compiles here)")
     parser.add_argument("--iters", type=int, default=20, help="timed runs; the median is reported")
@@ -64,6 +67,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "per size) to find each impl's largest B",
     )
     parser.add_argument("--find-max-limit", type=int, default=1 << 23, help="stop --find-max at this B")
+    parser.add_argument(
+        "--find-max-seconds",
+        type=float,
+        default=None,
+        help="stop --find-max of an impl before a size whose run is predicted (time x 4 per doubling) to pass this",
+    )
+    parser.add_argument(
+        "--memory-cap-gib", type=float, default=None, help="cap the CUDA allocator (e.g. 80: an 80 GB GPU on an H200)"
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -85,6 +97,19 @@ def make_inputs(batch: int, dim: int, dtype: torch.dtype, device: str):
     return feats, scales
 
 
+def materialised_logits_loss(image, text, audio, logit_scale):
+    """The loss as open_clip writes it, per pair: logits = s * x @ y.T [B, B] in the input dtype, then
+    F.cross_entropy on the rows and on the columns. The usual PyTorch baseline: three B x B matrices (and their
+    gradients) in memory."""
+    feats = (image, text, audio)
+    labels = torch.arange(image.shape[0], device=image.device)
+    total = 0.0
+    for p in range(3):
+        logits = logit_scale[p] * feats[p] @ feats[(p + 1) % 3].T  # [B, B]
+        total = total + 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    return total
+
+
 def loss_fn(impl: str):
     from synergy.kernels.contrastive import trimodal_contrastive_loss, trimodal_contrastive_loss_reference
 
@@ -92,6 +117,8 @@ def loss_fn(impl: str):
         return lambda *a: trimodal_contrastive_loss(*a, impl="triton")
     if impl == "torch":
         return trimodal_contrastive_loss_reference
+    if impl == "torch-ce":
+        return materialised_logits_loss
     return torch.compile(trimodal_contrastive_loss_reference, dynamic=False)
 
 
@@ -190,55 +217,103 @@ def print_table(rows: list[dict]) -> None:
               f"{r['iters']:>7}")  # fmt: skip
 
 
+def memory_fit(rows: list[dict], cap_bytes: float | None, dim: int, dtype: torch.dtype) -> dict | None:
+    """Least-squares fit of peak memory (beyond the inputs) against B over the rows that ran, and the largest B
+    whose inputs (3 x [B, D] features + their gradients) plus that peak fit under cap_bytes. None without two sizes."""
+    points = [(r["batch"], r["peak_extra_mib"] * 2**20) for r in rows if r["status"] == "ok" and r["peak_extra_mib"]]
+    if len(points) < 2 or cap_bytes is None:
+        return None
+    n = len(points)
+    mean_b = sum(b for b, _ in points) / n
+    mean_m = sum(m for _, m in points) / n
+    var = sum((b - mean_b) ** 2 for b, _ in points)
+    slope = sum((b - mean_b) * (m - mean_m) for b, m in points) / var if var else 0.0
+    intercept = mean_m - slope * mean_b
+    per_row = slope + 2 * 3 * dim * torch.finfo(dtype).bits // 8  # + inputs and their .grad
+    return {"bytes_per_row": per_row, "intercept_bytes": intercept,
+            "predicted_largest_batch": int((cap_bytes - intercept) / per_row) if per_row > 0 else None,
+            "fitted_on": [b for b, _ in points]}  # fmt: skip
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device visible to torch; use --device cpu for a smoke run", file=sys.stderr)
         return 2
-    dtype = DTYPES[args.dtype]
+    cap_bytes = None
+    if args.device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(args.device).total_memory
+        cap_bytes = total if args.memory_cap_gib is None else min(total, args.memory_cap_gib * 2**30)
+        torch.cuda.set_per_process_memory_fraction(cap_bytes / total, args.device)
     rows, largest = [], {}
-    for impl in args.impl:
-        for dim in args.dim:
-            for batch in sorted(args.batch):
-                key = f"{impl}/D={dim}"
-                if largest.get(key, {}).get("oom_at") is not None:
-                    rows.append({"impl": impl, "batch": batch, "dim": dim, "dtype": args.dtype, "status": "skipped"})
-                    continue
-                row = run_one(impl, batch, dim, dtype, args.device, args)
-                rows.append(row)
-                print_table([row])
-                entry = largest.setdefault(key, {"largest_ok": None, "oom_at": None})
-                if row["status"] == "ok":
-                    entry["largest_ok"] = batch
-                else:
-                    entry["oom_at"] = batch
-            entry = largest.get(f"{impl}/D={dim}")
-            if args.find_max and entry and entry["largest_ok"] and entry["oom_at"] is None:
-                batch = entry["largest_ok"] * 2
-                while batch <= args.find_max_limit:
-                    row = run_one(impl, batch, dim, dtype, args.device, args, iters=1)
-                    if row["status"] != "ok":
-                        entry["oom_at"] = batch
-                        break
-                    entry["largest_ok"] = batch
-                    batch *= 2
-    print()
-    print_table(rows)
-    print()
-    for key, entry in largest.items():
-        oom = "no OOM in the sweep" if entry["oom_at"] is None else f"OOM at B={entry['oom_at']}"
-        print(f"largest B {key}: {entry['largest_ok']} ({oom})")
     report = {"benchmark": "trimodal_contrastive_loss forward+backward", "flops_per_pair": "8 * B^2 * D",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "environment": environment(args.device), "args": {k: str(v) for k, v in vars(args).items()},
+              "memory_cap_gib": None if cap_bytes is None else cap_bytes / 2**30,
               "results": rows, "largest_batch": largest}  # fmt: skip
     out = args.out
     if out is None and args.device.startswith("cuda"):
         slug = re.sub(r"[^a-z0-9]+", "-", report["environment"]["device"]["name"].lower()).strip("-")
         out = ROOT / "benchmarks" / "results" / f"contrastive-{slug}.json"
+
+    def save() -> None:  # after every row: a run cut short (time limit, a crash) keeps what it measured
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(report, indent=2, allow_nan=False, default=lambda x: None if x is None else str(x))
+            out.write_text(text + "\n")
+
+    for dtype_name in args.dtype:
+        dtype = DTYPES[dtype_name]
+        for impl in args.impl:
+            for dim in args.dim:
+                key = f"{impl}/{dtype_name}/D={dim}"
+                entry = largest.setdefault(key, {"largest_ok": None, "oom_at": None, "stopped": None})
+                for batch in sorted(args.batch):
+                    if entry["oom_at"] is not None:
+                        rows.append(
+                            {"impl": impl, "batch": batch, "dim": dim, "dtype": dtype_name, "status": "skipped"}
+                        )
+                        continue
+                    row = run_one(impl, batch, dim, dtype, args.device, args)
+                    rows.append(row)
+                    print_table([row])
+                    if row["status"] == "ok":
+                        entry["largest_ok"], entry["last_ms"] = batch, row["ms"]
+                    else:
+                        entry["oom_at"] = batch
+                    save()
+                if args.find_max and entry["largest_ok"] and entry["oom_at"] is None:
+                    batch = entry["largest_ok"] * 2
+                    while batch <= args.find_max_limit:
+                        predicted_s = entry["last_ms"] / 1e3 * (batch / entry["largest_ok"]) ** 2
+                        if args.find_max_seconds is not None and predicted_s > args.find_max_seconds:
+                            entry["stopped"] = f"B={batch} predicted to take {predicted_s:.0f} s per run"
+                            break
+                        row = run_one(impl, batch, dim, dtype, args.device, args, iters=1)
+                        row["find_max"] = True
+                        rows.append(row)
+                        print_table([row])
+                        if row["status"] != "ok":
+                            entry["oom_at"] = batch
+                            break
+                        entry["largest_ok"], entry["last_ms"] = batch, row["ms"]
+                        batch *= 2
+                        save()
+                ran = [r for r in rows if r.get("impl") == impl and r["dim"] == dim and r["dtype"] == dtype_name]
+                entry["memory_fit"] = memory_fit(ran, cap_bytes, dim, dtype)
+                save()
+    print()
+    print_table(rows)
+    print()
+    for key, entry in largest.items():
+        oom = "no OOM in the sweep" if entry["oom_at"] is None else f"OOM at B={entry['oom_at']}"
+        stopped = f"; stopped: {entry['stopped']}" if entry["stopped"] else ""
+        fit = entry.get("memory_fit") or {}
+        predicted = fit.get("predicted_largest_batch")
+        fitted = f"; linear memory fit predicts {predicted}" if predicted else ""
+        print(f"largest B {key}: {entry['largest_ok']} ({oom}{stopped}{fitted})")
+    save()
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2, allow_nan=False, default=lambda x: None if x is None else str(x)))
         print(f"wrote {out}")
     return 0
 
