@@ -214,7 +214,9 @@ def builtin_evaluation_set(
             lengths[n] = max(clip_samples // 10, round(rng.uniform(0.1, 0.9) * clip_samples))
             wave[lengths[n] :] = 0.0
         waveforms[n] = wave.astype(np.float32)
-    source = f"built-in set: {count} pictures, {count} sounds ({int((lengths < clip_samples).sum())} short), seed {seed}"
+    source = (
+        f"built-in set: {count} pictures, {count} sounds ({int((lengths < clip_samples).sum())} short), seed {seed}"
+    )
     return EvaluationSet(images.astype(np.float32), waveforms, BUILTIN_LABELS, source, lengths)
 
 

@@ -91,7 +91,7 @@ def load_audio(
         raise UnsupportedAudio(
             name,
             f"{wave.shape[0] / sample_rate * 1000:.1f} ms long, shorter than one analysis frame "
-            f"({minimum * 1000 // sample_rate} ms = {minimum} samples at {sample_rate} Hz); pass at least that much audio",
+            f"({minimum * 1000 // sample_rate} ms = {minimum} samples at {sample_rate} Hz); pass at least that much",
         )
     return np.ascontiguousarray(wave, dtype=np.float32)
 

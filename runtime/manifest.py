@@ -10,7 +10,8 @@ int64 (each row's real samples); the output is ``embedding`` [B,D] float32, L2-n
 
 Format versions: 1 fed the audio graph a waveform only (short clips were zero-padded as samples, which is not
 how AST pads: wrong embeddings for clips shorter than one clip); 2 adds ``waveform_lengths``. A version-1 bundle
-is refused with the command that re-exports it. This module imports only the standard library (it is the runtime's ground floor).
+is refused with the command that re-exports it. This module imports only the standard library (it is the
+runtime's ground floor).
 """
 
 from __future__ import annotations

@@ -142,6 +142,25 @@ def test_batch_rows_equal_single_calls(small_frontend):
         _assert_close_in_float32(out[row], frontend(batch[row : row + 1])[0].numpy())
 
 
+def test_padded_batch_with_lengths_equals_each_clip_alone_through_the_extractor(audioset_frontend, audioset_extractor):
+    """Real lengths, not full clips: a 0.5 s, a 5 s and a one-clip (10.24 s) clip zero-padded into one batch, with
+    each row's real samples, give each clip's own extractor features (the extractor pads the log-mel with 0;
+    padding the waveform instead would put log(floor) frames there and shift the clip statistics)."""
+    lengths = [8_000, 80_000, 163_840]
+    waves = [_signal("noise", n, seed=8 + i) + 0.3 for i, n in enumerate(lengths)]  # an offset, so the mean matters
+    batch = torch.zeros(3, max(lengths))
+    for row, wave in enumerate(waves):
+        batch[row, : wave.size] = torch.from_numpy(wave)
+    out = audioset_frontend(batch, torch.tensor(lengths)).numpy()
+    for row, wave in enumerate(waves):
+        expected = audioset_extractor(wave, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_values"][0]
+        _assert_close_in_float32(out[row], expected)
+    # without the lengths the zeros would be samples: the short clip's padded frames move far off the extractor's
+    wrong = audioset_frontend(batch[:1]).numpy()[0]
+    expected = audioset_extractor(waves[0], sampling_rate=SAMPLE_RATE, return_tensors="np")["input_values"][0]
+    assert np.abs(wrong - expected).max() > 1.0
+
+
 def test_fold_matches_framewise_fft_at_8khz():
     """Other sample rates have no extractor to compare with (its numpy path hard-codes 16 kHz frame sizes), so
     check the fold there against the kaldi steps done frame by frame in float64 with an FFT (200 / 80 / 256)."""
@@ -196,13 +215,13 @@ def test_onnx_export_dynamic_batch_and_time(tmp_path, small_frontend):
     path = tmp_path / "frontend.onnx"
     torch.onnx.export(
         frontend,
-        (example,),
+        (example, torch.tensor([9_999, 5_000])),
         str(path),
         dynamo=True,
         optimize=False,  # saves ~1 s; the unoptimised graph holds every op the optimised one could
-        input_names=["waveform"],
+        input_names=["waveform", "lengths"],
         output_names=["features"],
-        dynamic_shapes={"waveform": {0: batch, 1: time}},
+        dynamic_shapes={"waveform": {0: batch, 1: time}, "lengths": {0: batch}},
         verbose=False,
     )
     model = onnx.load(str(path))
@@ -215,7 +234,9 @@ def test_onnx_export_dynamic_batch_and_time(tmp_path, small_frontend):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for rows, num_samples in [(3, 30_001), (1, 4_567), (2, 250), (2, 0)]:  # cropped, padded, under a frame, empty
         wave = np.stack([_signal(n, num_samples, seed=5) for n in ["noise", "chirp", "tones_dc"][:rows]])
-        (got,) = session.run(None, {"waveform": wave})
-        expected = frontend(torch.from_numpy(wave)).numpy()
+        lengths = np.arange(rows, dtype=np.int64) * -1000 + num_samples  # ragged rows (clamped below at 0)
+        lengths = np.maximum(lengths, 0)
+        (got,) = session.run(None, {"waveform": wave, "lengths": lengths})
+        expected = frontend(torch.from_numpy(wave), torch.from_numpy(lengths)).numpy()
         assert got.shape == (rows, 59, 37)
         _assert_close_in_float32(got, expected)

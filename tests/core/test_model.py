@@ -191,3 +191,15 @@ def test_towers_load_from_local_pretrained_folders(tmp_path):
 def test_missing_pretrained_folder_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         create_model("tiny", **{"audio.pretrained": str(tmp_path / "nothing")})
+
+
+def test_clip_seconds_and_num_frames_that_disagree_are_refused_with_the_consistent_values():
+    import pytest
+
+    from synergy.core.model import create_model
+
+    with pytest.raises(ValueError, match=r"clip_seconds=5 gives 498 frames.*num_frames=1024; use clip_seconds=10.24"):
+        create_model("tiny", **{"audio.clip_seconds": 5.0, "audio.num_frames": 1024})
+    with pytest.raises(ValueError, match=r"clip_seconds=1 gives 98 frames.*num_frames=48.*or num_frames=98"):
+        create_model("tiny", **{"audio.clip_seconds": 1.0})  # tiny has 48 frames: audio would be cropped away
+    create_model("tiny", **{"audio.clip_seconds": 0.48})  # 46 real frames + 2 of padding: within 5%

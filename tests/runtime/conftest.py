@@ -176,7 +176,10 @@ def build_bundle(folder: Path) -> dict:
             ),
             "audio": TowerSpec(
                 "audio.onnx",
-                (TensorSpec("waveform", "float32", ("batch", clip)), TensorSpec("waveform_lengths", "int64", ("batch",))),
+                (
+                    TensorSpec("waveform", "float32", ("batch", clip)),
+                    TensorSpec("waveform_lengths", "int64", ("batch",)),
+                ),
                 output,
             ),
         },
