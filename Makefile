@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m synergy.train.demo --run $(RUN)
+	$(PY) -m synergy.demo --run $(RUN)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,13 +97,39 @@ def _build(cls, data: dict, where: str):
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
     values = {}
+    hints = typing.get_type_hints(cls)
     for key, value in data.items():
         if key in _TOWERS and cls is SynergyConfig:
+            if not isinstance(value, (dict, _TOWERS[key])):
+                raise ConfigError(f"{where}.{key}: expected an object of {_TOWERS[key].__name__} fields, got {value!r}")
             value = value if isinstance(value, _TOWERS[key]) else _build(_TOWERS[key], value, f"{where}.{key}")
-        elif isinstance(value, list):
-            value = tuple(value)
+        else:
+            value = check_value(value, hints[key], f"{where}: {key}")
         values[key] = value
     return cls(**values)
+
+
+def check_value(value, hint, where: str):
+    """``value`` if it is of the type ``hint`` (int, float, bool, str, dict, ``X | None``, ``tuple[X, ...]``,
+    ``tuple[X, Y]``; lists become tuples, ints pass as floats), else a ConfigError naming the expected type."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    hint = next(h for h in options if h is not type(None))
+    if typing.get_origin(hint) is tuple:
+        kinds = typing.get_args(hint)
+        if isinstance(value, (list, tuple)):
+            kinds = kinds[:1] * len(value) if kinds[-1] is Ellipsis else kinds
+            if len(kinds) == len(value):
+                return tuple(check_value(v, k, f"{where}[{i}]") for i, (v, k) in enumerate(zip(value, kinds)))
+        expected = f"a list of {kinds[0].__name__}" + ("" if kinds[-1] is Ellipsis else f" ({len(kinds)} values)")
+    else:
+        accepted = (int, float) if hint is float else (hint,)
+        if isinstance(value, accepted) and (hint is bool or not isinstance(value, bool)):
+            return value
+        expected = hint.__name__
+    optional = " or null" if type(None) in options else ""
+    raise ConfigError(f"{where}: expected {expected}{optional}, got {type(value).__name__} {value!r}")
 
 
 def config_from_dict(data: dict, where: str = "config") -> SynergyConfig:

@@ -1,19 +1,30 @@
-"""Training configuration: a JSON file plus ``--set key=value`` overrides, checked against the dataclass."""
+"""Training configuration: a JSON file plus ``--set key=value`` overrides, checked against the dataclass: unknown
+keys, values of the wrong type (the expected type in the message) and values out of range fail here, at the
+boundary, not deep inside a run."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from synergy.core.config import ConfigError, check_value, load_config
+
+NO_DATA = (
+    "no training data: set `data` in the config file or pass --set data=path/to/train.csv (a CSV with columns "
+    "img_path,wav_path,label,caption; paths in it are relative to the CSV's folder). `synergy data synth --out "
+    "data/synth` writes a synthetic one"
+)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = "small"  # preset name or model JSON
     model_overrides: dict = field(default_factory=dict)  # e.g. {"audio.layers": 2}; `--set model.audio.layers=2`
-    data: str = "data/synth/train.csv"
-    val_data: str | None = "data/synth/val.csv"
+    data: str | None = None  # the training manifest (required)
+    val_data: str | None = None  # evaluated every eval_every steps and at the end
     out: str = "runs/train"
     text_mode: str = "mixed"  # prompt | caption | mixed
     batch_size: int = 64  # the global contrastive batch (all processes, all accumulation steps)
@@ -30,21 +41,33 @@ class TrainConfig:
     on_bad_sample: str = "skip"  # skip | error
 
 
-def _coerce(value: str, current, optional: bool):
-    """``value`` in the type of ``current``; ``optional`` fields (``str | None``) also take none, null or empty."""
-    if optional and value.lower() in ("none", "null", ""):
+def _coerce(value: str, hint, where: str):
+    """A ``--set`` string in the field's type; optional fields (``str | None``) also take none, null or empty."""
+    options = typing.get_args(hint) or (hint,)
+    if type(None) in options and value.lower() in ("none", "null", ""):
         return None
-    if isinstance(current, bool):
+    kind = next(h for h in options if h is not type(None))
+    if kind is bool:
         if value.lower() in ("1", "true", "yes", "on"):
             return True
         if value.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"expected true/false, got {value!r}")
-    if isinstance(current, int):
-        return int(value)
-    if isinstance(current, float):
-        return float(value)
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}") from None
     return value
+
+
+def _model_value(value: str):
+    """``--set model.x=v``: JSON where it parses (numbers, lists, true/false, null), else the string itself; the
+    model config checks the type."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -52,39 +75,46 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | tup
     data: dict = {}
     if path is not None:
         data = json.loads(Path(path).read_text())
-    names = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - set(names))
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object of training keys, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    data.setdefault("model_overrides", {})
-    defaults = TrainConfig()
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    for key, value in data.items():
+        check_value(value, hints[key], f"{path}: {key}")
+    data["model_overrides"] = dict(data.get("model_overrides", {}))
     for item in overrides:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep:
-            raise ValueError(f"--set {item!r}: expected key=value")
+            raise ConfigError(f"--set {item!r}: expected key=value")
         if key.startswith("model."):
-            parsed = value
-            for cast in (int, float):
-                try:
-                    parsed = cast(value)
-                    break
-                except ValueError:
-                    continue
-            data["model_overrides"][key.removeprefix("model.")] = parsed
+            data["model_overrides"][key.removeprefix("model.")] = _model_value(value)
             continue
         if key not in names or key == "model_overrides":
-            raise ValueError(f"--set {key}: unknown key; valid keys: {sorted(set(names) - {'model_overrides'})}")
-        try:
-            optional = "None" in str(names[key].type)  # annotations are strings here (__future__)
-            data[key] = _coerce(value, data.get(key, getattr(defaults, key)), optional)
-        except ValueError as error:
-            raise ValueError(f"--set {key}={value}: {error}") from error
+            raise ConfigError(f"--set {key}: unknown key; valid keys: {sorted(names - {'model_overrides'})}")
+        data[key] = _coerce(value, hints[key], f"--set {key}={value}")
     config = TrainConfig(**data)
-    if config.text_mode not in ("prompt", "caption", "mixed"):
-        raise ValueError(f"text_mode={config.text_mode!r}: choose prompt, caption or mixed")
-    if config.on_bad_sample not in ("skip", "error"):
-        raise ValueError(f"on_bad_sample={config.on_bad_sample!r}: choose skip or error")
-    if config.batch_size < 1 or config.accumulation < 1 or config.batch_size % config.accumulation:
-        raise ValueError(f"batch_size {config.batch_size} must be a positive multiple of accumulation")
+    check_train_config(config)
     return config
+
+
+def check_train_config(config: TrainConfig) -> None:
+    """Ranges and choices; the types were checked where the values came in."""
+    if not config.data:
+        raise ConfigError(NO_DATA)
+    if config.text_mode not in ("prompt", "caption", "mixed"):
+        raise ConfigError(f"text_mode={config.text_mode!r}: choose prompt, caption or mixed")
+    if config.on_bad_sample not in ("skip", "error"):
+        raise ConfigError(f"on_bad_sample={config.on_bad_sample!r}: choose skip or error")
+    if config.batch_size < 1 or config.accumulation < 1 or config.batch_size % config.accumulation:
+        raise ConfigError(f"batch_size {config.batch_size} must be a positive multiple of accumulation")
+    for key in ("steps", "save_every"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{key}={getattr(config, key)}: must be at least 1")
+    for key in ("eval_every", "warmup_steps", "workers"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{key}={getattr(config, key)}: must be 0 or more")
+    load_config(config.model, **config.model_overrides)  # the preset and the model.* overrides, types included

@@ -37,7 +37,7 @@ from synergy.core.model import LOGIT_SCALE_MAX, SynergyModel
 from synergy.core.tokenizer import load_pretrained_tokenizer, train_tokenizer
 from synergy.kernels.contrastive import trimodal_contrastive_loss
 from synergy.kernels.contrastive.distributed import gather_features
-from synergy.train.config import TrainConfig
+from synergy.train.config import TrainConfig, check_train_config
 from synergy.train.data import Collate, DataError, EpochBatches, ManifestDataset, read_manifest
 from synergy.train.evaluate import evaluate, format_report, write_report
 from synergy.train.seeds import stable_seed
@@ -54,6 +54,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
     schedule and randomness as an uninterrupted run); ``force``: replace an existing checkpoint; without either, an
     existing checkpoint is an error. With ``val_data``, the run ends with an evaluation, written to ``<out>/eval.json``
     (the report `synergy eval` writes)."""
+    check_train_config(config)
     process = start_process()
     out = Path(config.out)
     checkpoint = out / "checkpoint"

@@ -4,6 +4,9 @@ equivalence, DDP equivalence (2 real gloo processes), evaluation and CLI smoke t
 import contextlib
 import copy
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -14,13 +17,15 @@ import torch
 from click.testing import CliRunner
 
 from synergy.cli import main
-from synergy.core.checkpoint import load_checkpoint
+from synergy.core.checkpoint import CheckpointError, load_checkpoint
+from synergy.core.config import ConfigError
 from synergy.core.model import create_model
 from synergy.kernels.contrastive import trimodal_contrastive_loss
 from synergy.train.config import TrainConfig, load_train_config
 from synergy.train.data import Collate, DataError, EpochBatches, ManifestDataset, read_manifest
 from synergy.train.evaluate import evaluate
-from synergy.train.loop import _inputs, _masks, build_tokenizer, train, train_step
+from synergy.train.loop import RecentRate, _inputs, _masks, build_tokenizer, ddp_device_ids, train, train_step
+from synergy.train.seeds import stable_seed
 from synergy.train.synth import synthesize
 
 
@@ -35,7 +40,7 @@ def _config(synth, out, **kw):
     base = dict(
         model="tiny",
         data=str(synth / "train.csv"),
-        val_data=str(synth / "val.csv"),
+        val_data=None,
         out=str(out),
         batch_size=8,
         steps=6,
@@ -134,15 +139,26 @@ def test_manifest_errors(tmp_path):
         read_manifest(tmp_path / "bad.csv")
 
 
-def test_training_loss_falls_and_bad_samples_skip(tmp_path, synth):
-    config = _config(synth, tmp_path / "run", steps=24, batch_size=16, lr=3e-3, save_every=100)
-    checkpoint = train(config, progress=False)
+def test_training_loss_falls_and_the_run_ends_with_its_evaluation(tmp_path, synth, capsys):
+    val = synth / "val.csv"
+    config = _config(synth, tmp_path / "run", steps=24, batch_size=16, lr=3e-3, save_every=100, val_data=str(val))
+    checkpoint = train(config)  # progress on, and the captured output is no terminal
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 25))
     first, last = np.mean([r["loss"] for r in records[:4]]), np.mean([r["loss"] for r in records[-4:]])
     assert last < first - 0.3, (first, last)
     model, _ = load_checkpoint(checkpoint)
     assert model.config.embed_dim == 24
+    # eval_every=0 promises an evaluation at the end: the report `synergy eval` writes, beside the checkpoint
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["val"]["zero_shot"] == records[-1]["val"] and report["val"]["rows"] == len(read_manifest(val))
+    captured = capsys.readouterr()
+    assert "evaluation of the final model" in captured.out and "audio -> label" in captured.out
+    assert "step 24: val zero-shot top-1 audio" in captured.out
+    # off a terminal: plain progress lines (the first and the last step at least), no carriage-return bar
+    assert "\r" not in captured.err + captured.out
+    assert "step 24/24  loss" in captured.out and captured.out.count("/24  loss") <= 24
+    assert "training tiny (" in captured.out and "steps x batch 16" in captured.out  # the start-of-run summary
 
 
 def test_on_bad_sample_error_stops_with_the_message(tmp_path, synth):
@@ -164,30 +180,49 @@ def test_on_bad_sample_error_stops_with_the_message(tmp_path, synth):
         (synth / "broken.csv").unlink()
 
 
-def test_resume_gives_the_same_weights(tmp_path, synth, monkeypatch):
-    straight = train(_config(synth, tmp_path / "a"), progress=False)
+def test_ctrl_c_saves_and_the_resume_gives_the_same_weights(tmp_path, synth, monkeypatch, capsys):
+    """A real SIGINT in the middle of step 5 (no save due until step 6): the trainer saves step 4 and re-raises;
+    --resume redoes step 5 with the same data and randomness and ends on the uninterrupted run's weights."""
+    straight = train(_config(synth, tmp_path / "a", save_every=100), progress=False)
 
     import synergy.train.loop as loop
 
-    real_save = loop.save_checkpoint
-    calls = []
+    real_step, calls = loop.train_step, []
 
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
+    def step_then_interrupt(*args, **kwargs):
+        loss = real_step(*args, **kwargs)
         calls.append(1)
-        raise KeyboardInterrupt("killed right after the first checkpoint")
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt in this thread, as Ctrl-C does
+        return loss
 
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop, "train_step", step_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        train(_config(synth, tmp_path / "b"), progress=False)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
-    resumed = train(_config(synth, tmp_path / "b"), resume=True, progress=False)
+        train(_config(synth, tmp_path / "b", save_every=100))
+    assert "interrupted at step 4" in capsys.readouterr().out
+    assert torch.load(tmp_path / "b" / "checkpoint" / "train_state" / "state.pt", weights_only=True)["step"] == 4
+    monkeypatch.setattr(loop, "train_step", real_step)
+    resumed = train(_config(synth, tmp_path / "b", save_every=100), resume=True, progress=False)
     a, _ = load_checkpoint(straight)
     b, _ = load_checkpoint(resumed)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(x, y, atol=0, rtol=0, msg=name)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_existing_checkpoint_is_not_replaced_without_resume_or_force(tmp_path, synth):
+    train(_config(synth, tmp_path / "run", steps=2), progress=False)
+    before = (tmp_path / "run" / "checkpoint" / "model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="already holds a checkpoint; continue it with --resume, replace it"):
+        train(_config(synth, tmp_path / "run", steps=1, seed=4), progress=False)
+    assert (tmp_path / "run" / "checkpoint" / "model.safetensors").read_bytes() == before
+    train(_config(synth, tmp_path / "run", steps=1, seed=4), progress=False, force=True)
+    assert (tmp_path / "run" / "checkpoint" / "model.safetensors").read_bytes() != before
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1]  # the replaced run's metrics went with it
+    with pytest.raises(ConfigError, match="no training data: set `data`"):
+        train(_config(synth, tmp_path / "other", data=None), progress=False)
 
 
 def _batch(synth, b=8):
@@ -340,14 +375,67 @@ def test_evaluate_reports_all_directions(tmp_path, synth):
 
 
 def test_train_config_overrides(tmp_path):
-    (tmp_path / "c.json").write_text(json.dumps({"steps": 5, "model": "tiny"}))
+    (tmp_path / "c.json").write_text(json.dumps({"steps": 5, "model": "tiny", "data": "t.csv", "val_data": "v.csv"}))
     config = load_train_config(tmp_path / "c.json", ["lr=0.01", "model.audio.layers=1", "val_data=none"])
     assert (config.steps, config.lr, config.model_overrides, config.val_data) == (5, 0.01, {"audio.layers": 1}, None)
-    assert load_train_config(None, ["val_data="]).val_data is None  # an empty value clears an optional field too
+    assert load_train_config(None, ["data=t.csv", "val_data="]).val_data is None  # empty clears an optional field
     with pytest.raises(ValueError, match="unknown key"):
-        load_train_config(None, ["learning_rate=1"])
+        load_train_config(None, ["data=t.csv", "learning_rate=1"])
     with pytest.raises(ValueError, match="on_bad_sample"):
-        load_train_config(None, ["on_bad_sample=maybe"])
+        load_train_config(None, ["data=t.csv", "on_bad_sample=maybe"])
+    with pytest.raises(ConfigError, match="no training data: set `data` in the config file or pass --set data="):
+        load_train_config(None, ["model=tiny"])  # a bare `synergy train` is refused
+
+
+@pytest.mark.parametrize(
+    ("json_values", "overrides", "message"),
+    [
+        ({}, ["model.embed_dim=abc"], "embed_dim: expected int, got str 'abc'"),
+        ({}, ["model.prompt_templates=a {}."], "prompt_templates: expected a list of str, got str"),
+        ({}, ["model.audio.clip_seconds=x"], "audio: clip_seconds: expected float, got str 'x'"),
+        ({}, ["steps=ten"], "steps=ten: expected int, got 'ten'"),
+        ({}, ["save_every=0"], "save_every=0: must be at least 1"),
+        ({"steps": "10"}, [], "steps: expected int, got str '10'"),
+        ({"lr": [0.1]}, [], "lr: expected float, got list"),
+        ({"val_data": 3}, [], "val_data: expected str or null, got int 3"),
+        ({"model_overrides": {"text": 2}}, [], "text: expected an object of TextTowerConfig fields"),
+    ],
+)
+def test_train_config_types_are_checked_at_the_boundary(tmp_path, json_values, overrides, message):
+    (tmp_path / "c.json").write_text(json.dumps({"model": "tiny", "data": "t.csv", **json_values}))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_train_config(tmp_path / "c.json", overrides)
+
+
+def test_model_overrides_take_json_lists():
+    config = load_train_config(None, ["data=t.csv", "model=tiny", 'model.prompt_templates=["a {}.", "the {}."]'])
+    assert create_model(config.model, **config.model_overrides).config.prompt_templates == ("a {}.", "the {}.")
+
+
+def test_stable_seed_is_pinned():
+    """Seeds must not change across Python versions or processes: these values are the contract of exact resume."""
+    assert [stable_seed(0, 0, 0), stable_seed(3, 17, 5), stable_seed(-1), stable_seed(2**40, 7)] == [
+        112113195,
+        1327291301,
+        771585245,
+        1208904561,
+    ]
+    assert len({stable_seed(3, step, slot) for step in range(50) for slot in range(20)}) == 1000
+
+
+def test_samples_per_second_is_a_recent_window():
+    rate = RecentRate(window=4)
+    for _ in range(10):
+        rate.add(1.0, 8)  # slow steps (or an evaluation) long ago
+    for _ in range(4):
+        rate.add(0.5, 8)
+    assert rate.per_second == 16.0
+
+
+def test_ddp_device_ids_keep_gpu_zero():
+    assert ddp_device_ids(torch.device("cuda", 0)) == [0]
+    assert ddp_device_ids(torch.device("cuda", 3)) == [3]
+    assert ddp_device_ids(torch.device("cpu")) is None
 
 
 def test_cli_smoke(tmp_path, synth):

@@ -1,11 +1,26 @@
-"""`make demo` end to end, shortened to a few training steps: every stage runs on real files and a re-run resumes."""
+"""`make demo` end to end, shortened to a few training steps: every stage runs on real files and a re-run resumes.
+The demo is orchestration at the package root: the training package imports no exporter and no demo."""
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 
+from synergy import demo
 from synergy.runtime import Runtime
-from synergy.train import demo
+
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def test_training_imports_neither_export_nor_demo():
+    """DESIGN: train -> core -> kernels (and the runtime's decoding, the ground floor)."""
+    for path in sorted((PACKAGE / "train").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert not name.startswith(("synergy.export", "synergy.demo", "synergy.serve")), f"{path}: {name}"
 
 
 @pytest.mark.slow
