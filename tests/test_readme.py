@@ -48,7 +48,12 @@ NOT_RUN = {  # README command -> why this test does not run it
     ),
     "python benchmarks/bench_runtime.py --models base-audio --configs torch ort ort-opset23 --batches 8 --skip-cold "
     "--rounds 5 --out benchmarks/results/runtime-cpu-base.json": "a 15-minute benchmark, never part of CI",
+    "make gpu-proof OUT=proof": "needs an NVIDIA GPU; CI runs `make gpu-proof DRY_RUN=1` instead",
+    "python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 "
+    "--abi abi3 --abi none --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform "
+    "manylinux2014_x86_64 --platform any -d wheels soundfile soxr cffi pycparser": "needs a package registry",
 }
+SHELL_LANGUAGES = ("bash", "sh", "shell", "console")  # every shell block counts, whatever its fence says
 DEMO_LINKS = {  # runs/demo/<name> -> the walkthrough's file or folder with the same layout
     "data": "data/synth",
     "checkpoint": "runs/train/checkpoint",
@@ -67,11 +72,12 @@ def fenced_blocks(text: str) -> list[tuple[str, str, str]]:
 
 
 def shell_commands(text: str) -> list[str]:
-    """Each command of the ```bash blocks, without its trailing comment."""
+    """Each command of the shell blocks (```bash, ```sh, ...), without its trailing comment; a line continued with a
+    backslash is one command, its spacing collapsed."""
     commands = []
     for language, body, _ in fenced_blocks(text):
-        if language == "bash":
-            for line in body.replace("\\\n", " ").splitlines():
+        if language in SHELL_LANGUAGES:
+            for line in re.sub(r"\s*\\\n\s*", " ", body).splitlines():
                 command = re.sub(r"\s+#\s.*$", "", line).strip()
                 if command and not command.startswith("#"):
                     commands.append(command)
