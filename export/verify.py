@@ -165,7 +165,7 @@ class Verification:
         else:
             lines.append(
                 f"  agreement not gated: PyTorch decides only {self.decided_queries} queries by >= {DECIDED_MARGIN:g} "
-                f"(< {MIN_DECIDED_QUERIES}); an untrained checkpoint? pass a real evaluation set with --eval-data"
+                f"(< {MIN_DECIDED_QUERIES}); an untrained checkpoint? pass a real evaluation set with --data"
             )
         failed = self.failures()
         lines.append("  FAILED: " + "; ".join(failed) if failed else "  passed")

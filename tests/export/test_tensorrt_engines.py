@@ -36,8 +36,13 @@ def test_input_profiles():
         (8, 3, 30, 30),
         (64, 3, 30, 30),
     )
-    audio = (TensorSpec("waveform", "float32", ("batch", "samples")),)
-    assert input_profiles(audio, BatchProfile(), 13, 8000)["waveform"][1] == (8, 8000)
+    audio = (
+        TensorSpec("waveform", "float32", ("batch", "samples")),
+        TensorSpec("waveform_lengths", "int64", ("batch",)),
+    )
+    profiles = input_profiles(audio, BatchProfile(), 13, 8000)
+    assert profiles["waveform"][1] == (8, 8000)
+    assert profiles["waveform_lengths"] == ((1,), (8,), (64,))  # the real lengths travel with every batch
 
 
 def test_engine_key_covers_every_input():

@@ -296,3 +296,17 @@ def test_engine_only_bundle_on_cpu_says_what_to_do(bundle_copy):
     _engine_bundle(bundle_copy, keep_onnx=False)
     with pytest.raises(BundleError, match=r"no ONNX graph for the \w+ tower .*backend='tensorrt', device='cuda'"):
         Runtime.open(bundle_copy)
+
+
+def test_tensorrt_ep_profile_carries_the_audio_lengths():
+    from synergy.runtime.manifest import TensorSpec, TowerSpec
+    from synergy.runtime.onnxruntime_backend import tensorrt_profile
+
+    inputs = (
+        TensorSpec("waveform", "float32", ("batch", "samples")),
+        TensorSpec("waveform_lengths", "int64", ("batch",)),
+    )
+    spec = TowerSpec("audio.onnx", inputs, (TensorSpec("embedding", "float32", ("batch", 8)),))
+    profile = tensorrt_profile(spec, 8, 16_000)
+    assert profile["trt_profile_min_shapes"] == "waveform:1x1,waveform_lengths:1"
+    assert profile["trt_profile_max_shapes"] == "waveform:8x16000,waveform_lengths:8"
