@@ -45,21 +45,33 @@ class SynergyModel(nn.Module):
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """pixel_values: [B, 3, H, W] normalised -> [B, D] L2-normalised."""
-        pooled = self.image_tower(pixel_values=pixel_values).pooler_output  # [B, width]
-        return F.normalize(self.image_projection(pooled), dim=-1)
+        return F.normalize(self.image_projection(self.image_features(pixel_values)), dim=-1)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids, attention_mask: [B, L] int64 -> [B, D]; pooled = final state of the first (<s>) token."""
-        hidden = self.text_tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, w]
-        return F.normalize(self.text_projection(hidden[:, 0]), dim=-1)
+        return F.normalize(self.text_projection(self.text_features(input_ids, attention_mask)), dim=-1)
 
     def encode_audio(self, waveform: Tensor, waveform_lengths: Tensor | None = None) -> Tensor:
         """waveform: [B, T] mono at ``config.audio.sample_rate``, rows zero-padded; waveform_lengths: [B] int64 real
         samples per row (None: every row is T long) -> [B, D]. A clip gives the same embedding alone or padded."""
         features = self.audio_frontend(waveform, waveform_lengths)  # [B, frames, mels], float32 (quiet bins need it)
-        features = features.to(self.audio_projection.weight.dtype)  # a half-precision tower gets half features
-        pooled = self.audio_tower(input_values=features).pooler_output  # [B, width]
-        return F.normalize(self.audio_projection(pooled), dim=-1)
+        return F.normalize(self.audio_projection(self.audio_features(features)), dim=-1)
+
+    # The towers' pooled outputs before the projections: what missing-modality reconstruction
+    # (synergy.core.reconstruction) fuses, and the one place each tower's pooling is written.
+
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """pixel_values: [B, 3, H, W] normalised -> pooled [B, image width] (CLIP's post-LayerNorm class token)."""
+        return self.image_tower(pixel_values=pixel_values).pooler_output
+
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids, attention_mask: [B, L] -> pooled [B, text width]: the final state of the first (<s>) token."""
+        return self.text_tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+
+    def audio_features(self, log_mel: Tensor) -> Tensor:
+        """log_mel: [B, frames, mels] normalised (``audio_frontend``'s output) -> pooled [B, audio width]."""
+        log_mel = log_mel.to(self.audio_projection.weight.dtype)  # a half-precision tower gets half features
+        return self.audio_tower(input_values=log_mel).pooler_output
 
     def logit_scales(self) -> Tensor:
         """[3] exp'd scales for (image-text, text-audio, audio-image), clamped at 100 as in CLIP."""
