@@ -40,6 +40,7 @@ from synergy.kernels.contrastive.distributed import gather_features
 from synergy.train.config import TrainConfig, check_train_config
 from synergy.train.data import Collate, DataError, EpochBatches, ManifestDataset, read_manifest
 from synergy.train.evaluate import evaluate, format_report, write_report
+from synergy.train.manifest_check import ManifestCheck, check_manifest
 from synergy.train.seeds import stable_seed
 
 MODALITIES = ("image", "text", "audio")
@@ -60,6 +61,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
     checkpoint = out / "checkpoint"
     rows = read_manifest(config.data)
     model, tokenizer, state = model_and_state(config, rows, checkpoint, resume, force, process)
+    dataset = _dataset(config, model, rows)
+    checks = [check_manifest(config.data, dataset)]  # before any step: wrong paths stop the run here, counted
+    if config.val_data:
+        checks.append(check_manifest(config.val_data, _dataset(config, model, read_manifest(config.val_data))))
     step = int(state["step"]) if state else 0
     model.to(process.device)
     optimizer = _optimizer(model, config)
@@ -67,7 +72,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    loader = _loader(config, model, rows, tokenizer, step, process)
+    loader = _loader(config, dataset, tokenizer, step, process)
     ddp = model
     if process.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ddp_device_ids(process.device))
@@ -77,9 +82,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
         else contextlib.nullcontext
     )
     log = RunLog(out, config, step, process, show=progress)
-    log.start(model, rows, process, resumed_from=step if state else None)
+    log.start(model, checks, process, resumed_from=step if state else None)
     bad_total = int(state["bad_samples"]) if state else 0
-    saved = step
+    saved = step if state else -1  # a fresh (or forced) run has saved nothing yet, not even step 0
 
     def save():
         train_state = {
@@ -96,7 +101,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
     tick = time.perf_counter()
     try:
         for batch in loader:
-            _check_bad_samples(batch, config, log)
+            _check_batch(batch, step, config, log, process)
             # dropout draws from a generator seeded by (seed, step, rank): an exact resume needs no saved RNG state
             torch.manual_seed(stable_seed(config.seed, step, process.rank))
             optimizer.zero_grad(set_to_none=True)
@@ -138,7 +143,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
     except KeyboardInterrupt:
         if step > saved:  # Ctrl-C: keep what was trained since the last save
             save()
-        log.message(f"interrupted at step {step}; the checkpoint {checkpoint} holds step {step}")
+        log.message(f"interrupted at step {step}; {checkpoint} holds step {step}")
         log.close()
         raise
     log.close()
@@ -256,9 +261,8 @@ def _dataset(config: TrainConfig, model: SynergyModel, rows) -> ManifestDataset:
     )
 
 
-def _loader(config: TrainConfig, model: SynergyModel, rows, tokenizer, start_step: int, process: Process):
+def _loader(config: TrainConfig, dataset: ManifestDataset, tokenizer, start_step: int, process: Process):
     """Batches from ``start_step`` on: a pure function of (seed, step), so a resumed run sees what it would have."""
-    dataset = _dataset(config, model, rows)
     sampler = EpochBatches(
         len(dataset), config.batch_size, config.seed, start_step, config.steps, process.rank, process.world
     )
@@ -266,19 +270,29 @@ def _loader(config: TrainConfig, model: SynergyModel, rows, tokenizer, start_ste
         dataset,
         batch_sampler=sampler,
         num_workers=config.workers,
-        collate_fn=Collate(tokenizer, model.config.image.image_size, dataset.clip_samples),
+        collate_fn=Collate(tokenizer, dataset.image_size, dataset.clip_samples),
         persistent_workers=False,
         prefetch_factor=4 if config.workers else None,
     )
 
 
-def _check_bad_samples(batch, config: TrainConfig, log: RunLog) -> None:
-    if not batch["bad"]:
-        return
-    if config.on_bad_sample == "error":
+def _check_batch(batch, step: int, config: TrainConfig, log: RunLog, process: Process) -> None:
+    """Bad samples are reported (or stop the run); a global batch in which no row has two usable modalities stops
+    the run, since its loss would be a silent 0."""
+    if batch["bad"] and config.on_bad_sample == "error":
         raise DataError(f"bad sample: {batch['bad'][0]} (use --set on_bad_sample=skip to skip such rows)")
     for message in batch["bad"]:
         log.message(f"skipping bad sample: {message}")
+    usable = sum(batch[f"{m}_mask"].long() for m in MODALITIES) >= 2  # [b]: the row gives the loss a pair
+    count = usable.sum().to(process.device)
+    if process.world > 1:
+        dist.all_reduce(count)  # another rank's rows are negatives here too: only the global count matters
+    if count.item() == 0:
+        raise DataError(
+            f"step {step + 1}: no row of the batch has two usable modalities ({len(batch['bad'])} bad sample(s) "
+            "here); its loss would be 0. Check the manifest (paths are relative to the CSV's folder) or raise "
+            "batch_size"
+        )
 
 
 # -------------------------------------------------------------------------------------------------------- the step
@@ -452,20 +466,23 @@ class RunLog:
         if self.show:
             tqdm.write(text)
 
-    def start(self, model: SynergyModel, rows, process: Process, resumed_from: int | None) -> None:
+    def start(self, model: SynergyModel, checks: list[ManifestCheck], process: Process, resumed_from) -> None:
+        """The start-of-run summary: what is trained, on what, how, and where to."""
         c = self.config
-        params = sum(p.numel() for p in model.parameters())
-        missing = {m: sum(getattr(r, m) is None for r in rows) for m in ("image", "audio")}
-        missing["text"] = sum(not (r.caption or r.label) for r in rows)
-        self.message(
-            f"training {c.model} ({params / 1e6:.2f}M parameters) on {c.data}: {len(rows)} rows "
-            f"(missing: {', '.join(f'{m} {n}' for m, n in missing.items())}); "
-            f"validation {c.val_data or 'none'}\n"
+        lines = [f"training {c.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)"]
+        for split, check in zip(("train", "val"), checks):
+            missing = ", ".join(f"{m} {n}" for m, n in check.missing.items() if n)
+            lines.append(
+                f"  {split}: {check.path}, {check.readable} of {check.rows} rows readable"
+                + (f" (missing modalities: {missing})" if missing else "")
+            )
+        lines.append(
             f"  {c.steps} steps x batch {c.batch_size}"
-            + (f" ({c.accumulation} micro-batches)" if c.accumulation > 1 else "")
-            + f" on {process.world} x {process.device.type}; output {c.out}"
+            + (f" in {c.accumulation} micro-batches" if c.accumulation > 1 else "")
+            + f" on {process.world} x {process.device}; output {c.out}"
             + (f"; resuming from step {resumed_from}" if resumed_from is not None else "")
         )
+        self.message("\n".join(lines))
 
     def step(self, record: dict, seconds: float, samples: int) -> None:
         if not self.main:

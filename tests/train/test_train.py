@@ -161,6 +161,29 @@ def test_training_loss_falls_and_the_run_ends_with_its_evaluation(tmp_path, synt
     assert "training tiny (" in captured.out and "steps x batch 16" in captured.out  # the start-of-run summary
 
 
+def test_a_manifest_with_wrong_paths_stops_before_step_one(tmp_path, synth):
+    """Every path wrong (the CSV moved away from its files): a count and the rule for paths, no step, no checkpoint."""
+    (tmp_path / "moved.csv").write_text((synth / "train.csv").read_text())
+    rows = len(read_manifest(synth / "train.csv"))
+    config = _config(synth, tmp_path / "run", data=str(tmp_path / "moved.csv"))
+    with pytest.raises(
+        DataError, match=rf"(?s)moved.csv: {rows} of {rows} rows cannot be read \(100%.*relative to the CSV"
+    ):
+        train(config, progress=False)
+    assert not (tmp_path / "run" / "checkpoint").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_batch_without_any_pair_is_never_a_silent_zero_loss(tmp_path, synth):
+    """Rows that each hold one modality (image only, audio only, text only): the loss has nothing to compare."""
+    rows = read_manifest(synth / "train.csv")
+    image, audio = next(r.image for r in rows if r.image), next(r.audio for r in rows if r.audio)
+    lines = ["img_path,wav_path,label,caption"] + [f"{image},,,", f",{audio},,", ",,red circle,a red circle"] * 4
+    (tmp_path / "single.csv").write_text("\n".join(lines) + "\n")
+    config = _config(synth, tmp_path / "run", data=str(tmp_path / "single.csv"))
+    with pytest.raises(DataError, match="step 1: no row of the batch has two usable modalities"):
+        train(config, progress=False)
+
+
 def test_on_bad_sample_error_stops_with_the_message(tmp_path, synth):
     lines = (synth / "train.csv").read_text().splitlines()
     lines[1] = "images/nope.png," + lines[1].split(",", 1)[1]
@@ -470,6 +493,38 @@ def test_cli_smoke(tmp_path, synth):
     assert result.exit_code == 0, result.output
     assert "audio -> label" in result.output and json.loads((tmp_path / "m.json").read_text())["val"]["rows"] > 0
     result = runner.invoke(main, ["eval", str(tmp_path / "nope"), "--data", str(synth / "val.csv")])
-    assert result.exit_code == 2 and "no such checkpoint folder" in result.output  # a usage error
+    assert result.exit_code == 2 and "no such folder; pass the checkpoint folder" in result.output  # a usage error
     result = runner.invoke(main, ["train", "--set", "bogus=1"])
-    assert result.exit_code == 1 and "unknown key" in result.output
+    assert result.exit_code == 2 and "unknown key" in result.output  # a usage error
+
+
+def test_cli_train_guards(tmp_path, synth, monkeypatch):
+    """A bare train is refused; an existing checkpoint needs --resume or --force; Ctrl-C saves and says how to go on."""
+    runner = CliRunner()
+    result = runner.invoke(main, ["train"])
+    assert result.exit_code == 2 and "no training data: set `data`" in result.output
+    assert not (tmp_path / "runs").exists()
+    run = ["train", "--set", "model=tiny", "--set", f"data={synth / 'train.csv'}", "--set", f"out={tmp_path / 'run'}"]
+    run += ["--set", "batch_size=4", "--set", "workers=0", "--set", "steps=1"]
+    assert runner.invoke(main, run).exit_code == 0
+    result = runner.invoke(main, run)
+    assert result.exit_code == 2 and "already holds a checkpoint; continue it with --resume" in result.output
+    result = runner.invoke(main, [*run, "--resume", "--force"])
+    assert result.exit_code == 2 and "choose one" in result.output
+
+    import synergy.train.loop as loop
+
+    real_step = loop.train_step
+
+    def interrupt(*args, **kwargs):
+        real_step(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loop, "train_step", interrupt)
+    result = runner.invoke(main, [*run, "--force", "--set", "save_every=100"])
+    assert result.exit_code == 130, result.output
+    # the first step never finished: the new run's step 0 replaced the old checkpoint, which --resume continues
+    assert f"interrupted at step 0; {tmp_path / 'run' / 'checkpoint'} holds step 0" in result.output
+    assert torch.load(tmp_path / "run" / "checkpoint" / "train_state" / "state.pt", weights_only=True)["step"] == 0
+    assert f"continue with: synergy train --set model=tiny --set data={synth / 'train.csv'}" in result.output
+    assert "--set save_every=100 --resume\n" in result.output
