@@ -170,21 +170,45 @@ def synth_command(out, seed, train_per_class, val_per_class, heldout_per_class, 
 @main.command("train")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), help="Training JSON.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key; repeatable.")
-@click.option("--resume", is_flag=True, help="Continue from <out>/checkpoint: same data order and schedule.")
-def train_command(config_path, overrides, resume):
-    """Train a model (single process, or under torchrun for DDP)."""
-    from synergy.core.checkpoint import CheckpointError
+@click.option("--resume", is_flag=True, help="Continue <out>/checkpoint: the same data order, schedule and randomness.")
+@click.option("--force", is_flag=True, help="Replace an existing <out>/checkpoint (and its metrics) with a new run.")
+def train_command(config_path, overrides, resume, force):
+    """Train a model (single process, or under torchrun for DDP).
+
+    Needs a data manifest: `data` in the --config JSON or --set data=train.csv (columns img_path, wav_path, label,
+    caption; paths relative to the CSV's folder). An existing checkpoint in `out` is continued with --resume or
+    replaced with --force, never silently. Ctrl-C saves the checkpoint and prints the command that continues."""
+    import shlex
+
     from synergy.core.config import ConfigError
-    from synergy.train.config import load_train_config
+    from synergy.train.config import load_train_config  # no torch: a bad key or value is reported at once
+
+    if resume and force:
+        raise UsageProblem("--resume continues the checkpoint and --force replaces it: choose one")
+    try:
+        config = load_train_config(config_path, overrides)
+    except (ConfigError, ValueError, OSError) as error:
+        raise UsageProblem(str(error)) from error
+
+    from synergy.core.checkpoint import CheckpointError
     from synergy.train.data import DataError
     from synergy.train.loop import train
 
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, one process speaks
     try:
-        config = load_train_config(config_path, overrides)
-        checkpoint = train(config, resume=resume)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError, ValueError) as error:
+        checkpoint = train(config, resume=resume, force=force)
+    except KeyboardInterrupt:
+        if main_process:
+            again = ["synergy", "train", *(["--config", config_path] if config_path else [])]
+            again += [part for item in overrides for part in ("--set", item)] + ["--resume"]
+            click.echo(f"interrupted; continue with: {shlex.join(again)}", err=True)
+        sys.exit(130)  # the shell's code for a run ended by Ctrl-C
+    except CheckpointError as error:
+        raise UsageProblem(str(error)) from error
+    except (DataError, FileNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from error
-    click.echo(f"checkpoint: {checkpoint}")
+    if main_process:
+        click.echo(f"checkpoint: {checkpoint}")
 
 
 @main.command("eval")
