@@ -28,6 +28,10 @@ class UnsupportedImage(InputError):
     """An image that cannot be decoded or used."""
 
 
+class UnsupportedVideo(InputError):
+    """A video that cannot be decoded or used: not a video, no stream, truncated, 0 frames, too long or too large."""
+
+
 class UnsupportedText(InputError):
     """A text input that is not a string."""
 
@@ -44,13 +48,19 @@ class BackendError(InferUsageError):
     """The requested backend or device is not available on this machine."""
 
 
+class RuntimeClosed(InferUsageError):
+    """A call on a ``Runtime`` after ``close()``: closed is closed; open the bundle again."""
+
+
 __all__ = [
     "BackendError",
     "BundleError",
     "InferUsageError",
     "InputError",
     "LabelsError",
+    "RuntimeClosed",
     "UnsupportedAudio",
     "UnsupportedImage",
     "UnsupportedText",
+    "UnsupportedVideo",
 ]

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .files import NotARegularFile, inside, open_regular, read_regular
 
 FORMAT_VERSION = 2
 AUDIO_INPUTS = ("waveform", "waveform_lengths")
@@ -87,9 +90,17 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict) -> Manifest:
+        """Build and range-check a manifest from parsed JSON. Every field is checked here, when the bundle opens,
+        so that a wrong value is one ``BundleError`` naming the field rather than a raw numpy/soxr/onnxruntime error
+        (or a silently wrong answer: a negative logit scale flips every ranking) on the first input."""
+        if not isinstance(data, dict):
+            kind = type(data).__name__
+            raise BundleError(f"manifest.json is a JSON {kind}, not an object; this is not a Synergy bundle")
         version = data.get("format_version")
-        if not isinstance(version, int):
-            raise BundleError("manifest.json has no integer 'format_version'; this is not a Synergy bundle")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise BundleError(
+                f"manifest.json: format_version is {version!r}, not an integer; this is not a Synergy bundle"
+            )
         if version < FORMAT_VERSION:
             raise BundleError(
                 f"bundle format version {version} is older than this runtime reads ({FORMAT_VERSION}): its audio graph "
@@ -101,44 +112,209 @@ class Manifest:
                 f"bundle format version {version} is newer than this runtime reads ({FORMAT_VERSION}); "
                 "upgrade synergy or re-export the bundle with this version"
             )
-        try:
-            towers = {
-                name: TowerSpec(
-                    file=t["file"],
-                    inputs=tuple(TensorSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in t["inputs"]),
-                    outputs=tuple(TensorSpec(o["name"], o["dtype"], tuple(o["shape"])) for o in t["outputs"]),
-                    precision=t.get("precision", "fp32"),
-                )
-                for name, t in data["towers"].items()
-            }
-            image, audio, text = data["image"], data["audio"], data["text"]
-            manifest = cls(
-                embed_dim=int(data["embed_dim"]),
-                logit_scales={k: float(v) for k, v in data["logit_scales"].items()},
-                towers=towers,
-                image=ImagePreprocessing(int(image["size"]), tuple(image["mean"]), tuple(image["std"])),
-                audio=AudioPreprocessing(int(audio["sample_rate"]), float(audio["clip_seconds"])),
-                text=TextPreprocessing(int(text["max_length"]), tuple(text["prompt_templates"])),
-                backend=data.get("backend", "onnx"),
-                precision=data.get("precision", "fp32"),
-                tokenizer=data.get("tokenizer", "tokenizer.json"),
-                files=dict(data.get("files", {})),
-                versions=dict(data.get("versions", {})),
-                extra=dict(data.get("extra", {})),
-                format_version=version,
+        for key in ("embed_dim", "logit_scales", "towers", "image", "audio", "text"):
+            if key not in data:
+                raise BundleError(f"manifest.json has no {key!r}; re-export the bundle")
+        embed_dim = _integer(data, "embed_dim", 1, MAX_EMBED_DIM)
+        scales = _mapping(data, "logit_scales")
+        if sorted(scales) != sorted(PAIRS):
+            raise BundleError(f"manifest.json: logit_scales has keys {sorted(scales)}, expected {list(PAIRS)}")
+        logit_scales = {k: _number(scales, k, MIN_LOGIT_SCALE, MAX_LOGIT_SCALE, "logit_scales.") for k in PAIRS}
+        image, audio, text = _mapping(data, "image"), _mapping(data, "audio"), _mapping(data, "text")
+        rate = _integer(audio, "sample_rate", MIN_SAMPLE_RATE, MAX_SAMPLE_RATE, "audio.")
+        clip_seconds = _number(audio, "clip_seconds", 0.0, MAX_CLIP_SECONDS, "audio.")
+        if clip_seconds * rate < rate * 25 // 1000:
+            raise BundleError(
+                f"manifest.json: audio.clip_seconds is {clip_seconds!r}, shorter than one 25 ms analysis frame; "
+                "re-export the bundle"
             )
-        except (KeyError, TypeError, ValueError) as error:
-            raise BundleError(f"manifest.json is malformed: {error!r}; re-export the bundle") from error
-        audio = manifest.towers.get("audio")
-        if audio is not None and tuple(t.name for t in audio.inputs) != AUDIO_INPUTS:
-            names = [t.name for t in audio.inputs]
-            raise BundleError(f"manifest.json: the audio tower's inputs are {names}, expected {list(AUDIO_INPUTS)}")
+        templates = _sequence(text, "prompt_templates", "text.")
+        if len(templates) > MAX_TEMPLATES or not all(isinstance(t, str) and len(t) <= 1000 for t in templates):
+            raise BundleError(
+                f"manifest.json: text.prompt_templates must be at most {MAX_TEMPLATES} strings of <= 1000 characters"
+            )
+        towers_data = _mapping(data, "towers")
+        if not towers_data or not set(towers_data) <= set(MODALITIES):
+            keys = sorted(towers_data)
+            raise BundleError(f"manifest.json: towers has keys {keys}; expected some of {list(MODALITIES)}")
+        manifest = cls(
+            embed_dim=embed_dim,
+            logit_scales=logit_scales,
+            towers={name: _tower(name, spec) for name, spec in towers_data.items()},
+            image=ImagePreprocessing(
+                _integer(image, "size", 1, MAX_IMAGE_SIZE, "image."),
+                _triple(image, "mean", -MAX_MEAN, MAX_MEAN, "image."),
+                _triple(image, "std", MIN_STD, MAX_STD, "image."),
+            ),
+            audio=AudioPreprocessing(rate, clip_seconds),
+            text=TextPreprocessing(_integer(text, "max_length", 2, MAX_TEXT_LENGTH, "text."), tuple(templates)),
+            backend=_choice(data, "backend", ("onnx", "tensorrt"), "onnx"),
+            precision=_string(data, "precision", "fp32"),
+            tokenizer=_relative_path(_string(data, "tokenizer", "tokenizer.json"), "tokenizer"),
+            files=_files(data.get("files", {})),
+            versions=_plain_mapping(data, "versions"),
+            extra=_plain_mapping(data, "extra"),
+            format_version=version,
+        )
+        for name, spec in manifest.towers.items():
+            dim = spec.outputs[0].shape[-1] if spec.outputs[0].shape else None
+            if isinstance(dim, int) and dim != embed_dim:
+                raise BundleError(
+                    f"manifest.json: the {name} graph's output {spec.outputs[0].name} has {dim} features but "
+                    f"embed_dim is {embed_dim}; re-export the bundle"
+                )
         return manifest
+
+
+# ---------------------------------------------------------------------------------------------- field checks
+# Limits far outside any real model, so that only a corrupt or hostile manifest meets them.
+MAX_EMBED_DIM = 65_536
+MIN_LOGIT_SCALE, MAX_LOGIT_SCALE = 1e-3, 1e4  # exp'd scales: CLIP clamps at 100; <= 0 would flip or flatten answers
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 384_000
+MAX_CLIP_SECONDS = 120.0
+MAX_IMAGE_SIZE = 4_096
+MAX_MEAN, MIN_STD, MAX_STD = 10.0, 1e-3, 100.0
+MAX_TEXT_LENGTH = 65_536
+MAX_TEMPLATES = 1_000
+MAX_MANIFEST_BYTES = 64 << 20
+TENSOR_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
+TOWER_RANKS = {"image": (4,), "text": (2, 2), "audio": (2, 1)}
+
+
+def _field(container: dict, key: str, prefix: str):
+    if not isinstance(container, dict) or key not in container:
+        raise BundleError(f"manifest.json has no {prefix}{key}; re-export the bundle")
+    return container[key]
+
+
+def _integer(container: dict, key: str, low: int, high: int, prefix: str = "") -> int:
+    value = _field(container, key, prefix)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BundleError(f"manifest.json: {prefix}{key} is {value!r}; expected an integer in [{low}, {high}]")
+    return value
+
+
+def _number(container: dict, key: str, low: float, high: float, prefix: str = "") -> float:
+    """A finite number in (low, high] (low excluded: the fields this checks are scales and durations)."""
+    value = _field(container, key, prefix)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+        raise BundleError(f"manifest.json: {prefix}{key} is {value!r}; expected a finite number in ({low:g}, {high:g}]")
+    return float(value)
+
+
+def _triple(container: dict, key: str, low: float, high: float, prefix: str) -> tuple[float, float, float]:
+    values = _field(container, key, prefix)
+    ok = isinstance(values, list) and len(values) == 3
+    ok = ok and all(not isinstance(v, bool) and isinstance(v, (int, float)) and low <= v <= high for v in values)
+    if not ok:
+        raise BundleError(
+            f"manifest.json: {prefix}{key} is {values!r}; expected 3 numbers (R, G, B) in [{low:g}, {high:g}]"
+        )
+    return tuple(float(v) for v in values)
+
+
+def _mapping(container: dict, key: str, prefix: str = "") -> dict:
+    value = _field(container, key, prefix)
+    if not isinstance(value, dict):
+        raise BundleError(f"manifest.json: {prefix}{key} is a {type(value).__name__}; expected an object")
+    return value
+
+
+def _plain_mapping(container: dict, key: str) -> dict:
+    return dict(_mapping(container, key)) if key in container else {}
+
+
+def _sequence(container: dict, key: str, prefix: str = "") -> list:
+    value = _field(container, key, prefix)
+    if not isinstance(value, list):
+        raise BundleError(f"manifest.json: {prefix}{key} is a {type(value).__name__}; expected a list")
+    return value
+
+
+def _string(container: dict, key: str, default: str) -> str:
+    value = container.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise BundleError(f"manifest.json: {key} is {value!r}; expected a non-empty string")
+    return value
+
+
+def _choice(container: dict, key: str, choices: tuple, default: str) -> str:
+    value = container.get(key, default)
+    if value not in choices:
+        raise BundleError(f"manifest.json: {key} is {value!r}; expected one of {list(choices)}")
+    return value
+
+
+def _relative_path(value, field_name: str) -> str:
+    """A path inside the bundle: relative, '/'-separated, no '..' and no empty parts. (Symlinks are checked when
+    the file is opened, against the resolved bundle folder.)"""
+    parts = value.split("/") if isinstance(value, str) else []
+    if (
+        not parts
+        or value.startswith("/")
+        or "\\" in value
+        or "\0" in value
+        or any(part in ("", ".", "..") for part in parts)
+        or ":" in parts[0]
+    ):
+        raise BundleError(
+            f"manifest.json: {field_name} is {value!r}; every file must be a relative path inside the bundle "
+            "(no absolute paths, no '..'); refusing the bundle"
+        )
+    return value
+
+
+def _files(value) -> dict:
+    if not isinstance(value, dict):
+        raise BundleError(f"manifest.json: files is a {type(value).__name__}; expected {{path: sha256}}")
+    for rel, digest in value.items():
+        _relative_path(rel, f"files entry {rel!r}")
+        if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise BundleError(f"manifest.json: files[{rel!r}] is {digest!r}; expected a sha256 (64 lowercase hex)")
+    return dict(value)
+
+
+def _tensor(name: str, spec, where: str) -> TensorSpec:
+    if not isinstance(spec, dict):
+        raise BundleError(f"manifest.json: {where} is a {type(spec).__name__}; expected an object")
+    tensor_name, dtype, shape = _field(spec, "name", where + "."), _field(spec, "dtype", where + "."), spec.get("shape")
+    if not isinstance(tensor_name, str) or not tensor_name:
+        raise BundleError(f"manifest.json: {where}.name is {tensor_name!r}; expected a string")
+    if dtype not in TENSOR_DTYPES:
+        raise BundleError(f"manifest.json: {where}.dtype is {dtype!r}; expected one of {list(TENSOR_DTYPES)}")
+    dims_ok = isinstance(shape, list) and all(
+        (isinstance(d, int) and not isinstance(d, bool) and d > 0) or (isinstance(d, str) and d) for d in shape
+    )
+    if not dims_ok:
+        raise BundleError(f"manifest.json: {where}.shape is {shape!r}; expected positive integers or dim names")
+    return TensorSpec(tensor_name, dtype, tuple(shape))
+
+
+def _tower(name: str, data) -> TowerSpec:
+    where = f"towers.{name}"
+    if not isinstance(data, dict):
+        raise BundleError(f"manifest.json: {where} is a {type(data).__name__}; expected an object")
+    inputs = [_tensor(name, t, f"{where}.inputs[{i}]") for i, t in enumerate(_sequence(data, "inputs", where + "."))]
+    outputs = [_tensor(name, t, f"{where}.outputs[{i}]") for i, t in enumerate(_sequence(data, "outputs", where + "."))]
+    ranks = TOWER_RANKS[name]
+    if tuple(len(t.shape) for t in inputs) != ranks:
+        got = [f"{t.name}{list(t.shape)}" for t in inputs]
+        raise BundleError(f"manifest.json: {where}.inputs are {got}; the {name} graph takes inputs of ranks {ranks}")
+    if name == "audio" and tuple(t.name for t in inputs) != AUDIO_INPUTS:
+        raise BundleError(
+            f"manifest.json: the audio tower's inputs are {[t.name for t in inputs]}, expected {list(AUDIO_INPUTS)}"
+        )
+    if name == "image" and isinstance(inputs[0].shape[1], int) and inputs[0].shape[1] != 3:
+        raise BundleError(f"manifest.json: {where} takes {inputs[0].shape[1]} channels; the runtime feeds RGB (3)")
+    if len(outputs) != 1 or len(outputs[0].shape) != 2 or outputs[0].dtype not in ("float32", "float16"):
+        raise BundleError(f"manifest.json: {where}.outputs must be one float embedding [batch, embed_dim]")
+    file = _relative_path(_field(data, "file", where + "."), f"{where}.file")
+    return TowerSpec(file, tuple(inputs), tuple(outputs), _string(data, "precision", "fp32"))
 
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -148,28 +324,67 @@ def write_manifest(bundle: Path, manifest: Manifest) -> None:
     (Path(bundle) / MANIFEST_NAME).write_text(manifest.to_json() + "\n")
 
 
-def load_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
-    """Read and validate ``bundle/manifest.json``; with ``verify``, check that every listed file exists inside
-    the bundle and has the recorded sha256."""
+def bundle_path(bundle: Path, rel: str, manifest: Manifest, trust_unverified: bool = False) -> Path:
+    """The file ``rel`` of the bundle, refused unless it resolves inside the bundle folder and (unless
+    ``trust_unverified``) is listed in ``files`` with its sha256. Every file the runtime opens comes through here."""
+    _relative_path(rel, repr(rel))
+    path = Path(bundle) / rel
+    if not inside(Path(bundle).resolve(), path):
+        raise BundleError(f"{bundle}: {rel} resolves outside the bundle (a symbolic link?); refusing it")
+    if rel not in manifest.files and not trust_unverified:
+        raise BundleError(
+            f"{bundle}: {rel} is not listed with its sha256 in manifest.json's files, so it cannot be verified; "
+            "re-export the bundle (or open it with trust_unverified=True / --trust-unverified if you built it)"
+        )
+    return path
+
+
+def load_manifest(bundle: str | Path, verify: bool = True, trust_unverified: bool = False) -> Manifest:
+    """Read and validate ``bundle/manifest.json``: every field range-checked; every path it names relative, inside
+    the bundle and a regular file. Unless ``trust_unverified``, every file the runtime may open (tower graphs, their
+    external data, the tokenizer) must be listed in ``files``, and with ``verify`` each listed file's sha256 is
+    checked. A manifest without ``files`` is refused unless ``trust_unverified``."""
     bundle = Path(bundle)
     path = bundle / MANIFEST_NAME
     if not bundle.is_dir():
         raise BundleError(f"{bundle}: not a folder; pass the bundle folder that `synergy export` wrote")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise BundleError(f"{bundle}: no {MANIFEST_NAME}; this is not a Synergy bundle (run `synergy export`)")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        text = read_regular(path, MAX_MANIFEST_BYTES).decode("utf-8")
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except NotARegularFile as error:
+        raise BundleError(f"{path}: {error.problem}; a bundle's manifest must be a regular JSON file") from error
+    except UnicodeDecodeError as error:
+        raise BundleError(f"{path}: not UTF-8 ({error.reason} at byte {error.start}); re-export the bundle") from error
+    except (json.JSONDecodeError, ValueError, RecursionError) as error:
         raise BundleError(f"{path}: not valid JSON ({error}); re-export the bundle") from error
     manifest = Manifest.from_dict(data)
-    if verify:
-        root = bundle.resolve()
-        for rel, expected in manifest.files.items():
-            file = (bundle / rel).resolve()
-            if root not in file.parents:
-                raise BundleError(f"{bundle}: manifest lists {rel!r}, which is outside the bundle; refusing it")
-            if not file.is_file():
-                raise BundleError(f"{bundle}: {rel} is missing; the bundle is incomplete, re-export it")
-            if sha256_file(file) != expected:
-                raise BundleError(f"{bundle}: {rel} has changed since export (sha256 mismatch); re-export the bundle")
+    if not manifest.files and not trust_unverified:
+        raise BundleError(
+            f"{bundle}: manifest.json lists no files with their sha256, so nothing in this bundle can be verified; "
+            "re-export it with `synergy export`, or, only if you built it yourself, open it with "
+            "trust_unverified=True (--trust-unverified)"
+        )
+    root = bundle.resolve()
+    for rel in [*(t.file for t in manifest.towers.values()), manifest.tokenizer]:
+        bundle_path(bundle, rel, manifest, trust_unverified)
+    for rel, expected in manifest.files.items():
+        file = bundle / rel
+        if not inside(root, file):
+            raise BundleError(f"{bundle}: manifest lists {rel!r}, which resolves outside the bundle; refusing it")
+        if not os.path.lexists(file):
+            raise BundleError(f"{bundle}: {rel} is missing; the bundle is incomplete, re-export it")
+        if not verify:
+            continue
+        try:
+            digest = sha256_file(file)
+        except NotARegularFile as error:
+            raise BundleError(f"{bundle}: {rel} is {error.problem}; a bundle holds regular files only") from error
+        if digest != expected:
+            raise BundleError(f"{bundle}: {rel} has changed since export (sha256 mismatch); re-export the bundle")
     return manifest
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")

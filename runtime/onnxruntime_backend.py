@@ -16,6 +16,7 @@ from .errors import BackendError
 from .manifest import BundleError, TowerSpec
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+_ORT_TYPES = {"float32": "float", "float16": "float16", "int64": "int64", "int32": "int32", "bfloat16": "bfloat16"}
 
 
 def trt_cache_dir() -> Path:
@@ -70,7 +71,19 @@ def tensorrt_profile(spec: TowerSpec, max_batch: int, max_dim: int) -> dict:
 class OnnxRuntimeTower:
     """``run(feeds) -> embedding [B, D]`` for one tower's ONNX graph."""
 
-    def __init__(self, path: Path, spec: TowerSpec, device: str, threads: int | None, tensorrt_options: dict):
+    def __init__(
+        self,
+        path: Path,
+        spec: TowerSpec,
+        device: str,
+        threads: int | None,
+        tensorrt_options: dict,
+        graph: bytes | None = None,
+        external_data: dict[str, bytes] | None = None,
+    ):
+        """``graph``: the graph's bytes, already read and verified by the caller (None: onnxruntime reads
+        ``path``). ``external_data``: its external weights by location name; with ``graph``, onnxruntime is given
+        these and no folder, so it reads nothing from disk (a location not among them is a load error)."""
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
@@ -78,15 +91,30 @@ class OnnxRuntimeTower:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        if graph is not None:
+            # never empty: with a table, onnxruntime looks external weights up in it instead of on disk
+            table = external_data or {"\0no-external-data": b"\0"}
+            names = list(table)
+            options.add_external_initializers_from_files_in_memory(
+                names, list(table.values()), [len(table[n]) for n in names]
+            )
         providers = select_providers(onnxruntime.get_available_providers(), device, tensorrt_options)
+        source = graph if graph is not None else str(path)
         try:
-            self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+            try:
+                self.session = onnxruntime.InferenceSession(source, options, providers=providers)
+            except Exception:
+                if not isinstance(providers[0], tuple):
+                    raise
+                # the TensorRT EP is listed whenever onnxruntime-gpu is installed, even without TensorRT's libraries
+                providers = providers[1:]
+                self.session = onnxruntime.InferenceSession(source, options, providers=providers)
         except Exception as error:
-            if not isinstance(providers[0], tuple):
-                raise BundleError(f"{path}: onnxruntime cannot load this graph ({error}); re-export it") from error
-            # the TensorRT EP is listed whenever onnxruntime-gpu is installed, even without TensorRT's libraries
-            providers = providers[1:]
-            self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+            problem = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            hint = " (external weights must be listed in manifest.json's files, beside the graph)" * (
+                "xternal" in problem
+            )
+            raise BundleError(f"{path}: onnxruntime cannot load this graph ({problem}){hint}; re-export it") from error
         self.providers = self.session.get_providers()
         if device == "cuda" and not set(GPU_PROVIDERS) & set(self.providers):
             raise BackendError(f"{path}: onnxruntime fell back to {self.providers}; check the CUDA installation")
@@ -94,6 +122,19 @@ class OnnxRuntimeTower:
         wanted = [t.name for t in spec.inputs]
         if sorted(graph_inputs) != sorted(wanted):
             raise BundleError(f"{path}: graph inputs are {graph_inputs} but the manifest says {wanted}; re-export it")
+        graph_outputs = [o.name for o in self.session.get_outputs()]
+        if spec.outputs[0].name not in graph_outputs:
+            raise BundleError(
+                f"{path}: graph outputs are {graph_outputs} but the manifest says {spec.outputs[0].name!r}; "
+                "re-export it"
+            )
+        for tensor in self.session.get_inputs():
+            want = next(t for t in spec.inputs if t.name == tensor.name)
+            if tensor.type != f"tensor({_ORT_TYPES.get(want.dtype, want.dtype)})":
+                raise BundleError(
+                    f"{path}: graph input {tensor.name} is {tensor.type} but the manifest says {want.dtype}; "
+                    "re-export it"
+                )
         self.output_name = spec.outputs[0].name
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:

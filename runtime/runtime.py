@@ -23,7 +23,9 @@ Choices, documented here once:
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +34,20 @@ import numpy as np
 
 from .audio import DEFAULT_MAX_SECONDS, DEFAULT_OVERLAP, cut_window, describe_audio, load_audio, window_spans
 from .batcher import MicroBatcher
-from .errors import BackendError, InferUsageError, InputError
+from .errors import BackendError, InferUsageError, InputError, RuntimeClosed, UnsupportedText, UnsupportedVideo
+from .files import NotARegularFile, read_regular
 from .image import describe_image, load_image, preprocess_image
 from .labels import check_template, label_prompts, read_labels
-from .manifest import MODALITIES, BundleError, Manifest, load_manifest
+from .manifest import MODALITIES, BundleError, Manifest, bundle_path, load_manifest
 from .text import check_text, load_tokenizer, tokenize
+from .video import DEFAULT_FRAMES_PER_SECOND, DEFAULT_MAX_FRAMES, describe_video, load_video
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 DEVICES = ("cpu", "cuda")
 ENGINE_SUFFIXES = (".plan", ".engine")
 LABEL_SCALE_PAIRS = {"audio": ("text_audio",), "image": ("image_text",), "text": ("image_text", "text_audio")}
+MAX_GRAPH_BYTES = 64 << 30  # a tower file (graph, external weights or engine) larger than this is refused
+MAX_TOKENIZER_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class Prediction:
     source: str
     top: tuple[LabelScore, ...] = ()
     error: InputError | None = None
+    modalities: tuple[str, ...] = ()  # a video's: the streams it was classified from ("image", "audio")
 
     @property
     def ok(self) -> bool:
@@ -78,9 +85,40 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class VideoEmbeddings:
+    """Per-video embeddings [N, D] float32: the pooled frames, the soundtrack, and both fused; NaN rows where a video
+    has no such stream or failed (``errors[i]``). ``modalities[i]``: the streams video i was embedded from."""
+
+    image: np.ndarray
+    audio: np.ndarray
+    fused: np.ndarray
+    modalities: tuple[tuple[str, ...], ...]
+    errors: tuple[InputError | None, ...]
+    sources: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class SearchHit:
     index: int  # row of the corpus
     score: float  # cosine similarity
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _not_finite(modality: str, source: str, what: str = "embedding") -> InputError:
+    """A NaN or Inf embedding is never an answer: the item fails alone, with what usually causes it."""
+    from .errors import UnsupportedAudio, UnsupportedImage
+
+    error_type = {"audio": UnsupportedAudio, "image": UnsupportedImage}.get(modality, UnsupportedText)
+    hint = {
+        "audio": "samples far outside [-1, 1] (float audio must be normalised)",
+        "image": "pixel values the model cannot represent",
+        "text": "a text the model cannot represent",
+    }.get(modality, "an input the model cannot represent")
+    return error_type(source, f"the model gives non-finite {what} for this input ({hint}); check or re-encode it")
 
 
 def _as_items(modality: str, items) -> list:
@@ -158,12 +196,37 @@ def tower_file(bundle: Path, manifest: Manifest, modality: str, backend: str) ->
     elif backend == "onnxruntime" and is_engine:
         siblings, fix = (".onnx",), "use backend='tensorrt', device='cuda', or export with `--format onnx`"
     else:
-        return bundle / file
+        return bundle_path(bundle, file.as_posix(), manifest, trust_unverified=True)  # listing: load_manifest's
     listed = [file.with_suffix(s).as_posix() for s in siblings if file.with_suffix(s).as_posix() in manifest.files]
     if not listed:
         kind = "TensorRT engine" if backend == "tensorrt" else "ONNX graph"
         raise BundleError(f"{bundle}: no {kind} for the {modality} tower (only {file}); {fix}")
-    return bundle / listed[0]
+    return bundle_path(bundle, listed[0], manifest)
+
+
+def read_bundle_file(bundle: Path, rel: str, manifest: Manifest, trusted: bool, limit: int) -> bytes:
+    """The bytes of one bundle file, read once and checked against the manifest's sha256 (unless ``trusted``):
+    what was hashed is what runs, even if the file is replaced after ``Runtime.open``."""
+    path = bundle_path(bundle, rel, manifest, trusted)
+    try:
+        data = read_regular(path, limit)
+    except NotARegularFile as error:
+        raise BundleError(f"{bundle}: {rel} is {error.problem}; a bundle holds regular files only") from error
+    expected = manifest.files.get(rel)
+    if expected is not None and not trusted and hashlib.sha256(data).hexdigest() != expected:
+        raise BundleError(f"{bundle}: {rel} has changed since export (sha256 mismatch); re-export the bundle")
+    return data
+
+
+def external_data(bundle: Path, graph: str, manifest: Manifest, trusted: bool) -> dict[str, bytes]:
+    """The listed side files of an ONNX graph (its external weights): the files in the graph's folder whose name
+    starts with the graph's stem (``audio.onnx.data`` for ``audio.onnx``), keyed by their name relative to that
+    folder, as the graph's ``location`` fields name them. onnxruntime is given these bytes and no path, so a graph
+    can read no weights from anywhere else (an unlisted or outside location is a load error)."""
+    folder, stem = Path(graph).parent, Path(graph).name.split(".")[0]
+    names = [rel for rel in manifest.files if Path(rel).parent == folder and rel != graph]
+    names = [rel for rel in names if Path(rel).name.startswith(stem) and Path(rel).suffix not in (".onnx", ".plan")]
+    return {Path(rel).name: read_bundle_file(bundle, rel, manifest, trusted, MAX_GRAPH_BYTES) for rel in names}
 
 
 class Runtime:
@@ -182,6 +245,8 @@ class Runtime:
         self._tokenizer = None
         self._labels: dict[str, np.ndarray] = {}  # label -> [D] embedding
         self._lock = threading.Lock()
+        self._closed = False
+        self.trust_unverified: bool = options.get("trust_unverified", False)
 
     @classmethod
     def open(
@@ -194,9 +259,16 @@ class Runtime:
         batch_size: int = 32,
         audio_overlap: float = DEFAULT_OVERLAP,
         max_audio_seconds: float = DEFAULT_MAX_SECONDS,
+        trust_unverified: bool = False,
         verify: bool = True,
     ) -> Runtime:
-        """Read and check a bundle (manifest, format version, every file's sha256 unless ``verify=False``).
+        """Read and check a bundle: every manifest field range-checked, every file it names inside the bundle, a
+        regular file, listed in ``files`` and matching its sha256; the tokenizer loaded. Problems are a one-line
+        ``BundleError`` naming the file and the field.
+
+        ``trust_unverified``: open a bundle whose files are not listed with hashes (or do not match them), with a
+        warning; for bundles you built yourself, never for ones you were sent. ``verify=False`` is its old name.
+        Containment (no file outside the bundle, no FIFOs or devices) is checked either way.
 
         ``backend``: "onnxruntime" (ONNX graphs; on ``device="cuda"`` through the TensorRT EP, then the CUDA EP),
         "tensorrt" (the bundle's ``*.plan`` engines, natively), or "auto" (the engines of a TensorRT bundle on
@@ -213,7 +285,13 @@ class Runtime:
         if not 0.0 <= audio_overlap < 1.0:
             raise InferUsageError(f"audio_overlap must be in [0, 1), got {audio_overlap}")
         bundle = Path(bundle)
-        manifest = load_manifest(bundle, verify=verify)
+        trust_unverified = trust_unverified or not verify
+        manifest = load_manifest(bundle, verify=not trust_unverified, trust_unverified=trust_unverified)
+        if trust_unverified:
+            warnings.warn(
+                f"{bundle}: trusting an unverified bundle: its files are not checked against sha256 hashes",
+                stacklevel=2,
+            )
         _check_static_shapes(bundle, manifest)
         for template in manifest.text.prompt_templates:
             try:
@@ -237,7 +315,7 @@ class Runtime:
             select_providers(onnxruntime.get_available_providers(), device)
         for modality in manifest.towers:
             tower_file(bundle, manifest, modality, backend)  # every tower has a file this backend runs
-        return cls(
+        runtime = cls(
             bundle,
             manifest,
             backend,
@@ -246,21 +324,32 @@ class Runtime:
             batch_size=batch_size,
             audio_overlap=audio_overlap,
             max_audio_seconds=max_audio_seconds,
+            trust_unverified=trust_unverified,
         )
+        if "text" in manifest.towers:
+            runtime._text_tokenizer()  # cheap, and a broken tokenizer is a bundle error now, not on the first text
+        return runtime
 
     # ----------------------------------------------------------------------------------------------------- towers
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeClosed(f"{self.bundle}: this Runtime is closed; open the bundle again with Runtime.open")
+
     def _tower(self, modality: str):
         with self._lock:
+            self._check_open()
             if modality in self._towers:
                 return self._towers[modality]
             if modality not in self.manifest.towers:
                 raise BundleError(f"{self.bundle}: this bundle has no {modality} tower; re-export it with one")
             spec = self.manifest.towers[modality]
             path = tower_file(self.bundle, self.manifest, modality, self.backend)
+            rel = path.relative_to(self.bundle).as_posix()
             if self.backend == "tensorrt":
                 from .tensorrt_backend import TensorRTTower
 
+                read_bundle_file(self.bundle, rel, self.manifest, self.trust_unverified, MAX_GRAPH_BYTES)  # hash
                 tower = TensorRTTower(path, spec, self.device)
             else:
                 from .onnxruntime_backend import OnnxRuntimeTower, tensorrt_profile
@@ -271,9 +360,53 @@ class Runtime:
                     "text": self.manifest.text.max_length,
                 }
                 profile = tensorrt_profile(spec, self.batch_size, largest[modality])
-                tower = OnnxRuntimeTower(path, spec, self.device, self.threads, profile)
+                graph = read_bundle_file(self.bundle, rel, self.manifest, self.trust_unverified, MAX_GRAPH_BYTES)
+                weights = external_data(self.bundle, rel, self.manifest, self.trust_unverified)
+                tower = OnnxRuntimeTower(path, spec, self.device, self.threads, profile, graph, weights)
+            self._probe(modality, tower, path)
             self._towers[modality] = tower
             return tower
+
+    def _probe(self, modality: str, tower, path: Path) -> None:
+        """One forward pass at the largest input the manifest allows (a full clip, ``text.max_length`` tokens of
+        the tokenizer's largest id), when the tower loads: a graph whose position table or vocabulary is smaller
+        than the manifest and tokenizer say, or whose output is not [B, embed_dim] and finite, is a ``BundleError``
+        now rather than a raw onnxruntime error on some later input."""
+        spec, m = self.manifest.towers[modality], self.manifest
+        batch = self._fixed_batch(modality) or 1
+        if modality == "image":
+            feeds = {spec.inputs[0].name: np.zeros((batch, 3, m.image.size, m.image.size), np.float32)}
+            what = f"a {m.image.size} x {m.image.size} image"
+        elif modality == "audio":
+            clip = round(m.audio.clip_seconds * m.audio.sample_rate)
+            feeds = {spec.inputs[0].name: np.zeros((batch, clip), np.float32)}
+            feeds[spec.inputs[1].name] = np.full(batch, clip, np.int64)
+            what = f"one clip of {clip} samples (audio.clip_seconds x audio.sample_rate)"
+        else:
+            ids_name, mask_name = self._text_input_names(spec)
+            length = spec.inputs[0].shape[1] if isinstance(spec.inputs[0].shape[1], int) else m.text.max_length
+            top = self._tokenizer.get_vocab_size(with_added_tokens=True) - 1 if self._tokenizer is not None else 0
+            dtypes = {t.name: t.dtype for t in spec.inputs}
+            feeds = {
+                ids_name: np.full((batch, length), top, dtypes[ids_name]),
+                mask_name: np.ones((batch, length), dtypes[mask_name]),
+            }
+            what = f"{length} tokens (text.max_length) of id {top} (the tokenizer's largest)"
+        try:
+            out = np.asarray(tower.run(feeds))
+        except (InferUsageError, BundleError):
+            raise
+        except Exception as error:
+            raise BundleError(
+                f"{path}: the {modality} graph fails on {what}: {_first_line(error)}; the manifest, tokenizer and "
+                "graph do not belong together, re-export the bundle"
+            ) from error
+        if out.shape != (batch, m.embed_dim) or not np.isfinite(out).all():
+            problem = f"shape {out.shape}" if out.shape != (batch, m.embed_dim) else "non-finite values"
+            raise BundleError(
+                f"{path}: the {modality} graph gives {problem} for {what}; expected finite [{batch}, {m.embed_dim}] "
+                "(embed_dim); re-export the bundle"
+            )
 
     def _text_tokenizer(self):
         with self._lock:
@@ -281,9 +414,9 @@ class Runtime:
                 spec = self.manifest.towers.get("text")
                 length = spec.inputs[0].shape[1] if spec and len(spec.inputs[0].shape) > 1 else None
                 fixed = length if isinstance(length, int) else None
-                self._tokenizer = load_tokenizer(
-                    self.bundle / self.manifest.tokenizer, self.manifest.text.max_length, fixed
-                )
+                rel = self.manifest.tokenizer
+                data = read_bundle_file(self.bundle, rel, self.manifest, self.trust_unverified, MAX_TOKENIZER_BYTES)
+                self._tokenizer = load_tokenizer(self.bundle / rel, self.manifest.text.max_length, fixed, data)
             return self._tokenizer
 
     @property
@@ -292,7 +425,8 @@ class Runtime:
         return {m: t.providers for m, t in self._towers.items() if hasattr(t, "providers")}
 
     def load(self, *modalities: str) -> Runtime:
-        """Load towers now instead of on first use (all of the bundle's when none are named)."""
+        """Load towers now instead of on first use (all of the bundle's when none are named): graph problems are
+        then a ``BundleError`` here, before any input is decoded."""
         for modality in modalities or tuple(self.manifest.towers):
             self._tower(modality)
         if "text" in (modalities or self.manifest.towers):
@@ -340,7 +474,17 @@ class Runtime:
         fixed = self._fixed_batch(modality)
         if fixed is not None and batch < fixed:
             feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed - batch, 0)]) for k, v in feeds.items()}
-        return np.asarray(self._tower(modality).run(feeds)[:batch], dtype=np.float32)
+        tower = self._tower(modality)
+        try:
+            out = tower.run(feeds)
+        except (InferUsageError, BundleError, MemoryError):
+            raise
+        except Exception as error:  # inputs were checked and the graph passed its probe: the bundle is at fault
+            raise BundleError(
+                f"{self.bundle}: the {modality} graph failed on a batch of {batch}: {_first_line(error)}; "
+                "re-export the bundle"
+            ) from error
+        return np.asarray(out[:batch], dtype=np.float32)
 
     def _compute(self, modality: str, values: list, batch_size: int) -> np.ndarray:
         """Model-ready values (all good) -> embeddings [N, D]."""
@@ -393,21 +537,31 @@ class Runtime:
         """Embed a batch where a bad item fails alone: ``EmbedResult`` with NaN rows and typed errors for it."""
         if modality not in MODALITIES:
             raise InferUsageError(f"modality {modality!r} is not one of {MODALITIES}")
+        self._check_open()
         items = _as_items(modality, items)
         decoded, errors, sources = self._decode(modality, items)
         good = [i for i, e in enumerate(errors) if e is None]
         vectors = np.full((len(items), self.manifest.embed_dim), np.nan, np.float32)
         if good:
             vectors[good] = self._compute(modality, [decoded[i] for i in good], batch_size or self.batch_size)
+        for i in good:
+            if not np.isfinite(vectors[i]).all():
+                errors[i] = _not_finite(modality, sources[i])
+                vectors[i] = np.nan
         return EmbedResult(vectors, tuple(errors), tuple(sources))
 
     def _embed_strict(self, modality: str, items, batch_size: int | None) -> np.ndarray:
+        self._check_open()
         items = _as_items(modality, items)
-        decoded, errors, _ = self._decode(modality, items)
+        decoded, errors, sources = self._decode(modality, items)
         for error in errors:
             if error is not None:
                 raise error
-        return self._compute(modality, decoded, batch_size or self.batch_size)
+        vectors = self._compute(modality, decoded, batch_size or self.batch_size)
+        for i, row in enumerate(vectors):
+            if not np.isfinite(row).all():
+                raise _not_finite(modality, sources[i])
+        return vectors
 
     def embed_audio(self, audio, batch_size: int | None = None) -> np.ndarray:
         """Paths, audio-file bytes or ``(waveform, sample_rate)`` tuples -> [N, D]. Raises ``UnsupportedAudio``
@@ -446,7 +600,9 @@ class Runtime:
         per_modality = [np.mean([scales[p] for p in LABEL_SCALE_PAIRS[m]]) for m in modalities]
         return float(np.mean(per_modality))
 
-    def classify(self, labels, audio=None, image=None, text=None, top_k: int = 5, batch_size: int | None = None):
+    def classify(
+        self, labels, audio=None, image=None, text=None, top_k: int = 5, batch_size: int | None = None, video=None
+    ):
         """Zero-shot classification -> one ``Prediction`` per item, in order.
 
         ``labels``: a labels file path or a sequence of strings. ``audio`` / ``image`` / ``text``: one item or a
@@ -455,6 +611,10 @@ class Runtime:
         """
         if top_k < 1:
             raise InferUsageError(f"top_k must be >= 1, got {top_k}")
+        if video is not None:  # a video fuses its own frames and soundtrack: see classify_video
+            if audio is not None or image is not None or text is not None:
+                raise InferUsageError("classify(video=...) classifies videos on their own: pass no audio/image/text")
+            return self.classify_video(labels, video, top_k=top_k, batch_size=batch_size)
         labels = read_labels(labels)
         given = {m: _as_items(m, x) for m, x in (("audio", audio), ("image", image), ("text", text)) if x is not None}
         if not given:
@@ -477,9 +637,99 @@ class Runtime:
             if error is not None:
                 predictions.append(Prediction(source, error=error))
                 continue
+            if not (np.isfinite(probabilities[i]).all() and np.isfinite(similarity[i]).all()):
+                modality = next(iter(results))
+                predictions.append(Prediction(source, error=_not_finite(modality, source, "probabilities")))
+                continue
             order = np.argsort(-probabilities[i], kind="stable")[:top_k]
             top = tuple(LabelScore(labels[j], float(probabilities[i, j]), float(similarity[i, j])) for j in order)
             predictions.append(Prediction(source, top))
+        return predictions
+
+    # -------------------------------------------------------------------------------------------------- video
+    # A video is its frames (images) and its soundtrack (audio), decoded by ``video.load_video``: the image embedding
+    # is the normalised mean of the frames' normalised embeddings (CLIP4VLA's pooling), the audio embedding the
+    # soundtrack through the long-audio windows, and the two are fused as ``classify(audio=, image=)`` fuses them.
+
+    video_max_frames: int = DEFAULT_MAX_FRAMES
+    video_frames_per_second: float = DEFAULT_FRAMES_PER_SECOND
+
+    def embed_video_batch(self, videos, batch_size: int | None = None) -> VideoEmbeddings:
+        """Paths or video-file bytes -> ``VideoEmbeddings``; a bad video fails alone (NaN rows, its error)."""
+        items = [videos] if isinstance(videos, (str, Path, bytes, bytearray, memoryview)) else list(videos)
+        batch_size = batch_size or self.batch_size
+        size, mean, std = self.manifest.image.size, self.manifest.image.mean, self.manifest.image.std
+        rate = self.manifest.audio.sample_rate
+        clip = round(self.manifest.audio.clip_seconds * rate)
+        frames, sounds, errors, sources = [], [], [], []  # frames: (video, [3, S, S]); sounds: (video, value)
+        for index, item in enumerate(items):
+            name = describe_video(item, index)
+            try:
+                video = load_video(
+                    item,
+                    rate,
+                    name=name,
+                    max_frames=self.video_max_frames,
+                    frames_per_second=self.video_frames_per_second,
+                    max_seconds=self.max_audio_seconds,
+                    frame_transform=lambda image: preprocess_image(image, size, mean, std),
+                    frames="image" in self.manifest.towers,
+                    audio="audio" in self.manifest.towers,
+                )
+                if not video.frames and video.audio is None:
+                    raise UnsupportedVideo(name, "has no stream this bundle's towers can embed")
+                frames += [(index, f) for f in video.frames]
+                if video.audio is not None:
+                    sounds.append((index, (video.audio, window_spans(video.audio.shape[0], clip, self.audio_overlap))))
+                errors.append(None)
+            except InputError as error:
+                errors.append(error)
+            sources.append(name)
+        dim = self.manifest.embed_dim
+        image = np.full((len(items), dim), np.nan, np.float32)
+        audio = np.full((len(items), dim), np.nan, np.float32)
+        if frames:
+            owners = np.array([owner for owner, _ in frames])
+            pooled = np.zeros((len(items), dim), np.float64)
+            np.add.at(pooled, owners, self._compute("image", [f for _, f in frames], batch_size))  # [F, D] -> [N, D]
+            with_frames = np.unique(owners)
+            image[with_frames] = l2_normalise(pooled[with_frames])
+        if sounds:
+            audio[[owner for owner, _ in sounds]] = self._compute("audio", [v for _, v in sounds], batch_size)
+        present = np.stack([np.isfinite(image).all(-1), np.isfinite(audio).all(-1)], axis=1)  # [N, 2]
+        modalities = tuple(tuple(m for m, on in zip(("image", "audio"), row) if on) for row in present)
+        both = np.where(present[:, :, None], np.stack([image, audio], axis=1), 0.0).sum(1)  # [N, D]
+        with np.errstate(invalid="ignore"):
+            fused = np.where(present.any(1)[:, None], l2_normalise(both), np.nan).astype(np.float32)
+        return VideoEmbeddings(image, audio, fused, modalities, tuple(errors), tuple(sources))
+
+    def embed_video(self, videos, batch_size: int | None = None) -> VideoEmbeddings:
+        """Paths or video-file bytes -> ``VideoEmbeddings`` (``image``, ``audio``, ``fused``: [N, D]; a row is NaN
+        where the video has no such stream). Raises ``UnsupportedVideo`` for the first bad video."""
+        result = self.embed_video_batch(videos, batch_size)
+        for error in result.errors:
+            if error is not None:
+                raise error
+        return result
+
+    def classify_video(self, labels, videos, top_k: int = 5, batch_size: int | None = None) -> list[Prediction]:
+        """Zero-shot classification of videos: frames + soundtrack fused (image-only or audio-only where the video
+        has one stream), the logit scale of the streams used. ``Prediction.modalities`` names them."""
+        if top_k < 1:
+            raise InferUsageError(f"top_k must be >= 1, got {top_k}")
+        labels = read_labels(labels)
+        label_matrix = self.label_embeddings(labels)  # [K, D]
+        result = self.embed_video_batch(videos, batch_size)
+        predictions = []
+        for i, source in enumerate(result.sources):
+            if result.errors[i] is not None:
+                predictions.append(Prediction(source, error=result.errors[i]))
+                continue
+            similarity = label_matrix @ result.fused[i]  # [K]
+            probabilities = softmax(self.label_scale(result.modalities[i]) * similarity)
+            order = np.argsort(-probabilities, kind="stable")[: min(top_k, len(labels))]
+            top = tuple(LabelScore(labels[j], float(probabilities[j]), float(similarity[j])) for j in order)
+            predictions.append(Prediction(source, top, modalities=result.modalities[i]))
         return predictions
 
     # ------------------------------------------------------------------------------------------------- search
@@ -518,7 +768,10 @@ class Runtime:
         )
 
     def close(self) -> None:
+        """Release the graphs. Closed is closed: a later call raises ``RuntimeClosed`` (open the bundle again with
+        ``Runtime.open``); calls already running finish with the sessions they hold. Closing twice is fine."""
         with self._lock:
+            self._closed = True
             for tower in self._towers.values():
                 if hasattr(tower, "close"):
                     tower.close()

@@ -15,13 +15,20 @@ from .errors import UnsupportedText
 from .manifest import BundleError
 
 
-def load_tokenizer(path: Path, max_length: int, fixed_length: int | None = None) -> Tokenizer:
+def load_tokenizer(
+    path: Path, max_length: int, fixed_length: int | None = None, data: bytes | None = None
+) -> Tokenizer:
     """Read ``tokenizer.json`` and set truncation to ``max_length`` and padding to the batch's longest sequence
-    (``fixed_length`` when the graph's length dimension is static)."""
+    (``fixed_length`` when the graph's length dimension is static). ``data``: the file's bytes, already read and
+    verified by the caller (then ``path`` only names it in messages)."""
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        if data is None:
+            tokenizer = Tokenizer.from_file(str(path))
+        else:
+            tokenizer = Tokenizer.from_str(data.decode("utf-8"))
     except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
-        raise BundleError(f"{path}: not a readable tokenizers file ({error}); re-export the bundle") from error
+        problem = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise BundleError(f"{path}: not a readable tokenizers file ({problem}); re-export the bundle") from error
     padding = tokenizer.padding or {}
     pad_token = padding.get("pad_token", "<pad>")
     pad_id = padding.get("pad_id") if tokenizer.padding else tokenizer.token_to_id("<pad>")
@@ -45,8 +52,18 @@ def load_tokenizer(path: Path, max_length: int, fixed_length: int | None = None)
 
 
 def check_text(text, name: str) -> str:
+    """A string the tokenizer can take: Unicode text without lone surrogates (``"\\ud800"`` cannot be encoded as
+    UTF-8, and the tokenizer would fail the whole batch on it)."""
     if not isinstance(text, str):
         raise UnsupportedText(name, f"expected a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise UnsupportedText(
+            name,
+            f"contains a lone surrogate {text[error.start]!r} at character {error.start}, which is not Unicode "
+            "text; decode the source with errors='replace' or fix the string",
+        ) from error
     return text
 
 
