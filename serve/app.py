@@ -1,0 +1,484 @@
+"""``synergy serve``: the runtime over HTTP, micro-batched across clients.
+
+Starlette (routing, requests, multipart) on uvicorn (the ASGI server: HTTP/1.1 keep-alive, SIGTERM drain). Every
+embedding item, whichever request it came in, goes into one ``MicroBatcher`` per modality (``max_batch``,
+``max_wait_ms``, a bounded queue), so 64 clients sending one clip each make a few batches, not 64 model calls.
+
+    POST /v1/embeddings  {"modality": "audio", "input": [b64, ...]}   -> {"data": [{"index", "embedding"}], ...}
+    POST /v1/classify    {"labels": [...] | "NAME", "audio": [b64...], "image": [b64...], "top_k": 5}
+    (both also take multipart/form-data: files in ``input`` / ``audio`` / ``image``, labels as a file or fields)
+    GET  /healthz  /readyz  /metrics
+
+Back-pressure: an item is queued only if the modality's queue has room (never a wait inside the event loop); a
+request that does not fit is answered 503 with ``Retry-After`` and its queued items are cancelled. Errors are JSON,
+``{"error": {"type": ..., "message": ...}}``: 400 malformed JSON / base64 / fields, 404 unknown path, 405, 413 body
+or item count over the limit, 415 content type, 503 queue full, 504 the request's timeout. A bad item (an
+undecodable file) is not a request error: it gets ``{"index": i, "error": ...}`` and the other items are answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from synergy.runtime import BatcherFull, InferUsageError, InputError, LabelsError, MicroBatcher, Runtime, read_labels
+from synergy.runtime.runtime import l2_normalise, softmax
+
+from .metrics import BATCH_SIZE_BUCKETS, CONTENT_TYPE, LATENCY_BUCKETS, Metrics
+
+logger = logging.getLogger("synergy.serve")
+JSON_TYPES = ("application/json", "", "text/plain", "application/x-www-form-urlencoded")  # curl -d sends the last
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    max_batch: int = 32  # items per model call
+    max_wait_ms: float = 5.0  # how long a batch waits to fill after its first item
+    max_queue: int = 256  # items waiting per modality; beyond it: 503
+    max_items: int = 64  # items per request
+    max_body_bytes: int = 32 * 1024 * 1024
+    request_timeout_s: float = 30.0
+    retry_after_s: int = 1
+
+    def __post_init__(self):
+        if self.max_items > self.max_queue:  # such a request could never be queued: 503 forever
+            raise InferUsageError(
+                f"--max-items {self.max_items} is over --max-queue {self.max_queue}: a request that large could "
+                "never be queued; raise --max-queue or lower --max-items"
+            )
+
+
+class Problem(Exception):
+    """A request error: answered as ``{"error": {"type", "message"}}`` with ``status``."""
+
+    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.message, self.headers = status, kind, message, headers or {}
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """One item's embedding and the batch that computed it (times from ``time.perf_counter``)."""
+
+    vector: np.ndarray
+    started: float
+    finished: float
+    batch_size: int
+
+
+def problem_response(problem: Problem) -> JSONResponse:
+    body = {"error": {"type": problem.kind, "message": problem.message}}
+    return JSONResponse(body, status_code=problem.status, headers=problem.headers)
+
+
+def item_error(index: int, error: BaseException) -> dict:
+    message = error.problem if isinstance(error, InputError) else str(error)
+    return {"index": index, "error": {"type": type(error).__name__, "message": f"input[{index}]: {message}"}}
+
+
+class Service:
+    """The runtime, one micro-batcher per tower, the labels files the server was started with, and metrics."""
+
+    def __init__(self, runtime: Runtime, limits: ServeLimits, name: str, labels_files: dict[str, Path]):
+        self.runtime = runtime
+        self.limits = limits
+        self.name = name
+        self.labels_files = labels_files
+        self.modalities = tuple(runtime.manifest.towers)
+        self.metrics = Metrics()
+        self.ready = threading.Event()
+        self.draining = False
+        self.load_error: str | None = None
+        self.batchers: dict[str, MicroBatcher] = {}
+        self._describe_metrics()
+
+    def _describe_metrics(self) -> None:
+        m = self.metrics
+        m.describe("synergy_requests_total", "counter", "HTTP requests by endpoint and status code.")
+        m.describe("synergy_request_errors_total", "counter", "Requests answered 4xx/5xx, by endpoint and error type.")
+        m.describe("synergy_item_errors_total", "counter", "Items that could not be embedded, by modality and type.")
+        m.describe("synergy_items_total", "counter", "Items embedded (ok or failed), by modality.")
+        m.describe("synergy_queue_depth", "gauge", "Items waiting for a batch, by modality.")
+        m.describe("synergy_batch_size", "histogram", "Items per model call, by modality.", BATCH_SIZE_BUCKETS)
+        m.describe("synergy_batch_seconds", "histogram", "Decode + model time per batch.", LATENCY_BUCKETS)
+        m.describe("synergy_request_seconds", "histogram", "Request latency, by endpoint.", LATENCY_BUCKETS)
+        for modality in self.modalities:
+            m.set("synergy_queue_depth", 0, modality=modality)
+
+    # --------------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        limits = self.limits
+        for modality in self.modalities:
+            self.batchers[modality] = MicroBatcher(
+                self._process(modality),
+                max_batch=limits.max_batch,
+                max_wait_ms=limits.max_wait_ms,
+                max_queue=limits.max_queue,
+                name=f"synergy-serve-{modality}",
+            )
+
+        def load() -> None:  # /healthz answers at once; /readyz once every tower is loaded
+            try:
+                self.runtime.load()
+            except Exception as error:  # reported by /readyz (and the log); requests report their own errors
+                logger.exception("loading the towers failed")
+                self.load_error = f"{type(error).__name__}: {error}"
+                return
+            self.ready.set()
+
+        threading.Thread(target=load, name="synergy-serve-load", daemon=True).start()
+
+    def stop(self) -> None:
+        """After uvicorn has finished the in-flight requests: run what is still queued, then free the towers."""
+        self.draining = True
+        for batcher in self.batchers.values():
+            batcher.close()
+        self.runtime.close()
+
+    def _process(self, modality: str) -> Callable[[list], list]:
+        def process(items: list) -> list:
+            started = time.perf_counter()
+            self.metrics.inc("synergy_queue_depth", -len(items), modality=modality)
+            result = self.runtime.embed_batch(modality, items)
+            finished = time.perf_counter()
+            self.metrics.observe("synergy_batch_size", len(items), modality=modality)
+            self.metrics.observe("synergy_batch_seconds", finished - started, modality=modality)
+            self.metrics.inc("synergy_items_total", len(items), modality=modality)
+            out = []
+            for vector, error in zip(result.vectors, result.errors):
+                if error is None:
+                    out.append(Embedded(vector, started, finished, len(items)))
+                else:
+                    self.metrics.inc("synergy_item_errors_total", modality=modality, type=type(error).__name__)
+                    out.append(error)
+            return out
+
+        return process
+
+    # ------------------------------------------------------------------------------------------------ batching
+
+    def submit_all(self, modality: str, items: list) -> list:
+        """Queue every item or none: on a full queue the items already queued are cancelled and 503 is raised."""
+        batcher = self.batchers[modality]
+        futures = []
+        for item in items:
+            try:
+                futures.append(batcher.submit(item, timeout=0))  # never waits: the event loop must not block
+            except (BatcherFull, RuntimeError) as error:
+                cancelled = sum(f.cancel() for f in futures)
+                self.metrics.inc("synergy_queue_depth", -cancelled, modality=modality)
+                if isinstance(error, BatcherFull):
+                    raise Problem(
+                        503,
+                        "QueueFull",
+                        f"the {modality} queue is full ({self.limits.max_queue} items); retry after "
+                        f"{self.limits.retry_after_s} s",
+                        {"Retry-After": str(self.limits.retry_after_s)},
+                    ) from error
+                raise Problem(503, "ShuttingDown", "the server is shutting down") from error
+            self.metrics.inc("synergy_queue_depth", 1, modality=modality)
+        return futures
+
+    async def embed(self, requests: dict[str, list], timings: dict) -> dict[str, list]:
+        """{modality: items} -> {modality: [Embedded | InputError per item]}, micro-batched with other requests."""
+        if self.draining:
+            raise Problem(503, "ShuttingDown", "the server is shutting down")
+        submitted = time.perf_counter()
+        futures = {m: self.submit_all(m, items) for m, items in requests.items()}
+        flat = [f for fs in futures.values() for f in fs]
+        waiting = [asyncio.wrap_future(f) for f in flat]
+        try:
+            done = await asyncio.wait_for(
+                asyncio.gather(*waiting, return_exceptions=True), self.limits.request_timeout_s
+            )
+        except asyncio.TimeoutError as error:
+            for future in flat:
+                future.cancel()
+            raise Problem(504, "Timeout", f"the request took longer than {self.limits.request_timeout_s} s") from error
+        for result in done:
+            if isinstance(result, BaseException) and not isinstance(result, InputError):
+                raise Problem(500, type(result).__name__, str(result))  # the whole batch failed (a backend error)
+        good = [r for r in done if isinstance(r, Embedded)]
+        if good:
+            timings["queue"] = max(r.started for r in good) - submitted
+            timings["batch"] = max(r.finished - r.started for r in good)
+            timings["batch_size"] = max(r.batch_size for r in good)
+        answers, start = {}, 0
+        for modality, items in requests.items():
+            answers[modality] = list(done[start : start + len(items)])
+            start += len(items)
+        return answers
+
+    def labels(self, value) -> tuple[str, ...]:
+        """A request's labels: a list of strings, or the name of a labels file given to ``synergy serve --labels``."""
+        if isinstance(value, str):
+            if value not in self.labels_files:
+                known = ", ".join(sorted(self.labels_files)) or "none (start the server with --labels FILE)"
+                raise Problem(400, "UnknownLabels", f"no labels file named {value!r}; known: {known}")
+            value = self.labels_files[value]
+        elif not isinstance(value, list) or not value:
+            raise Problem(400, "BadRequest", "labels must be a non-empty list of strings or a labels file name")
+        try:
+            return read_labels(value)
+        except LabelsError as error:
+            raise Problem(400, "BadLabels", str(error)) from error
+
+
+# ------------------------------------------------------------------------------------------------ request parsing
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise Problem(400, "BadRequest", f"Content-Length {declared!r} is not a number")
+        if int(declared) > limit:
+            raise Problem(413, "BodyTooLarge", f"the body ({declared} B) is over the limit of {limit} B")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Problem(413, "BodyTooLarge", f"the body is over the limit of {limit} B")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_fields(request: Request, limits: ServeLimits) -> dict:
+    """A JSON object or a multipart form -> {field: value}. Multipart: a repeated field is a list; a file is bytes."""
+    body = await read_body(request, limits.max_body_bytes)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind in JSON_TYPES:
+        try:
+            fields = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise Problem(400, "MalformedJSON", f"the body is not valid JSON: {error}") from error
+        if not isinstance(fields, dict):
+            raise Problem(400, "MalformedJSON", "the body must be a JSON object")
+        return fields
+    if kind == "multipart/form-data":
+
+        async def replay():  # the body was read (and capped) above; the form parser reads it again from here
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(
+                max_files=limits.max_items * 3 + 1, max_fields=limits.max_items * 3 + 16
+            )
+        except HTTPException as error:
+            raise Problem(400, "MalformedMultipart", str(error.detail)) from error
+        fields: dict[str, list] = {}
+        for key, value in form.multi_items():
+            fields.setdefault(key, []).append(await value.read() if isinstance(value, UploadFile) else value)
+        return {"multipart": True, **fields}
+    raise Problem(415, "UnsupportedMediaType", f"send application/json or multipart/form-data, not {kind!r}")
+
+
+def decode_items(modality: str, items, field: str, multipart: bool) -> list:
+    """JSON: base64 strings (audio, image) or strings (text). Multipart: file bytes, or strings for text."""
+    if isinstance(items, (str, bytes)):
+        items = [items]
+    if not isinstance(items, list):
+        raise Problem(400, "BadRequest", f"{field} must be a list")
+    out = []
+    for i, item in enumerate(items):
+        if modality == "text":
+            if not isinstance(item, str):
+                raise Problem(400, "BadRequest", f"{field}[{i}] must be a string (text)")
+            out.append(item)
+        elif isinstance(item, bytes):
+            out.append(item)
+        elif not isinstance(item, str):
+            raise Problem(400, "BadRequest", f"{field}[{i}] must be a base64 string of a {modality} file")
+        elif multipart:
+            out.append(item.encode())  # a form field, not a file: let the decoder report it
+        else:
+            try:
+                out.append(base64.b64decode(item, validate=True))
+            except (binascii.Error, ValueError) as error:
+                raise Problem(400, "BadBase64", f"{field}[{i}] is not valid base64: {error}") from error
+    return out
+
+
+def server_timing(timings: dict) -> str:
+    parts = [f"{k};dur={v * 1000:.3f}" for k, v in timings.items() if k != "batch_size"]
+    if "batch_size" in timings:
+        parts.append(f"batch_size;desc={timings['batch_size']}")
+    return ", ".join(parts)
+
+
+# -------------------------------------------------------------------------------------------------- endpoints
+
+
+def create_app(service: Service) -> Starlette:
+    limits = service.limits
+
+    def endpoint(name: str, handler):
+        async def wrapped(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                response = await handler(request)
+            except Problem as problem:
+                service.metrics.inc("synergy_request_errors_total", endpoint=name, type=problem.kind)
+                response = problem_response(problem)
+            except Exception as error:  # a bug or a backend failure: JSON like every other error, and logged
+                logger.exception("%s %s failed", request.method, request.url.path)
+                service.metrics.inc("synergy_request_errors_total", endpoint=name, type=type(error).__name__)
+                response = problem_response(Problem(500, type(error).__name__, str(error) or "internal error"))
+            service.metrics.inc("synergy_requests_total", endpoint=name, code=str(response.status_code))
+            service.metrics.observe("synergy_request_seconds", time.perf_counter() - started, endpoint=name)
+            return response
+
+        return wrapped
+
+    def check_count(count: int) -> None:
+        if count == 0:
+            raise Problem(400, "BadRequest", "no items: send at least one")
+        if count > limits.max_items:
+            raise Problem(413, "TooManyItems", f"{count} items is over the limit of {limits.max_items} per request")
+
+    async def embeddings(request: Request) -> Response:
+        timings = {}
+        started = time.perf_counter()
+        fields = await read_fields(request, limits)
+        multipart = fields.pop("multipart", False)
+        modality = fields.get("modality")
+        if isinstance(modality, list) and len(modality) == 1:
+            modality = modality[0]
+        if modality not in service.modalities:
+            raise Problem(400, "BadModality", f"modality must be one of {list(service.modalities)}, got {modality!r}")
+        if "input" not in fields:
+            raise Problem(400, "BadRequest", "missing field 'input'")
+        items = decode_items(modality, fields["input"], "input", multipart)
+        check_count(len(items))
+        timings["parse"] = time.perf_counter() - started
+        results = (await service.embed({modality: items}, timings))[modality]
+        data = [
+            {"index": i, "embedding": r.vector.tolist()} if isinstance(r, Embedded) else item_error(i, r)
+            for i, r in enumerate(results)
+        ]
+        body = {"data": data, "model": service.name, "dim": service.runtime.manifest.embed_dim}
+        return JSONResponse(body, headers={"Server-Timing": server_timing(timings)})
+
+    async def classify(request: Request) -> Response:
+        timings = {}
+        fields = await read_fields(request, limits)
+        multipart = fields.pop("multipart", False)
+        labels_value = fields.get("labels")
+        if multipart and isinstance(labels_value, list):  # a labels file upload, a file name, or one label per field
+            if len(labels_value) == 1 and isinstance(labels_value[0], bytes):
+                try:
+                    labels_value = labels_value[0].decode("utf-8-sig").splitlines()
+                except UnicodeDecodeError as error:
+                    raise Problem(400, "BadLabels", "the labels file is not UTF-8 text") from error
+            elif len(labels_value) == 1 and labels_value[0] in service.labels_files:
+                labels_value = labels_value[0]
+        if labels_value is None:
+            raise Problem(400, "BadRequest", "missing field 'labels'")
+        labels = service.labels(labels_value)
+        top_k = fields.get("top_k", 5)
+        if isinstance(top_k, list) and len(top_k) == 1:
+            top_k = top_k[0]
+        try:
+            top_k = int(top_k)
+            if top_k < 1 or isinstance(top_k, bool):
+                raise ValueError
+        except (TypeError, ValueError) as error:
+            raise Problem(400, "BadRequest", f"top_k must be an integer >= 1, got {top_k!r}") from error
+        given = {}
+        for modality in ("audio", "image", "text"):
+            if fields.get(modality) is not None:
+                if modality not in service.modalities:
+                    raise Problem(400, "BadModality", f"this bundle has no {modality} tower")
+                given[modality] = decode_items(modality, fields[modality], modality, multipart)
+        if not given:
+            raise Problem(400, "BadRequest", "classify needs 'audio', 'image' or 'text' items")
+        counts = {m: len(v) for m, v in given.items()}
+        if len(set(counts.values())) > 1:
+            raise Problem(400, "BadRequest", f"fused inputs must pair one to one, but the counts differ: {counts}")
+        check_count(sum(counts.values()))
+        try:
+            label_matrix = await run_in_threadpool(service.runtime.label_embeddings, labels)  # [K, D], cached
+        except InferUsageError as error:
+            raise Problem(400, "BadLabels", str(error)) from error
+        results = await service.embed(given, timings)
+        nan = np.full(service.runtime.manifest.embed_dim, np.nan, np.float32)
+        vectors = [np.stack([r.vector if isinstance(r, Embedded) else nan for r in rs]) for rs in results.values()]
+        # the library's arithmetic (Runtime.classify), on the micro-batched embeddings
+        with np.errstate(invalid="ignore"):
+            fused = l2_normalise(np.mean(vectors, axis=0))  # [N, D]
+            similarity = fused @ label_matrix.T  # [N, K]
+            probabilities = softmax(service.runtime.label_scale(list(given)) * similarity)
+        top_k = min(top_k, len(labels))
+        data = []
+        for i in range(next(iter(counts.values()))):
+            error = next((rs[i] for rs in results.values() if not isinstance(rs[i], Embedded)), None)
+            if error is not None:
+                data.append(item_error(i, error))
+                continue
+            order = np.argsort(-probabilities[i], kind="stable")[:top_k]
+            top = [
+                {
+                    "label": labels[j],
+                    "probability": round(float(probabilities[i, j]), 6),
+                    "similarity": round(float(similarity[i, j]), 6),
+                }
+                for j in order
+            ]
+            data.append({"index": i, "modality": "+".join(given), "ok": True, "top": top})
+        body = {"data": data, "model": service.name, "labels": len(labels)}
+        return JSONResponse(body, headers={"Server-Timing": server_timing(timings)})
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if service.draining:
+            raise Problem(503, "ShuttingDown", "the server is shutting down")
+        if service.load_error:
+            raise Problem(503, "LoadFailed", f"the towers could not be loaded: {service.load_error}")
+        if not service.ready.is_set():
+            raise Problem(503, "NotReady", "loading the towers", {"Retry-After": "1"})
+        return JSONResponse({"status": "ready", "model": service.name, "towers": list(service.modalities)})
+
+    async def metrics(request: Request) -> Response:
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def http_error(request: Request, error: HTTPException) -> Response:
+        kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(error.status_code, "HTTPError")
+        return problem_response(
+            Problem(error.status_code, kind, f"{request.method} {request.url.path}: {error.detail}")
+        )
+
+    @asynccontextmanager
+    async def lifespan(app):
+        service.start()
+        yield
+        await run_in_threadpool(service.stop)
+
+    routes = [
+        Route("/v1/embeddings", endpoint("embeddings", embeddings), methods=["POST"]),
+        Route("/v1/classify", endpoint("classify", classify), methods=["POST"]),
+        Route("/healthz", endpoint("healthz", healthz), methods=["GET"]),
+        Route("/readyz", endpoint("readyz", readyz), methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})

@@ -1,0 +1,101 @@
+"""``synergy search``: exact cosine search of an embeddings parquet (from ``synergy embed``) by text, audio or image.
+
+The index is read in blocks of ``block_rows`` rows (pyarrow record batches), each block scored against the query
+with the runtime's ``cosine_top_k`` and merged into the running top k, so memory stays O(block) however many rows the
+file has: a few million rows of 512-d vectors take seconds on one core, with no index to build or keep in sync. Rows
+that failed (null embedding) are skipped; ``modality`` keeps only rows of one modality.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from synergy.runtime import InferUsageError, Runtime
+from synergy.runtime.runtime import cosine_top_k, l2_normalise
+
+from . import require
+
+
+@dataclass(frozen=True)
+class Hit:
+    path: str
+    modality: str
+    score: float  # cosine similarity
+
+
+def search_index(
+    index: str | Path, query: np.ndarray, top_k: int = 10, modality: str | None = None, block_rows: int = 262_144
+) -> list[Hit]:
+    """query [D] -> the ``top_k`` rows of ``index`` by cosine similarity, best first."""
+    pq = require("pyarrow.parquet", "serve")
+    if top_k < 1:
+        raise InferUsageError(f"--top-k must be >= 1, got {top_k}")
+    path = Path(index)
+    if not path.is_file():
+        raise InferUsageError(f"--index {index}: no such file; write one with `synergy embed INPUTS --out {index}`")
+    try:
+        table_file = pq.ParquetFile(path)
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not parquet
+        raise InferUsageError(f"--index {index}: not a parquet file ({error})") from error
+    query = l2_normalise(np.asarray(query, np.float32).reshape(1, -1))  # [1, D]
+    best_scores = np.zeros(0, np.float32)
+    best_rows: list[tuple[str, str]] = []
+    for batch in table_file.iter_batches(batch_size=block_rows, columns=["path", "modality", "embedding"]):
+        embedding = batch.column("embedding")
+        keep = embedding.is_valid().to_numpy(zero_copy_only=False)
+        modalities = batch.column("modality").to_pylist()
+        if modality:
+            keep &= np.array([m == modality for m in modalities], bool)
+        if not keep.any():
+            continue
+        dim = embedding.type.list_size
+        if dim != query.shape[1]:
+            raise InferUsageError(
+                f"--index {index}: {dim}-d embeddings, but the query is {query.shape[1]}-d; "
+                "use the bundle that wrote the index"
+            )
+        vectors = embedding.flatten().to_numpy().reshape(-1, dim)  # nulls were written as rows of zeros
+        rows = np.flatnonzero(keep)
+        indices, scores = cosine_top_k(query, l2_normalise(vectors[rows]), top_k)  # [1, k']
+        paths = batch.column("path").to_pylist()
+        best_rows += [(paths[rows[i]], modalities[rows[i]]) for i in indices[0]]
+        best_scores = np.concatenate([best_scores, scores[0]])
+        order = np.argsort(-best_scores, kind="stable")[:top_k]
+        best_scores, best_rows = best_scores[order], [best_rows[i] for i in order]
+    return [Hit(p, m, float(s)) for (p, m), s in zip(best_rows, best_scores)]
+
+
+def run(
+    index: str,
+    bundle: str,
+    text: str | None,
+    audio: str | None,
+    image: str | None,
+    top_k: int,
+    modality: str | None,
+    as_json: bool,
+    threads: int | None = None,
+) -> int:
+    """The command: embed the query, search, print a table (or JSON lines). -> exit code (1: the query failed)."""
+    given = {m: v for m, v in (("text", text), ("audio", audio), ("image", image)) if v is not None}
+    if len(given) != 1:
+        raise InferUsageError("give exactly one query: --text, --audio or --image")
+    ((query_modality, value),) = given.items()
+    runtime = Runtime.open(bundle, threads=threads)
+    result = runtime.embed_batch(query_modality, [value])
+    if result.errors[0] is not None:
+        print(f"synergy search: the query failed: {result.errors[0]}", file=sys.stderr)
+        return 1
+    hits = search_index(index, result.vectors[0], top_k, modality)
+    if as_json:
+        for rank, hit in enumerate(hits, 1):
+            print(json.dumps({"rank": rank, "path": hit.path, "modality": hit.modality, "score": round(hit.score, 6)}))
+    else:
+        for rank, hit in enumerate(hits, 1):
+            print(f"{rank:>3}  {hit.score:7.4f}  {hit.modality:<5}  {hit.path}")
+    return 0

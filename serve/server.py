@@ -1,0 +1,78 @@
+"""Run the HTTP server: open the bundle, bind the socket, hand both to uvicorn (the click command in ``cli.py`` is a
+thin wrapper around ``serve``).
+
+The socket is bound here, before uvicorn starts, so ``--port 0`` picks a free port and the line
+``synergy serve: listening on http://HOST:PORT`` (stderr) says which. uvicorn installs the SIGTERM/SIGINT handlers:
+it stops accepting connections, lets the requests in flight finish (up to ``drain_seconds``), then the app's
+shutdown runs whatever is still queued in the batchers and closes the runtime; the process exits 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from synergy.runtime import InferUsageError, Runtime
+
+from . import require
+from .app import ServeLimits, Service, create_app
+
+
+def labels_by_name(files) -> dict[str, Path]:
+    """``--labels FILE`` (repeatable) -> {file stem: path}; a request names one by its stem ("animals")."""
+    named: dict[str, Path] = {}
+    for file in files:
+        path = Path(file)
+        if not path.is_file():
+            raise InferUsageError(f"--labels {file}: no such labels file")
+        if path.stem in named:
+            raise InferUsageError(f"--labels {file}: two labels files are named {path.stem!r}; rename one")
+        named[path.stem] = path
+    return named
+
+
+def serve(
+    bundle: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: ServeLimits | None = None,
+    labels: tuple[str, ...] = (),
+    threads: int | None = None,
+    backend: str = "auto",
+    device: str = "cpu",
+    drain_seconds: float = 30.0,
+    log_level: str = "warning",
+) -> int:
+    uvicorn = require("uvicorn", "serve")
+    limits = limits or ServeLimits()
+    labels_files = labels_by_name(labels)
+    runtime = Runtime.open(bundle, backend=backend, device=device, threads=threads, batch_size=limits.max_batch)
+    service = Service(runtime, limits, Path(bundle).resolve().name, labels_files)
+    app = create_app(service)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        raise InferUsageError(f"cannot listen on {host}:{port}: {error.strerror}; choose another --port") from error
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=drain_seconds,
+        lifespan="on",
+        backlog=2048,
+    )
+    server = uvicorn.Server(config)
+    stopped_by: list[int] = []
+    # uvicorn drains on SIGTERM/SIGINT, then restores the handlers it found and raises the signal again; these
+    # handlers catch that second delivery, so a drained server exits 0 instead of dying by the signal
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, frame: stopped_by.append(number))
+    print(f"synergy serve: listening on http://{host}:{bound} (bundle {bundle})", file=sys.stderr, flush=True)
+    server.run(sockets=[sock])
+    print("synergy serve: stopped", file=sys.stderr, flush=True)
+    return 0
