@@ -342,6 +342,7 @@ def export_command(
 @main.command("infer")
 @click.option("--audio", multiple=True, help="Audio file, folder or glob; repeatable.")
 @click.option("--image", multiple=True, help="Image file, folder or glob; repeatable.")
+@click.option("--video", multiple=True, help="Video file, folder or glob (frames + soundtrack fused); repeatable.")
 @click.option("--labels", required=True, type=click.Path(dir_okay=False), help="Candidate labels, one per line.")
 @click.option("--bundle", default=None, help="Bundle folder from `synergy export`.  [default: runs/demo/bundle]")
 @click.option("--model", "legacy_model", default=None, hidden=True, help="Old spelling of --bundle.")
@@ -353,9 +354,9 @@ def export_command(
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--batch-size", default=32, show_default=True, type=int)
 def infer_command(
-    audio, image, labels, bundle, legacy_model, fuse, out_path, top_k, as_json, backend, device, batch_size
+    audio, image, video, labels, bundle, legacy_model, fuse, out_path, top_k, as_json, backend, device, batch_size
 ):
-    """Zero-shot classification of audio and/or images with an exported bundle (no torch needed).
+    """Zero-shot classification of audio, images and/or videos with an exported bundle (no torch needed).
 
     Every file gets its own answer; with --fuse, dog.wav and dog.png are classified together as one item. A summary
     line (inputs, ok, failed, time) ends every run, on stderr.
@@ -381,6 +382,7 @@ def infer_command(
             batch_size=batch_size,
             fuse=fuse,
             out=out_path,
+            video=list(video),
         )
     except InferUsageError as error:
         raise UsageProblem(str(error)) from error

@@ -1,8 +1,10 @@
 """``synergy infer``: zero-shot classification of files from the command line (the click command in ``cli.py`` is a
 thin wrapper around ``run``).
 
-Inputs: each ``--audio`` / ``--image`` item is a file, a folder (its files with a known extension, not
-recursive) or a glob (``'data/**/*.wav'`` recurses). By default every file gets its own answer, audio and images
+Inputs: each ``--audio`` / ``--image`` / ``--video`` item is a file, a folder (its files with a known extension, not
+recursive) or a glob (``'data/**/*.wav'`` recurses). A video is one item: its sampled frames and its soundtrack are
+fused (``Runtime.classify_video``); its JSON line names the ``streams`` used (``["image", "audio"]``, or one of them
+for a silent video or an audio-only container). By default every file gets its own answer, audio and images
 alike. ``fuse=True`` (``--fuse``) pairs an audio file with the image file of the same stem (``dog.wav`` +
 ``dog.png``), classifies each pair as one item, and reports the files left without a partner as failed.
 
@@ -31,10 +33,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .audio import AUDIO_EXTENSIONS
-from .errors import BundleError, InferUsageError, InputError, UnsupportedAudio, UnsupportedImage
+from .errors import BundleError, InferUsageError, InputError, UnsupportedAudio, UnsupportedImage, UnsupportedVideo
 from .image import IMAGE_EXTENSIONS
 from .labels import read_labels
 from .runtime import Prediction, Runtime
+from .video import VIDEO_EXTENSIONS
+
+EXTENSIONS = {"audio": AUDIO_EXTENSIONS, "image": IMAGE_EXTENSIONS, "video": VIDEO_EXTENSIONS}
+ERROR_TYPES = {"audio": UnsupportedAudio, "image": UnsupportedImage, "video": UnsupportedVideo}
 
 DEFAULT_BUNDLE = "runs/demo/bundle"
 DEFAULT_MODEL = DEFAULT_BUNDLE  # the old name of the default, kept for callers that import it
@@ -47,8 +53,7 @@ class UnpairedInput(InputError):
 
 def expand_inputs(items: Sequence[str], modality: str) -> tuple[list[str], list[Prediction]]:
     """Files, folders and globs -> (files in order, failures for folders/globs that match nothing)."""
-    extensions = AUDIO_EXTENSIONS if modality == "audio" else IMAGE_EXTENSIONS
-    error_type = UnsupportedAudio if modality == "audio" else UnsupportedImage
+    extensions, error_type = EXTENSIONS[modality], ERROR_TYPES[modality]
     files: list[str] = []
     failures: list[Prediction] = []
     for item in items:
@@ -136,6 +141,8 @@ def format_table(
 def to_json(prediction: Prediction, modality: str, parts: dict[str, str] | None = None) -> str:
     """One JSON line; ``parts``: for a fused item, its file per modality."""
     record: dict = {"input": prediction.source, "modality": modality, **(parts or {}), "ok": prediction.ok}
+    if prediction.modalities:  # a video: the streams it was classified from
+        record["streams"] = list(prediction.modalities)
     if prediction.ok:
         record["top"] = [
             {"label": s.label, "probability": round(s.probability, 6), "similarity": round(s.similarity, 6)}
@@ -160,6 +167,7 @@ def run(
     threads: int | None = None,
     out: str | None = None,
     model: str | None = None,
+    video: Sequence[str] = (),
 ) -> int:
     """Classify audio and/or image files against ``labels`` with the bundle folder ``bundle``; print the results.
 
@@ -167,9 +175,9 @@ def run(
     Returns 0 (all inputs ok) or 1 (some failed, each reported); raises ``InferUsageError`` for usage problems."""
     started = time.perf_counter()
     bundle = bundle or model or DEFAULT_BUNDLE
-    audio, image = list(audio or ()), list(image or ())
-    if not audio and not image:
-        raise InferUsageError("no inputs: give at least one --audio or --image (a file, a folder or a glob)")
+    audio, image, video = list(audio or ()), list(image or ()), list(video or ())
+    if not audio and not image and not video:
+        raise InferUsageError("no inputs: give at least one --audio, --image or --video (a file, a folder or a glob)")
     if top_k < 1 or batch_size < 1:
         raise InferUsageError(f"--top-k and --batch-size must be >= 1 (got {top_k} and {batch_size})")
     if fuse and not (audio and image):
@@ -179,6 +187,7 @@ def run(
     label_list = read_labels(labels)  # LabelsError is an InferUsageError
     audio_files, audio_failures = expand_inputs(audio, "audio")
     image_files, image_failures = expand_inputs(image, "image")
+    video_files, video_failures = expand_inputs(video, "video")
     failed_early = audio_failures + image_failures
     if fuse:
         pairs, unpaired = pair_by_stem(audio_files, image_files)
@@ -198,6 +207,7 @@ def run(
         jobs = [("audio+image", {"audio": [a for a, _ in pairs], "image": [i for _, i in pairs]})]
     else:
         jobs = [(m, {m: files}) for m, files in (("audio", audio_files), ("image", image_files)) if files]
+    jobs += [("video", {"video": video_files})] if video_files else []  # a video fuses its own frames and sound
     try:
         runtime = Runtime.open(bundle, backend=backend, device=device, threads=threads, batch_size=batch_size)
     except BundleError as error:
@@ -216,6 +226,8 @@ def run(
                 isinstance(prediction.error, UnpairedInput) and prediction.source in audio_files
             )
             report([prediction], [[prediction.source]], "audio" if is_audio else "image")
+        for prediction in video_failures:
+            report([prediction], [[prediction.source]], "video")
         with runtime:
             for modality, inputs in jobs:
                 count = len(next(iter(inputs.values())))

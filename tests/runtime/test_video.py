@@ -1,0 +1,201 @@
+"""Video in (runtime.video + Runtime.embed_video / classify(video=) + `synergy infer --video`): the four containers
+(MP4 H.264+AAC, WebM VP9+Opus, MKV, MOV) written here with PyAV, frame sampling (at most 1 per second, at most 8),
+the soundtrack equal to the same audio given as audio, silent videos (image-only) and audio-only containers, and a
+named error for every bad file. Files are tiny (32 px, a few seconds at a few fps)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from synergy.runtime import video as video_module
+from synergy.runtime.errors import UnsupportedVideo
+from synergy.runtime.infer import run
+from synergy.runtime.runtime import l2_normalise
+from synergy.runtime.video import frame_times, load_video
+from synergy.train.synth_video import write_video
+
+from .conftest import LABELS, SAMPLE_RATE, tone
+
+SIZE = 32
+
+
+def frames(count: int, seed: int = 0) -> np.ndarray:
+    """[count, SIZE, SIZE, 3] uint8: a bright square moving right over a gradient, so frames differ."""
+    base = np.linspace(0, 200, SIZE, dtype=np.float32)[None, :, None] * np.ones((SIZE, 1, 3), np.float32)
+    out = np.repeat(base[None], count, 0)
+    for i in range(count):
+        x = (4 + 3 * i + seed) % (SIZE - 8)
+        out[i, 8:20, x : x + 8] = (250, 40 + 20 * seed, 40)
+    return out.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    made = {}
+    for i, suffix in enumerate((".mp4", ".webm", ".mkv", ".mov")):
+        made[suffix] = root / f"clip{i}{suffix}"
+        write_video(made[suffix], frames(12, i), 4, tone(3.0, freq=300 + 200 * i), SAMPLE_RATE)  # 3 s at 4 fps
+    made["silent"] = root / "silent.mp4"
+    write_video(made["silent"], frames(8), 4, None)
+    made["long"] = root / "long.mkv"
+    write_video(made["long"], frames(12), 1, None)  # 12 s at 1 fps
+    av = video_module.import_av()
+    made["audio_only"] = root / "sound.m4a"
+    with av.open(str(made["audio_only"]), "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=SAMPLE_RATE, layout="mono")
+        frame = av.AudioFrame.from_ndarray(tone(1.5)[None], format="flt", layout="mono")
+        frame.sample_rate, frame.pts = SAMPLE_RATE, 0
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    made["not_video"] = root / "notes.mp4"
+    made["not_video"].write_text("this is text, not a video\n" * 50)
+    made["empty"] = root / "empty.webm"
+    made["empty"].write_bytes(b"")
+    data = made[".mkv"].read_bytes()
+    made["truncated"] = root / "truncated.mkv"
+    made["truncated"].write_bytes(data[: len(data) // 3])
+    data = made[".mp4"].read_bytes()  # MP4 writes its index (moov) last: a cut file cannot even be opened
+    made["cut_mp4"] = root / "cut.mp4"
+    made["cut_mp4"].write_bytes(data[: len(data) // 2])
+    from PIL import Image
+
+    made["still"] = root / "still.mp4"
+    Image.fromarray(frames(1)[0]).save(made["still"], format="PNG")
+    (root / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    made["labels"] = root / "labels.txt"
+    return made
+
+
+def test_frame_times_are_uniform_at_most_one_per_second_and_eight():
+    assert frame_times(3.0) == [0.5, 1.5, 2.5]
+    assert frame_times(0.4) == [0.2]
+    assert len(frame_times(60.0)) == 8 and frame_times(60.0)[0] == 3.75
+    assert frame_times(10.0, max_frames=4, per_second=2.0) == [1.25, 3.75, 6.25, 8.75]
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".mkv", ".mov"])
+def test_each_container_gives_frames_and_the_soundtrack(videos, suffix):
+    decoded = load_video(videos[suffix], SAMPLE_RATE)
+    assert decoded.modalities == ("image", "audio")
+    assert len(decoded.frames) == 3 and decoded.frames[0].shape == (SIZE, SIZE, 3)
+    assert decoded.frames[0].dtype == np.uint8
+    assert [round(t * 4) / 4 for t in decoded.times] == pytest.approx([0.5, 1.5, 2.5], abs=0.26)
+    assert not np.array_equal(decoded.frames[0], decoded.frames[2])  # the square moved
+    # the soundtrack: 3 s at the model's rate (codec priming / padding adds a few ms), a tone at the right pitch
+    assert abs(decoded.audio.shape[0] / SAMPLE_RATE - 3.0) < 0.1
+    spectrum = np.abs(np.fft.rfft(decoded.audio[SAMPLE_RATE // 2 : SAMPLE_RATE * 2]))
+    peak = np.argmax(spectrum) * SAMPLE_RATE / (1.5 * SAMPLE_RATE)
+    assert abs(peak - (300 + 200 * [".mp4", ".webm", ".mkv", ".mov"].index(suffix))) < 5
+
+
+def test_bytes_decode_like_the_file(videos):
+    from_file = load_video(videos[".mp4"], SAMPLE_RATE)
+    from_bytes = load_video(videos[".mp4"].read_bytes(), SAMPLE_RATE)
+    assert all(np.array_equal(a, b) for a, b in zip(from_file.frames, from_bytes.frames))
+    np.testing.assert_array_equal(from_file.audio, from_bytes.audio)
+
+
+def test_long_video_is_capped_at_eight_frames_and_silent_video_is_image_only(videos):
+    long = load_video(videos["long"], SAMPLE_RATE)
+    assert len(long.frames) == 8 and long.audio is None and long.modalities == ("image",)
+    assert long.times == pytest.approx([0.75 + 1.5 * i for i in range(8)], abs=0.76)
+    assert len(load_video(videos["long"], SAMPLE_RATE, max_frames=3).frames) == 3
+    silent = load_video(videos["silent"], SAMPLE_RATE)
+    assert silent.modalities == ("image",) and len(silent.frames) == 2
+
+
+def test_audio_only_container_is_audio_only(videos):
+    decoded = load_video(videos["audio_only"], SAMPLE_RATE)
+    assert decoded.modalities == ("audio",) and decoded.frames == ()
+    assert abs(decoded.audio.shape[0] / SAMPLE_RATE - 1.5) < 0.1
+
+
+@pytest.mark.parametrize(
+    ("key", "words"),
+    [
+        ("not_video", "cannot be opened as a video"),
+        ("empty", "empty file"),
+        ("truncated", "truncated"),
+        ("cut_mp4", "truncated or corrupt"),
+        ("still", "still image"),
+    ],
+)
+def test_bad_files_are_named_errors(videos, key, words):
+    with pytest.raises(UnsupportedVideo, match=words) as caught:
+        load_video(videos[key], SAMPLE_RATE)
+    assert caught.value.source == str(videos[key])
+
+
+def test_missing_folder_too_long_too_large_and_too_slow_are_refused(videos, monkeypatch, tmp_path):
+    with pytest.raises(UnsupportedVideo, match="no such file"):
+        load_video(tmp_path / "nope.mp4", SAMPLE_RATE)
+    with pytest.raises(UnsupportedVideo, match="is a folder"):
+        load_video(tmp_path, SAMPLE_RATE)
+    with pytest.raises(UnsupportedVideo, match="over the 2 s limit"):
+        load_video(videos[".mp4"], SAMPLE_RATE, max_seconds=2.0)
+    with pytest.raises(UnsupportedVideo, match="decoding took over"):
+        load_video(videos[".mp4"], SAMPLE_RATE, timeout_seconds=0.0)
+    monkeypatch.setattr(video_module, "MAX_PIXELS", 31 * 31)
+    with pytest.raises(UnsupportedVideo, match="32x32 pixels"):
+        load_video(videos[".mp4"], SAMPLE_RATE)
+
+
+def test_embed_video_pools_frames_and_embeds_the_soundtrack_as_audio(runtime, videos):
+    decoded = load_video(videos[".mkv"], SAMPLE_RATE)
+    result = runtime.embed_video([str(videos[".mkv"]), videos["silent"], videos["audio_only"]])
+    frames_alone = runtime.embed_image(list(decoded.frames))  # [3, D], each normalised
+    np.testing.assert_allclose(result.image[0], l2_normalise(frames_alone.mean(0)), atol=1e-5)
+    np.testing.assert_allclose(result.audio[0], runtime.embed_audio([(decoded.audio, SAMPLE_RATE)])[0], atol=1e-5)
+    np.testing.assert_allclose(result.fused[0], l2_normalise(result.image[0] + result.audio[0]), atol=1e-5)
+    assert result.modalities == (("image", "audio"), ("image",), ("audio",))
+    assert np.isnan(result.audio[1]).all() and np.isnan(result.image[2]).all()
+    np.testing.assert_allclose(result.fused[1], result.image[1], atol=1e-6)
+    np.testing.assert_allclose(result.fused[2], result.audio[2], atol=1e-6)
+    with pytest.raises(UnsupportedVideo, match="cannot be opened"):
+        runtime.embed_video([videos[".mp4"], videos["not_video"]])
+
+
+def test_classify_video_fuses_with_the_streams_scale(runtime, videos):
+    predictions = runtime.classify(LABELS, video=[videos[".webm"], videos["not_video"], videos["silent"]], top_k=2)
+    assert [p.ok for p in predictions] == [True, False, True]
+    assert predictions[0].modalities == ("image", "audio") and predictions[2].modalities == ("image",)
+    assert isinstance(predictions[1].error, UnsupportedVideo)
+    fused = runtime.embed_video(videos[".webm"]).fused[0]
+    similarity = runtime.label_embeddings(LABELS) @ fused
+    logits = runtime.label_scale(["image", "audio"]) * similarity
+    probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert predictions[0].top[0].probability == pytest.approx(probabilities.max(), rel=1e-5)
+    assert predictions[0].top[0].label == LABELS[int(np.argmax(probabilities))]
+
+
+def test_infer_video_answers_every_container_and_names_each_bad_file(tiny_bundle, videos, capsys):
+    good = [str(videos[s]) for s in (".mp4", ".webm", ".mkv", ".mov")]
+    bad = [str(videos["truncated"]), str(videos["not_video"])]
+    code = run([], [], str(videos["labels"]), bundle=str(tiny_bundle[0]), top_k=2, as_json=True, video=good + bad)
+    out, err = capsys.readouterr()
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 1
+    assert [r["input"] for r in records] == good + bad
+    assert [r["ok"] for r in records] == [True] * 4 + [False] * 2
+    assert all(r["modality"] == "video" and r["streams"] == ["image", "audio"] for r in records[:4])
+    assert {r["error"]["type"] for r in records[4:]} == {"UnsupportedVideo"}
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("synergy infer: 6 inputs, 4 ok, 2 failed in ")
+
+
+def test_infer_video_cli_table_and_globs(tiny_bundle, videos):
+    from click.testing import CliRunner
+
+    from synergy.cli import main
+
+    folder = videos[".mp4"].parent
+    args = ["infer", "--video", str(folder / "clip*"), "--video", str(videos["silent"])]
+    args += ["--labels", str(videos["labels"]), "--bundle", str(tiny_bundle[0]), "--top-k", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("clip") == 4 and "silent.mp4" in result.output
+    missing = CliRunner().invoke(main, [*args[:2], str(folder / "nothing*.mp4"), *args[3:]])
+    assert missing.exit_code == 1, missing.output
+    assert "no files match this pattern" in missing.output
