@@ -509,9 +509,9 @@ def embed_command(inputs, bundle, legacy_model, out_path, engine, batch_size, th
     if summary["failed"]:
         import pyarrow.parquet as pq
 
-        table = pq.read_table(summary["out"], columns=["path", "error"], filters=[("error", "!=", "")])
-        for path, error in zip(table.column("path").to_pylist(), table.column("error").to_pylist()):
-            click.echo(f"failed: {path}: {error}", err=True)
+        for error in pq.read_table(summary["out"], columns=["error"]).column("error").to_pylist():
+            if error is not None:
+                click.echo(f"failed: {error}", err=True)  # the message names the file
     click.echo(
         f"synergy embed: {summary['items']} files, {summary['skipped']} already done, {summary['embedded']} embedded, "
         f"{summary['failed']} failed in {summary['seconds']:.1f} s -> {summary['out']} ({summary['rows']} rows)",

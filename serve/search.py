@@ -59,7 +59,9 @@ def search_index(
                 f"--index {index}: {dim}-d embeddings, but the query is {query.shape[1]}-d; "
                 "use the bundle that wrote the index"
             )
-        vectors = embedding.flatten().to_numpy().reshape(-1, dim)  # nulls were written as rows of zeros
+        # .values keeps the slots of null rows (flatten() would drop them), so row i stays row i
+        start = embedding.offset * dim
+        vectors = embedding.values.to_numpy(zero_copy_only=False)[start : start + len(embedding) * dim].reshape(-1, dim)
         rows = np.flatnonzero(keep)
         indices, scores = cosine_top_k(query, l2_normalise(vectors[rows]), top_k)  # [1, k']
         paths = batch.column("path").to_pylist()
