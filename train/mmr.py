@@ -1,0 +1,506 @@
+"""`synergy mmr train`: missing-modality reconstruction heads on a frozen Synergy checkpoint.
+
+For each target (image, audio, text) a head (:mod:`synergy.core.reconstruction`) learns to rebuild that modality
+from the other two modalities' frozen-tower features. Unlike the published protocol (one batch of 32 drawn before the
+loop, so every "epoch" was one step on the same samples), this trains real epochs over the whole manifest, shuffled
+per epoch by ``(seed, epoch)``, validates on a separate split after every epoch, and saves a checkpoint after every
+epoch that ``--resume`` continues exactly.
+
+The encoders are frozen: eval mode, ``requires_grad=False``, never in the optimiser. Their features, and the targets,
+are therefore computed once per row before the first epoch (every epoch would compute the same ones: no augmentation
+reaches frozen features), decoded and preprocessed by ``synergy.runtime`` like every other command. A row whose file
+is missing or broken is reported with its path and manifest line and left out (``on_bad_sample="error"`` stops).
+
+Layout of ``out``::
+
+    out/checkpoint/config.json        # the run: frozen checkpoint (path + sha256), data, split, head configs
+    out/checkpoint/heads.safetensors  # every head's weights, "<target>.<name>"
+    out/checkpoint/train_state/state.pt   # optimiser, schedule, epoch (weights_only)
+    out/metrics.jsonl                 # one line per epoch: training and validation loss and main metrics
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
+from tqdm import tqdm
+
+from synergy.core.atomic_folder import atomic_folder, recover_folder
+from synergy.core.checkpoint import CheckpointError, load_checkpoint
+from synergy.core.config import ConfigError, check_value
+from synergy.core.reconstruction import (
+    TARGETS,
+    ReconstructionConfig,
+    Reconstructor,
+    build_reconstructor,
+    present_modalities,
+    reconstruction_config,
+    reconstruction_loss,
+)
+from synergy.runtime.text import tokenize
+from synergy.train.data import Collate, DataError, ManifestDataset, read_manifest
+from synergy.train.loop import cut_metrics
+from synergy.train.mmr_metrics import audio_metrics, image_metrics, text_metrics
+
+FORMAT = 1
+MAIN_METRIC = {"image": "psnr_db", "audio": "ssim", "text": "token_accuracy"}
+
+
+@dataclass(frozen=True)
+class MMRConfig:
+    """An MMR training run. The defaults train the demo's three heads on 2 CPU cores in about 4 minutes."""
+
+    checkpoint: str  # the frozen Synergy checkpoint (a folder from `synergy train`)
+    data: str  # the training manifest
+    out: str = "runs/mmr"
+    targets: tuple[str, ...] = TARGETS
+    val_data: str | None = None  # None: a val_fraction of `data`, chosen by the seed
+    val_fraction: float = 0.1
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+    clip_norm: float = 1.0
+    seed: int = 0
+    on_bad_sample: str = "skip"  # skip (reported) | error
+    head: dict = field(default_factory=dict)  # ReconstructionConfig overrides, e.g. {"fusion_width": 128}
+
+
+def mmr_config(values: dict) -> MMRConfig:
+    """A dict (from the CLI) -> a checked :class:`MMRConfig`; unknown keys and wrong types fail with the valid ones."""
+    hints = typing.get_type_hints(MMRConfig)
+    names = [f.name for f in dataclasses.fields(MMRConfig)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"mmr: unknown key(s) {unknown}; valid keys: {names}")
+    checked = {k: check_value(v, hints[k], f"mmr: {k}") for k, v in values.items()}
+    config = MMRConfig(**checked)
+    bad_targets = [t for t in config.targets if t not in TARGETS]
+    if bad_targets or not config.targets:
+        raise ConfigError(f"mmr: targets {list(config.targets)}: choose from {list(TARGETS)}")
+    if config.epochs < 1 or config.batch_size < 2 or not 0 < config.val_fraction < 1 or config.lr <= 0:
+        raise ConfigError("mmr: epochs >= 1, batch_size >= 2, 0 < val_fraction < 1 and lr > 0 are required")
+    if config.on_bad_sample not in ("skip", "error"):
+        raise ConfigError(f"mmr: on_bad_sample {config.on_bad_sample!r}: choose skip or error")
+    head_fields = {f.name for f in dataclasses.fields(ReconstructionConfig)} - {
+        "target",
+        "input_widths",
+        "output_shape",
+        "vocab_size",
+    }
+    if set(config.head) - head_fields:
+        raise ConfigError(f"mmr: head key(s) {sorted(set(config.head) - head_fields)}; valid: {sorted(head_fields)}")
+    return config
+
+
+# ------------------------------------------------------------------------------------------- the frozen encoders
+
+
+def load_frozen(checkpoint: str | Path):
+    """-> (model, tokenizer): eval mode, every parameter ``requires_grad=False``."""
+    model, tokenizer = load_checkpoint(checkpoint)
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def special_ids(model, tokenizer) -> tuple[int, int]:
+    """(pad id, end-of-sequence id) of the model's tokenizer."""
+    pad = tokenizer.padding["pad_id"] if tokenizer.padding else model.text_tower.config.pad_token_id
+    eos = tokenizer.token_to_id("</s>")
+    if eos is None:
+        eos = tokenizer.token_to_id("[SEP]")
+    if eos is None:
+        eos = model.text_tower.config.eos_token_id
+    return int(pad), int(eos)
+
+
+@torch.no_grad()
+def encode_rows(model, tokenizer, rows, batch_size: int = 64, on_bad_sample: str = "skip", report=print) -> dict:
+    """Manifest rows -> everything MMR needs per row, on the CPU:
+
+    ``features`` {m: [N, width]} pooled tower outputs; ``embeddings`` {m: [N, D]} the model's L2-normalised
+    embeddings (nearest-neighbour baseline); ``image`` [N, 3, S, S] uint8 (pixels, the runtime's resize and crop);
+    ``log_mel`` [N, frames, mels] (the model's front end on the first clip-long window); ``ids`` / ``token_mask``
+    [N, max_length] (the caption, or the label in the first template); ``masks`` {m: [N] bool}; ``labels``;
+    ``bad`` (messages of the rows left out)."""
+    config = model.config
+    dataset = ManifestDataset(
+        rows,
+        image_size=config.image.image_size,
+        mean=config.image.mean,
+        std=config.image.std,
+        sample_rate=config.audio.sample_rate,
+        clip_seconds=config.audio.clip_seconds,
+        text_mode="caption",
+        templates=config.prompt_templates,
+    )
+    collate = Collate(tokenizer, config.image.image_size, dataset.clip_samples)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    mean = torch.tensor(config.image.mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.image.std).view(1, 3, 1, 1)
+    length = config.text.max_length
+    pad_id, _ = special_ids(model, tokenizer)
+    parts: dict[str, list] = {}
+    labels, bad = [], []
+    for batch in loader:
+        for message in batch["bad"]:
+            if on_bad_sample == "error":
+                raise DataError(f"bad sample: {message} (use --set on_bad_sample=skip to skip such rows)")
+            report(f"skipping bad sample: {message}")
+        bad += batch["bad"]
+        owner = batch["audio_owner"]
+        first = torch.ones_like(owner, dtype=torch.bool)
+        first[1:] = owner[1:] != owner[:-1]  # each row's first window: one clip per row, the log-mel geometry
+        log_mel = model.audio_frontend(batch["waveform"][first], batch["waveform_lengths"][first])
+        ids, mask = batch["input_ids"][:, :length], batch["attention_mask"][:, :length]
+        ids = F.pad(ids, (0, length - ids.shape[1]), value=pad_id)
+        mask = F.pad(mask, (0, length - mask.shape[1]), value=0)
+        features = {
+            "image": model.image_features(batch["pixel_values"]),
+            "text": model.text_features(ids, mask),
+            "audio": model.audio_features(log_mel),
+        }
+        projections = {"image": model.image_projection, "text": model.text_projection, "audio": model.audio_projection}
+        values = {
+            "image": ((batch["pixel_values"] * std + mean).clamp(0, 1) * 255).round().to(torch.uint8),
+            "log_mel": log_mel.float(),
+            "ids": ids,
+            "token_mask": mask,
+        }
+        for m, f in features.items():
+            values[f"features.{m}"] = f.float()
+            values[f"embeddings.{m}"] = F.normalize(projections[m](f).float(), dim=-1)
+            values[f"masks.{m}"] = batch[f"{m}_mask"]
+        for key, value in values.items():
+            parts.setdefault(key, []).append(value)
+        labels += batch["labels"]
+    flat = {k: torch.cat(v) for k, v in parts.items()}
+    out: dict = {"features": {}, "embeddings": {}, "masks": {}, "labels": labels, "bad": bad}
+    for key, value in flat.items():
+        group, _, name = key.partition(".")
+        if name:
+            out[group][name] = value
+        else:
+            out[key] = value
+    return out
+
+
+def usable(encoded: dict, target: str) -> torch.Tensor:
+    """Row indices where the target and both modalities it is rebuilt from are present."""
+    ok = encoded["masks"][target].clone()
+    for m in present_modalities(target):
+        ok &= encoded["masks"][m]
+    return ok.nonzero().flatten()
+
+
+def head_inputs(encoded: dict, target: str, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = present_modalities(target)
+    return encoded["features"][a][index], encoded["features"][b][index]
+
+
+def truth(encoded: dict, target: str, index: torch.Tensor) -> torch.Tensor:
+    """The target of rows ``index``: pixels in [0, 1] | z-scored log-mel | token ids."""
+    if target == "image":
+        return encoded["image"][index].float() / 255
+    if target == "audio":
+        return encoded["log_mel"][index]
+    return encoded["ids"][index]
+
+
+def split_rows(rows, val_data: str | None, val_fraction: float, seed: int):
+    """-> (training rows, validation rows, a description). Without ``val_data``, a seeded ``val_fraction`` of the
+    training manifest's rows (at least one) is held out."""
+    if val_data:
+        return rows, read_manifest(val_data), str(val_data)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(val_fraction * len(rows)))
+    held = set(order[:n_val])
+    train = [r for i, r in enumerate(rows) if i not in held]
+    val = [r for i, r in enumerate(rows) if i in held]
+    return train, val, f"{n_val} rows ({100 * val_fraction:g}%) of the training manifest, chosen by seed {seed}"
+
+
+# ------------------------------------------------------------------------------------------------ the checkpoint
+
+
+@dataclass
+class MMRRun:
+    """A trained MMR run, loaded: the frozen model, its tokenizer, the heads and the run description."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    heads: torch.nn.ModuleDict
+    run: dict
+    folder: Path
+
+    @property
+    def audio_range(self) -> float:
+        return float(self.run["audio_range"])
+
+
+def save_mmr(folder: Path, heads: torch.nn.ModuleDict, run: dict, train_state: dict | None) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
+    with atomic_folder(folder) as tmp:
+        (tmp / "config.json").write_text(json.dumps(run, indent=2) + "\n")
+        (tmp / "heads.safetensors").write_bytes(save_safetensors(state, metadata={"format": "pt"}))
+        if train_state is not None:
+            (tmp / "train_state").mkdir()
+            with open(tmp / "train_state" / "state.pt", "wb") as f:
+                torch.save(train_state, f)
+
+
+def mmr_checkpoint_folder(path: str | Path) -> Path:
+    """The run folder (``out``) or its ``checkpoint/`` -> the checkpoint folder; a clear error otherwise."""
+    path = Path(path)
+    for folder in (path / "checkpoint", path):
+        if (folder / "heads.safetensors").is_file() and (folder / "config.json").is_file():
+            return folder
+    raise CheckpointError(
+        f"{path}: no MMR checkpoint (expected {path}/checkpoint/heads.safetensors and config.json, written by "
+        "`synergy mmr train --out DIR`)"
+    )
+
+
+def _frozen_checkpoint_path(run: dict, folder: Path) -> Path:
+    candidates = [Path(run["checkpoint"]), (folder / run["checkpoint_relative"]).resolve()]
+    for path in candidates:
+        if (path / "model.safetensors").is_file():
+            return path
+    raise CheckpointError(
+        f"{folder}: the frozen checkpoint it was trained on is gone ({run['checkpoint']}); put it back there"
+    )
+
+
+def load_mmr(path: str | Path) -> MMRRun:
+    """Load an MMR run: its frozen checkpoint (checked against the sha256 recorded at training) and heads."""
+    folder = mmr_checkpoint_folder(path)
+    run = json.loads((folder / "config.json").read_text())
+    if run.get("format") != FORMAT:
+        raise CheckpointError(f"{folder}/config.json: MMR format {run.get('format')!r}, expected {FORMAT}")
+    frozen = _frozen_checkpoint_path(run, folder)
+    if file_sha256(frozen / "model.safetensors") != run["checkpoint_sha256"]:
+        raise CheckpointError(
+            f"{frozen}/model.safetensors changed since these heads were trained on it; retrain with "
+            f"`synergy mmr train --checkpoint {frozen} ...`"
+        )
+    model, tokenizer = load_frozen(frozen)
+    heads = torch.nn.ModuleDict(
+        {t: build_reconstructor(ReconstructionConfig.from_dict(c)) for t, c in run["heads"].items()}
+    )
+    try:
+        heads.load_state_dict(load_file(str(folder / "heads.safetensors")))
+    except (RuntimeError, OSError) as error:  # a size mismatch, a truncated file
+        raise CheckpointError(f"{folder}/heads.safetensors does not match its config.json: {str(error)[:300]}") from error
+    heads.eval()
+    return MMRRun(model=model, tokenizer=tokenizer, heads=heads, run=run, folder=folder)
+
+
+# ------------------------------------------------------------------------------------------------- the training
+
+
+def _schedule(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return factor
+
+
+@torch.no_grad()
+def validate(heads: torch.nn.ModuleDict, encoded: dict, audio_range: float, pad_eos: tuple[int, int], batch=256):
+    """-> {target: {"loss", main metric...}} over the usable rows of ``encoded``, heads in eval mode."""
+    was = heads.training
+    heads.eval()
+    result = {}
+    for target, head in heads.items():
+        index = usable(encoded, target)
+        if len(index) == 0:
+            continue
+        sums: dict[str, float] = {}
+        for chunk in index.split(batch):
+            prediction = head(*head_inputs(encoded, target, chunk))
+            true = truth(encoded, target, chunk)
+            mask = encoded["token_mask"][chunk] if target == "text" else None
+            loss = reconstruction_loss(target, prediction, true, mask, audio_range).item()
+            sums["loss"] = sums.get("loss", 0.0) + loss * len(chunk)
+            if target == "image":
+                values = image_metrics(prediction, true)
+            elif target == "audio":
+                values = audio_metrics(prediction, true, audio_range)
+            else:
+                values = text_metrics(prediction.argmax(-1), true, mask, *pad_eos)
+            for name, v in values.items():
+                sums[name] = sums.get(name, 0.0) + v.sum().item()
+        result[target] = {name: round(v / len(index), 5) for name, v in sums.items()}
+    heads.train(was)
+    return result
+
+
+def train_mmr(config: MMRConfig, resume: bool = False, force: bool = False, report=None) -> Path:
+    """Train the heads of ``config.targets``; returns the checkpoint folder ``<out>/checkpoint``."""
+    report = report or (lambda text: tqdm.write(text))
+    out = Path(config.out)
+    folder = out / "checkpoint"
+    recover_folder(folder)
+    state, run = None, None
+    if resume:
+        if not (folder / "train_state" / "state.pt").is_file():
+            raise CheckpointError(f"--resume: no MMR checkpoint with train_state at {folder}; start without --resume")
+        run = json.loads((folder / "config.json").read_text())
+        if run["train_config"] != _config_json(config):
+            raise ConfigError(
+                f"--resume: {folder} was trained with a different configuration; resume it with the same options "
+                f"({run['train_config']}) or start a new --out"
+            )
+        state = torch.load(folder / "train_state" / "state.pt", map_location="cpu", weights_only=True)
+    elif folder.is_dir() and not force:
+        raise CheckpointError(f"{folder} already holds an MMR checkpoint; continue it with --resume or replace it with --force")
+    model, tokenizer = load_frozen(config.checkpoint)
+    rows = read_manifest(config.data)
+    train_rows, val_rows, val_source = split_rows(rows, config.val_data, config.val_fraction, config.seed)
+    torch.manual_seed(config.seed)  # the heads' initial weights are a function of the seed
+    vocab = tokenizer.get_vocab_size()
+    heads = torch.nn.ModuleDict(
+        {t: build_reconstructor(reconstruction_config(model, t, vocab, **config.head)) for t in config.targets}
+    )
+    report(
+        f"MMR on frozen {config.checkpoint}: targets {', '.join(config.targets)}; "
+        f"{sum(p.numel() for p in heads.parameters()) / 1e6:.2f}M trainable parameters (encoders frozen: "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M)\n"
+        f"  training rows: {len(train_rows)} of {config.data}; validation: {val_source}"
+    )
+    start = time.perf_counter()
+    train_set = encode_rows(model, tokenizer, train_rows, on_bad_sample=config.on_bad_sample, report=report)
+    val_set = encode_rows(model, tokenizer, val_rows, on_bad_sample=config.on_bad_sample, report=report)
+    bad = len(train_set["bad"]) + len(val_set["bad"])
+    report(
+        f"  encoded {len(train_rows) + len(val_rows)} rows with the frozen towers in {time.perf_counter() - start:.0f} s"
+        + (f"; {bad} bad row(s) skipped (listed above)" if bad else "")
+    )
+    if run is None:
+        audio_rows = train_set["masks"]["audio"]
+        log_mel = train_set["log_mel"][audio_rows]
+        frozen = Path(config.checkpoint).resolve()
+        run = {
+            "format": FORMAT,
+            "checkpoint": str(frozen),
+            "checkpoint_relative": os.path.relpath(frozen, folder.resolve()),
+            "checkpoint_sha256": file_sha256(frozen / "model.safetensors"),
+            "data": str(Path(config.data).resolve()),
+            "val_data": str(Path(config.val_data).resolve()) if config.val_data else None,
+            "validation": val_source,
+            # SSIM's data range for z-scored log-mels: their spread over the training targets, fixed for the run
+            "audio_range": round(float(log_mel.max() - log_mel.min()), 6) if len(log_mel) else 1.0,
+            "heads": {t: h_config.to_dict() for t, h_config in _head_configs(model, vocab, config).items()},
+            "train_config": _config_json(config),
+        }
+    audio_range = float(run["audio_range"])
+    pad_eos = special_ids(model, tokenizer)
+    usable_rows = {t: set(usable(train_set, t).tolist()) for t in config.targets}
+    n = len(train_rows)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.warmup_steps, total))
+    epoch = 0
+    if state is not None:
+        heads.load_state_dict(load_file(str(folder / "heads.safetensors")))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        epoch = int(state["epoch"])
+        report(f"  resuming after epoch {epoch} of {config.epochs}")
+    out.mkdir(parents=True, exist_ok=True)
+    cut_metrics(out / "metrics.jsonl", epoch * steps_per_epoch)
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=total, initial=epoch * steps_per_epoch, disable=not interactive, unit="step", dynamic_ncols=True)
+    heads.train()
+    while epoch < config.epochs:
+        tick = time.perf_counter()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+        sums = dict.fromkeys(config.targets, 0.0)
+        for batch in order.split(config.batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            total_loss = 0.0
+            for target, head in heads.items():
+                index = torch.tensor([i for i in batch.tolist() if i in usable_rows[target]], dtype=torch.long)
+                if len(index) == 0:
+                    continue
+                mask = train_set["token_mask"][index] if target == "text" else None
+                loss = reconstruction_loss(
+                    target, head(*head_inputs(train_set, target, index)), truth(train_set, target, index), mask, audio_range
+                )
+                total_loss = total_loss + loss  # the heads share no parameters: one backward trains each on its own
+                sums[target] += loss.item() / steps_per_epoch
+            total_loss.backward()
+            for head in heads.values():
+                torch.nn.utils.clip_grad_norm_(head.parameters(), config.clip_norm)
+            optimizer.step()
+            scheduler.step()
+            bar.update(1)
+        epoch += 1
+        val = validate(heads, val_set, audio_range, pad_eos)
+        record = {
+            "epoch": epoch,
+            "step": epoch * steps_per_epoch,
+            "train_loss": {t: round(v, 5) for t, v in sums.items()},
+            "val": val,
+            "seconds": round(time.perf_counter() - tick, 1),
+        }
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
+        save_mmr(folder, heads, run, train_state)
+        line = "  ".join(
+            f"{t} loss {sums[t]:.4f}/{val[t]['loss']:.4f} {MAIN_METRIC[t]} {val[t][MAIN_METRIC[t]]:.3f}"
+            for t in config.targets
+            if t in val
+        )
+        report(f"epoch {epoch}/{config.epochs} ({record['seconds']:.0f} s)  train/val: {line}")
+    bar.close()
+    return folder
+
+
+def _head_configs(model, vocab: int, config: MMRConfig) -> dict[str, ReconstructionConfig]:
+    return {t: reconstruction_config(model, t, vocab, **config.head) for t in config.targets}
+
+
+def _config_json(config: MMRConfig) -> dict:
+    """The run's options as JSON values (tuples as lists), for config.json and the resume check."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def heads_for(run: MMRRun, target: str) -> Reconstructor:
+    if target not in run.heads:
+        raise ValueError(f"{run.folder}: no {target} head (trained: {', '.join(run.heads)}); train it with --target")
+    return run.heads[target]
+
+
+def tokens_of(model, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts -> ids, mask [B, max_length], tokenized by the runtime and padded to the model's text length."""
+    length = model.config.text.max_length
+    pad_id, _ = special_ids(model, tokenizer)
+    ids, mask = (torch.from_numpy(a)[:, :length] for a in tokenize(tokenizer, texts))
+    return F.pad(ids, (0, length - ids.shape[1]), value=pad_id), F.pad(mask, (0, length - mask.shape[1]), value=0)
