@@ -88,13 +88,20 @@ def runtime(pretrained):
     rt.close()
 
 
-def _cosines(got: np.ndarray, want: np.ndarray) -> np.ndarray:
-    return (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+def _compare(got: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, float]:
+    """-> (cosine per item, in float64 so that 1 - cosine resolves below float32's 6e-8; max abs difference)."""
+    got, want = got.astype(np.float64), want.astype(np.float64)
+    cosines = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    return cosines, float(np.abs(got - want).max())
 
 
-def _report(name: str, cosines: np.ndarray, cases: list[str]) -> None:
+def _report(name: str, compared: tuple[np.ndarray, float], cases: list[str]) -> None:
+    cosines, max_abs = compared
     worst = int(np.argmin(cosines))
-    print(f"\nparity {name}: worst 1 - cosine {1 - cosines[worst]:.1e} ({cases[worst]}) over {len(cases)} inputs")
+    print(
+        f"\nparity {name}: worst 1 - cosine {1 - cosines[worst]:.1e} ({cases[worst]}), "
+        f"max abs difference {max_abs:.1e}, over {len(cases)} inputs"
+    )
     assert cosines.min() >= MIN_COSINE, dict(zip(cases, cosines.round(6).tolist()))
 
 
@@ -143,7 +150,7 @@ def test_audio_matches_ast_feature_extractor_pipeline(pretrained, runtime, tmp_p
         resampled.append(wave if rate == 16_000 else soxr.resample(wave, rate, 16_000, quality="HQ"))
     got = runtime.embed_audio(paths)  # batches of 4 that mix 0.05 s .. 10.24 s clips
     want = _hf_audio(folders, model, resampled)
-    _report("audio (AST, base geometry)", _cosines(got, want), [f"{s} s at {r} Hz" for s, r in AUDIO_CASES])
+    _report("audio (AST, base geometry)", _compare(got, want), [f"{s} s at {r} Hz" for s, r in AUDIO_CASES])
     alone = np.concatenate([runtime.embed_audio([p]) for p in paths])
     np.testing.assert_allclose(alone, got, atol=1e-5)  # padding in a mixed batch changes nothing
 
@@ -173,7 +180,7 @@ def test_images_match_clip_image_processor_pipeline(pretrained, runtime, tmp_pat
     with torch.no_grad():
         pooled = tower(pixel_values=torch.cat(pixels)).pooler_output
         want = F.normalize(model.image_projection(pooled), dim=-1).numpy()
-    _report("image (CLIP vision, 224 px)", _cosines(got, want), [f"{w}x{h} {m}" for w, h, m in cases])
+    _report("image (CLIP vision, 224 px)", _compare(got, want), [f"{w}x{h} {m}" for w, h, m in cases])
 
 
 def _picture(width: int, height: int, mode: str, seed: int) -> Image.Image:
@@ -212,7 +219,7 @@ def test_text_matches_roberta_tokenizer_pipeline(pretrained, runtime):
     with torch.no_grad():
         first = tower(**encoded).last_hidden_state[:, 0]
         want = F.normalize(model.text_projection(first), dim=-1).numpy()
-    _report("text (RoBERTa)", _cosines(got, want), texts)
+    _report("text (RoBERTa)", _compare(got, want), [text[:40] for text in texts])
 
 
 def test_eval_and_infer_give_the_same_embedding_for_the_same_file(pretrained, runtime, tmp_path):
@@ -232,7 +239,7 @@ def test_eval_and_infer_give_the_same_embedding_for_the_same_file(pretrained, ru
     tokenizer = load_pretrained_tokenizer(folders["text"], MAX_LENGTH, 1)
     evaluated = embed_manifest(model, tokenizer, tmp_path / "data.csv", batch_size=2)["audio"].numpy()
     inferred = runtime.embed_audio(paths)
-    _report("eval vs infer (0.7 s, one clip, 23 s windowed)", _cosines(evaluated, inferred), ["0.7s", "1 clip", "23s"])
+    _report("eval vs infer (0.7 s, one clip, 23 s windowed)", _compare(evaluated, inferred), ["0.7s", "1 clip", "23s"])
 
 
 def test_exported_bundle_from_before_lengths_is_refused(pretrained, tmp_path):
