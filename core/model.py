@@ -51,10 +51,16 @@ class SynergyModel(nn.Module):
         """input_ids, attention_mask: [B, L] int64 -> [B, D]; pooled = final state of the first (<s>) token."""
         return F.normalize(self.text_projection(self.text_features(input_ids, attention_mask)), dim=-1)
 
-    def encode_audio(self, waveform: Tensor, waveform_lengths: Tensor | None = None) -> Tensor:
+    def encode_audio(self, waveform: Tensor, waveform_lengths: Tensor | None = None, augment=None) -> Tensor:
         """waveform: [B, T] mono at ``config.audio.sample_rate``, rows zero-padded; waveform_lengths: [B] int64 real
-        samples per row (None: every row is T long) -> [B, D]. A clip gives the same embedding alone or padded."""
+        samples per row (None: every row is T long) -> [B, D]. A clip gives the same embedding alone or padded.
+        ``augment``: a ``core.spec_augment.SpecAugment`` applied to the log-mel (training's intra-audio contrast)."""
         features = self.audio_frontend(waveform, waveform_lengths)  # [B, frames, mels], float32 (quiet bins need it)
+        if augment is not None:
+            frames = None
+            if waveform_lengths is not None:
+                frames = (self.audio_frontend.frame_ends[None, :] <= waveform_lengths[:, None]).sum(-1)  # [B]
+            features = augment(features, frames)
         return F.normalize(self.audio_projection(self.audio_features(features)), dim=-1)
 
     # The towers' pooled outputs before the projections: what missing-modality reconstruction

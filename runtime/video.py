@@ -29,7 +29,7 @@ from __future__ import annotations
 import io
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +83,14 @@ def frame_times(duration: float, max_frames: int = DEFAULT_MAX_FRAMES, per_secon
     return [(i + 0.5) * duration / count for i in range(count)]
 
 
+def _sampling_times(duration: float, max_frames: int, per_second: float, positions) -> list[float] | None:
+    if duration <= 0:
+        return None  # unknown: decided while decoding
+    if positions is not None:
+        return sorted(min(max(float(p), 0.0), 1.0) * duration for p in positions)
+    return frame_times(duration, max_frames, per_second)
+
+
 def import_av():
     try:
         import av
@@ -104,10 +112,12 @@ def load_video(
     frame_transform: Callable | None = None,
     frames: bool = True,
     audio: bool = True,
+    positions: Sequence[float] | None = None,
 ) -> Video:
     """Decode one video file (a path or its bytes) -> ``Video``. ``frames=False`` / ``audio=False`` skip a stream
-    (training reads what it needs). ``frame_transform``: applied to each sampled frame (a PIL RGB image) as it is
-    decoded. Raises ``UnsupportedVideo`` naming the input."""
+    (training reads what it needs). ``positions``: fractions of the duration in [0, 1) to sample instead of the
+    uniform times (training's random frame). ``frame_transform``: applied to each sampled frame (a PIL RGB image)
+    as it is decoded. Raises ``UnsupportedVideo`` naming the input."""
     name = name or describe_video(source, 0)
     if max_frames < 1 or frames_per_second <= 0:
         raise ValueError(f"max_frames must be >= 1 and frames_per_second > 0, got {max_frames}, {frames_per_second}")
@@ -137,7 +147,7 @@ def load_video(
             wanted = [video_stream]  # still proves the file decodes
         decoded = _decode_streams(
             av, container, wanted, video_stream, audio_stream, duration, name, timeout_seconds,
-            max_seconds, frame_times(duration, max_frames, frames_per_second) if duration > 0 else None,
+            max_seconds, _sampling_times(duration, max_frames, frames_per_second, positions),
             frame_transform, max_frames,
         )  # fmt: skip
     picked, times, last_video_time, sound, sound_rate = decoded

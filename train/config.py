@@ -39,6 +39,8 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     save_every: int = 200
     on_bad_sample: str = "skip"  # skip | error
+    # CLIP4VLA's intra-audio contrast: + weight x NT-Xent(clip, its SpecAugment copy) at scale 1/0.07; 0: off
+    audio_intra_weight: float = 0.0
 
 
 def _coerce(value: str, hint, where: str):
@@ -114,7 +116,7 @@ def check_train_config(config: TrainConfig) -> None:
     for key in ("steps", "save_every"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key}={getattr(config, key)}: must be at least 1")
-    for key in ("eval_every", "warmup_steps", "workers"):
+    for key in ("eval_every", "warmup_steps", "workers", "audio_intra_weight"):
         if getattr(config, key) < 0:
             raise ConfigError(f"{key}={getattr(config, key)}: must be 0 or more")
     load_config(config.model, **config.model_overrides)  # the preset and the model.* overrides, types included

@@ -34,6 +34,7 @@ from synergy.core.checkpoint import (
 )
 from synergy.core.config import load_config
 from synergy.core.model import LOGIT_SCALE_MAX, SynergyModel
+from synergy.core.spec_augment import SpecAugment, audio_intra_loss
 from synergy.core.tokenizer import load_pretrained_tokenizer, train_tokenizer
 from synergy.kernels.contrastive import trimodal_contrastive_loss
 from synergy.kernels.contrastive.distributed import gather_features
@@ -343,7 +344,19 @@ class RandomState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-def train_step(model, batch, accumulation: int, rank: int, world: int, autocast) -> torch.Tensor:
+def audio_copies(model, inputs) -> torch.Tensor:
+    """The batch's clips through the audio tower again with SpecAugment on the log-mel (inside the model, so on the
+    GPU): [B, D], for CLIP4VLA's intra-audio NT-Xent. Masks sized as AST's AudioSet recipe (48 of 128 mel bins,
+    192 of 1024 frames), scaled to the model's geometry."""
+    encoder = getattr(model, "module", model)  # DDP: the same parameters, their gradients reduced with the rest
+    a = encoder.config.audio
+    augment = SpecAugment(1, max(1, a.n_mels * 48 // 128), 1, max(1, a.num_frames * 192 // 1024))
+    return encoder.encode_audio(inputs[3], inputs[4], augment=augment)
+
+
+def train_step(
+    model, batch, accumulation: int, rank: int, world: int, autocast, audio_intra_weight: float = 0.0
+) -> torch.Tensor:
     """Forward + backward of one global batch (this process's rows). Returns this process's loss share.
 
     With ``accumulation`` > 1 the embeddings are first computed without a graph, the loss and its gradient with
@@ -351,14 +364,20 @@ def train_step(model, batch, accumulation: int, rank: int, world: int, autocast)
     the random state of its first pass, and back-propagated with its slice of those gradients (GradCache): the
     gradient equals that of the whole batch with the same dropout, the negatives stay global, at the price of one
     extra forward.
+
+    ``audio_intra_weight`` > 0 adds CLIP4VLA's intra-audio term: weight x NT-Xent between each clip and its
+    SpecAugment copy (``core.spec_augment``), negatives from this process's rows, its share divided by ``world``.
     """
     device = next(model.parameters()).device
     inputs, masks = _inputs(batch, device), _masks(batch, device)
     if accumulation == 1:
         with autocast():
             *features, scales = model(*inputs)
+            copies = audio_copies(model, inputs) if audio_intra_weight else None
         # embeddings go in as produced (bf16 under autocast): the Triton loss accumulates in fp32 on tensor cores
         loss = contrastive_loss(features, scales, masks, rank, world)
+        if copies is not None:
+            loss = loss + audio_intra_weight * audio_intra_loss(features[2], copies, masks[2]) / world
         (loss * world).backward()  # DDP averages gradients over processes; the loss shares add up
         return loss.detach()
     chunks = [torch.tensor_split(x, accumulation) for x in inputs]
@@ -367,10 +386,15 @@ def train_step(model, batch, accumulation: int, rank: int, world: int, autocast)
         for i in range(accumulation):
             states.append(RandomState.capture(device))
             outs.append(model(*(c[i] for c in chunks)))
+            if audio_intra_weight:  # drawn right after the forward, in the same order in the re-forward
+                outs[-1] = (*outs[-1], audio_copies(model, [c[i] for c in chunks]))
     after = RandomState.capture(device)
     features = [torch.cat([o[m] for o in outs]).requires_grad_() for m in range(3)]
     scales = outs[0][3].detach().float().requires_grad_()
     loss = contrastive_loss(features, scales, masks, rank, world)
+    copies = torch.cat([o[4] for o in outs]).requires_grad_() if audio_intra_weight else None
+    if copies is not None:
+        loss = loss + audio_intra_weight * audio_intra_loss(features[2], copies, masks[2]) / world
     (loss * world).backward()
     sizes = [len(c) for c in chunks[0]]
     offsets = [sum(sizes[:i]) for i in range(accumulation)]
