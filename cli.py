@@ -353,8 +353,26 @@ def export_command(
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "onnxruntime", "tensorrt"]))
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option(
+    "--trust-unverified",
+    is_flag=True,
+    help="Open a bundle whose files are not listed with sha256 hashes (only one you built yourself; see SECURITY.md).",
+)
 def infer_command(
-    audio, image, video, labels, bundle, legacy_model, fuse, out_path, top_k, as_json, backend, device, batch_size
+    audio,
+    image,
+    video,
+    labels,
+    bundle,
+    legacy_model,
+    fuse,
+    out_path,
+    top_k,
+    as_json,
+    backend,
+    device,
+    batch_size,
+    trust_unverified,
 ):
     """Zero-shot classification of audio, images and/or videos with an exported bundle (no torch needed).
 
@@ -383,6 +401,7 @@ def infer_command(
             fuse=fuse,
             out=out_path,
             video=list(video),
+            trust_unverified=trust_unverified,
         )
     except InferUsageError as error:
         raise UsageProblem(str(error)) from error

@@ -7,10 +7,11 @@ checkpoint, which :func:`recover_checkpoint` puts back in place before a resume.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from tokenizers import Tokenizer
@@ -18,7 +19,7 @@ from tokenizers import Tokenizer
 from synergy.core.atomic_folder import DiskFullError, atomic_folder, recover_folder
 from synergy.core.config import ConfigError, config_from_dict
 from synergy.core.model import SynergyModel
-from synergy.core.towers import tower_hf_config
+from synergy.core.towers import build_audio_tower, build_image_tower, build_text_tower, tower_hf_config
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 TRAIN_STATE = "train_state"
@@ -70,6 +71,32 @@ def recover_checkpoint(folder: str | Path) -> None:
     recover_folder(folder)
 
 
+TOWERS = ("image", "text", "audio")
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def _check_tower_config(path: Path, name: str, tower) -> None:
+    """``towers.<name>`` must be a transformers config dict of a known model type with only that type's keys: an
+    unknown key would be set on the config and silently ignored (or worse, read by some code path)."""
+    from transformers import AutoConfig
+
+    if not isinstance(tower, dict):
+        raise CheckpointError(f"{path}: towers.{name} is a {type(tower).__name__}; expected a transformers config")
+    model_type = tower.get("model_type")
+    try:
+        known = set(AutoConfig.for_model(model_type).to_dict()) if isinstance(model_type, str) else None
+    except ValueError:
+        known = None
+    if known is None:
+        raise CheckpointError(f"{path}: towers.{name}.model_type is {model_type!r}, not a transformers model type")
+    unknown = sorted(set(tower) - known - {"_attn_implementation_autoset", "architectures", "_name_or_path"})
+    if unknown:
+        raise CheckpointError(
+            f"{path}: towers.{name} has keys that {model_type} configs do not have: {unknown[:8]}; the checkpoint "
+            "was edited or comes from another program"
+        )
+
+
 def read_checkpoint_config(folder: str | Path) -> dict:
     folder = Path(folder)
     if not folder.is_dir() and folder.with_name(f".{folder.name}.old").is_dir():
@@ -85,11 +112,45 @@ def read_checkpoint_config(folder: str | Path) -> dict:
             f"{folder}: incomplete checkpoint, missing {', '.join(missing)}; point to a folder written by "
             "`synergy train` (e.g. runs/demo/checkpoint)"
         )
+    path = folder / "config.json"
     try:
-        data = json.loads((folder / "config.json").read_text())
-        return {"synergy": data["synergy"], "towers": data["towers"]}
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{folder}/config.json is corrupt ({error!r}); the checkpoint cannot be used") from error
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{path}: over {MAX_CONFIG_BYTES:,} bytes; not a Synergy config")
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise CheckpointError(
+            f"{path}: not UTF-8 ({error.reason} at byte {error.start}); re-save the checkpoint"
+        ) from error
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise CheckpointError(f"{path} is corrupt ({error!r}); the checkpoint cannot be used") from error
+    if not isinstance(data, dict) or not isinstance(data.get("synergy"), dict):
+        raise CheckpointError(f"{path}: expected an object with 'synergy' and 'towers' objects; re-save the checkpoint")
+    towers = data.get("towers")
+    if not isinstance(towers, dict) or sorted(towers) != sorted(TOWERS):
+        got = sorted(towers) if isinstance(towers, dict) else type(towers).__name__
+        raise CheckpointError(f"{path}: 'towers' must hold {list(TOWERS)} transformers configs, got {got}")
+    for name in TOWERS:
+        _check_tower_config(path, name, towers[name])
+    return {"synergy": data["synergy"], "towers": towers}
+
+
+def _check_shapes(path: Path, expected: dict, found: dict, what: str) -> None:
+    """Names and shapes of ``expected`` (from the config) against ``found`` (the safetensors header): a
+    ``CheckpointError`` listing the differences, before anything of that size is allocated."""
+    wrong = [
+        f"{k}: file {list(found[k])}, config {list(v)}"
+        for k, v in expected.items()
+        if k in found and list(found[k]) != list(v)
+    ]
+    missing = [k for k in expected if k not in found]
+    if wrong or missing:
+        raise CheckpointError(
+            f"{path} does not match config.json ({what}): "
+            + "; ".join([*(f"shape {w}" for w in wrong[:4]), *(f"missing {k}" for k in missing[:4])])
+            + "; the weights and the config come from different models"
+        )
 
 
 def load_checkpoint(folder: str | Path, attn_implementation: str | None = None) -> tuple[SynergyModel, Tokenizer]:
@@ -100,13 +161,34 @@ def load_checkpoint(folder: str | Path, attn_implementation: str | None = None) 
         data["synergy"]["attn_implementation"] = attn_implementation
     try:
         config = config_from_dict(data["synergy"], f"{folder}/config.json")
-    except (ConfigError, TypeError) as error:
+    except (ConfigError, TypeError, ValueError) as error:
         raise CheckpointError(f"{folder}/config.json does not describe a Synergy model: {error}") from error
-    model = SynergyModel(config, hf_configs=data["towers"])
+    weights = folder / "model.safetensors"
     try:
-        state = load_file(str(folder / "model.safetensors"))
+        with safe_open(str(weights), "pt") as header:  # reads the header only
+            shapes = {k: header.get_slice(k).get_shape() for k in header.keys()}  # noqa: SIM118 - not a dict
     except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{folder}/model.safetensors is corrupt or truncated ({error}); re-save it") from error
+        raise CheckpointError(f"{weights} is corrupt or truncated ({error}); re-save it") from error
+    # the towers built on the meta device (no memory): a vocab_size of 10**7 is refused here, not after 5 GB
+    builders = {"image": build_image_tower, "text": build_text_tower, "audio": build_audio_tower}
+    for name, build in builders.items():
+        try:
+            with torch.device("meta"):
+                tower, _ = build(getattr(config, name), config.attn_implementation, data["towers"][name])
+        except Exception as error:  # transformers raises many types for bad values
+            raise CheckpointError(f"{folder}/config.json: towers.{name} cannot build a model ({error!r})") from error
+        expected = {f"{name}_tower.{k}": tuple(v.shape) for k, v in tower.state_dict().items()}
+        _check_shapes(weights, expected, shapes, f"the {name} tower")
+    try:
+        model = SynergyModel(config, hf_configs=data["towers"])
+    except Exception as error:
+        raise CheckpointError(f"{folder}/config.json does not build a model ({error!r})") from error
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("audio_frontend.")}
+    _check_shapes(weights, expected, shapes, "the whole model")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{weights} is corrupt or truncated ({error}); re-save it") from error
     result = model.load_state_dict(state, strict=False)
     # the front end's DFT/mel matrices are rebuilt from the config, never read from the file
     missing = [k for k in result.missing_keys if not k.startswith("audio_frontend.")]
@@ -119,11 +201,21 @@ def load_checkpoint(folder: str | Path, attn_implementation: str | None = None) 
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
         raise CheckpointError(f"{folder}/tokenizer.json is corrupt ({error})") from error
-    return model, tokenizer
+    return model.eval(), tokenizer  # eval: dropout off, so the same input gives the same embedding
 
 
 def load_train_state(folder: str | Path) -> dict | None:
     path = Path(folder) / TRAIN_STATE / "state.pt"
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: holds Python objects other than tensors and numbers. Synergy loads training state with "
+            "weights_only=True only and will not unpickle anything else: unpickling runs whatever code the file "
+            "names, so a checkpoint from anyone else could take over this machine. Delete train_state/ to resume "
+            "from the weights alone, or re-save the state with `synergy train`"
+        ) from None
+    except (RuntimeError, OSError, EOFError) as error:
+        raise CheckpointError(f"{path}: cannot be read ({error}); delete train_state/ or re-save it") from error

@@ -4,7 +4,13 @@ Rules, chosen here and documented in the README:
 
 - Mono or stereo only (``MAX_CHANNELS = 2``); stereo is downmixed by averaging the channels. More channels are
   refused rather than guessed at (a 5.1 film mix or a microphone array is rarely what the caller meant).
-- The duration is checked from the header, before anything is decoded (``max_seconds``, default 10 minutes).
+- The duration is checked from the header, before anything is decoded (``max_seconds``, default 10 minutes), and
+  so is the sample rate: above ``MAX_SAMPLE_RATE`` (384 kHz, the highest rate real recorders use) a file is refused,
+  the limit in the message. Files are decoded and resampled in blocks (``DECODE_BLOCK`` frames, downmixed as they
+  come), so memory is bounded by the *output* (``max_seconds`` at the model's rate), not by the file's rate: a
+  1.75 MB FLAC at 655 kHz would otherwise decode to 5 GiB. Decoding stops with an error after
+  ``max_decode_seconds`` (default 60 s) of wall time.
+- Paths must be regular files (a FIFO would block forever, ``/dev/zero`` never ends).
 - A file whose header promises more frames than it holds is truncated and refused, as are 0 frames and NaN/Inf.
 - Audio shorter than one kaldi analysis frame (25 ms) is refused: it has no frame, so the model would see only
   padding. Audio up to one clip is one window that keeps its real length: the window is zero-padded to the clip
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +35,15 @@ import soundfile
 import soxr
 
 from .errors import UnsupportedAudio
+from .files import NotARegularFile, open_regular
+from .manifest import MAX_SAMPLE_RATE
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
 MAX_CHANNELS = 2
 DEFAULT_MAX_SECONDS = 600.0
 DEFAULT_OVERLAP = 0.5
+DEFAULT_MAX_DECODE_SECONDS = 60.0
+DECODE_BLOCK = 1 << 16  # frames decoded (and resampled) at a time
 
 
 def kaldi_frame_sizes(sample_rate: int) -> tuple[int, int, int]:
@@ -65,6 +76,7 @@ def load_audio(
     name: str | None = None,
     max_seconds: float = DEFAULT_MAX_SECONDS,
     max_channels: int = MAX_CHANNELS,
+    max_decode_seconds: float = DEFAULT_MAX_DECODE_SECONDS,
 ) -> np.ndarray:
     """Decode one input to a mono float32 waveform at ``sample_rate``: [T].
 
@@ -76,16 +88,12 @@ def load_audio(
         if len(source) != 2:
             raise UnsupportedAudio(name, "a waveform must be passed as (array, sample_rate)")
         samples, rate = _check_waveform(source[0], source[1], name, max_seconds, max_channels)
+        wave = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]  # [T]: downmix to mono
+        _check_finite(wave, 0, rate, name)
+        if rate != sample_rate:
+            wave = soxr.resample(wave, rate, sample_rate, quality="HQ")
     else:
-        samples, rate = _decode(source, name, max_seconds, max_channels)
-    wave = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]  # [T]: downmix to mono
-    if not np.isfinite(wave).all():
-        first = int(np.argmin(np.isfinite(wave)))
-        raise UnsupportedAudio(
-            name, f"contains NaN or Inf samples (first at {first / rate:.3f} s); the audio is corrupt, re-encode it"
-        )
-    if rate != sample_rate:
-        wave = soxr.resample(wave, rate, sample_rate, quality="HQ")
+        wave = _decode(source, name, sample_rate, max_seconds, max_channels, max_decode_seconds)
     minimum = kaldi_frame_sizes(sample_rate)[0]
     if wave.shape[0] < minimum:
         raise UnsupportedAudio(
@@ -96,15 +104,26 @@ def load_audio(
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
-def _decode(source, name: str, max_seconds: float, max_channels: int) -> tuple[np.ndarray, int]:
-    """File or bytes -> ([T, C] float32, sample rate), refusing what cannot be trusted before decoding it."""
+def _check_finite(wave: np.ndarray, offset: int, rate: int, name: str) -> None:
+    if not np.isfinite(wave).all():
+        first = offset + int(np.argmin(np.isfinite(wave)))
+        raise UnsupportedAudio(
+            name, f"contains NaN or Inf samples (first at {first / rate:.3f} s); the audio is corrupt, re-encode it"
+        )
+
+
+def _decode(
+    source, name: str, sample_rate: int, max_seconds: float, max_channels: int, max_decode_seconds: float
+) -> np.ndarray:
+    """File or bytes -> mono float32 [T] at ``sample_rate``, refusing what cannot be trusted before decoding it, then
+    decoding, downmixing and resampling block by block (memory bounded by the output)."""
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise UnsupportedAudio(name, "no such file; check the path")
-        if path.is_dir():
-            raise UnsupportedAudio(name, "is a folder; pass audio files (the CLI expands folders and globs)")
-        opened = str(path)
+        try:
+            opened = open_regular(Path(source))
+        except NotARegularFile as error:
+            hint = "pass audio files (the CLI expands folders and globs)" if error.problem == "is a folder" else ""
+            hint = hint or ("check the path" if "no such" in error.problem else "pass a regular audio file")
+            raise UnsupportedAudio(name, f"{error.problem}; {hint}") from error
     elif isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise UnsupportedAudio(name, "empty bytes; pass the bytes of an audio file (WAV, FLAC, OGG, MP3)")
@@ -113,12 +132,27 @@ def _decode(source, name: str, max_seconds: float, max_channels: int) -> tuple[n
         raise UnsupportedAudio(
             name, f"unsupported input of type {type(source).__name__}; pass a path, bytes or (waveform, sample_rate)"
         )
+    deadline = time.monotonic() + max_decode_seconds
     try:
-        with soundfile.SoundFile(opened) as file:
+        with opened, soundfile.SoundFile(opened) as file:
             frames, rate, channels, header = file.frames, file.samplerate, file.channels, file.extra_info
             estimated = file.format == "MP3"  # without a Xing/LAME header, an MP3's frame count is an estimate
             _check_header(name, frames, rate, channels, header, max_seconds, max_channels)
-            samples = file.read(dtype="float32", always_2d=True)  # [T, C]
+            stream = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32", quality="HQ")
+            pieces, decoded, limit = [], 0, int(max_seconds * rate) + DECODE_BLOCK
+            while (block := file.read(DECODE_BLOCK, dtype="float32", always_2d=True)).shape[0]:  # [b, C]
+                mono = block.mean(axis=1) if channels > 1 else block[:, 0]  # downmix to mono
+                _check_finite(mono, decoded, rate, name)
+                decoded += block.shape[0]
+                pieces.append(stream.resample_chunk(mono) if rate != sample_rate else mono)
+                if decoded > limit:  # a header that understates the length (MP3, OGG)
+                    raise UnsupportedAudio(name, f"decodes to over the {max_seconds:g} s limit; cut it first")
+                if time.monotonic() > deadline:
+                    raise UnsupportedAudio(
+                        name, f"decoding took over {max_decode_seconds:g} s (max_decode_seconds); re-encode it as WAV"
+                    )
+            if rate != sample_rate:
+                pieces.append(stream.resample_chunk(np.zeros(0, np.float32), last=True))
     except UnsupportedAudio:
         raise
     except (RuntimeError, TypeError, OSError) as error:  # LibsndfileError is a RuntimeError
@@ -126,11 +160,11 @@ def _decode(source, name: str, max_seconds: float, max_channels: int) -> tuple[n
         raise UnsupportedAudio(
             name, f"cannot be decoded as audio ({problem}); pass a WAV, FLAC, OGG or MP3 file, or re-encode it"
         ) from error
-    if samples.shape[0] < (0.98 * frames if estimated else frames):
+    if decoded < (0.98 * frames if estimated else frames):
         raise UnsupportedAudio(
-            name, f"truncated: the header promises {frames} frames but only {samples.shape[0]} decode; re-encode it"
+            name, f"truncated: the header promises {frames} frames but only {decoded} decode; re-encode it"
         )
-    return samples, rate
+    return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
 
 
 def _check_header(name, frames, rate, channels, header: str, max_seconds, max_channels) -> None:
@@ -138,6 +172,12 @@ def _check_header(name, frames, rate, channels, header: str, max_seconds, max_ch
         raise UnsupportedAudio(name, "0 frames (empty audio); pass a recording at least one sample long")
     if rate <= 0:
         raise UnsupportedAudio(name, f"sample rate {rate} Hz in the header; the file is corrupt, re-encode it")
+    if rate > MAX_SAMPLE_RATE:
+        raise UnsupportedAudio(
+            name,
+            f"sample rate {rate:,} Hz, above the {MAX_SAMPLE_RATE:,} Hz limit (no real recording needs more); "
+            "resample it first (e.g. `ffmpeg -i in -ar 48000 out.flac`)",
+        )
     if frames / rate > max_seconds:
         raise UnsupportedAudio(
             name, f"{frames / rate:.1f} s long, over the {max_seconds:g} s limit; cut it or raise max_audio_seconds"
@@ -155,8 +195,10 @@ def _check_header(name, frames, rate, channels, header: str, max_seconds, max_ch
 
 def _check_waveform(samples, rate, name: str, max_seconds: float, max_channels: int) -> tuple[np.ndarray, int]:
     """(array, rate) -> ([T, C] float32, rate). A 2-D array's channel axis is its short one (<= max_channels)."""
-    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
-        raise UnsupportedAudio(name, f"sample rate must be a positive integer (Hz), got {rate!r}")
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or not 0 < rate <= MAX_SAMPLE_RATE:
+        raise UnsupportedAudio(
+            name, f"sample rate must be a positive integer (Hz) up to {MAX_SAMPLE_RATE:,}, got {rate!r}"
+        )
     rate = int(rate)
     samples = np.asarray(samples)
     if samples.dtype.kind not in "fiu":
@@ -164,8 +206,15 @@ def _check_waveform(samples, rate, name: str, max_seconds: float, max_channels: 
     if samples.ndim == 1:
         samples = samples[:, None]
     elif samples.ndim == 2:
-        if samples.shape[0] <= max_channels < samples.shape[1]:
-            samples = samples.T  # [C, T] -> [T, C]
+        shape = samples.shape
+        if samples.shape[0] < samples.shape[1]:
+            samples = samples.T  # [C, T] -> [T, C]: the channel axis is the short one
+        if samples.shape[1] > max_channels:
+            raise UnsupportedAudio(
+                name,
+                f"waveform of shape {shape}: {samples.shape[1]} channels (the short axis); only mono or stereo is "
+                "read, downmix it first",
+            )
     else:
         raise UnsupportedAudio(name, f"waveform of shape {samples.shape}; pass [T], [T, C] or [C, T]")
     if samples.shape[0] == 0:

@@ -44,19 +44,21 @@ def open_regular(path: str | os.PathLike) -> BinaryIO:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as error:
-        problem = "no such file" if not os.path.lexists(path) else "a broken symbolic link (its target is missing)"
+        problem = "no such file" if not os.path.lexists(path) else "is a broken symbolic link (its target is missing)"
         raise NotARegularFile(path, problem) from error
     except IsADirectoryError as error:
-        raise NotARegularFile(path, "a folder") from error
+        raise NotARegularFile(path, "is a folder") from error
     except PermissionError as error:
-        raise NotARegularFile(path, "not readable (permission denied)") from error
+        raise NotARegularFile(path, "is not readable (permission denied)") from error
     except OSError as error:
-        problem = "a symbolic link loop" if error.errno == errno.ELOOP else os.strerror(error.errno or 0).lower()
+        problem = "is a symbolic link loop" if error.errno == errno.ELOOP else os.strerror(error.errno or 0).lower()
         raise NotARegularFile(path, problem) from error
     try:
         mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise NotARegularFile(path, "is a folder")
         if not stat.S_ISREG(mode):
-            raise NotARegularFile(path, f"{describe_kind(mode)}, not a regular file")
+            raise NotARegularFile(path, f"is {describe_kind(mode)}, not a regular file")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -69,12 +71,12 @@ def read_regular(path: str | os.PathLike, limit: int) -> bytes:
     with open_regular(path) as file:
         size = os.fstat(file.fileno()).st_size
         if size > limit:
-            raise NotARegularFile(path, f"{size:,} bytes, over the {limit:,}-byte limit for this file")
+            raise NotARegularFile(path, f"is {size:,} bytes, over the {limit:,}-byte limit for this file")
         data = file.read(size)
         while len(data) <= limit and (more := file.read(1 << 20)):  # a file that grows while it is read
             data += more
     if len(data) > limit:
-        raise NotARegularFile(path, f"over the {limit:,}-byte limit for this file")
+        raise NotARegularFile(path, f"is over the {limit:,}-byte limit for this file")
     return data
 
 

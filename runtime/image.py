@@ -4,6 +4,17 @@ The same steps as ``transformers.CLIPImageProcessor`` (tested against it): trans
 the shortest edge is resized to ``size`` (bicubic, the long edge floored), center crop ``size`` x ``size``, /255,
 subtract the mean, divide by the std. EXIF orientation is not applied, as transformers does not. Training and
 evaluation call these functions too (training swaps the resize + center crop for its random resized crop).
+
+Where this differs from transformers, on purpose:
+
+- High-bit-depth greyscale (Pillow modes ``I;16*`` and ``I``, what 16-bit PNG and TIFF files open as) is scaled from
+  0..65535 to 0..255 (``round(v / 257)``); float images (``F``) are read as 0..1. Transformers converts them with
+  Pillow's ``convert``, which clips every value above 255: a 16-bit photo becomes almost all white.
+- Work and memory are bounded by the output size. When the resized image would be over ``MAX_RESIZE_AREA`` times
+  the crop (an aspect ratio beyond 4:1), only the part that survives the center crop is resampled (Pillow's
+  ``resize(box=...)``: the filter still reads across the crop's edges; pixels agree with resize-then-crop to a few
+  levels, not exactly, Pillow's rounding differs). A 100000 x 1 PNG (370 bytes) would otherwise be resized to
+  6,400,000 x 64 pixels (7.5 GiB as float). Ordinary images take transformers' exact path.
 """
 
 from __future__ import annotations
@@ -16,7 +27,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import UnsupportedImage
+from .files import NotARegularFile, open_regular
 
+MAX_RESIZE_AREA = 4  # resized area / crop area above which only the crop is resampled
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -47,12 +60,12 @@ def load_image(source, *, name: str | None = None) -> Image.Image:
             raise UnsupportedImage(name, f"array of shape {source.shape} has no pixels")
         return _to_rgb(Image.fromarray(source), name)
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise UnsupportedImage(name, "no such file; check the path")
-        if path.is_dir():
-            raise UnsupportedImage(name, "is a folder; pass image files (the CLI expands folders and globs)")
-        opened = path
+        try:
+            opened = open_regular(Path(source))
+        except NotARegularFile as error:
+            hint = "pass image files (the CLI expands folders and globs)" if error.problem == "is a folder" else ""
+            hint = hint or ("check the path" if "no such" in error.problem else "pass a regular image file")
+            raise UnsupportedImage(name, f"{error.problem}; {hint}") from error
     elif isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise UnsupportedImage(name, "empty bytes; pass the bytes of an image file (PNG, JPEG, WebP, ...)")
@@ -83,11 +96,34 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
         raise UnsupportedImage(name, f"image of size {image.size} has no pixels")
     if image.mode == "RGB":
         return image
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _high_depth_to_l(image, name)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as error:
+        raise UnsupportedImage(name, f"Pillow mode {image.mode} cannot be converted to RGB ({error})") from error
+
+
+def _high_depth_to_l(image: Image.Image, name: str) -> Image.Image:
+    """16-bit or 32-bit integer greyscale (0..65535) or float greyscale (0..1) -> 8-bit ``L``, scaled rather than
+    clipped; a transparency key becomes an alpha band (``LA``)."""
+    values = np.asarray(image)
+    if image.mode == "F":
+        if not np.isfinite(values).all():
+            raise UnsupportedImage(name, "float image with NaN or Inf pixels; the file is corrupt")
+        grey = np.rint(np.clip(values, 0.0, 1.0) * 255.0)
+    else:
+        grey = np.rint(np.clip(values.astype(np.float64), 0, 65535) / 257.0)
+    result = Image.fromarray(grey.astype(np.uint8), "L")
+    key = image.info.get("transparency")
+    if isinstance(key, (int, float)) and not isinstance(key, bool):
+        alpha = np.where(values == key, 0, 255).astype(np.uint8)
+        result = Image.merge("LA", (result, Image.fromarray(alpha, "L")))
+    return result
 
 
 def resize_shortest_edge(image: Image.Image, size: int) -> Image.Image:
@@ -110,8 +146,21 @@ def normalise_pixels(image: Image.Image, mean, std) -> np.ndarray:
 
 
 def preprocess_image(image: Image.Image, size: int, mean, std) -> np.ndarray:
-    """RGB image -> pixel_values [3, size, size] float32: shortest edge to ``size``, center crop, normalise."""
-    image = resize_shortest_edge(image, size)
+    """RGB image -> pixel_values [3, size, size] float32: shortest edge to ``size``, center crop, normalise.
+
+    The crop is taken in the source's coordinates and only it is resampled (see the module docstring): the
+    resized size and crop offsets are transformers', mapped back by the resize's scale per axis."""
     width, height = image.size
-    top, left = (height - size) // 2, (width - size) // 2
-    return normalise_pixels(image.crop((left, top, left + size, top + size)), mean, std)
+    if width <= height:
+        new_width, new_height = size, int(size * height / width)
+    else:
+        new_width, new_height = int(size * width / height), size
+    top, left = (new_height - size) // 2, (new_width - size) // 2
+    if new_width * new_height <= MAX_RESIZE_AREA * size * size:
+        resized = resize_shortest_edge(image, size)
+        cropped = resized.crop((left, top, left + size, top + size))
+    else:
+        scale_x, scale_y = width / new_width, height / new_height
+        box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
+        cropped = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    return normalise_pixels(cropped, mean, std)

@@ -45,6 +45,7 @@ ERROR_TYPES = {"audio": UnsupportedAudio, "image": UnsupportedImage, "video": Un
 DEFAULT_BUNDLE = "runs/demo/bundle"
 DEFAULT_MODEL = DEFAULT_BUNDLE  # the old name of the default, kept for callers that import it
 SOURCE_WIDTH = 60
+LABEL_WIDTH = 40
 
 
 class UnpairedInput(InputError):
@@ -168,10 +169,12 @@ def run(
     out: str | None = None,
     model: str | None = None,
     video: Sequence[str] = (),
+    trust_unverified: bool = False,
 ) -> int:
     """Classify audio and/or image files against ``labels`` with the bundle folder ``bundle``; print the results.
 
     ``model``: the old name of ``bundle``. ``out``: write the JSON lines to this file instead of printing results.
+    ``trust_unverified``: open a bundle whose files are not listed with sha256 hashes (``--trust-unverified``).
     Returns 0 (all inputs ok) or 1 (some failed, each reported); raises ``InferUsageError`` for usage problems."""
     started = time.perf_counter()
     bundle = bundle or model or DEFAULT_BUNDLE
@@ -209,14 +212,30 @@ def run(
         jobs = [(m, {m: files}) for m, files in (("audio", audio_files), ("image", image_files)) if files]
     jobs += [("video", {"video": video_files})] if video_files else []  # a video fuses its own frames and sound
     try:
-        runtime = Runtime.open(bundle, backend=backend, device=device, threads=threads, batch_size=batch_size)
+        runtime = Runtime.open(
+            bundle,
+            backend=backend,
+            device=device,
+            threads=threads,
+            batch_size=batch_size,
+            trust_unverified=trust_unverified,
+        )
+        # load what the jobs use now: a broken graph is a one-line bundle error (exit 2) before any output
+        runtime.load(
+            *(m for m in ("text", *{m for _, inputs in jobs for m in inputs}) if m in ("text", "audio", "image"))
+        )
     except BundleError as error:
         hint = " (make demo writes it; or pass --bundle)" if str(bundle) == DEFAULT_BUNDLE else ""
         raise InferUsageError(f"{error}{hint}") from error
 
     all_sources = [list(sources) for _, inputs in jobs for sources in zip(*inputs.values())]
     width = min(SOURCE_WIDTH, max([len("input"), *(len(" + ".join(s)) for s in all_sources)]))
-    table = {"width": width, "label_width": max([len("label"), *map(len, label_list)]), "header": True}
+    # a very long label overflows its own row rather than padding every row of the table
+    table = {
+        "width": width,
+        "label_width": min(LABEL_WIDTH, max([len("label"), *map(len, label_list)])),
+        "header": True,
+    }
     sink = open(out, "w", encoding="utf-8") if out is not None else None  # noqa: SIM115 - closed in finally
     counts = {"inputs": 0, "failed": 0}
     try:
@@ -235,6 +254,8 @@ def run(
                     chunk = {m: files[start : start + batch_size] for m, files in inputs.items()}
                     predictions = runtime.classify(label_list, top_k=top_k, **chunk)
                     report(predictions, [list(s) for s in zip(*chunk.values())], modality, list(chunk))
+    except BundleError as error:  # found at first use: still the bundle's fault, exit 2
+        raise InferUsageError(str(error)) from error
     finally:
         if sink is not None:
             sink.close()

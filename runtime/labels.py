@@ -14,6 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import LabelsError
+from .files import NotARegularFile, read_regular
+
+MAX_LABELS_FILE_BYTES = 64 << 20
 
 
 def normalise_label(text: str) -> str:
@@ -29,10 +32,11 @@ def read_labels(source: str | os.PathLike | Sequence[str]) -> tuple[str, ...]:
     if isinstance(source, (str, os.PathLike)):
         path, where = Path(source), "line"
         name = str(path)
-        if not path.is_file():
-            raise LabelsError(f"{name}: no such labels file; pass a UTF-8 text file with one label per line")
         try:
-            lines = path.read_text(encoding="utf-8-sig").splitlines()
+            lines = read_regular(path, MAX_LABELS_FILE_BYTES).decode("utf-8-sig").splitlines()
+        except NotARegularFile as error:
+            problem = "no such labels file" if error.problem == "no such file" else error.problem
+            raise LabelsError(f"{name}: {problem}; pass a UTF-8 text file with one label per line") from error
         except UnicodeDecodeError as error:
             problem = f"not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
             raise LabelsError(f"{name}: {problem}") from error

@@ -380,7 +380,7 @@ def load_manifest(bundle: str | Path, verify: bool = True, trust_unverified: boo
         try:
             digest = sha256_file(file)
         except NotARegularFile as error:
-            raise BundleError(f"{bundle}: {rel} is {error.problem}; a bundle holds regular files only") from error
+            raise BundleError(f"{bundle}: {rel} {error.problem}; a bundle holds regular files only") from error
         if digest != expected:
             raise BundleError(f"{bundle}: {rel} has changed since export (sha256 mismatch); re-export the bundle")
     return manifest

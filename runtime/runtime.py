@@ -211,7 +211,7 @@ def read_bundle_file(bundle: Path, rel: str, manifest: Manifest, trusted: bool, 
     try:
         data = read_regular(path, limit)
     except NotARegularFile as error:
-        raise BundleError(f"{bundle}: {rel} is {error.problem}; a bundle holds regular files only") from error
+        raise BundleError(f"{bundle}: {rel} {error.problem}; a bundle holds regular files only") from error
     expected = manifest.files.get(rel)
     if expected is not None and not trusted and hashlib.sha256(data).hexdigest() != expected:
         raise BundleError(f"{bundle}: {rel} has changed since export (sha256 mismatch); re-export the bundle")
