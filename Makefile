@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.synergy-installed
 RUN ?= runs/demo
 
-.PHONY: install demo test test-all lint format bench gpu-proof clean
+.PHONY: install demo demo-mmr test test-all lint format bench gpu-proof clean
 
 # torch first: on a machine without CUDA take the CPU build (torch==2.13.0 is served from a local file on our
 # machines; an unpinned torch would pull several GB of CUDA wheels). With a GPU, pip's default torch has CUDA.
@@ -21,6 +21,16 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m synergy.demo --run $(RUN)
+
+# Missing-modality reconstruction on the demo's model (README "Missing-modality reconstruction"): trains the three
+# heads on the frozen runs/demo/checkpoint, evaluates them on val + held-out, draws the grid. Needs `make demo` first.
+MMR ?= $(RUN)/mmr
+demo-mmr: $(STAMP)
+	@test -f $(RUN)/checkpoint/model.safetensors -a -f $(RUN)/data/train.csv || { echo "make demo-mmr: no demo \
+	checkpoint and data in $(RUN) (need $(RUN)/checkpoint/ and $(RUN)/data/train.csv); run \`make demo\` first" >&2; exit 2; }
+	$(VENV)/bin/synergy mmr train --checkpoint $(RUN)/checkpoint --data $(RUN)/data/train.csv --out $(MMR) --force
+	$(VENV)/bin/synergy mmr eval $(MMR) --data $(RUN)/data/val.csv --data $(RUN)/data/heldout.csv --out $(MMR)/metrics.json
+	$(VENV)/bin/synergy mmr reconstruct $(MMR) --grid 6 --data $(RUN)/data/val.csv --out $(MMR)/grid.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q
