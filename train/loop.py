@@ -14,7 +14,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -85,7 +87,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
     log = RunLog(out, config, step, process, show=progress)
     log.start(model, checks, process, resumed_from=step if state else None)
     bad_total = int(state["bad_samples"]) if state else 0
-    saved = step if state else -1  # a fresh (or forced) run has saved nothing yet, not even step 0
+    saved = step
 
     def save():
         train_state = {
@@ -100,29 +102,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
 
     model.train()
     tick = time.perf_counter()
-    try:
+    with StopOnInterrupt() as stop:
         for batch in loader:
             _check_batch(batch, step, config, log, process)
-            # dropout draws from a generator seeded by (seed, step, rank): an exact resume needs no saved RNG state
-            torch.manual_seed(stable_seed(config.seed, step, process.rank))
-            optimizer.zero_grad(set_to_none=True)
-            loss = train_step(ddp, batch, config.accumulation, process.rank, process.world, autocast)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
-            step += 1
-            loss, bad = _reduce(loss, len(batch["bad"]), process)
-            bad_total += bad
-            record = {
-                "step": step,
-                "loss": round(loss, 5),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": round(float(grad_norm), 4),
-                "logit_scales": [round(s, 3) for s in model.logit_scales().tolist()],
-                "bad_samples": bad_total,
-            }
+            record = update(ddp, model, batch, optimizer, scheduler, step, config, process, autocast)
+            step = record["step"]
+            bad_total += record.pop("bad")
+            record["bad_samples"] = bad_total
             seconds, samples = time.perf_counter() - tick, len(batch["labels"]) * process.world
             final = step == config.steps
             result = None
@@ -140,13 +126,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
                 write_report(report, out / "eval.json")
                 log.message(f"evaluation of the final model on {config.val_data}:\n{format_report(report)}")
                 log.message(f"report: {out / 'eval.json'}")
+            if stop.requested and not final:  # Ctrl-C: keep what was trained since the last save, then stop
+                if step > saved:
+                    save()
+                log.message(f"interrupted at step {step}; {checkpoint} holds step {step}")
+                log.close()
+                raise KeyboardInterrupt
             tick = time.perf_counter()  # after logging, evaluation and saving: samples/s counts training only
-    except KeyboardInterrupt:
-        if step > saved:  # Ctrl-C: keep what was trained since the last save
-            save()
-        log.message(f"interrupted at step {step}; {checkpoint} holds step {step}")
-        log.close()
-        raise
     log.close()
     if bad_total:
         log.message(f"skipped {bad_total} bad sample(s) in total; see the messages above")
@@ -404,12 +390,40 @@ def train_step(
         states[i].restore()
         with sync, autocast():
             *out, out_scales = model(*(c[i] for c in chunks))
+            copy = audio_copies(model, [c[i] for c in chunks]) if copies is not None else None
         rows = slice(offsets[i], offsets[i] + sizes[i])
         surrogate = sum((o.float() * f.grad[rows]).sum() for o, f in zip(out, features))
+        if copy is not None:
+            surrogate = surrogate + (copy.float() * copies.grad[rows]).sum()
         surrogate = surrogate + (out_scales.float() * (scales.grad if last else torch.zeros_like(scales.grad))).sum()
         surrogate.backward()
     after.restore()  # the generators end where the cached pass left them, as if each micro-batch ran once
     return loss.detach()
+
+
+def update(ddp, model, batch, optimizer, scheduler, step: int, config: TrainConfig, process: Process, autocast):
+    """Step ``step`` -> ``step + 1`` on one global batch: forward, backward, clip, AdamW, schedule. -> the step's
+    metrics record (with ``bad``, the bad samples of the batch over all ranks)."""
+    # dropout draws from a generator seeded by (seed, step, rank): an exact resume needs no saved RNG state
+    torch.manual_seed(stable_seed(config.seed, step, process.rank))
+    optimizer.zero_grad(set_to_none=True)
+    loss = train_step(
+        ddp, batch, config.accumulation, process.rank, process.world, autocast, config.audio_intra_weight
+    )
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+    optimizer.step()
+    scheduler.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
+    loss, bad = _reduce(loss, len(batch["bad"]), process)
+    return {
+        "step": step + 1,
+        "loss": round(loss, 5),
+        "lr": scheduler.get_last_lr()[0],
+        "grad_norm": round(float(grad_norm), 4),
+        "logit_scales": [round(s, 3) for s in model.logit_scales().tolist()],
+        "bad": bad,
+    }
 
 
 def _reduce(loss: torch.Tensor, bad: int, process: Process) -> tuple[float, int]:
@@ -419,6 +433,29 @@ def _reduce(loss: torch.Tensor, bad: int, process: Process) -> tuple[float, int]
     stats = torch.stack([loss.float(), torch.tensor(float(bad), device=loss.device)])
     dist.all_reduce(stats)
     return stats[0].item(), int(stats[1].item())
+
+
+class StopOnInterrupt:
+    """Ctrl-C (SIGINT) asks the loop to stop at the end of the current step, so the checkpoint saved then is never
+    torn between an optimizer update and the step count; a second Ctrl-C interrupts at once. Off the main thread
+    (where no handler can be installed) Ctrl-C keeps its default."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 # ------------------------------------------------------------------------------------------------------ the run log

@@ -204,8 +204,8 @@ def test_on_bad_sample_error_stops_with_the_message(tmp_path, synth):
 
 
 def test_ctrl_c_saves_and_the_resume_gives_the_same_weights(tmp_path, synth, monkeypatch, capsys):
-    """A real SIGINT in the middle of step 5 (no save due until step 6): the trainer saves step 4 and re-raises;
-    --resume redoes step 5 with the same data and randomness and ends on the uninterrupted run's weights."""
+    """A real SIGINT in the middle of step 5 (no save due until step 6): the trainer finishes step 5, saves it and
+    stops; --resume continues with the same data and randomness and ends on the uninterrupted run's weights."""
     straight = train(_config(synth, tmp_path / "a", save_every=100), progress=False)
 
     import synergy.train.loop as loop
@@ -222,8 +222,8 @@ def test_ctrl_c_saves_and_the_resume_gives_the_same_weights(tmp_path, synth, mon
     monkeypatch.setattr(loop, "train_step", step_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         train(_config(synth, tmp_path / "b", save_every=100))
-    assert "interrupted at step 4" in capsys.readouterr().out
-    assert torch.load(tmp_path / "b" / "checkpoint" / "train_state" / "state.pt", weights_only=True)["step"] == 4
+    assert "interrupted at step 5" in capsys.readouterr().out
+    assert torch.load(tmp_path / "b" / "checkpoint" / "train_state" / "state.pt", weights_only=True)["step"] == 5
     monkeypatch.setattr(loop, "train_step", real_step)
     resumed = train(_config(synth, tmp_path / "b", save_every=100), resume=True, progress=False)
     a, _ = load_checkpoint(straight)
@@ -517,14 +517,15 @@ def test_cli_train_guards(tmp_path, synth, monkeypatch):
     real_step = loop.train_step
 
     def interrupt(*args, **kwargs):
-        real_step(*args, **kwargs)
+        loss = real_step(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGINT)
+        return loss
 
     monkeypatch.setattr(loop, "train_step", interrupt)
-    result = runner.invoke(main, [*run, "--force", "--set", "save_every=100"])
+    result = runner.invoke(main, [*run, "--force", "--set", "steps=3", "--set", "save_every=100"])
     assert result.exit_code == 130, result.output
-    # the first step never finished: the new run's step 0 replaced the old checkpoint, which --resume continues
-    assert f"interrupted at step 0; {tmp_path / 'run' / 'checkpoint'} holds step 0" in result.output
-    assert torch.load(tmp_path / "run" / "checkpoint" / "train_state" / "state.pt", weights_only=True)["step"] == 0
+    # Ctrl-C during step 1: the step is finished and saved, replacing the old run's checkpoint
+    assert f"interrupted at step 1; {tmp_path / 'run' / 'checkpoint'} holds step 1" in result.output
+    assert torch.load(tmp_path / "run" / "checkpoint" / "train_state" / "state.pt", weights_only=True)["step"] == 1
     assert f"continue with: synergy train --set model=tiny --set data={synth / 'train.csv'}" in result.output
     assert "--set save_every=100 --resume\n" in result.output
