@@ -234,6 +234,19 @@ def test_ctrl_c_saves_and_the_resume_gives_the_same_weights(tmp_path, synth, mon
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.requires_cuda
+def test_training_on_cuda_evaluates_during_and_after_the_run(tmp_path, synth):
+    """bf16 autocast, GradCache with the CUDA generator, evaluation of a model on the GPU (eval_every and at the end)
+    and a checkpoint saved from device tensors."""
+    config = _config(synth, tmp_path / "run", steps=4, eval_every=2, accumulation=2, val_data=str(synth / "val.csv"))
+    checkpoint = train(config, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val" in r] == [2, 4]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["val"]["zero_shot"] == records[-1]["val"]
+    load_checkpoint(checkpoint)
+
+
 def test_an_existing_checkpoint_is_not_replaced_without_resume_or_force(tmp_path, synth):
     train(_config(synth, tmp_path / "run", steps=2), progress=False)
     before = (tmp_path / "run" / "checkpoint" / "model.safetensors").read_bytes()
@@ -288,7 +301,8 @@ def _with_dropout(model, p=0.1):
 def _micro_batch_reference(model, batch, accumulation):
     """The gradient GradCache must equal: the same micro-batch forwards (so the same dropout draws), all kept in
     one graph, one loss over the whole batch, one backward."""
-    inputs, masks = _inputs(batch, torch.device("cpu")), _masks(batch, torch.device("cpu"))
+    device = next(model.parameters()).device
+    inputs, masks = _inputs(batch, device), _masks(batch, device)
     chunks = [torch.tensor_split(x, accumulation) for x in inputs]
     outs = [model(*(c[i] for c in chunks)) for i in range(accumulation)]
     features = [torch.cat([o[m] for o in outs]) for m in range(3)]
@@ -297,19 +311,21 @@ def _micro_batch_reference(model, batch, accumulation):
     return loss.detach()
 
 
-def test_gradient_accumulation_with_dropout_replays_the_random_state(synth):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.requires_cuda)])
+def test_gradient_accumulation_with_dropout_replays_the_random_state(synth, device):
+    """CPU: the CPU generator; CUDA: dropout draws from the device's generator, replayed the same way."""
     torch.manual_seed(0)
     batch = _batch(synth)
-    reference = _with_dropout(create_model("tiny")).train()
+    reference = _with_dropout(create_model("tiny")).to(device).train()
     accumulated, other_seed = copy.deepcopy(reference), copy.deepcopy(reference)
     torch.manual_seed(11)
     loss_reference = _micro_batch_reference(reference, batch, 3)
     torch.manual_seed(11)
     loss_accumulated = train_step(accumulated, batch, 3, 0, 1, contextlib.nullcontext)
-    after = torch.rand(1)
+    after = torch.rand(1, device=device)
     torch.manual_seed(11)
     _micro_batch_reference(copy.deepcopy(reference), batch, 3)
-    assert torch.equal(after, torch.rand(1))  # the generator ends where one pass per micro-batch leaves it
+    assert torch.equal(after, torch.rand(1, device=device))  # the generator ends where one pass per micro-batch would
     torch.manual_seed(12)
     _micro_batch_reference(other_seed, batch, 3)
     a, b, c = _grads(reference), _grads(accumulated), _grads(other_seed)
