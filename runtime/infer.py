@@ -211,6 +211,8 @@ def run(
     else:
         jobs = [(m, {m: files}) for m, files in (("audio", audio_files), ("image", image_files)) if files]
     jobs += [("video", {"video": video_files})] if video_files else []  # a video fuses its own frames and sound
+    if trust_unverified:
+        print(f"note: --trust-unverified: {bundle} is not checked against sha256 hashes", file=sys.stderr, flush=True)
     try:
         runtime = Runtime.open(
             bundle,
