@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
@@ -161,7 +162,10 @@ def start_process() -> Process:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
-    return Process(rank=dist.get_rank() if world > 1 else 0, world=world, device=device)
+    rank = dist.get_rank() if world > 1 else 0
+    if rank != 0:  # every process hits the same library warnings: rank 0 shows them once
+        warnings.simplefilter("ignore")
+    return Process(rank=rank, world=world, device=device)
 
 
 def ddp_device_ids(device: torch.device) -> list[int] | None:
@@ -407,9 +411,7 @@ def update(ddp, model, batch, optimizer, scheduler, step: int, config: TrainConf
     # dropout draws from a generator seeded by (seed, step, rank): an exact resume needs no saved RNG state
     torch.manual_seed(stable_seed(config.seed, step, process.rank))
     optimizer.zero_grad(set_to_none=True)
-    loss = train_step(
-        ddp, batch, config.accumulation, process.rank, process.world, autocast, config.audio_intra_weight
-    )
+    loss = train_step(ddp, batch, config.accumulation, process.rank, process.world, autocast, config.audio_intra_weight)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
     optimizer.step()
     scheduler.step()

@@ -400,6 +400,24 @@ def test_ddp_two_processes_match_one_process(tmp_path, synth):
             )
 
 
+def test_ddp_training_run_speaks_once_and_evaluates_between_barriers(tmp_path, synth):
+    """`synergy train` under torchrun (2 gloo processes, accumulation 2): rank 0 evaluates every step while the
+    other waits in a barrier, and the summary, the evaluation lines and the final line are printed once."""
+    sets = [f"data={synth / 'train.csv'}", f"val_data={synth / 'val.csv'}", f"out={tmp_path / 'run'}", "model=tiny"]
+    sets += ["steps=3", "eval_every=1", "batch_size=8", "accumulation=2", "workers=0", "warmup_steps=1"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += ["-m", "synergy.cli", "train", *(part for item in sets for part in ("--set", item))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert output.count("training tiny (") == 1 and output.count("checkpoint: ") == 1
+    assert output.count("val zero-shot top-1") == 3 and "on 2 x cpu" in output
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val" in r] == [1, 2, 3]
+    assert (tmp_path / "run" / "eval.json").is_file()
+
+
 def test_evaluate_reports_all_directions(tmp_path, synth):
     model = create_model("tiny")
     tokenizer = build_tokenizer(model, read_manifest(synth / "train.csv"))
