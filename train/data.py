@@ -26,9 +26,11 @@ from synergy.runtime.audio import cut_window, load_audio, window_spans
 from synergy.runtime.errors import InputError
 from synergy.runtime.image import load_image, normalise_pixels, preprocess_image
 from synergy.runtime.text import tokenize
+from synergy.runtime.video import load_video
 from synergy.train.seeds import stable_seed
 
 COLUMNS = ("img_path", "wav_path", "label", "caption")
+VIDEO_COLUMN = "video_path"  # optional: a video whose frames and soundtrack stand in for an empty img/wav cell
 
 
 class DataError(ValueError):
@@ -43,6 +45,7 @@ class Row:
     label: str
     caption: str
     problem: str | None = None  # why the row cannot be used (reported as a bad sample), None when it can
+    video: Path | None = None  # optional column video_path: frames and soundtrack fill an empty img_path / wav_path
 
 
 def read_manifest(path: str | Path) -> list[Row]:
@@ -60,10 +63,11 @@ def read_manifest(path: str | Path) -> list[Row]:
         for record in reader:
             line = reader.line_num  # the CSV line the record ended on (captions may hold newlines)
             cells = {c: (record[c] or "").strip() for c in COLUMNS}
+            video = (record.get(VIDEO_COLUMN) or "").strip()
             problem = None
             if None in record.values():
                 problem = f"{sum(v is None for v in record.values())} of {width} columns missing"
-            elif not any(cells.values()):
+            elif not any(cells.values()) and not video:
                 problem = "no image, audio, label or caption: the row has no modality"
             rows.append(
                 Row(
@@ -73,6 +77,7 @@ def read_manifest(path: str | Path) -> list[Row]:
                     label=cells["label"],
                     caption=cells["caption"],
                     problem=problem,
+                    video=root / video if video else None,
                 )
             )
     if not rows:
@@ -123,9 +128,10 @@ class ManifestDataset(torch.utils.data.Dataset):
             return preprocess_image(load_image(path, name=str(path)), self.image_size, self.mean, self.std)
         return normalise_pixels(random_resized_crop(path, self.image_size, rng), self.mean, self.std)
 
-    def _audio(self, path: Path, rng) -> tuple[np.ndarray, np.ndarray]:
-        """-> (windows [W, clip_samples] float32 zero-padded, real lengths [W] int64); W = 1 in training."""
-        wave = load_audio(path, self.sample_rate, name=str(path))
+    def _audio(self, path: Path, rng, wave: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """-> (windows [W, clip_samples] float32 zero-padded, real lengths [W] int64); W = 1 in training.
+        ``wave``: the decoded samples (a video's soundtrack) instead of the file at ``path``."""
+        wave = load_audio(path, self.sample_rate, name=str(path)) if wave is None else wave
         if rng is None:
             spans = window_spans(wave.shape[0], self.clip_samples)
         else:
@@ -134,11 +140,40 @@ class ManifestDataset(torch.utils.data.Dataset):
         cut = [cut_window(wave, span, self.clip_samples) for span in spans]
         return np.stack([w for w, _ in cut]), np.array([n for _, n in cut], np.int64)
 
+    def _video(self, row: Row, rng) -> dict:
+        """A ``video_path`` row's missing image and audio from its video. Training: one frame at a random time,
+        randomly cropped, and a random audio crop; evaluation: the runtime's uniform frames (``frames``
+        [F, 3, S, S], pooled by the evaluator as ``Runtime.embed_video`` pools them) and every audio window."""
+        need_image, need_audio = row.image is None, row.audio is None
+        video = load_video(
+            row.video,
+            self.sample_rate,
+            name=str(row.video),
+            frames=need_image,
+            audio=need_audio,
+            positions=[rng.random()] if rng is not None else None,
+            frame_transform=None if rng is not None else self._frame,
+        )
+        out = {}
+        if need_image and video.frames:
+            if rng is None:
+                out["frames"] = np.stack(video.frames)  # [F, 3, S, S]
+                out["image"] = out["frames"][0]
+            else:
+                crop = random_resized_crop(Image.fromarray(video.frames[0]), self.image_size, rng)
+                out["image"] = normalise_pixels(crop, self.mean, self.std)
+        if need_audio and video.audio is not None:
+            out["audio"] = self._audio(row.video, rng, wave=video.audio)
+        return out
+
+    def _frame(self, image: Image.Image) -> np.ndarray:
+        return preprocess_image(image, self.image_size, self.mean, self.std)
+
     def __getitem__(self, item):
         index, augment_seed = item if isinstance(item, tuple) else (item, None)
         row = self.rows[index]
         rng = np.random.default_rng(augment_seed) if augment_seed is not None else None
-        sample = {"index": index, "label": row.label, "bad": None, "image": None, "audio": None}
+        sample = {"index": index, "label": row.label, "bad": None, "image": None, "audio": None, "frames": None}
         current = None
         try:
             if row.problem:
@@ -147,11 +182,14 @@ class ManifestDataset(torch.utils.data.Dataset):
             sample["image"] = self._image(row.image, rng) if row.image is not None else None
             current = row.audio
             sample["audio"] = self._audio(row.audio, rng) if row.audio is not None else None
+            current = row.video
+            if row.video is not None and (row.image is None or row.audio is None):
+                sample.update(self._video(row, rng))
         except Exception as error:  # any decoder failure is this sample's problem, reported with its row
             reason = error.problem if isinstance(error, InputError) else (str(error) or type(error).__name__)
             where = f"{current}: " if current is not None else ""
             sample["bad"] = f"{where}{reason} (manifest line {row.line})"
-            sample["image"] = sample["audio"] = None
+            sample["image"] = sample["audio"] = sample["frames"] = None
         sample["text"] = self._text(row, rng if rng is not None else np.random.default_rng(0))
         return sample
 
@@ -186,7 +224,7 @@ class Collate:
             has["audio"][i] = s["audio"] is not None
             has["text"][i] = bool(s["text"])
         ids, mask = tokenize(self.tokenizer, [s["text"] or "" for s in samples])
-        return {
+        batch = {
             "pixel_values": image,  # [B, 3, H, W]
             "waveform": torch.from_numpy(np.concatenate(windows)),  # [W, clip]
             "waveform_lengths": torch.from_numpy(np.concatenate(lengths)),  # [W]
@@ -200,6 +238,12 @@ class Collate:
             "indices": [s["index"] for s in samples],
             "bad": [s["bad"] for s in samples if s["bad"]],
         }
+        # evaluation of video rows: every sampled frame, for pooling (``pixel_values`` holds each row's first)
+        frames = [(i, s["frames"]) for i, s in enumerate(samples) if s.get("frames") is not None and not s["bad"]]
+        if frames:
+            batch["video_frames"] = torch.from_numpy(np.concatenate([f for _, f in frames]))  # [F, 3, H, W]
+            batch["frame_owner"] = torch.tensor([i for i, f in frames for _ in f], dtype=torch.long)  # [F]
+        return batch
 
 
 class EpochBatches(torch.utils.data.Sampler):

@@ -46,6 +46,12 @@ def embed_manifest(model: SynergyModel, tokenizer, csv_path, batch_size: int = 6
         bad += batch["bad"]
         on_device = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         image = model.encode_image(on_device["pixel_values"])
+        if "video_frames" in on_device:  # video rows: the normalised mean of every sampled frame's embedding
+            frames = torch.cat([model.encode_image(f).float() for f in on_device["video_frames"].split(batch_size)])
+            owners = on_device["frame_owner"]
+            pooled = torch.zeros(image.shape, device=device).index_add_(0, owners, frames)
+            image = torch.where(torch.isin(torch.arange(len(image), device=device), owners)[:, None],
+                                F.normalize(pooled, dim=-1), image.float())  # fmt: skip
         text = model.encode_text(on_device["input_ids"], on_device["attention_mask"])
         audio = torch.cat(  # long audio has several windows: run them batch_size at a time
             [
@@ -64,6 +70,7 @@ def embed_manifest(model: SynergyModel, tokenizer, csv_path, batch_size: int = 6
         labels += batch["labels"]
     model.train(was_training)
     out = {k: torch.cat(v) for k, v in parts.items()}
+    out["video_mask"] = torch.tensor([row.video is not None for row in rows])
     out["labels"], out["bad"] = labels, bad
     return out
 
@@ -134,7 +141,44 @@ def evaluate(model: SynergyModel, tokenizer, csv_path, labels: list[str] | None 
             retrieval[f"{a}+({b} missing)->{target_name}"] = _recall(data[a][ok], data[target_name][ok])
             retrieval[f"({a} missing)+{b}->{target_name}"] = _recall(data[b][ok], data[target_name][ok])
     result["retrieval"] = retrieval
+    if data["video_mask"].any():
+        result["video_retrieval"] = video_retrieval(data)
     return result
+
+
+def ranks_with_ties(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Query row i's match is key row i. -> [N] float 1-based ranks of the match, a tie with k other keys counted as
+    the mean of the tied places (rank = 1 + better + ties / 2), so a constant score gives (N + 1) / 2, not 1."""
+    sim = query @ keys.T  # [N, N]
+    own = sim.diagonal()[:, None]
+    better = (sim > own).sum(-1)
+    ties = (sim == own).sum(-1) - 1  # other keys with exactly the match's score
+    return 1.0 + better.float() + ties.float() / 2.0
+
+
+def _recall_with_ties(query: torch.Tensor, keys: torch.Tensor) -> dict:
+    """-> {"R@1", "R@5", "R@10" in percent, "MdR": median rank, "n"}, ranks from ``ranks_with_ties``."""
+    rank = ranks_with_ties(query, keys)
+    out = {f"R@{k}": round(100 * (rank <= k).float().mean().item(), 2) for k in (1, 5, 10)}
+    out["MdR"] = round(rank.quantile(0.5).item(), 2)  # an even count: the mean of the two middle ranks
+    out["n"] = int(rank.numel())
+    return out
+
+
+def video_retrieval(data: dict) -> dict:
+    """CLIP4VLA's retrieval over the rows with a video: text -> video (pooled frames), text -> audio (the soundtrack)
+    and text -> video + audio (their normalised mean), each over the rows that have both sides."""
+    video, text, audio = data["video_mask"], data["text_mask"], data["audio_mask"]
+    frames = video & data["image_mask"]
+    out = {}
+    if (ok := frames & text).sum() > 1:
+        out["text->video"] = _recall_with_ties(data["text"][ok], data["image"][ok])
+    if (ok := video & audio & text).sum() > 1:
+        out["text->audio"] = _recall_with_ties(data["text"][ok], data["audio"][ok])
+    if (ok := frames & audio & text).sum() > 1:
+        both = F.normalize(data["image"][ok] + data["audio"][ok], dim=-1)
+        out["text->video+audio"] = _recall_with_ties(data["text"][ok], both)
+    return out
 
 
 def format_report(results: dict[str, dict]) -> str:
@@ -158,6 +202,14 @@ def format_report(results: dict[str, dict]) -> str:
     for key in results[splits[0]]["retrieval"]:
         values = [results[s]["retrieval"].get(key) for s in splits]
         lines.append(row(key, [f"{v['R@1']:.1f}/{v['R@5']:.1f}" if v else "-" for v in values], 34))
+    videos = [key for key in ("text->video", "text->audio", "text->video+audio") if any(
+        key in results[s].get("video_retrieval", {}) for s in splits)]  # fmt: skip
+    if videos:
+        header = row("video retrieval R@1/R@5/MdR", splits, 34)
+        lines += ["", header, "-" * len(header)]
+        for key in videos:
+            values = [results[s].get("video_retrieval", {}).get(key) for s in splits]
+            lines.append(row(key, [f"{v['R@1']:.1f}/{v['R@5']:.1f}/{v['MdR']:g}" if v else "-" for v in values], 34))
     return "\n".join(lines)
 
 
