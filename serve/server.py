@@ -49,7 +49,7 @@ def serve(
     limits = limits or ServeLimits()
     labels_files = labels_by_name(labels)
     runtime = Runtime.open(bundle, backend=backend, device=device, threads=threads, batch_size=limits.max_batch)
-    service = Service(runtime, limits, Path(bundle).resolve().name, labels_files)
+    service = Service(runtime, limits, Path(bundle).absolute().name, labels_files)
     app = create_app(service)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -52,6 +52,18 @@ NOT_RUN = {  # README command -> why this test does not run it
     "python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 "
     "--abi abi3 --abi none --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform "
     "manylinux2014_x86_64 --platform any -d wheels soundfile soxr cffi pycparser": "needs a package registry",
+    "synergy embed '/data/clips/**/*.wav' --bundle /data/bundle --out /data/clips.parquet --engine ray "
+    "--ray-address auto --workers 64 --threads 2": "needs a Ray cluster and synergy[ray]; tests/serve/test_corpus.py "
+    "runs the Ray engine on a local instance with 2 workers",
+    "synergy serve --bundle runs/train/bundle --port 8000 --labels data/synth/labels.txt": "a server runs until it is "
+    "stopped; tests/serve/test_server.py starts it on a free port and sends these requests",
+    'curl -s localhost:8000/v1/embeddings -H \'Content-Type: application/json\' -d \'{"modality": "text", '
+    '"input": ["the sound of a red circle"]}\'': "needs the server above; tests/serve/test_server.py",
+    "curl -s localhost:8000/v1/embeddings -F modality=audio -F input=@data/synth/audio/val/red_circle_0000.wav": (
+        "needs the server above; tests/serve/test_server.py sends the same multipart form"
+    ),
+    "curl -s localhost:8000/v1/classify -F labels=labels -F audio=@data/synth/audio/val/red_circle_0000.wav "
+    "-F top_k=3": "needs the server above; tests/serve/test_server.py sends the same multipart form",
 }
 SHELL_LANGUAGES = ("bash", "sh", "shell", "console")  # every shell block counts, whatever its fence says
 DEMO_LINKS = {  # runs/demo/<name> -> the walkthrough's file or folder with the same layout

@@ -273,3 +273,16 @@ def test_usage_errors_exit_2_and_imports_stay_apart(tmp_path, bundle):
         "assert 'torch' not in sys.modules, 'serve imported torch'"
     )
     subprocess.run([sys.executable, "-c", check], check=True, timeout=60)
+
+
+def test_a_request_past_its_timeout_gets_504_and_its_items_are_withdrawn(bundle):
+    # a batch waits up to 3 s to fill 64 items; the request may take 0.3 s
+    server = Server(bundle, "--max-batch", "64", "--max-wait-ms", "3000", "--timeout", "0.3")
+    try:
+        started = time.monotonic()
+        status, _, answer = server.post("/v1/embeddings", {"modality": "audio", "input": [b64(CLIPS[0])]})
+        assert status == 504 and answer["error"]["type"] == "Timeout"
+        assert time.monotonic() - started < 2.5  # answered at its timeout, not when the batch ran
+        assert server.get("/healthz")[0] == 200
+    finally:
+        assert server.stop() == 0
