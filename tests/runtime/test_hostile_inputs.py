@@ -287,3 +287,15 @@ def test_16_bit_and_float_greyscale_are_scaled_where_transformers_clips_to_white
     nan = Image.fromarray(np.full((8, 8), np.nan, np.float32))
     with pytest.raises(InputError, match="NaN or Inf pixels"):
         load_image(nan)
+
+
+def test_a_1_mb_label_does_not_pad_the_table(tiny_bundle, tmp_path):
+    """One 1 MB label padded every row of the table to 1 MB (4 MB of output); a 200 kB one now overflows its own row
+    only."""
+    (tmp_path / "labels.txt").write_text("\n".join([*LABELS, "x" * 200_000]) + "\n")
+    soundfile.write(tmp_path / "a.wav", tone(0.4), SAMPLE_RATE)
+    args = ["infer", "--bundle", str(tiny_bundle[0]), "--labels", str(tmp_path / "labels.txt")]
+    result = CliRunner().invoke(cli.main, [*args, "--audio", str(tmp_path / "a.wav"), "--top-k", "3"])
+    assert result.exit_code == 0, result.output[-500:]
+    assert len(result.stdout) < 200_000 + 2_000
+    assert all(len(line) < 200 for line in result.stdout.splitlines() if "xxxxxxxxxx" not in line)
