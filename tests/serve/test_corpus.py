@@ -55,17 +55,20 @@ def test_embed_then_search_round_trip(corpus, bundle, library, tmp_path):
     broken = next(r for r in rows if r["error"] is not None)
     assert broken["embedding"] is None and broken["error_type"] == "UnsupportedAudio"
 
-    for modality, query in (("audio", "audio/val/blue_star_0000.wav"), ("image", "images/train/red_circle_0000.png")):
-        found = synergy(
-            "search", "--index", str(out), "--bundle", str(bundle), f"--{modality}", str(corpus / query), "--json"
-        )
-        assert found.returncode == 0, found.stderr
-        hits = [json.loads(line) for line in found.stdout.splitlines()]
-        assert len(hits) == 10 and hits[0]["path"] == str(corpus / query) and hits[0]["score"] > 0.9999
-        assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
-    found = synergy("search", "--index", str(out), "--bundle", str(bundle), "--text", "a dog", "--modality", "image")
-    assert found.returncode == 0 and len(found.stdout.splitlines()) == 10
-    assert all(" image " in line for line in found.stdout.splitlines())
+    query = corpus / "audio/val/blue_star_0000.wav"
+    found = synergy("search", "--index", str(out), "--bundle", str(bundle), "--audio", str(query), "--json")
+    assert found.returncode == 0, found.stderr
+    hits = [json.loads(line) for line in found.stdout.splitlines()]
+    assert len(hits) == 10 and hits[0]["path"] == str(query) and hits[0]["score"] > 0.9999
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+    from synergy.serve.search import search_index  # the same search in-process: no more child start-ups
+
+    picture = corpus / "images/train/red_circle_0000.png"
+    hits = search_index(out, library.embed_image([picture])[0], top_k=5)
+    assert hits[0].path == str(picture) and hits[0].score > 0.9999
+    hits = search_index(out, library.embed_text(["a dog"])[0], top_k=10, modality="image")
+    assert len(hits) == 10 and {h.modality for h in hits} == {"image"}
 
 
 def test_search_matches_a_full_scan_with_small_blocks(tmp_path):
@@ -137,6 +140,7 @@ def _manifest_paths(csv_path: Path) -> list[str]:
         return [cell for row in csv.DictReader(f) for cell in (row["img_path"], row["wav_path"]) if cell]
 
 
+@pytest.mark.slow  # a local Ray instance starts in 10-30 s on 2 cores
 def test_ray_engine_writes_the_same_rows_as_the_local_engine(corpus, bundle, tmp_path):
     pytest.importorskip("ray.data", reason="synergy[ray] is not installed (ray[data] is too heavy for the dev extra)")
     inputs = [str(corpus / "val.csv"), str(corpus / "audio/val/broken.wav")]
