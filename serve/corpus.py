@@ -107,9 +107,12 @@ def manifest_items(csv_path: Path) -> list[Item]:
 # ------------------------------------------------------------------------------------------------ embedding
 
 
-def embed_rows(runtime: Runtime, paths: Sequence[str], modalities: Sequence[str]) -> dict[str, list]:
+def embed_rows(
+    runtime: Runtime, paths: Sequence[str], modalities: Sequence[str], problems: Sequence[str | None] | None = None
+) -> dict[str, list]:
     """One chunk -> columns {path, modality, embedding ([D] float32 or None), error_type, error}, in input order.
-    Shared by the local engine and the Ray actors."""
+    ``problems``: why an item that is not audio or an image fails (``Item.problem``). Shared by the local engine and
+    the Ray actors."""
     rows = {name: [None] * len(paths) for name in COLUMNS}
     rows["path"], rows["modality"] = list(paths), list(modalities)
     for modality in ("audio", "image"):
@@ -124,13 +127,9 @@ def embed_rows(runtime: Runtime, paths: Sequence[str], modalities: Sequence[str]
                 rows["error_type"][i], rows["error"][i] = type(error).__name__, str(error)
     for i, modality in enumerate(modalities):
         if modality not in ("audio", "image"):
-            rows["error_type"][i], rows["error"][i] = "UnsupportedInput", f"{paths[i]}: {problems_of(paths[i])}"
+            problem = (problems[i] if problems else None) or "not an audio or image file"
+            rows["error_type"][i], rows["error"][i] = "UnsupportedInput", f"{paths[i]}: {problem}"
     return rows
-
-
-def problems_of(path: str) -> str:
-    item = modality_of(path)
-    return item.problem or "not an audio or image file"
 
 
 class RayEmbedder:
@@ -140,7 +139,8 @@ class RayEmbedder:
         self.runtime = Runtime.open(bundle, threads=threads, batch_size=batch_size)
 
     def __call__(self, batch: dict) -> dict:
-        rows = embed_rows(self.runtime, [str(p) for p in batch["path"]], [str(m) for m in batch["modality"]])
+        problems = [str(p) if p else None for p in batch["problem"]]
+        rows = embed_rows(self.runtime, [str(p) for p in batch["path"]], [str(m) for m in batch["modality"]], problems)
         dim = self.runtime.manifest.embed_dim
         vectors = np.stack([v if v is not None else np.full(dim, np.nan, np.float32) for v in rows["embedding"]])
         return {
@@ -281,7 +281,7 @@ def embed_corpus(
     failed = 0
     if engine == "local":
         for chunk in chunks(todo, chunk_size):
-            rows = embed_rows(runtime, [i.path for i in chunk], [i.modality for i in chunk])
+            rows = embed_rows(runtime, [i.path for i in chunk], [i.modality for i in chunk], [i.problem for i in chunk])
             writer.write(rows)
             failed += sum(e is not None for e in rows["error"])
             bar.update(len(chunk))
@@ -315,7 +315,7 @@ def run_ray(todo, bundle, writer, bar, batch_size, chunk_size, threads, workers,
             ray.init(num_cpus=workers + 1, include_dashboard=False, log_to_driver=False)
     if not todo:
         return 0
-    dataset = ray.data.from_items([{"path": i.path, "modality": i.modality} for i in todo])
+    dataset = ray.data.from_items([{"path": i.path, "modality": i.modality, "problem": i.problem or ""} for i in todo])
     embedded = dataset.map_batches(
         RayEmbedder,
         fn_constructor_kwargs={"bundle": str(Path(bundle).resolve()), "threads": threads, "batch_size": batch_size},

@@ -169,3 +169,18 @@ def test_ray_engine_writes_the_same_rows_as_the_local_engine(corpus, bundle, tmp
     for x, y in zip(a, b):
         if x["embedding"] is not None:
             np.testing.assert_allclose(x["embedding"], y["embedding"], atol=2e-6)
+
+
+def test_inputs_that_are_not_media_are_rows_with_their_reason(corpus, bundle, tmp_path):
+    from synergy.serve.corpus import embed_corpus
+
+    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 64)
+    out = tmp_path / "odd.parquet"
+    inputs = [str(tmp_path / "nothing-*.wav"), str(tmp_path / "clip.mp4"), str(corpus / "notes.txt")]
+    summary = embed_corpus([*inputs, str(corpus / "audio/val/blue_star_0000.wav")], str(bundle), str(out))
+    assert (summary["rows"], summary["failed"]) == (4, 3)
+    errors = {Path(r["path"]).name: r["error"] for r in read_rows(out)}
+    assert errors["nothing-*.wav"].endswith("no files match this pattern")
+    assert "video files are not supported yet" in errors["clip.mp4"]
+    assert "not an audio or image file (extension '.txt')" in errors["notes.txt"]
+    assert errors["blue_star_0000.wav"] is None
