@@ -11,9 +11,9 @@ Where this differs from transformers, on purpose:
   0..65535 to 0..255 (``round(v / 257)``); float images (``F``) are read as 0..1. Transformers converts them with
   Pillow's ``convert``, which clips every value above 255: a 16-bit photo becomes almost all white.
 - Work and memory are bounded by the output size. When the resized image would be over ``MAX_RESIZE_AREA`` times
-  the crop (an aspect ratio beyond 4:1), only the part that survives the center crop is resampled (Pillow's
-  ``resize(box=...)``: the filter still reads across the crop's edges; pixels agree with resize-then-crop to a few
-  levels, not exactly, Pillow's rounding differs). A 100000 x 1 PNG (370 bytes) would otherwise be resized to
+  the crop (an aspect ratio beyond 32:1; below it an image is at most 7168 x 224 pixels before the crop), only the
+  part that survives the center crop is resampled (Pillow's ``resize(box=...)``: the filter still reads across the
+  crop's edges; pixels agree with resize-then-crop to a few levels, not exactly, Pillow's rounding differs). A 100000 x 1 PNG (370 bytes) would otherwise be resized to
   6,400,000 x 64 pixels (7.5 GiB as float). Ordinary images take transformers' exact path.
 """
 
@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import UnsupportedImage
 from .files import NotARegularFile, open_regular
 
-MAX_RESIZE_AREA = 4  # resized area / crop area above which only the crop is resampled
+MAX_RESIZE_AREA = 32  # resized area / crop area above which only the crop is resampled (aspect > 32:1)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
