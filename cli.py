@@ -547,7 +547,10 @@ def serve_command(
 @click.option("--threads", default=None, type=int, help="onnxruntime threads per runtime (default: onnxruntime's).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1), help="--engine ray: actors.")
 @click.option("--ray-address", default=None, help="--engine ray: the cluster to join (default: a local instance).")
-def embed_command(inputs, bundle, legacy_model, out_path, engine, batch_size, threads, workers, ray_address):
+@click.option("--build-index", is_flag=True, help="Also write OUT.usearch, an approximate index for synergy search.")
+def embed_command(
+    inputs, bundle, legacy_model, out_path, engine, batch_size, threads, workers, ray_address, build_index
+):
     """Embed a corpus into a parquet file: INPUTS are manifest CSVs, folders (recursive) or globs of audio and
     image files. One row per file (path, modality, embedding, error); resumable; bad files are rows with their
     error. Exit codes: 0 all embedded, 1 some files failed (listed), 2 usage or bundle error."""
@@ -569,6 +572,7 @@ def embed_command(inputs, bundle, legacy_model, out_path, engine, batch_size, th
             threads=threads,
             workers=workers,
             ray_address=ray_address,
+            build_index=build_index,
         )
     except (BundleError, InferUsageError, MissingExtra) as error:
         raise UsageProblem(str(error)) from error
@@ -595,8 +599,10 @@ def embed_command(inputs, bundle, legacy_model, out_path, engine, batch_size, th
 @click.option("--top-k", default=10, show_default=True, type=int)
 @click.option("--modality", default=None, type=click.Choice(["audio", "image"]), help="Only rows of this modality.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines (rank, path, modality, score) instead of a table.")
-def search_command(index_path, bundle, text, audio, image, top_k, modality, as_json):
-    """Exact cosine search of an embeddings parquet by text, audio or image (blocked numpy scan).
+@click.option("--exact", is_flag=True, help="Scan every row even when an index from --build-index is beside it.")
+def search_command(index_path, bundle, text, audio, image, top_k, modality, as_json, exact):
+    """Cosine search of an embeddings parquet by text, audio or image: an exact blocked numpy scan, or the approximate
+    index `synergy embed --build-index` wrote beside it (while it is up to date; --exact scans anyway).
 
     Exit codes: 0 ok, 1 the query could not be embedded, 2 usage, index or bundle error."""
     from synergy.runtime.errors import BundleError, InferUsageError
@@ -606,7 +612,7 @@ def search_command(index_path, bundle, text, audio, image, top_k, modality, as_j
     try:
         from synergy.serve.search import run
 
-        code = run(index_path, bundle or DEFAULT_BUNDLE, text, audio, image, top_k, modality, as_json)
+        code = run(index_path, bundle or DEFAULT_BUNDLE, text, audio, image, top_k, modality, as_json, exact=exact)
     except (BundleError, InferUsageError, MissingExtra) as error:
         raise UsageProblem(str(error)) from error
     sys.exit(code)

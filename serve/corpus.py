@@ -10,6 +10,7 @@ Resumable: while it runs, finished chunks are written to ``OUT.parts/part-NNNNNN
 temporary name and renamed, so a kill leaves whole parts only); a new run with the same ``--out`` skips every item
 already embedded in ``OUT`` or its parts, retries the failed ones, and at the end merges everything into ``OUT``
 (again through a rename) and removes the parts. A bad file is a row with its error, never the end of the job.
+``build_index`` then writes an approximate index beside ``OUT`` (see ``ann.py``).
 
 Engines: ``local`` runs the runtime in this process, a chunk at a time; ``ray`` runs the same ``embed_rows`` in a
 Ray Data ``map_batches`` over an actor pool (one ``Runtime`` per actor, opened once) on the cluster that
@@ -262,6 +263,7 @@ def embed_corpus(
     threads: int | None = None,
     workers: int = 2,
     ray_address: str | None = None,
+    build_index: bool = False,
 ) -> dict:
     """Run the job; -> a summary {"items", "skipped", "embedded", "failed", "rows", "seconds", "out"}. Raises
     ``InferUsageError`` (exit 2) when nothing can run: no inputs, an unusable bundle, an unreadable --out."""
@@ -293,6 +295,10 @@ def embed_corpus(
     bar.close()
     runtime.close()
     rows, failed_rows = writer.finish()
+    if build_index:
+        from .ann import build_index as build
+
+        build(out_path)
     return {
         "items": len(items),
         "skipped": len(items) - len(todo),

@@ -82,18 +82,24 @@ def run(
     modality: str | None,
     as_json: bool,
     threads: int | None = None,
+    exact: bool = False,
 ) -> int:
-    """The command: embed the query, search, print a table (or JSON lines). -> exit code (1: the query failed)."""
+    """The command: embed the query, search (the approximate index beside ``index`` when there is a fresh one and
+    not ``exact``), print a table or JSON lines. -> exit code (1: the query failed)."""
     given = {m: v for m, v in (("text", text), ("audio", audio), ("image", image)) if v is not None}
     if len(given) != 1:
         raise InferUsageError("give exactly one query: --text, --audio or --image")
     ((query_modality, value),) = given.items()
+    if not Path(index).is_file():
+        raise InferUsageError(f"--index {index}: no such file; write one with `synergy embed INPUTS --out {index}`")
     runtime = Runtime.open(bundle, threads=threads)
     result = runtime.embed_batch(query_modality, [value])
     if result.errors[0] is not None:
         print(f"synergy search: the query failed: {result.errors[0]}", file=sys.stderr)
         return 1
-    hits = search_index(index, result.vectors[0], top_k, modality)
+    hits = None if exact else approximate_hits(index, result.vectors[0], top_k, modality)
+    if hits is None:
+        hits = search_index(index, result.vectors[0], top_k, modality)
     if as_json:
         for rank, hit in enumerate(hits, 1):
             print(json.dumps({"rank": rank, "path": hit.path, "modality": hit.modality, "score": round(hit.score, 6)}))
@@ -101,3 +107,27 @@ def run(
         for rank, hit in enumerate(hits, 1):
             print(f"{rank:>3}  {hit.score:7.4f}  {hit.modality:<5}  {hit.path}")
     return 0
+
+
+def approximate_hits(index: str, query: np.ndarray, top_k: int, modality: str | None) -> list[Hit] | None:
+    """Hits from the usearch index beside ``index`` (``synergy embed --build-index``), or None: scan instead."""
+    from .ann import open_index, search_approximate
+
+    target = Path(index).with_suffix(".usearch")
+    if not target.is_file():
+        return None
+    ann, stale = open_index(index)
+    if ann is None:
+        print(f"synergy search: {stale}", file=sys.stderr)
+        return None
+    found = search_approximate(ann, index, query, top_k, modality)
+    if found is None:
+        return None
+    pq = require("pyarrow.parquet", "serve")
+    rows = [row for row, _ in found]
+    table = pq.read_table(index, columns=["path", "modality"]).take(rows)
+    print(f"synergy search: approximate ({target.name}); --exact scans every row", file=sys.stderr)
+    return [
+        Hit(path, kind, score)
+        for path, kind, (_, score) in zip(table.column("path").to_pylist(), table.column("modality").to_pylist(), found)
+    ]

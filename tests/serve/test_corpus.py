@@ -184,3 +184,26 @@ def test_inputs_that_are_not_media_are_rows_with_their_reason(corpus, bundle, tm
     assert "video files are not supported yet" in errors["clip.mp4"]
     assert "not an audio or image file (extension '.txt')" in errors["notes.txt"]
     assert errors["blue_star_0000.wav"] is None
+
+
+def test_approximate_index_agrees_with_the_exact_scan_and_is_not_used_when_stale(corpus, bundle, library, tmp_path):
+    pytest.importorskip("usearch", reason="usearch is not installed (synergy[index])")
+    from synergy.serve.corpus import embed_corpus
+    from synergy.serve.search import approximate_hits, search_index
+
+    out = tmp_path / "val.parquet"
+    embed_corpus([str(corpus / "val.csv")], str(bundle), str(out), build_index=True)
+    assert out.with_suffix(".usearch").is_file()
+    clip = corpus / "audio/val/green_circle_0000.wav"
+    query = library.embed_audio([clip])[0]
+    approximate = approximate_hits(str(out), query, 10, None)
+    exact = search_index(out, query, 10)
+    assert approximate[0].path == str(clip) and approximate[0].score > 0.9999
+    assert [h.path for h in approximate] == [h.path for h in exact]  # 32 rows: the graph search is exact here
+    np.testing.assert_allclose([h.score for h in approximate], [h.score for h in exact], atol=5e-4)  # f16 storage
+    images = approximate_hits(str(out), query, 5, "image")
+    assert images is not None and {h.modality for h in images} == {"image"}
+    assert [h.path for h in images] == [h.path for h in search_index(out, query, 5, "image")]
+
+    embed_corpus([str(corpus / "val.csv"), str(corpus / "heldout.csv")], str(bundle), str(out))  # rewrites out
+    assert approximate_hits(str(out), query, 10, None) is None  # stale: the caller scans instead
