@@ -280,7 +280,8 @@ def test_usage_errors_exit_2_and_imports_stay_apart(tmp_path, bundle):
     assert too_many.returncode == 2 and "--max-queue" in too_many.stderr
     check = (
         "import sys, synergy.runtime, synergy.cli; assert 'synergy.serve' not in sys.modules; "
-        "import synergy.serve.app, synergy.serve.corpus, synergy.serve.search, synergy.serve.server; "
+        "import synergy.serve.app, synergy.serve.ann, synergy.serve.corpus, synergy.serve.search; "
+        "import synergy.serve.server, usearch.index; "
         "assert 'torch' not in sys.modules, 'serve imported torch'"
     )
     subprocess.run([sys.executable, "-c", check], check=True, timeout=60)
