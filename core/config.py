@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from synergy.suggest import did_you_mean
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -95,7 +97,8 @@ def _build(cls, data: dict, where: str):
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+        hint = did_you_mean(unknown[0], names)
+        raise ConfigError(f"{where}: unknown key(s) {unknown}{hint}; valid keys: {sorted(names)}")
     values = {}
     hints = typing.get_type_hints(cls)
     for key, value in data.items():
@@ -151,7 +154,10 @@ def load_config(preset_or_path: str | Path | SynergyConfig, **overrides) -> Syne
         elif (PRESET_DIR / f"{preset_or_path}.json").is_file():
             data, where = json.loads((PRESET_DIR / f"{preset_or_path}.json").read_text()), f"preset {preset_or_path!r}"
         else:
-            raise ConfigError(f"unknown preset {str(preset_or_path)!r}; presets: {list_presets()} (or a .json file)")
+            hint = did_you_mean(str(preset_or_path), list_presets())
+            raise ConfigError(
+                f"unknown preset {str(preset_or_path)!r}{hint}; presets: {list_presets()} (or a .json file)"
+            )
     for key, value in overrides.items():
         parts = key.replace("__", ".").split(".")
         target = data

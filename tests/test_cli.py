@@ -163,3 +163,15 @@ def test_data_synth_summary_labels_and_refusal(tmp_path):
     assert replaced.returncode == 0, replaced.stderr
     assert (tmp_path / "data" / "train.csv").read_bytes() != csv_before
     assert json.loads((tmp_path / "data" / "classes.json").read_text())["seed"] == 5
+
+
+def test_mistyped_config_keys_and_presets_get_a_suggestion(tmp_path):
+    from synergy.core.config import ConfigError, load_config
+    from synergy.train.config import load_train_config
+
+    with pytest.raises(ConfigError, match=r"--set stpes: unknown key \(did you mean 'steps'\?\)"):
+        load_train_config(None, ["stpes=10", "data=x.csv"])
+    with pytest.raises(ConfigError, match=r"unknown preset 'tinny' \(did you mean 'tiny'\?\)"):
+        load_config("tinny")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['layrs'\] \(did you mean 'layers'\?\)"):
+        load_config("tiny", **{"audio.layrs": 3})

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from synergy.core.config import ConfigError, check_value, load_config
+from synergy.suggest import did_you_mean
 
 NO_DATA = (
     "no training data: set `data` in the config file or pass --set data=path/to/train.csv (a CSV with columns "
@@ -83,7 +84,8 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | tup
     hints = typing.get_type_hints(TrainConfig)
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+        hint = did_you_mean(unknown[0], names)
+        raise ConfigError(f"{path}: unknown key(s) {unknown}{hint}; valid keys: {sorted(names)}")
     for key, value in data.items():
         check_value(value, hints[key], f"{path}: {key}")
     data["model_overrides"] = dict(data.get("model_overrides", {}))
@@ -96,7 +98,8 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | tup
             data["model_overrides"][key.removeprefix("model.")] = _model_value(value)
             continue
         if key not in names or key == "model_overrides":
-            raise ConfigError(f"--set {key}: unknown key; valid keys: {sorted(names - {'model_overrides'})}")
+            valid = sorted(names - {"model_overrides"})
+            raise ConfigError(f"--set {key}: unknown key{did_you_mean(key, valid)}; valid keys: {valid}")
         data[key] = _coerce(value, hints[key], f"--set {key}={value}")
     config = TrainConfig(**data)
     check_train_config(config)
