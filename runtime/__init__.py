@@ -15,10 +15,11 @@ from .errors import (
     UnsupportedAudio,
     UnsupportedImage,
     UnsupportedText,
+    UnsupportedVideo,
 )
 from .labels import read_labels
 from .manifest import FORMAT_VERSION, Manifest, load_manifest
-from .runtime import EmbedResult, LabelScore, Prediction, Runtime, SearchHit
+from .runtime import EmbedResult, LabelScore, Prediction, Runtime, SearchHit, VideoEmbeddings
 
 __all__ = [
     "FORMAT_VERSION",
@@ -39,6 +40,8 @@ __all__ = [
     "UnsupportedAudio",
     "UnsupportedImage",
     "UnsupportedText",
+    "UnsupportedVideo",
+    "VideoEmbeddings",
     "load_manifest",
     "read_labels",
 ]

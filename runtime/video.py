@@ -148,7 +148,7 @@ def load_video(
         decoded = _decode_streams(
             av, container, wanted, video_stream, audio_stream, duration, name, timeout_seconds,
             max_seconds, _sampling_times(duration, max_frames, frames_per_second, positions),
-            frame_transform, max_frames,
+            frame_transform, max_frames, frames_per_second,
         )  # fmt: skip
     picked, times, last_video_time, sound, sound_rate = decoded
     if video_stream is not None and video_stream in wanted:
@@ -169,7 +169,7 @@ def load_video(
                 raise UnsupportedVideo(name, f"soundtrack: {error.problem}") from error
     if video_stream is None and waveform is None and audio:
         raise UnsupportedVideo(name, "its only stream is audio, and it decodes to less than 25 ms of sound")
-    return Video(tuple(picked), tuple(times), waveform, sample_rate, duration)
+    return Video(tuple(picked) if frames else (), tuple(times) if frames else (), waveform, sample_rate, duration)
 
 
 def _openable(source, name: str):
@@ -217,7 +217,19 @@ def _check_size(stream, name: str) -> None:
 
 
 def _decode_streams(
-    av, container, wanted, video_stream, audio_stream, duration, name, timeout, max_seconds, times, transform, most
+    av,
+    container,
+    wanted,
+    video_stream,
+    audio_stream,
+    duration,
+    name,
+    timeout,
+    max_seconds,
+    times,
+    transform,
+    most,
+    per_second,
 ):
     """One pass over the packets of the wanted streams -> (picked frames, their times, the last video frame's end
     time, soundtrack [T] float32 or None, its rate). ``times`` None: the duration is unknown, so every frame is
@@ -226,7 +238,7 @@ def _decode_streams(
 
     deadline = time.monotonic() + timeout
     picked, picked_times, pending = [], [], list(times) if times is not None else None
-    last_video_time, last_frame, last_frame_time, unknown_kept = -1.0, None, 0.0, []
+    last_video_time, last_frame, last_frame_time, unknown_kept, spacing = -1.0, None, 0.0, [], 1.0 / per_second
     resampler = av.AudioResampler(format="fltp", layout="mono") if audio_stream in wanted else None
     chunks, sound_rate, sound_samples = [], None, 0
     sound_limit = None
@@ -246,9 +258,11 @@ def _decode_streams(
                     at = float(frame.time) if frame.time is not None else last_video_time + 1e-3
                     step = float(frame.duration * frame.time_base) if frame.duration and frame.time_base else 0.0
                     last_video_time = max(last_video_time, at + step)
-                    if pending is None:  # unknown duration: one frame per second of video, the rest thinned later
-                        if not unknown_kept or at >= unknown_kept[-1][0] + 1.0:
+                    if pending is None:  # unknown duration: frames every `spacing` s, thinned to at most 2 x most
+                        if not unknown_kept or at >= unknown_kept[-1][0] + spacing:
                             unknown_kept.append((at, take(frame, at)))
+                            if len(unknown_kept) >= 2 * most:  # memory stays bounded: drop every other, space wider
+                                unknown_kept, spacing = unknown_kept[::2], 2 * spacing
                         continue
                     while pending and at >= pending[0] - 1e-6:
                         picked.append(take(frame, at))

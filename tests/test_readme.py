@@ -37,9 +37,12 @@ SHRINK = {  # README command -> arguments appended to run it at test size
     ],
     "synergy train --config train.json": TINY_TRAINING,
     "synergy train --config mine.json": [*TINY_TRAINING[:4], "--set", "batch_size=3", "--set", "warmup_steps=1"],
+    "synergy train --set data=data/clips/train_videos.csv --set out=runs/video --set audio_intra_weight=0.1": [
+        *TINY_TRAINING
+    ],
 }
 NOT_RUN = {  # README command -> why this test does not run it
-    "make demo": "8-9 minutes of training; tests/train/test_demo.py runs the demo end to end with 3 steps",
+    "make demo": "8-9 minutes of training; tests/test_demo.py runs the demo end to end with 3 steps",
     "make test": "the suite this test is part of",
     "torchrun --nproc-per-node 2 -m synergy.cli train --config train.json": "two processes; tests/train runs DDP "
     "under torchrun",

@@ -7,8 +7,8 @@ frames, uniformly, one manifest row each) is written as PNG and its soundtrack a
 silent video and an empty ``img_path`` for an audio-only file. Labels come from a CSV or from the folder names;
 captions from a template (``"a video of a {}."``) unless the labels CSV has a ``caption`` column.
 
-Labels CSV: a header with a file column (``file``, ``path``, ``video`` or ``filename``: a path relative to DIR, or
-a file stem) and ``label`` (and optionally ``caption``); or VGGSound's own ``vggsound.csv`` (no header:
+Labels CSV: a header with a file column (``file``, ``path``, ``video``, ``filename`` or ``video_path``: a path
+relative to DIR, or whose file stem names the video) and ``label`` (and optionally ``caption``); or VGGSound's own ``vggsound.csv`` (no header:
 ``youtube_id, start_seconds, label, split``), whose clips are named ``{youtube_id}_{start:06d}.mp4``.
 
 Resumable: every output file is written under a temporary name and renamed, and each finished video is appended to
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_CAPTION_TEMPLATE = "a video of a {}."
-FILE_COLUMNS = ("file", "path", "video", "filename")
+FILE_COLUMNS = ("file", "path", "video", "filename", "video_path")  # video_path: a video manifest
 
 
 class FromVideosError(ValueError):

@@ -199,3 +199,20 @@ def test_infer_video_cli_table_and_globs(tiny_bundle, videos):
     missing = CliRunner().invoke(main, [*args[:2], str(folder / "nothing*.mp4"), *args[3:]])
     assert missing.exit_code == 1, missing.output
     assert "no files match this pattern" in missing.output
+
+
+def test_a_stream_without_a_duration_is_sampled_across_its_length(tmp_path):
+    """A raw H.264 stream has no container and no duration: frames are kept every second (thinned as they pile up,
+    so memory stays bounded) and at most 8 are returned, spread over the whole stream."""
+    av = video_module.import_av()
+    with av.open(str(tmp_path / "raw.h264"), "w", format="h264") as out:
+        stream = out.add_stream("libx264", rate=2)
+        stream.width, stream.height, stream.pix_fmt = SIZE, SIZE, "yuv420p"
+        for i in range(40):  # 20 s at 2 fps, brighter each frame
+            pixels = np.full((SIZE, SIZE, 3), i * 6, np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        out.mux(stream.encode(None))
+    decoded = load_video(tmp_path / "raw.h264", SAMPLE_RATE)
+    brightness = [float(f.mean()) for f in decoded.frames]
+    assert decoded.duration == 0.0 and len(decoded.frames) == 8 and decoded.audio is None
+    assert brightness == sorted(brightness) and brightness[0] < 30 and brightness[-1] > 190
