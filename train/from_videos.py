@@ -8,8 +8,8 @@ silent video and an empty ``img_path`` for an audio-only file. Labels come from 
 captions from a template (``"a video of a {}."``) unless the labels CSV has a ``caption`` column.
 
 Labels CSV: a header with a file column (``file``, ``path``, ``video``, ``filename`` or ``video_path``: a path
-relative to DIR, or whose file stem names the video) and ``label`` (and optionally ``caption``); or VGGSound's own ``vggsound.csv`` (no header:
-``youtube_id, start_seconds, label, split``), whose clips are named ``{youtube_id}_{start:06d}.mp4``.
+relative to DIR, or whose file stem names the video) and ``label`` (and optionally ``caption``); or VGGSound's own
+``vggsound.csv`` (no header: ``youtube_id, start_seconds, label, split``), whose clips are ``{youtube_id}_{start:06d}``.
 
 Resumable: every output file is written under a temporary name and renamed, and each finished video is appended to
 ``out/progress.jsonl``; a rerun skips the videos listed there, so an interrupted run continues where it stopped.
