@@ -24,7 +24,11 @@ demo: $(STAMP)
 
 # Missing-modality reconstruction on the demo's model (README "Missing-modality reconstruction"): trains the three
 # heads on the frozen runs/demo/checkpoint, evaluates them on val + held-out, draws the grid. Needs `make demo` first.
+# One thread: the heads' small convolutions gain little from a second, and on a shared machine two OpenMP threads
+# spin against other jobs (encoding the 2560 demo rows took 215 s with two threads under load, 20 s with one).
 MMR ?= $(RUN)/mmr
+MMR_THREADS ?= 1
+demo-mmr: export OMP_NUM_THREADS = $(MMR_THREADS)
 demo-mmr: $(STAMP)
 	@test -f $(RUN)/checkpoint/model.safetensors -a -f $(RUN)/data/train.csv || { echo "make demo-mmr: no demo \
 	checkpoint and data in $(RUN) (need $(RUN)/checkpoint/ and $(RUN)/data/train.csv); run \`make demo\` first" >&2; exit 2; }

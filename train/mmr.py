@@ -69,7 +69,7 @@ class MMRConfig:
     targets: tuple[str, ...] = TARGETS
     val_data: str | None = None  # None: a val_fraction of `data`, chosen by the seed
     val_fraction: float = 0.1
-    epochs: int = 12
+    epochs: int = 10
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -254,17 +254,38 @@ class MMRRun:
     heads: torch.nn.ModuleDict
     run: dict
     folder: Path
+    baselines: dict
 
     @property
     def audio_range(self) -> float:
         return float(self.run["audio_range"])
 
 
-def save_mmr(folder: Path, heads: torch.nn.ModuleDict, run: dict, train_state: dict | None) -> None:
+def training_baselines(train_set: dict, targets) -> dict[str, torch.Tensor]:
+    """What evaluation's baselines need from the training rows, so that `synergy mmr eval` does not encode them
+    again: ``mean.<target>`` the mean-of-training guess [1, ...] (text: the most frequent token at each position,
+    padding included), ``fused.<target>`` [N_t, D] the training rows' fused embeddings of the two present
+    modalities (the mean of their L2-normalised embeddings, re-normalised) and ``rows.<target>`` [N_t] their row
+    numbers in the training split (the nearest neighbour's target is decoded from its files)."""
+    out = {}
+    for target in targets:
+        index = usable(train_set, target)
+        values = truth(train_set, target, index)
+        out[f"mean.{target}"] = values.mode(0).values[None] if target == "text" else values.float().mean(0, keepdim=True)
+        a, b = present_modalities(target)
+        fused = train_set["embeddings"][a][index] + train_set["embeddings"][b][index]
+        out[f"fused.{target}"] = F.normalize(fused, dim=-1)
+        out[f"rows.{target}"] = index
+    return out
+
+
+def save_mmr(folder: Path, heads: torch.nn.ModuleDict, run: dict, train_state: dict | None, baselines: dict) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
     with atomic_folder(folder) as tmp:
         (tmp / "config.json").write_text(json.dumps(run, indent=2) + "\n")
         (tmp / "heads.safetensors").write_bytes(save_safetensors(state, metadata={"format": "pt"}))
+        baselines = {k: v.contiguous() for k, v in baselines.items()}
+        (tmp / "baselines.safetensors").write_bytes(save_safetensors(baselines, metadata={"format": "pt"}))
         if train_state is not None:
             (tmp / "train_state").mkdir()
             with open(tmp / "train_state" / "state.pt", "wb") as f:
@@ -275,7 +296,7 @@ def mmr_checkpoint_folder(path: str | Path) -> Path:
     """The run folder (``out``) or its ``checkpoint/`` -> the checkpoint folder; a clear error otherwise."""
     path = Path(path)
     for folder in (path / "checkpoint", path):
-        if (folder / "heads.safetensors").is_file() and (folder / "config.json").is_file():
+        if all((folder / name).is_file() for name in ("config.json", "heads.safetensors", "baselines.safetensors")):
             return folder
     raise CheckpointError(
         f"{path}: no MMR checkpoint (expected {path}/checkpoint/heads.safetensors and config.json, written by "
@@ -314,10 +335,16 @@ def load_mmr(path: str | Path) -> MMRRun:
     except (RuntimeError, OSError) as error:  # a size mismatch, a truncated file
         raise CheckpointError(f"{folder}/heads.safetensors does not match its config.json: {str(error)[:300]}") from error
     heads.eval()
-    return MMRRun(model=model, tokenizer=tokenizer, heads=heads, run=run, folder=folder)
+    baselines = load_file(str(folder / "baselines.safetensors"))
+    return MMRRun(model=model, tokenizer=tokenizer, heads=heads, run=run, folder=folder, baselines=baselines)
 
 
 # ------------------------------------------------------------------------------------------------- the training
+
+
+def make_optimizer(heads: torch.nn.ModuleDict, config: MMRConfig) -> torch.optim.AdamW:
+    """AdamW over the heads' parameters only: the frozen encoders are never handed to the optimiser."""
+    return torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _schedule(warmup: int, total: int):
@@ -418,12 +445,13 @@ def train_mmr(config: MMRConfig, resume: bool = False, force: bool = False, repo
             "train_config": _config_json(config),
         }
     audio_range = float(run["audio_range"])
+    baselines = training_baselines(train_set, config.targets)
     pad_eos = special_ids(model, tokenizer)
     usable_rows = {t: set(usable(train_set, t).tolist()) for t in config.targets}
     n = len(train_rows)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(heads, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.warmup_steps, total))
     epoch = 0
     if state is not None:
@@ -472,7 +500,7 @@ def train_mmr(config: MMRConfig, resume: bool = False, force: bool = False, repo
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
-        save_mmr(folder, heads, run, train_state)
+        save_mmr(folder, heads, run, train_state, baselines)
         line = "  ".join(
             f"{t} loss {sums[t]:.4f}/{val[t]['loss']:.4f} {MAIN_METRIC[t]} {val[t][MAIN_METRIC[t]]:.3f}"
             for t in config.targets

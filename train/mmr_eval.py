@@ -99,21 +99,20 @@ def _metrics(run: MMRRun, target: str, prediction: torch.Tensor, true: torch.Ten
     return {name: round(scale * v.float().mean().item(), 4) for name, v in values.items()}
 
 
-def training_reference(run: MMRRun, report=print) -> dict:
-    """The training rows the heads saw, encoded: the baselines' source."""
-    rows = read_manifest(run.run["data"])
+def training_rows(run: MMRRun) -> list:
+    """The training split the heads saw (the manifest, less the validation rows when they were carved from it)."""
     config = run.run["train_config"]
-    train_rows, _, _ = split_rows(rows, run.run["val_data"], config["val_fraction"], config["seed"])
-    return encode_rows(run.model, run.tokenizer, train_rows, report=lambda text: None)
+    rows = read_manifest(run.run["data"])
+    return split_rows(rows, run.run["val_data"], config["val_fraction"], config["seed"])[0]
 
 
-def mean_target(train_set: dict, target: str) -> torch.Tensor:
-    """The mean-of-training guess: [1, ...] (text: the most frequent token at each position, padding included)."""
-    index = usable(train_set, target)
-    values = truth(train_set, target, index)
-    if target != "text":
-        return values.float().mean(0, keepdim=True)
-    return values.mode(0).values[None]
+def nearest_neighbour_targets(run: MMRRun, target: str, encoded: dict, index: torch.Tensor, train_rows) -> torch.Tensor:
+    """The target of each row's nearest training row by fused embedding, decoded from that row's files."""
+    similarity = fused_embedding(encoded, target, index) @ run.baselines[f"fused.{target}"].T  # [n, N_train]
+    rows = run.baselines[f"rows.{target}"][similarity.argmax(-1)]
+    unique, inverse = rows.unique(return_inverse=True)
+    neighbours = encode_rows(run.model, run.tokenizer, [train_rows[i] for i in unique.tolist()], report=lambda t: None)
+    return truth(neighbours, target, inverse)
 
 
 def fused_embedding(encoded: dict, target: str, index: torch.Tensor) -> torch.Tensor:
@@ -132,8 +131,7 @@ def predict(run: MMRRun, target: str, encoded: dict, index: torch.Tensor) -> tor
 @torch.no_grad()
 def evaluate_mmr(run: MMRRun, csv_paths, labels: list[str] | None = None, report=print) -> dict:
     """-> {"definitions", "audio_range", "labels", "splits": {split: {target: {...}}}} (see the module doc)."""
-    report("encoding the training rows for the baselines")
-    train_set = training_reference(run, report)
+    train_rows = training_rows(run)
     encoded = {Path(p).stem: encode_rows(run.model, run.tokenizer, read_manifest(p), report=report) for p in csv_paths}
     labels = labels or sorted({label for e in encoded.values() for label in e["labels"] if label})
     classes = label_embeddings(run.model, run.tokenizer, labels)
@@ -142,7 +140,7 @@ def evaluate_mmr(run: MMRRun, csv_paths, labels: list[str] | None = None, report
         "definitions": DEFINITIONS,
         "audio_range": run.audio_range,
         "labels": len(labels),
-        "training_rows": len(train_set["labels"]),
+        "training_rows": len(train_rows),
         "splits": {},
     }
     for split, data in encoded.items():
@@ -154,12 +152,10 @@ def evaluate_mmr(run: MMRRun, csv_paths, labels: list[str] | None = None, report
                 continue
             true = truth(data, target, index)
             token_mask = data["token_mask"][index] if target == "text" else None
-            train_index = usable(train_set, target)
-            nearest = (fused_embedding(data, target, index) @ fused_embedding(train_set, target, train_index).T).argmax(-1)
             guesses = {
                 "reconstruction": predict(run, target, data, index),
-                "mean_of_training": mean_target(train_set, target).expand_as(true).contiguous(),
-                "nearest_neighbour": truth(train_set, target, train_index[nearest]),
+                "mean_of_training": run.baselines[f"mean.{target}"].expand_as(true).contiguous(),
+                "nearest_neighbour": nearest_neighbour_targets(run, target, data, index, train_rows),
             }
             truths = embed_as(run.model, run.tokenizer, target, true)
             target_class = torch.tensor([class_index.get(data["labels"][i], -1) for i in index.tolist()])
