@@ -6,7 +6,9 @@ and documented in the README:
 - Frames: ``max_frames`` (default 8) sampled uniformly over the duration, at most ``frames_per_second`` (default 1)
   of them per second of video, as CLIP4VLA samples (a 3 s clip gives 3 frames, a minute 8). Frame i is the first
   decoded frame at or after the centre of the i-th of N equal parts of the duration (the last frame where the stream
-  ends early). Each is RGB, at the video's coded size; ``frame_transform`` (e.g. the image preprocessing) is applied
+  ends early). A video over ``SEEK_AFTER_SECONDS`` (20 s) is sampled by seeking to the keyframe before each time and
+  decoding up to it (one GOP per frame, the same frames), a shorter one in a single pass. Each is RGB, at the video's
+  coded size; ``frame_transform`` (e.g. the image preprocessing) is applied
   as each frame is picked, so a long 4K video costs N preprocessed frames of memory, not N full frames.
 - Soundtrack: the first audio stream, downmixed to mono by FFmpeg (a 5.1 film mix is downmixed with its standard
   matrix, where a plain audio file with more than 2 channels is refused), then through ``audio.load_audio``'s checks
@@ -48,6 +50,8 @@ MAX_SIDE = 16_384
 IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "gif", "tiff_pipe", "apng")
 # a file whose last decoded frame ends this much before the header's duration is truncated
 TRUNCATION_TOLERANCE = 0.1  # fraction of the duration (at least one second is always allowed)
+# longer videos are sampled by seeking to each frame's time (one GOP decoded per frame) instead of decoding every frame
+SEEK_AFTER_SECONDS = 20.0
 INSTALL_HINT = "video decoding needs PyAV: pip install 'synergy[video]' (or pip install av)"
 
 
@@ -145,11 +149,22 @@ def load_video(
         wanted = [s for s, on in ((video_stream, frames), (audio_stream, audio)) if s is not None and on]
         if video_stream is not None and not wanted:
             wanted = [video_stream]  # still proves the file decodes
-        decoded = _decode_streams(
-            av, container, wanted, video_stream, audio_stream, duration, name, timeout_seconds,
-            max_seconds, _sampling_times(duration, max_frames, frames_per_second, positions),
-            frame_transform, max_frames, frames_per_second,
-        )  # fmt: skip
+        sampling = _sampling_times(duration, max_frames, frames_per_second, positions)
+        seek = sampling is not None and video_stream in wanted and duration > SEEK_AFTER_SECONDS
+        started = time.monotonic()
+        in_order = [s for s in wanted if s is not video_stream] if seek else wanted
+        decoded = ([], [], -1.0, None, None)
+        if in_order:
+            decoded = _decode_streams(
+                av, container, in_order, video_stream, audio_stream, duration, name, timeout_seconds,
+                max_seconds, sampling, frame_transform, max_frames, frames_per_second,
+            )  # fmt: skip
+        if seek:
+            deadline = started + timeout_seconds
+            decoded = (
+                *_seek_frames(av, container, video_stream, sampling, deadline, name, frame_transform),
+                *decoded[3:],
+            )
     picked, times, last_video_time, sound, sound_rate = decoded
     if video_stream is not None and video_stream in wanted:
         if not picked:
@@ -216,6 +231,52 @@ def _check_size(stream, name: str) -> None:
         )
 
 
+def _picture(frame, transform):
+    """A decoded frame -> RGB uint8 [H, W, 3], or ``transform(PIL image)``."""
+    from PIL import Image
+
+    image = Image.fromarray(frame.to_ndarray(format="rgb24"))
+    return transform(image) if transform is not None else np.asarray(image)
+
+
+def _seek_frames(av, container, stream, times, deadline: float, name: str, transform):
+    """Long videos: for each sampling time, seek to the keyframe before it and decode up to the first frame at or
+    after it -> (frames, their times, the end time of the last decoded frame). Past the last frame, the last frame;
+    a file that ends before its header's duration is left to the caller's truncation check."""
+    picked, picked_times, last_time = [], [], -1.0
+    try:
+        for target in times:
+            container.seek(int(target / stream.time_base), stream=stream, backward=True)
+            stream.codec_context.flush_buffers()  # no frame from before the seek leaks into this one
+            found = latest = None
+            for packet in container.demux(stream):
+                if time.monotonic() > deadline:
+                    raise UnsupportedVideo(name, "decoding took too long; the file is too long or malformed")
+                for frame in packet.decode():
+                    if frame.time is None:
+                        continue
+                    step = float(frame.duration * frame.time_base) if frame.duration and frame.time_base else 0.0
+                    last_time, latest = max(last_time, float(frame.time) + step), frame
+                    if frame.time >= target - 1e-6:
+                        found = frame
+                        break
+                if found is not None:
+                    break
+            # the stream ends before this time: its last frame, as the single pass picks
+            found = found if found is not None else latest
+            if found is None:
+                break
+            picked.append(_picture(found, transform))
+            picked_times.append(float(found.time))
+    except UnsupportedVideo:
+        raise
+    except (av.error.FFmpegError, ValueError, MemoryError) as error:
+        raise UnsupportedVideo(
+            name, f"cannot be decoded ({_reason(error)}); the file is truncated or corrupt, re-encode it"
+        ) from error
+    return picked, picked_times, last_time
+
+
 def _decode_streams(
     av,
     container,
@@ -234,8 +295,6 @@ def _decode_streams(
     """One pass over the packets of the wanted streams -> (picked frames, their times, the last video frame's end
     time, soundtrack [T] float32 or None, its rate). ``times`` None: the duration is unknown, so every frame is
     kept up to ``most`` (at 1 per second) and thinned afterwards."""
-    from PIL import Image
-
     deadline = time.monotonic() + timeout
     picked, picked_times, pending = [], [], list(times) if times is not None else None
     last_video_time, last_frame, last_frame_time, unknown_kept, spacing = -1.0, None, 0.0, [], 1.0 / per_second
@@ -244,10 +303,6 @@ def _decode_streams(
     sound_limit = None
     if video_stream in wanted:
         video_stream.thread_type = "AUTO"
-
-    def take(frame, at):
-        image = Image.fromarray(frame.to_ndarray(format="rgb24"))
-        return transform(image) if transform is not None else np.asarray(image)
 
     try:
         for packet in container.demux(*wanted):
@@ -260,12 +315,12 @@ def _decode_streams(
                     last_video_time = max(last_video_time, at + step)
                     if pending is None:  # unknown duration: frames every `spacing` s, thinned to at most 2 x most
                         if not unknown_kept or at >= unknown_kept[-1][0] + spacing:
-                            unknown_kept.append((at, take(frame, at)))
+                            unknown_kept.append((at, _picture(frame, transform)))
                             if len(unknown_kept) >= 2 * most:  # memory stays bounded: drop every other, space wider
                                 unknown_kept, spacing = unknown_kept[::2], 2 * spacing
                         continue
                     while pending and at >= pending[0] - 1e-6:
-                        picked.append(take(frame, at))
+                        picked.append(_picture(frame, transform))
                         picked_times.append(at)
                         pending.pop(0)
                     last_frame, last_frame_time = frame, at
@@ -300,7 +355,7 @@ def _decode_streams(
         picked_times = [unknown_kept[i][0] for i in keep]
     elif pending and last_frame is not None:  # the stream ended before the last sampling times: repeat its end
         for _ in pending:
-            picked.append(take(last_frame, last_frame_time))
+            picked.append(_picture(last_frame, transform))
             picked_times.append(last_frame_time)
     sound = np.concatenate(chunks) if chunks else None
     if sound is not None and audio_stream.duration and audio_stream.time_base and sound_rate:

@@ -216,3 +216,18 @@ def test_a_stream_without_a_duration_is_sampled_across_its_length(tmp_path):
     brightness = [float(f.mean()) for f in decoded.frames]
     assert decoded.duration == 0.0 and len(decoded.frames) == 8 and decoded.audio is None
     assert brightness == sorted(brightness) and brightness[0] < 30 and brightness[-1] > 190
+
+
+@pytest.mark.parametrize("key", ["long", ".mp4", ".webm"])
+def test_seeking_gives_the_frames_of_a_single_pass(videos, monkeypatch, key):
+    """Long videos are sampled by seeking; forced on for these short ones, it must pick the very same frames."""
+    one_pass = load_video(videos[key], SAMPLE_RATE)
+    monkeypatch.setattr(video_module, "SEEK_AFTER_SECONDS", 0.0)
+    seeking = load_video(videos[key], SAMPLE_RATE)
+    assert seeking.times == one_pass.times
+    assert all(np.array_equal(a, b) for a, b in zip(seeking.frames, one_pass.frames))
+    assert (seeking.audio is None) == (one_pass.audio is None)
+    if one_pass.audio is not None:
+        np.testing.assert_array_equal(seeking.audio, one_pass.audio)
+    with pytest.raises(UnsupportedVideo, match="truncated"):
+        load_video(videos["truncated"], SAMPLE_RATE)
