@@ -184,8 +184,7 @@ class Service:
             try:
                 futures.append(batcher.submit(item, timeout=0))  # never waits: the event loop must not block
             except (BatcherFull, RuntimeError) as error:
-                cancelled = sum(f.cancel() for f in futures)
-                self.metrics.inc("synergy_queue_depth", -cancelled, modality=modality)
+                self.withdraw({modality: futures})
                 if isinstance(error, BatcherFull):
                     raise Problem(
                         503,
@@ -198,12 +197,24 @@ class Service:
             self.metrics.inc("synergy_queue_depth", 1, modality=modality)
         return futures
 
+    def withdraw(self, futures: dict[str, list]) -> None:
+        """Cancel queued items. ``cancel()`` is True for an item no batch has started (now or before, by asyncio's
+        chained cancellation), so the sum is what leaves the queue without being processed."""
+        for modality, queued in futures.items():
+            self.metrics.inc("synergy_queue_depth", -sum(f.cancel() for f in queued), modality=modality)
+
     async def embed(self, requests: dict[str, list], timings: dict) -> dict[str, list]:
         """{modality: items} -> {modality: [Embedded | InputError per item]}, micro-batched with other requests."""
         if self.draining:
             raise Problem(503, "ShuttingDown", "the server is shutting down")
         submitted = time.perf_counter()
-        futures = {m: self.submit_all(m, items) for m, items in requests.items()}
+        futures: dict[str, list] = {}
+        try:
+            for modality, items in requests.items():
+                futures[modality] = self.submit_all(modality, items)
+        except Problem:
+            self.withdraw(futures)  # the modalities queued before the one that was full
+            raise
         flat = [f for fs in futures.values() for f in fs]
         waiting = [asyncio.wrap_future(f) for f in flat]
         try:
@@ -211,8 +222,7 @@ class Service:
                 asyncio.gather(*waiting, return_exceptions=True), self.limits.request_timeout_s
             )
         except asyncio.TimeoutError as error:
-            for future in flat:
-                future.cancel()
+            self.withdraw(futures)
             raise Problem(504, "Timeout", f"the request took longer than {self.limits.request_timeout_s} s") from error
         for result in done:
             if isinstance(result, BaseException) and not isinstance(result, InputError):

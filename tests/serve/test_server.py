@@ -296,5 +296,6 @@ def test_a_request_past_its_timeout_gets_504_and_its_items_are_withdrawn(bundle)
         assert status == 504 and answer["error"]["type"] == "Timeout"
         assert time.monotonic() - started < 2.5  # answered at its timeout, not when the batch ran
         assert server.get("/healthz")[0] == 200
+        assert server.metric('synergy_queue_depth{modality="audio"}') == 0  # the withdrawn item left the queue
     finally:
         assert server.stop() == 0
