@@ -231,3 +231,17 @@ def test_seeking_gives_the_frames_of_a_single_pass(videos, monkeypatch, key):
         np.testing.assert_array_equal(seeking.audio, one_pass.audio)
     with pytest.raises(UnsupportedVideo, match="truncated"):
         load_video(videos["truncated"], SAMPLE_RATE)
+
+
+def test_infer_video_leaves_torch_out(tiny_bundle, videos):
+    from .test_infer import _no_torch_subprocess
+
+    result = _no_torch_subprocess(
+        f"""
+        from synergy.runtime.infer import run
+        code = run([], [], {str(videos["labels"])!r}, bundle={str(tiny_bundle[0])!r}, video=[{str(videos[".mkv"])!r}])
+        assert code == 0, code
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout, result.stdout
