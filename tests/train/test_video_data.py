@@ -16,7 +16,7 @@ from synergy.core.model import create_model
 from synergy.runtime.runtime import l2_normalise
 from synergy.runtime.video import load_video
 from synergy.train.config import TrainConfig
-from synergy.train.data import Collate, ManifestDataset, read_manifest
+from synergy.train.data import Collate, DataError, ManifestDataset, read_manifest
 from synergy.train.evaluate import _recall_with_ties, embed_manifest, evaluate, ranks_with_ties
 from synergy.train.from_videos import from_videos
 from synergy.train.loop import build_tokenizer, train
@@ -172,3 +172,15 @@ def test_from_videos_trains_and_evaluates(clips, tmp_path):
     result = evaluate(model, tokenizer, clips / "val_videos.csv")
     assert set(result["video_retrieval"]) == {"text->video", "text->audio", "text->video+audio"}
     assert result["video_retrieval"]["text->video"]["n"] == 16 and result["bad_rows"] == []
+
+
+def test_manifest_check_counts_video_rows_and_finds_missing_videos(clips, tmp_path):
+    from synergy.train.manifest_check import check_manifest
+
+    model = create_model("tiny")
+    check = check_manifest(clips / "val_videos.csv", _dataset(model, read_manifest(clips / "val_videos.csv")))
+    assert check.problems == () and check.missing["image"] == check.missing["audio"] == 0
+    text = (clips / "val_videos.csv").read_text().replace("videos/val/", f"{clips}/videos/val/")
+    (tmp_path / "m.csv").write_text(text.rstrip("\n") + "\n,,red circle,a red circle,nowhere.mp4\n")
+    with pytest.raises(DataError, match=r"1 of 17 rows cannot be read[\s\S]*nowhere.mp4: no such file"):
+        check_manifest(tmp_path / "m.csv", _dataset(model, read_manifest(tmp_path / "m.csv")))
