@@ -551,9 +551,10 @@ def serve_command(
 def embed_command(
     inputs, bundle, legacy_model, out_path, engine, batch_size, threads, workers, ray_address, build_index
 ):
-    """Embed a corpus into a parquet file: INPUTS are manifest CSVs, folders (recursive) or globs of audio and
-    image files. One row per file (path, modality, embedding, error); resumable; bad files are rows with their
-    error. Exit codes: 0 all embedded, 1 some files failed (listed), 2 usage or bundle error."""
+    """Embed a corpus into a parquet file: INPUTS are manifest CSVs, folders (recursive) or globs of audio, image and
+    video files (a video: its frames and soundtrack, fused). One row per file (path, modality, embedding, error);
+    resumable; bad files are rows with their error. Exit codes: 0 all embedded, 1 some files failed (listed), 2 usage
+    or bundle error."""
     from synergy.runtime.errors import BundleError, InferUsageError
     from synergy.runtime.infer import DEFAULT_BUNDLE
     from synergy.serve import MissingExtra
@@ -597,7 +598,9 @@ def embed_command(
 @click.option("--audio", default=None, help="Query audio file.")
 @click.option("--image", default=None, help="Query image file.")
 @click.option("--top-k", default=10, show_default=True, type=int)
-@click.option("--modality", default=None, type=click.Choice(["audio", "image"]), help="Only rows of this modality.")
+@click.option(
+    "--modality", default=None, type=click.Choice(["audio", "image", "video"]), help="Only rows of this modality."
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON lines (rank, path, modality, score) instead of a table.")
 @click.option("--exact", is_flag=True, help="Scan every row even when an index from --build-index is beside it.")
 def search_command(index_path, bundle, text, audio, image, top_k, modality, as_json, exact):

@@ -1,9 +1,10 @@
 """``synergy embed``: a corpus -> one parquet file of embeddings, resumable, locally or on Ray Data.
 
-INPUTS are manifest CSVs (their ``img_path`` and ``wav_path`` cells, relative to the CSV), folders (searched
-recursively for audio and image files) and globs. The output has one row per (file, modality), sorted by path:
+INPUTS are manifest CSVs (their ``img_path``, ``wav_path`` and ``video_path`` cells, relative to the CSV), folders
+(searched recursively for audio, image and video files) and globs. The output has one row per (file, modality),
+sorted by path (a video's embedding is the runtime's fused one: its pooled frames and its soundtrack):
 
-    path: string, modality: string ("audio" | "image" | the extension's guess), embedding: fixed_size_list<float32>[D]
+    path: string, modality: string ("audio" | "image" | "video" | "unknown"), embedding: fixed_size_list<float32>[D]
     (null when the item failed), error_type: string, error: string (null when it was embedded)
 
 Resumable: while it runs, finished chunks are written to ``OUT.parts/part-NNNNNN.parquet`` (each written to a
@@ -35,18 +36,19 @@ import numpy as np
 from synergy.runtime import InferUsageError, Runtime
 from synergy.runtime.audio import AUDIO_EXTENSIONS
 from synergy.runtime.image import IMAGE_EXTENSIONS
+from synergy.runtime.video import VIDEO_EXTENSIONS
 
 from . import require
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v")
-MANIFEST_COLUMNS = {"wav_path": "audio", "img_path": "image"}
+MANIFEST_COLUMNS = {"wav_path": "audio", "img_path": "image", "video_path": "video"}
+MEDIA = ("audio", "image", "video")
 COLUMNS = ("path", "modality", "embedding", "error_type", "error")
 
 
 @dataclass(frozen=True)
 class Item:
     path: str
-    modality: str  # "audio" | "image"; anything else fails with ``problem``
+    modality: str  # "audio" | "image" | "video"; anything else fails with ``problem``
     problem: str | None = None
 
 
@@ -57,8 +59,8 @@ def modality_of(path: str) -> Item:
     if suffix in IMAGE_EXTENSIONS:
         return Item(path, "image")
     if suffix in VIDEO_EXTENSIONS:
-        return Item(path, "video", "video files are not supported yet: the runtime has no video decoder")
-    return Item(path, "unknown", f"not an audio or image file (extension {suffix or 'none'!r})")
+        return Item(path, "video")
+    return Item(path, "unknown", f"not an audio, image or video file (extension {suffix or 'none'!r})")
 
 
 def list_items(inputs: Sequence[str]) -> list[Item]:
@@ -71,8 +73,8 @@ def list_items(inputs: Sequence[str]) -> list[Item]:
             items += manifest_items(path)
         elif path.is_dir():
             found = [modality_of(str(p)) for p in sorted(path.rglob("*")) if p.is_file()]
-            found = [item for item in found if item.problem is None or item.modality == "video"]
-            items += found or [Item(given, "unknown", "folder has no audio or image files")]
+            found = [item for item in found if item.problem is None]
+            items += found or [Item(given, "unknown", "folder has no audio, image or video files")]
         elif glob.has_magic(given) and not path.exists():
             found = sorted(f for f in glob.glob(given, recursive=True) if Path(f).is_file())
             items += [modality_of(f) for f in found] or [Item(given, "unknown", "no files match this pattern")]
@@ -88,14 +90,15 @@ def list_items(inputs: Sequence[str]) -> list[Item]:
 
 
 def manifest_items(csv_path: Path) -> list[Item]:
-    """A manifest's files: its ``wav_path`` and ``img_path`` cells, relative to the CSV's folder."""
+    """A manifest's files: its ``wav_path``, ``img_path`` and ``video_path`` cells, relative to the CSV's folder."""
     try:
         with open(csv_path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise InferUsageError(f"{csv_path}: cannot read the manifest: {error}") from error
     if rows and not set(MANIFEST_COLUMNS) & set(rows[0]):
-        raise InferUsageError(f"{csv_path}: a manifest needs a wav_path or img_path column; found {list(rows[0])}")
+        columns = ", ".join(MANIFEST_COLUMNS)
+        raise InferUsageError(f"{csv_path}: a manifest needs one of the columns {columns}; found {list(rows[0])}")
     items = []
     for row in rows:
         for column, modality in MANIFEST_COLUMNS.items():
@@ -116,19 +119,24 @@ def embed_rows(
     the Ray actors."""
     rows = {name: [None] * len(paths) for name in COLUMNS}
     rows["path"], rows["modality"] = list(paths), list(modalities)
-    for modality in ("audio", "image"):
+    for modality in MEDIA:
         where = [i for i, m in enumerate(modalities) if m == modality]
         if not where:
             continue
-        result = runtime.embed_batch(modality, [paths[i] for i in where])
-        for i, vector, error in zip(where, result.vectors, result.errors):
+        if modality == "video":  # frames pooled and the soundtrack, fused: one vector in the shared space
+            result = runtime.embed_video_batch([paths[i] for i in where])
+            vectors = result.fused
+        else:
+            result = runtime.embed_batch(modality, [paths[i] for i in where])
+            vectors = result.vectors
+        for i, vector, error in zip(where, vectors, result.errors):
             if error is None:
                 rows["embedding"][i] = vector
             else:
                 rows["error_type"][i], rows["error"][i] = type(error).__name__, str(error)
     for i, modality in enumerate(modalities):
-        if modality not in ("audio", "image"):
-            problem = (problems[i] if problems else None) or "not an audio or image file"
+        if modality not in MEDIA:
+            problem = (problems[i] if problems else None) or "not an audio, image or video file"
             rows["error_type"][i], rows["error"][i] = "UnsupportedInput", f"{paths[i]}: {problem}"
     return rows
 
@@ -270,7 +278,7 @@ def embed_corpus(
     started = time.perf_counter()
     items = list_items(inputs)
     if not items:
-        raise InferUsageError("no inputs: give manifest CSVs, folders or globs of audio / image files")
+        raise InferUsageError("no inputs: give manifest CSVs, folders or globs of audio / image / video files")
     out_path = Path(out)
     if out_path.is_dir():
         raise InferUsageError(f"--out {out} is a folder; give the parquet file to write, e.g. {out}/embeddings.parquet")

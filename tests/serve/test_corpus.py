@@ -174,15 +174,15 @@ def test_ray_engine_writes_the_same_rows_as_the_local_engine(corpus, bundle, tmp
 def test_inputs_that_are_not_media_are_rows_with_their_reason(corpus, bundle, tmp_path):
     from synergy.serve.corpus import embed_corpus
 
-    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 64)
+    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 64)  # named as a video, but not one
     out = tmp_path / "odd.parquet"
     inputs = [str(tmp_path / "nothing-*.wav"), str(tmp_path / "clip.mp4"), str(corpus / "notes.txt")]
     summary = embed_corpus([*inputs, str(corpus / "audio/val/blue_star_0000.wav")], str(bundle), str(out))
     assert (summary["rows"], summary["failed"]) == (4, 3)
     errors = {Path(r["path"]).name: r["error"] for r in read_rows(out)}
     assert errors["nothing-*.wav"].endswith("no files match this pattern")
-    assert "video files are not supported yet" in errors["clip.mp4"]
-    assert "not an audio or image file (extension '.txt')" in errors["notes.txt"]
+    assert "clip.mp4" in errors["clip.mp4"]  # the video decoder's own message
+    assert "not an audio, image or video file (extension '.txt')" in errors["notes.txt"]
     assert errors["blue_star_0000.wav"] is None
 
 
@@ -207,3 +207,25 @@ def test_approximate_index_agrees_with_the_exact_scan_and_is_not_used_when_stale
 
     embed_corpus([str(corpus / "val.csv"), str(corpus / "heldout.csv")], str(bundle), str(out))  # rewrites out
     assert approximate_hits(str(out), query, 10, None) is None  # stale: the caller scans instead
+
+
+def test_videos_are_rows_with_the_runtimes_fused_embedding(bundle, library, tmp_path):
+    pytest.importorskip("av", reason="synergy[video] is not installed (PyAV)")
+    from synergy.serve.corpus import embed_corpus
+    from synergy.train.synth_video import write_video
+
+    from .conftest import SAMPLE_RATE, tone
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i, suffix in enumerate((".mp4", ".webm")):
+        frames = rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+        write_video(folder / f"clip{i}{suffix}", frames, 3, tone(2.0, freq=300 + 200 * i), SAMPLE_RATE)
+    out = tmp_path / "videos.parquet"
+    summary = embed_corpus([str(folder)], str(bundle), str(out))
+    assert (summary["rows"], summary["failed"]) == (2, 0)
+    rows = read_rows(out)
+    assert {r["modality"] for r in rows} == {"video"}
+    expected = library.embed_video_batch([r["path"] for r in rows]).fused
+    np.testing.assert_allclose([r["embedding"] for r in rows], expected, atol=2e-6)
