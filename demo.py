@@ -60,7 +60,10 @@ def main(argv=None) -> None:
         f"[2/5] training the `small` preset for {config.steps} steps x {config.batch_size} on CPU"
         + (" (resuming)" if resume else "")
     )
-    checkpoint = train(config, resume=resume)
+    try:
+        checkpoint = train(config, resume=resume)
+    except KeyboardInterrupt:  # the trainer saved the finished steps: say how to continue, no traceback
+        sys.exit(f"\ninterrupted; the finished steps are saved in {run / 'checkpoint'}: run `make demo` again to resume")
 
     print("[3/5] evaluating: zero-shot among all classes (seen + held-out combinations), retrieval")
     from synergy.core.checkpoint import load_checkpoint
@@ -91,7 +94,7 @@ def main(argv=None) -> None:
     print(
         f"\ndemo finished in {time.perf_counter() - start:.0f} s; results in {run}/eval.json\n"
         f"try: {synergy if synergy.is_file() else 'synergy'} infer --audio '{data}/audio/val/*.wav' "
-        f"--labels {labels_file} --model {run / 'bundle'} --top-k 3"
+        f"--labels {labels_file} --bundle {run / 'bundle'} --top-k 3"
     )
 
 
