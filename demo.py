@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     try:
         checkpoint = train(config, resume=resume)
     except KeyboardInterrupt:  # the trainer saved the finished steps: say how to continue, no traceback
-        sys.exit(f"\ninterrupted; the finished steps are saved in {run / 'checkpoint'}: run `make demo` again to resume")
+        sys.exit(f"\ninterrupted; the finished steps are in {run / 'checkpoint'}: run `make demo` again to resume")
 
     print("[3/5] evaluating: zero-shot among all classes (seen + held-out combinations), retrieval")
     from synergy.core.checkpoint import load_checkpoint
