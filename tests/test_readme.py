@@ -44,6 +44,8 @@ SHRINK = {  # README command -> arguments appended to run it at test size
 NOT_RUN = {  # README command -> why this test does not run it
     "make demo": "8-9 minutes of training; tests/test_demo.py runs the demo end to end with 3 steps",
     "make test": "the suite this test is part of",
+    "make demo-mmr": "about 3.5 minutes of MMR training on make demo's checkpoint; the three synergy mmr commands "
+    "below it run here at tiny size, and tests/train/test_mmr.py covers the CLI",
     "torchrun --nproc-per-node 2 -m synergy.cli train --config train.json": "two processes; tests/train runs DDP "
     "under torchrun",
     "synergy export --checkpoint runs/train/checkpoint --out runs/train/bundle-trt --format trt --precision fp16": (
