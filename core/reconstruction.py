@@ -23,6 +23,7 @@ The encoders are not part of these modules: callers pass features computed by th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -106,7 +107,9 @@ class Fusion(nn.Module):
         super().__init__()
         self.norms = nn.ModuleList(nn.LayerNorm(w) for w in input_widths)
         self.inputs = nn.ModuleList(nn.Linear(w, width, bias=False) for w in input_widths)
-        self.mlp = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, bottleneck), nn.GELU(), nn.Linear(bottleneck, width))
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, bottleneck), nn.GELU(), nn.Linear(bottleneck, width)
+        )
         self.out = nn.Linear(width, out_width)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
@@ -165,7 +168,7 @@ class GridDecoder(nn.Module):
         widths = [max(16, channels >> i) for i in range(max(1, doublings))]
         self.channels = widths[0]
         self.project = nn.Linear(in_width, widths[0] * self.start_h * self.start_w)
-        self.blocks = nn.Sequential(*(UpBlock(c_in, c_out) for c_in, c_out in zip(widths, widths[1:])))
+        self.blocks = nn.Sequential(*(UpBlock(c_in, c_out) for c_in, c_out in itertools.pairwise(widths)))
         self.scale = 2 if doublings else 1
         self.head = nn.Conv2d(widths[-1], out_channels * self.scale**2, 3, padding=1)
 

@@ -271,7 +271,9 @@ def training_baselines(train_set: dict, targets) -> dict[str, torch.Tensor]:
     for target in targets:
         index = usable(train_set, target)
         values = truth(train_set, target, index)
-        out[f"mean.{target}"] = values.mode(0).values[None] if target == "text" else values.float().mean(0, keepdim=True)
+        out[f"mean.{target}"] = (
+            values.mode(0).values[None] if target == "text" else values.float().mean(0, keepdim=True)
+        )
         a, b = present_modalities(target)
         fused = train_set["embeddings"][a][index] + train_set["embeddings"][b][index]
         out[f"fused.{target}"] = F.normalize(fused, dim=-1)
@@ -333,7 +335,9 @@ def load_mmr(path: str | Path) -> MMRRun:
     try:
         heads.load_state_dict(load_file(str(folder / "heads.safetensors")))
     except (RuntimeError, OSError) as error:  # a size mismatch, a truncated file
-        raise CheckpointError(f"{folder}/heads.safetensors does not match its config.json: {str(error)[:300]}") from error
+        raise CheckpointError(
+            f"{folder}/heads.safetensors does not match its config.json: {str(error)[:300]}"
+        ) from error
     heads.eval()
     baselines = load_file(str(folder / "baselines.safetensors"))
     return MMRRun(model=model, tokenizer=tokenizer, heads=heads, run=run, folder=folder, baselines=baselines)
@@ -402,9 +406,16 @@ def train_mmr(config: MMRConfig, resume: bool = False, force: bool = False, repo
                 f"--resume: {folder} was trained with a different configuration; resume it with the same options "
                 f"({run['train_config']}) or start a new --out"
             )
+        if file_sha256(Path(config.checkpoint) / "model.safetensors") != run["checkpoint_sha256"]:
+            raise CheckpointError(
+                f"--resume: {config.checkpoint} is not the checkpoint {folder} was trained on (its weights changed); "
+                "start again with --force"
+            )
         state = torch.load(folder / "train_state" / "state.pt", map_location="cpu", weights_only=True)
     elif folder.is_dir() and not force:
-        raise CheckpointError(f"{folder} already holds an MMR checkpoint; continue it with --resume or replace it with --force")
+        raise CheckpointError(
+            f"{folder} already holds an MMR checkpoint; continue it with --resume or replace it with --force"
+        )
     model, tokenizer = load_frozen(config.checkpoint)
     rows = read_manifest(config.data)
     train_rows, val_rows, val_source = split_rows(rows, config.val_data, config.val_fraction, config.seed)
@@ -424,7 +435,8 @@ def train_mmr(config: MMRConfig, resume: bool = False, force: bool = False, repo
     val_set = encode_rows(model, tokenizer, val_rows, on_bad_sample=config.on_bad_sample, report=report)
     bad = len(train_set["bad"]) + len(val_set["bad"])
     report(
-        f"  encoded {len(train_rows) + len(val_rows)} rows with the frozen towers in {time.perf_counter() - start:.0f} s"
+        f"  encoded {len(train_rows) + len(val_rows)} rows with the frozen towers "
+        f"in {time.perf_counter() - start:.0f} s"
         + (f"; {bad} bad row(s) skipped (listed above)" if bad else "")
     )
     if run is None:
@@ -478,7 +490,11 @@ def train_mmr(config: MMRConfig, resume: bool = False, force: bool = False, repo
                     continue
                 mask = train_set["token_mask"][index] if target == "text" else None
                 loss = reconstruction_loss(
-                    target, head(*head_inputs(train_set, target, index)), truth(train_set, target, index), mask, audio_range
+                    target,
+                    head(*head_inputs(train_set, target, index)),
+                    truth(train_set, target, index),
+                    mask,
+                    audio_range,
                 )
                 total_loss = total_loss + loss  # the heads share no parameters: one backward trains each on its own
                 sums[target] += loss.item() / steps_per_epoch

@@ -32,7 +32,6 @@ from synergy.train.mmr import (
     encode_rows,
     head_inputs,
     heads_for,
-    load_mmr,
     special_ids,
     split_rows,
     tokens_of,
@@ -212,7 +211,9 @@ def reconstruct_files(run: MMRRun, image=None, audio=None, text: str | None = No
     model, config = run.model, run.model.config
     features = {}
     if image is not None:
-        pixels = preprocess_image(load_image(image, name=str(image)), config.image.image_size, config.image.mean, config.image.std)
+        pixels = preprocess_image(
+            load_image(image, name=str(image)), config.image.image_size, config.image.mean, config.image.std
+        )
         features["image"] = model.image_features(torch.from_numpy(pixels)[None])
     if audio is not None:
         wave = load_audio(audio, config.audio.sample_rate, name=str(audio))
@@ -236,7 +237,10 @@ def reconstruct_files(run: MMRRun, image=None, audio=None, text: str | None = No
 def decode_text(run: MMRRun, ids: torch.Tensor) -> list[str]:
     pad_id, eos_id = special_ids(run.model, run.tokenizer)
     cut, mask = cut_at_eos(ids, eos_id, pad_id)
-    return [run.tokenizer.decode([i for i, m in zip(r, k) if m], skip_special_tokens=True) for r, k in zip(cut.tolist(), mask.tolist())]
+    return [
+        run.tokenizer.decode([i for i, m in zip(r, k) if m], skip_special_tokens=True)
+        for r, k in zip(cut.tolist(), mask.tolist())
+    ]
 
 
 def save_image(pixels: torch.Tensor, path: str | Path) -> None:
@@ -307,11 +311,15 @@ def write_grid(run: MMRRun, csv_path, out: str | Path, n: int = 6, seed: int = 0
             reconstruction = decode_text(run, reconstruction)
         for k, row in enumerate(pick.tolist()):
             values = {"image": data["image"][row].float() / 255, "audio": data["log_mel"][row], "text": texts[k]}
-            cells = [draw(a, values[a], k), draw(b, values[b], k), draw(target, reconstruction[k], k), draw(target, values[target], k)]
+            cells = [
+                draw(a, values[a], k),
+                draw(b, values[b], k),
+                draw(target, reconstruction[k], k),
+                draw(target, values[target], k),
+            ]
             for c, cell in enumerate(cells):
                 sheet.paste(cell, (x0 + c * (CELL + 2), title + k * (CELL + 2)))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out, optimize=True)
     return out
-

@@ -32,8 +32,9 @@ def _features(model, target: str, batch: int):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_head_shapes_follow_the_checkpoint(tiny, target):
-    config = reconstruction_config(tiny, target, vocab_size=131, fusion_width=37, bottleneck=11, text_width=21,
-                                   text_heads=3, decoder_channels=19)
+    config = reconstruction_config(
+        tiny, target, vocab_size=131, fusion_width=37, bottleneck=11, text_width=21, text_heads=3, decoder_channels=19
+    )
     head = build_reconstructor(config)
     out = head(*_features(tiny, target, 7))
     expected = {"image": (7, 3, 30, 30), "audio": (7, 48, 24), "text": (7, 13, 131)}[target]
@@ -74,7 +75,12 @@ def test_ssim_matches_scikit_image(shape, data_range):
     noisy = np.clip(truth + 0.15 * data_range * rng.standard_normal(shape), 0, data_range)
     ours = ssim(torch.tensor(noisy)[None], torch.tensor(truth)[None], data_range).item()
     theirs = skimage_metrics.structural_similarity(
-        noisy, truth, data_range=data_range, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+        noisy,
+        truth,
+        data_range=data_range,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
         channel_axis=0,
     )
     assert ours == pytest.approx(theirs, abs=1e-6)

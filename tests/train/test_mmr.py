@@ -42,8 +42,17 @@ def trained(tiny):
     """`synergy mmr train` through the CLI: the run folder and what it printed."""
     result = CliRunner().invoke(
         main,
-        ["mmr", "train", "--checkpoint", str(tiny / "checkpoint"), "--data", str(tiny / "data" / "train.csv"),
-         "--out", str(tiny / "run"), *FAST],
+        [
+            "mmr",
+            "train",
+            "--checkpoint",
+            str(tiny / "checkpoint"),
+            "--data",
+            str(tiny / "data" / "train.csv"),
+            "--out",
+            str(tiny / "run"),
+            *FAST,
+        ],
     )
     assert result.exit_code == 0, result.output
     return tiny / "run", result.output
@@ -85,10 +94,17 @@ def test_encoders_stay_frozen(tiny, trained):
 
 def test_resume_after_an_interruption_is_exact(tiny, monkeypatch):
     config = mmr.mmr_config(
-        {"checkpoint": str(tiny / "checkpoint"), "data": str(tiny / "data" / "train.csv"), "out": str(tiny / "whole"),
-         "epochs": 2, "batch_size": 8, "warmup_steps": 2, "targets": ["text"]}
+        {
+            "checkpoint": str(tiny / "checkpoint"),
+            "data": str(tiny / "data" / "train.csv"),
+            "out": str(tiny / "whole"),
+            "epochs": 2,
+            "batch_size": 8,
+            "warmup_steps": 2,
+            "targets": ["text"],
+        }
     )
-    quiet = lambda text: None  # noqa: E731
+    quiet = lambda text: None
     whole = mmr.train_mmr(config, report=quiet)
     interrupted = mmr.mmr_config({**json.loads(json.dumps(config.__dict__)), "out": str(tiny / "parts")})
     real_save = mmr.save_mmr
@@ -128,8 +144,18 @@ def test_cli_eval_reconstruct_and_grid(tiny, trained, tmp_path):
     data = tiny / "data"
     metrics = tmp_path / "metrics.json"
     result = runner.invoke(
-        main, ["mmr", "eval", str(run), "--data", str(data / "val.csv"), "--data", str(data / "heldout.csv"),
-               "--out", str(metrics)]
+        main,
+        [
+            "mmr",
+            "eval",
+            str(run),
+            "--data",
+            str(data / "val.csv"),
+            "--data",
+            str(data / "heldout.csv"),
+            "--out",
+            str(metrics),
+        ],
     )
     assert result.exit_code == 0, result.output
     report = json.loads(metrics.read_text())
@@ -161,6 +187,8 @@ def test_cli_eval_reconstruct_and_grid(tiny, trained, tmp_path):
 
     one = runner.invoke(main, ["mmr", "reconstruct", str(run), "--text", "a red circle"])
     assert one.exit_code == 2 and "exactly two" in one.output
-    missing = runner.invoke(main, ["mmr", "train", "--checkpoint", str(tmp_path), "--data", str(data / "val.csv"),
-                                   "--out", str(tmp_path / "x")])
+    missing = runner.invoke(
+        main,
+        ["mmr", "train", "--checkpoint", str(tmp_path), "--data", str(data / "val.csv"), "--out", str(tmp_path / "x")],
+    )
     assert missing.exit_code == 2 and "not a checkpoint" in missing.output
