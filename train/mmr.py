@@ -439,6 +439,13 @@ def train_mmr(config: MMRConfig, resume: bool = False, force: bool = False, repo
         f"in {time.perf_counter() - start:.0f} s"
         + (f"; {bad} bad row(s) skipped (listed above)" if bad else "")
     )
+    for target in config.targets:
+        if len(usable(train_set, target)) == 0:
+            a, b = present_modalities(target)
+            raise DataError(
+                f"{config.data}: no training row has {target}, {a} and {b} together, so the {target} head has "
+                f"nothing to learn from; add such rows or leave {target} out (--target)"
+            )
     if run is None:
         audio_rows = train_set["masks"]["audio"]
         log_mel = train_set["log_mel"][audio_rows]

@@ -19,6 +19,15 @@ from synergy.core.reconstruction import (
 skimage_metrics = pytest.importorskip("skimage.metrics", reason="scikit-image is the dev extra's independent SSIM")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny heads on tiny batches: a second intra-op thread only spins (10x the CPU time of one on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)

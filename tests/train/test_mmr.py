@@ -23,6 +23,15 @@ from synergy.train.synth import synthesize_tiny
 FAST = ["--set", "epochs=2", "--set", "batch_size=8", "--set", "warmup_steps=2"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny heads on tiny batches: a second intra-op thread only spins (10x the CPU time of one on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Tiny synthetic data (one training row points at a missing file) and an untrained tiny checkpoint."""
