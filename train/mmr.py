@@ -436,8 +436,7 @@ def train_mmr(config: MMRConfig, resume: bool = False, force: bool = False, repo
     bad = len(train_set["bad"]) + len(val_set["bad"])
     report(
         f"  encoded {len(train_rows) + len(val_rows)} rows with the frozen towers "
-        f"in {time.perf_counter() - start:.0f} s"
-        + (f"; {bad} bad row(s) skipped (listed above)" if bad else "")
+        f"in {time.perf_counter() - start:.0f} s" + (f"; {bad} bad row(s) skipped (listed above)" if bad else "")
     )
     for target in config.targets:
         if len(usable(train_set, target)) == 0:
