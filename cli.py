@@ -656,7 +656,7 @@ def _mmr_set(overrides) -> dict:
 @click.option("--resume", is_flag=True, help="Continue <out>/checkpoint after its last epoch.")
 @click.option("--force", is_flag=True, help="Replace an existing <out>/checkpoint.")
 def mmr_train_command(checkpoint_dir, data, val_data, target, out, overrides, resume, force):
-    """Train reconstruction heads: real epochs over the whole manifest, validation after each, a checkpoint per epoch."""
+    """Train reconstruction heads: real epochs over the manifest, validation after each, a checkpoint per epoch."""
     checkpoint = check_checkpoint(None, checkpoint_dir)
     check_csv(data)
     if val_data:
