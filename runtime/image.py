@@ -13,8 +13,9 @@ Where this differs from transformers, on purpose:
 - Work and memory are bounded by the output size. When the resized image would be over ``MAX_RESIZE_AREA`` times
   the crop (an aspect ratio beyond 32:1; below it an image is at most 7168 x 224 pixels before the crop), only the
   part that survives the center crop is resampled (Pillow's ``resize(box=...)``: the filter still reads across the
-  crop's edges; pixels agree with resize-then-crop to a few levels, not exactly, Pillow's rounding differs). A 100000 x 1 PNG (370 bytes) would otherwise be resized to
-  6,400,000 x 64 pixels (7.5 GiB as float). Ordinary images take transformers' exact path.
+  crop's edges; pixels agree with resize-then-crop to a few levels, not exactly, Pillow's rounding differs). A
+  100000 x 1 PNG (370 bytes) would otherwise be resized to 6,400,000 x 64 pixels (7.5 GiB as float). Ordinary
+  images take transformers' exact path.
 """
 
 from __future__ import annotations
