@@ -110,6 +110,21 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.sample_rate, self.clip_samples = sample_rate, round(clip_seconds * sample_rate)
         self.text_mode, self.templates = text_mode, tuple(templates)
 
+    @classmethod
+    def for_model(cls, rows, model_config, text_mode: str = "caption") -> ManifestDataset:
+        """The dataset a model's own preprocessing asks for (image size and statistics, sample rate, clip, prompts):
+        the one constructor training, evaluation and MMR share."""
+        return cls(
+            rows,
+            image_size=model_config.image.image_size,
+            mean=model_config.image.mean,
+            std=model_config.image.std,
+            sample_rate=model_config.audio.sample_rate,
+            clip_seconds=model_config.audio.clip_seconds,
+            text_mode=text_mode,
+            templates=model_config.prompt_templates,
+        )
+
     def __len__(self) -> int:
         return len(self.rows)
 

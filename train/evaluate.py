@@ -25,16 +25,7 @@ def embed_manifest(model: SynergyModel, tokenizer, csv_path, batch_size: int = 6
     is empty). Batches go to the model's device."""
     config = model.config
     rows = read_manifest(csv_path)
-    dataset = ManifestDataset(
-        rows,
-        image_size=config.image.image_size,
-        mean=config.image.mean,
-        std=config.image.std,
-        sample_rate=config.audio.sample_rate,
-        clip_seconds=config.audio.clip_seconds,
-        text_mode="caption",
-        templates=config.prompt_templates,
-    )
+    dataset = ManifestDataset.for_model(rows, config, text_mode="caption")
     collate = Collate(tokenizer, config.image.image_size, dataset.clip_samples)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     device = next(model.parameters()).device

@@ -239,17 +239,7 @@ def _schedule(config: TrainConfig):
 
 
 def _dataset(config: TrainConfig, model: SynergyModel, rows) -> ManifestDataset:
-    mc = model.config
-    return ManifestDataset(
-        rows,
-        image_size=mc.image.image_size,
-        mean=mc.image.mean,
-        std=mc.image.std,
-        sample_rate=mc.audio.sample_rate,
-        clip_seconds=mc.audio.clip_seconds,
-        text_mode=config.text_mode,
-        templates=mc.prompt_templates,
-    )
+    return ManifestDataset.for_model(rows, model.config, text_mode=config.text_mode)
 
 
 def _loader(config: TrainConfig, dataset: ManifestDataset, tokenizer, start_step: int, process: Process):

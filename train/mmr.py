@@ -146,16 +146,7 @@ def encode_rows(model, tokenizer, rows, batch_size: int = 64, on_bad_sample: str
     [N, max_length] (the caption, or the label in the first template); ``masks`` {m: [N] bool}; ``labels``;
     ``bad`` (messages of the rows left out)."""
     config = model.config
-    dataset = ManifestDataset(
-        rows,
-        image_size=config.image.image_size,
-        mean=config.image.mean,
-        std=config.image.std,
-        sample_rate=config.audio.sample_rate,
-        clip_seconds=config.audio.clip_seconds,
-        text_mode="caption",
-        templates=config.prompt_templates,
-    )
+    dataset = ManifestDataset.for_model(rows, config, text_mode="caption")
     collate = Collate(tokenizer, config.image.image_size, dataset.clip_samples)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     mean = torch.tensor(config.image.mean).view(1, 3, 1, 1)
