@@ -71,12 +71,7 @@ class EvaluationSet:
     waveforms: np.ndarray  # [M, T] float32 at the model's sample rate, T = one clip, rows zero-padded
     labels: tuple[str, ...]
     source: str
-    waveform_lengths: np.ndarray | None = None  # [M] int64 real samples per row (None: every row is T long)
-
-    def audio_lengths(self) -> np.ndarray:
-        if self.waveform_lengths is not None:
-            return self.waveform_lengths
-        return np.full(self.waveforms.shape[0], self.waveforms.shape[1], np.int64)
+    waveform_lengths: np.ndarray  # [M] int64 real samples per row
 
 
 @dataclass(frozen=True)
@@ -365,7 +360,7 @@ def verify_towers(
         "image", len(evaluation.images), lambda i: {"pixel_values": evaluation.images[i]}
     )
     # sounds at one clip, then at a shorter and a longer length
-    waves, real = evaluation.waveforms, evaluation.audio_lengths()
+    waves, real = evaluation.waveforms, evaluation.waveform_lengths
     clip = waves.shape[1]
     audio_out, audio_ref, audio_cmp = embed_all(
         "audio",

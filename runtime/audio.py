@@ -219,8 +219,6 @@ def _check_waveform(samples, rate, name: str, max_seconds: float, max_channels: 
         raise UnsupportedAudio(name, f"waveform of shape {samples.shape}; pass [T], [T, C] or [C, T]")
     if samples.shape[0] == 0:
         raise UnsupportedAudio(name, "0 samples (empty audio); pass a recording at least one sample long")
-    if samples.shape[1] > max_channels:
-        raise UnsupportedAudio(name, f"{samples.shape[1]} channels; only mono or stereo is read, downmix it first")
     if samples.shape[0] / rate > max_seconds:
         raise UnsupportedAudio(
             name, f"{samples.shape[0] / rate:.1f} s long, over the {max_seconds:g} s limit; cut it first"

@@ -40,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from synergy.runtime import BatcherFull, InferUsageError, InputError, LabelsError, MicroBatcher, Runtime, read_labels
-from synergy.runtime.runtime import l2_normalise, softmax
+from synergy.runtime.runtime import _not_finite, l2_normalise, softmax
 
 from .metrics import BATCH_SIZE_BUCKETS, CONTENT_TYPE, LATENCY_BUCKETS, Metrics
 
@@ -408,8 +408,10 @@ def create_app(service: Service) -> Starlette:
         if isinstance(top_k, list) and len(top_k) == 1:
             top_k = top_k[0]
         try:
+            if isinstance(top_k, bool):  # checked before int(): int(True) is 1
+                raise ValueError
             top_k = int(top_k)
-            if top_k < 1 or isinstance(top_k, bool):
+            if top_k < 1:
                 raise ValueError
         except (TypeError, ValueError) as error:
             raise Problem(400, "BadRequest", f"top_k must be an integer >= 1, got {top_k!r}") from error
@@ -441,6 +443,8 @@ def create_app(service: Service) -> Starlette:
         data = []
         for i in range(next(iter(counts.values()))):
             error = next((rs[i] for rs in results.values() if not isinstance(rs[i], Embedded)), None)
+            if error is None and not (np.isfinite(probabilities[i]).all() and np.isfinite(similarity[i]).all()):
+                error = _not_finite(next(iter(given)), f"input[{i}]", "probabilities")  # as Runtime.classify
             if error is not None:
                 data.append(item_error(i, error))
                 continue

@@ -3,6 +3,7 @@ compiles triton (no TRITON_INTERPRET) and the tests marked `interpreted` must ru
 with the interpreter. Before the child processes existed they raised "needs TRITON_INTERPRET=1" there."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ def _pytest_as_on_a_gpu_machine(tmp_path, *args):
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    # on a real GPU machine hide the GPU from this simulation, so its requires_cuda test skips as it does here
+    env["CUDA_VISIBLE_DEVICES"] = ""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA", *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -34,7 +37,9 @@ def test_interpreted_tests_run_in_a_child_process_where_nvidia_smi_exists(tmp_pa
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
-    assert "2 interpreted kernel tests ran in 1 child process(es) with TRITON_INTERPRET=1" in output, output[-3000:]
+    # one child on a small machine, up to 4 on a many-core GPU host (tests/conftest.py sizes them by cpu_count)
+    children = r"2 interpreted kernel tests ran in [12] child process\(es\) with TRITON_INTERPRET=1"
+    assert re.search(children, output), output[-3000:]
     assert "3 passed, 1 skipped" in output, output[-3000:]
     # the replayed reports reach the other plugins too: junit lists each interpreted test as passed
     xml = junit.read_text()
@@ -78,4 +83,4 @@ def test_child_failures_and_environment_reach_the_parent(tmp_path):
     # under CI=true pytest appends " - <message>" to the short summary line: compare the test id only
     assert len(failed) == 1 and failed[0].split(" - ")[0].endswith("test_mini.py::test_fails_in_the_child"), output
     assert "wrong arithmetic, reported from the child" in output, output
-    assert "2 interpreted kernel tests ran in 1 child process(es)" in output, output
+    assert re.search(r"2 interpreted kernel tests ran in [12] child process\(es\)", output), output

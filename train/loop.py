@@ -39,8 +39,7 @@ from synergy.core.config import load_config
 from synergy.core.model import LOGIT_SCALE_MAX, SynergyModel
 from synergy.core.spec_augment import SpecAugment, audio_intra_loss
 from synergy.core.tokenizer import load_pretrained_tokenizer, train_tokenizer
-from synergy.kernels.contrastive import trimodal_contrastive_loss
-from synergy.kernels.contrastive.distributed import gather_features
+from synergy.kernels.contrastive import gather_features, trimodal_contrastive_loss
 from synergy.train.config import TrainConfig, check_train_config
 from synergy.train.data import Collate, DataError, EpochBatches, ManifestDataset, read_manifest
 from synergy.train.evaluate import evaluate, format_report, write_report

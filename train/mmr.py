@@ -39,7 +39,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from synergy.core.atomic_folder import atomic_folder, recover_folder
-from synergy.core.checkpoint import CheckpointError, load_checkpoint
+from synergy.core.checkpoint import CheckpointError, load_checkpoint, load_train_state
 from synergy.core.config import ConfigError, check_value
 from synergy.core.reconstruction import (
     TARGETS,
@@ -402,7 +402,9 @@ def train_mmr(config: MMRConfig, resume: bool = False, force: bool = False, repo
                 f"--resume: {config.checkpoint} is not the checkpoint {folder} was trained on (its weights changed); "
                 "start again with --force"
             )
-        state = torch.load(folder / "train_state" / "state.pt", map_location="cpu", weights_only=True)
+        state = load_train_state(folder)  # weights_only, with the checkpoint's own errors for a pickle or a bad file
+        if state is None:
+            raise CheckpointError(f"--resume: {folder} has no train_state/ to resume from; start again with --force")
     elif folder.is_dir() and not force:
         raise CheckpointError(
             f"{folder} already holds an MMR checkpoint; continue it with --resume or replace it with --force"

@@ -16,13 +16,14 @@ import torch
 from torch import Tensor, nn
 
 from ..dispatch import IMPLS, resolve_impl
-from .distributed import gather_features as gather_features  # re-exported: the global-negatives gather
+from .distributed import gather_features  # public beside the loss: the global-negatives gather
 from .reference import MODALITIES, PAIRS, trimodal_contrastive_loss_reference
 
 __all__ = [
     "MODALITIES",
     "PAIRS",
     "TriModalContrastiveLoss",
+    "gather_features",
     "trimodal_contrastive_loss",
     "trimodal_contrastive_loss_reference",
 ]

@@ -163,6 +163,7 @@ MALFORMED_CLASSIFY = [
     ({"labels": ["dog", "Dog"], "text": ["a"]}, 400, "BadLabels"),
     ({"labels": ["dog"]}, 400, "BadRequest"),
     ({"labels": ["dog"], "text": ["a"], "top_k": 0}, 400, "BadRequest"),
+    ({"labels": ["dog"], "text": ["a"], "top_k": True}, 400, "BadRequest"),  # not 1: a bool is not a count
     ({"labels": ["dog"], "text": ["a"], "audio": []}, 400, "BadRequest"),
     ({"text": ["a"]}, 400, "BadRequest"),
 ]
