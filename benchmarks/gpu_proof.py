@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -60,14 +61,20 @@ def environment() -> dict:
 
 
 def run(command: list[str], timeout: float, env: dict | None = None, log: Path | None = None) -> dict:
-    """Run a part's command -> {command, returncode, seconds, timed_out, output_tail}; output also goes to log."""
+    """Run a part's command -> {command, returncode, seconds, timed_out, output_tail}; output also goes to log.
+
+    The command runs in its own process group, and a timeout kills the whole group: pytest's interpreted-test
+    children and torchrun workers would otherwise keep the CPU busy through the parts that follow."""
     start = time.perf_counter()
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        code, output, timed_out = done.returncode, done.stdout + done.stderr, False
-    except subprocess.TimeoutExpired as expired:
-        out = expired.stdout or b""
-        output = out.decode(errors="replace") if isinstance(out, bytes) else out
+        output, _ = process.communicate(timeout=timeout)
+        code, timed_out = process.returncode, False
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()  # what it printed before the cut
         code, timed_out = None, True
     if log is not None:
         log.write_text(output)
