@@ -662,6 +662,7 @@ class Runtime:
         rate = self.manifest.audio.sample_rate
         clip = round(self.manifest.audio.clip_seconds * rate)
         frames, sounds, errors, sources = [], [], [], []  # frames: (video, [3, S, S]); sounds: (video, value)
+        present = np.zeros((len(items), 2), bool)  # [N, (image, audio)]: the streams each video decoded
         for index, item in enumerate(items):
             name = describe_video(item, index)
             try:
@@ -679,6 +680,7 @@ class Runtime:
                 if not video.frames and video.audio is None:
                     raise UnsupportedVideo(name, "has no stream this bundle's towers can embed")
                 frames += [(index, f) for f in video.frames]
+                present[index] = bool(video.frames), video.audio is not None
                 if video.audio is not None:
                     sounds.append((index, (video.audio, window_spans(video.audio.shape[0], clip, self.audio_overlap))))
                 errors.append(None)
@@ -696,7 +698,12 @@ class Runtime:
             image[with_frames] = l2_normalise(pooled[with_frames])
         if sounds:
             audio[[owner for owner, _ in sounds]] = self._compute("audio", [v for _, v in sounds], batch_size)
-        present = np.stack([np.isfinite(image).all(-1), np.isfinite(audio).all(-1)], axis=1)  # [N, 2]
+        for index in np.flatnonzero(present.any(1)):  # a decoded stream with a non-finite embedding fails its video
+            rows = zip(("image", "audio"), (image[index], audio[index]), present[index])
+            bad = [modality for modality, row, decoded in rows if decoded and not np.isfinite(row).all()]
+            if bad:
+                errors[index] = _not_finite(bad[0], sources[index])
+                present[index] = False
         modalities = tuple(tuple(m for m, on in zip(("image", "audio"), row) if on) for row in present)
         both = np.where(present[:, :, None], np.stack([image, audio], axis=1), 0.0).sum(1)  # [N, D]
         with np.errstate(invalid="ignore"):
@@ -727,6 +734,10 @@ class Runtime:
                 continue
             similarity = label_matrix @ result.fused[i]  # [K]
             probabilities = softmax(self.label_scale(result.modalities[i]) * similarity)
+            if not (np.isfinite(probabilities).all() and np.isfinite(similarity).all()):
+                modality = result.modalities[i][0]
+                predictions.append(Prediction(source, error=_not_finite(modality, source, "probabilities")))
+                continue
             order = np.argsort(-probabilities, kind="stable")[: min(top_k, len(labels))]
             top = tuple(LabelScore(labels[j], float(probabilities[j]), float(similarity[j])) for j in order)
             predictions.append(Prediction(source, top, modalities=result.modalities[i]))

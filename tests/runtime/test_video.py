@@ -3,13 +3,14 @@
 the soundtrack equal to the same audio given as audio, silent videos (image-only) and audio-only containers, and a
 named error for every bad file. Files are tiny (32 px, a few seconds at a few fps)."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from synergy.runtime import video as video_module
-from synergy.runtime.errors import UnsupportedVideo
+from synergy.runtime.errors import InputError, UnsupportedVideo
 from synergy.runtime.infer import run
 from synergy.runtime.runtime import l2_normalise
 from synergy.runtime.video import frame_times, load_video
@@ -155,6 +156,25 @@ def test_embed_video_pools_frames_and_embeds_the_soundtrack_as_audio(runtime, vi
     np.testing.assert_allclose(result.fused[2], result.audio[2], atol=1e-6)
     with pytest.raises(UnsupportedVideo, match="cannot be opened"):
         runtime.embed_video([videos[".mp4"], videos["not_video"]])
+
+
+def test_a_stream_with_a_non_finite_embedding_fails_its_video_alone(runtime, videos, monkeypatch):
+    """A soundtrack of huge finite samples (3e38, as a float WAV can hold) embeds to NaN: that video is an error
+    naming it, never an answer built from its other stream or a NaN probability; the other video is answered."""
+    import synergy.runtime.runtime as runtime_module
+
+    real_load_video = runtime_module.load_video
+
+    def loud(item, *args, **kwargs):
+        video = real_load_video(item, *args, **kwargs)
+        return dataclasses.replace(video, audio=np.full_like(video.audio, 3e38)) if "clip0" in str(item) else video
+
+    monkeypatch.setattr(runtime_module, "load_video", loud)
+    result = runtime.embed_video_batch([videos[".mp4"], videos[".webm"]])
+    assert isinstance(result.errors[0], InputError) and "non-finite" in str(result.errors[0])
+    assert result.errors[1] is None and result.modalities[1] == ("image", "audio")
+    predictions = runtime.classify_video(LABELS, [videos[".mp4"], videos[".webm"]])
+    assert [p.ok for p in predictions] == [False, True]
 
 
 def test_classify_video_fuses_with_the_streams_scale(runtime, videos):
