@@ -142,7 +142,7 @@ def _manifest_paths(csv_path: Path) -> list[str]:
 
 @pytest.mark.slow  # a local Ray instance starts in 10-30 s on 2 cores
 def test_ray_engine_writes_the_same_rows_as_the_local_engine(corpus, bundle, tmp_path):
-    pytest.importorskip("ray.data", reason="synergy[ray] is not installed (ray[data] is too heavy for the dev extra)")
+    pytest.importorskip("ray.data", reason="synergy[ray] is not installed (ray[data])")
     inputs = [str(corpus / "val.csv"), str(corpus / "audio/val/broken.wav")]
     local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
     assert synergy("embed", *inputs, "--bundle", str(bundle), "--out", str(local)).returncode == 1
