@@ -30,6 +30,21 @@ def deprecated(old: str, new: str) -> None:
     click.echo(f"note: {old} is deprecated and will be removed; use {new}", err=True)
 
 
+# `--model`, the old spelling of `--bundle` on every command that reads a bundle; resolved by `pick_bundle`
+legacy_model_option = click.option(
+    "--model", "legacy_model", default=None, hidden=True, help="Old spelling of --bundle."
+)
+
+
+def pick_bundle(bundle: str | None, legacy_model: str | None) -> str | None:
+    """``--bundle``, or its old spelling ``--model`` with a note; both given is a usage error. None: the default."""
+    if legacy_model:
+        deprecated("--model", "--bundle")
+        if bundle:
+            raise UsageProblem("both --bundle and --model given; give --bundle only")
+    return bundle or legacy_model
+
+
 def check_csv(path: str, option: str = "--data") -> Path:
     """A manifest CSV given on the command line must exist: a missing one is a typo, not a reason to make data."""
     from synergy.suggest import did_you_mean
@@ -360,13 +375,13 @@ def export_command(
     eval_data = data or legacy_eval_data
     if eval_data:
         check_csv(eval_data)
-    out_path = Path(out)
-    if out_path.exists() and not force:
-        raise UsageProblem(f"--out {out} already exists; pass --force to replace it, or choose another folder")
-    if out_path.exists() and not out_path.is_dir():
-        raise UsageProblem(f"--out {out} exists and is not a folder; choose another path")
+    from synergy.export import BatchProfile, ExportError, export_bundle  # torch-free until export_bundle runs
+    from synergy.export.bundle import check_output
 
-    from synergy.export import BatchProfile, ExportError, export_bundle
+    try:  # the export checks it again; here the error comes before torch loads
+        check_output(checkpoint, Path(out), force)
+    except ExportError as error:
+        raise UsageProblem(str(error)) from error
 
     try:
         report = export_bundle(
@@ -392,7 +407,7 @@ def export_command(
 @click.option("--video", multiple=True, help="Video file, folder or glob (frames + soundtrack fused); repeatable.")
 @click.option("--labels", required=True, type=click.Path(dir_okay=False), help="Candidate labels, one per line.")
 @click.option("--bundle", default=None, help="Bundle folder from `synergy export`.  [default: runs/demo/bundle]")
-@click.option("--model", "legacy_model", default=None, hidden=True, help="Old spelling of --bundle.")
+@legacy_model_option
 @click.option("--fuse", is_flag=True, help="Pair each audio file with the image of the same stem: one answer per pair.")
 @click.option("--out", "out_path", help="Write JSON lines to this file instead of printing each result.")
 @click.option("--top-k", default=5, show_default=True, type=int)
@@ -430,16 +445,13 @@ def infer_command(
     from synergy.runtime.errors import InferUsageError
     from synergy.runtime.infer import run
 
-    if legacy_model:
-        deprecated("--model", "--bundle")
-        if bundle:
-            raise UsageProblem("both --bundle and --model given; give --bundle only")
+    bundle = pick_bundle(bundle, legacy_model)
     try:
         code = run(
             audio=list(audio),
             image=list(image),
             labels=labels,
-            bundle=bundle or legacy_model,
+            bundle=bundle,
             top_k=top_k,
             as_json=as_json,
             backend=backend,
@@ -457,7 +469,7 @@ def infer_command(
 
 @main.command("serve")
 @click.option("--bundle", default=None, help="Bundle folder from `synergy export`.  [default: runs/demo/bundle]")
-@click.option("--model", "legacy_model", default=None, hidden=True, help="Another spelling of --bundle (issue 15).")
+@legacy_model_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port; 0 picks a free one (printed).")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1), help="Items per model call.")
@@ -514,15 +526,14 @@ def serve_command(
     from synergy.runtime.infer import DEFAULT_BUNDLE
     from synergy.serve import MissingExtra
 
-    if legacy_model and bundle:
-        raise UsageProblem("both --bundle and --model given; give --bundle only")
+    bundle = pick_bundle(bundle, legacy_model)
     try:
         from synergy.serve.app import ServeLimits
         from synergy.serve.server import serve
 
         limits = ServeLimits(max_batch, max_wait_ms, max_queue, max_items, round(max_body_mb * 2**20), timeout_s)
         code = serve(
-            bundle or legacy_model or DEFAULT_BUNDLE,
+            bundle or DEFAULT_BUNDLE,
             host,
             port,
             limits,
@@ -540,7 +551,7 @@ def serve_command(
 @main.command("embed")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--bundle", default=None, help="Bundle folder from `synergy export`.  [default: runs/demo/bundle]")
-@click.option("--model", "legacy_model", default=None, hidden=True, help="Another spelling of --bundle (issue 15).")
+@legacy_model_option
 @click.option("--out", "out_path", required=True, help="Parquet file to write (an existing one is resumed).")
 @click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
@@ -559,14 +570,13 @@ def embed_command(
     from synergy.runtime.infer import DEFAULT_BUNDLE
     from synergy.serve import MissingExtra
 
-    if legacy_model and bundle:
-        raise UsageProblem("both --bundle and --model given; give --bundle only")
+    bundle = pick_bundle(bundle, legacy_model)
     try:
         from synergy.serve.corpus import embed_corpus
 
         summary = embed_corpus(
             inputs,
-            bundle or legacy_model or DEFAULT_BUNDLE,
+            bundle or DEFAULT_BUNDLE,
             out_path,
             engine=engine,
             batch_size=batch_size,

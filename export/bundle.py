@@ -76,7 +76,7 @@ def export_bundle(
     batch = batch or BatchProfile()
     _check_arguments(fmt, precision, opset, triton_platform)
     checkpoint, out = Path(checkpoint), Path(out)
-    _check_output(checkpoint, out, force)
+    check_output(checkpoint, out, force)
     engines = fmt == "trt" or (fmt == "triton" and triton_platform == "tensorrt")
     trt = capability = None
     if engines:  # fail now, before minutes of export, when TensorRT or the GPU is missing
@@ -131,7 +131,9 @@ def _check_arguments(fmt: str, precision: str, opset: int, triton_platform: str)
         raise ExportError(f"unknown Triton platform {triton_platform!r}; choose one of {', '.join(TRITON_PLATFORMS)}")
 
 
-def _check_output(checkpoint: Path, out: Path, force: bool) -> None:
+def check_output(checkpoint: Path, out: Path, force: bool) -> None:
+    """Raise ``ExportError`` unless ``out`` may receive the bundle: apart from the checkpoint, and new, or a bundle
+    replaced with ``force``. Imports no torch: ``synergy export`` calls it before loading anything."""
     source, target = checkpoint.resolve(), out.resolve()
     if target == source or target in source.parents or source in target.parents:
         raise ExportError(f"--out {out} overlaps the checkpoint folder {checkpoint}; write the bundle elsewhere")

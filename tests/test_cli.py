@@ -70,7 +70,10 @@ def test_suggestions_are_close_names_only():
         (["eval", "--checkpoint", "{tmp}/nope", "--data", "{tmp}/val.csv"], "--checkpoint {tmp}/nope: no such folder"),
         (["eval", "--data", "{tmp}/val.csv"], "no checkpoint: pass --checkpoint DIR"),
         (["eval", "--checkpoint", "{ckpt}", "--data", "{tmp}/val.csv", "--out", "{tmp}"], "is a folder"),
-        (["export", "--checkpoint", "{ckpt}", "--out", "{tmp}"], "already exists; pass --force"),
+        # the export's own output check (synergy.export.bundle.check_output), run before torch loads
+        (["export", "--checkpoint", "{ckpt}", "--out", "{tmp}/bundle"], "already exists; pass --force"),
+        (["export", "--checkpoint", "{ckpt}", "--out", "{tmp}", "--force"], "overlaps the checkpoint folder"),
+        (["export", "--checkpoint", "{ckpt}", "--out", "{tmp}/photos", "--force"], "not a Synergy bundle; refusing"),
         (["export", "--checkpoint", "{ckpt}", "--out", "{tmp}/b", "--data", "{tmp}/x.csv"], "x.csv: no such file"),
         (["data", "synth", "--out", "{tmp}"], "pass overwrite=True (CLI: --overwrite)"),
         (["infer", "--labels", "{tmp}/val.csv", "--bundle", "{tmp}"], "no inputs"),
@@ -83,6 +86,10 @@ def test_suggestions_are_close_names_only():
 )
 def test_usage_errors_exit_2_before_torch_loads(tmp_path, fake_checkpoint, args, message):
     (tmp_path / "val.csv").write_text("img_path,wav_path,label,caption\n,,dog,\n")
+    (tmp_path / "bundle").mkdir()  # an earlier bundle
+    (tmp_path / "bundle" / "manifest.json").write_text("{}")
+    (tmp_path / "photos").mkdir()  # a folder that is not a bundle
+    (tmp_path / "photos" / "cat.png").write_bytes(b"")
     fill = {"ckpt": str(fake_checkpoint), "tmp": str(tmp_path)}
     done = synergy(*[a.format(**fill) for a in args], cwd=tmp_path, probe=True)
     assert done.returncode == 2, done.stderr
@@ -92,17 +99,68 @@ def test_usage_errors_exit_2_before_torch_loads(tmp_path, fake_checkpoint, args,
     assert "data synth" not in done.stderr or args[:2] == ["data", "synth"]  # a typo is not a reason to make data
 
 
-def test_old_spellings_still_work_with_a_note(tmp_path, fake_checkpoint):
-    (tmp_path / "val.csv").write_text("img_path,wav_path,label,caption\n")
-    done = synergy("export", str(fake_checkpoint), "--out", str(tmp_path), "--eval-data", "val.csv", cwd=tmp_path)
-    assert done.returncode == 2  # --out exists: stops there, after reading the old spellings
-    assert f"note: the positional CHECKPOINT ({fake_checkpoint}) is deprecated" in done.stderr
-    assert f"use --checkpoint {fake_checkpoint}" in done.stderr
-    assert "note: --eval-data is deprecated and will be removed; use --data" in done.stderr
-    both = synergy(
-        "eval", str(fake_checkpoint), "--checkpoint", str(fake_checkpoint), "--data", "val.csv", cwd=tmp_path
-    )
-    assert both.returncode == 2 and "two checkpoints given" in both.stderr
+MODEL_NOTE = "note: --model is deprecated and will be removed; use --bundle"
+CHECKPOINT_NOTE = "note: the positional CHECKPOINT ({ckpt}) is deprecated and will be removed; use --checkpoint {ckpt}"
+EVAL_DATA_NOTE = "note: --eval-data is deprecated and will be removed; use --data"
+INFER = ["infer", "--labels", "{tmp}/val.csv", "--audio", "x.wav"]
+SERVE = ["serve", "--port", "0"]
+EMBED = ["embed", "x.wav", "--out", "{tmp}/corpus.parquet"]
+EVAL = ["eval", "--data", "{tmp}/val.csv", "--out", "{tmp}"]  # --out a folder: a usage error after the checkpoint
+EXPORT = ["export", "--out", "{tmp}/bundle"]  # exists, no --force: a usage error after the old spellings
+
+
+@pytest.mark.parametrize(
+    "old, new, note",
+    [
+        # --model: the bundle reaches the loader, which names it (a missing folder) exactly as for --bundle
+        ([*INFER, "--model", "{tmp}/old"], [*INFER, "--bundle", "{tmp}/old"], MODEL_NOTE),
+        ([*SERVE, "--model", "{tmp}/old"], [*SERVE, "--bundle", "{tmp}/old"], MODEL_NOTE),
+        ([*EMBED, "--model", "{tmp}/old"], [*EMBED, "--bundle", "{tmp}/old"], MODEL_NOTE),
+        ([*EVAL, "{ckpt}"], [*EVAL, "--checkpoint", "{ckpt}"], CHECKPOINT_NOTE),
+        ([*EXPORT, "{ckpt}"], [*EXPORT, "--checkpoint", "{ckpt}"], CHECKPOINT_NOTE),
+        (
+            [*EXPORT, "--checkpoint", "{ckpt}", "--eval-data", "{tmp}/x.csv"],
+            [*EXPORT, "--checkpoint", "{ckpt}", "--data", "{tmp}/x.csv"],
+            EVAL_DATA_NOTE,
+        ),
+    ],
+)
+def test_old_spellings_still_work_with_a_note(tmp_path, fake_checkpoint, old, new, note):
+    """Each command's old spelling prints the note, then does what the new spelling does (here: reaches the same
+    error, which names the value given, so the value went where the new spelling sends it)."""
+    (tmp_path / "val.csv").write_text("img_path,wav_path,label,caption\n,,dog,\n")
+    (tmp_path / "bundle").mkdir()
+    fill = {"ckpt": str(fake_checkpoint), "tmp": str(tmp_path)}
+    done_old = synergy(*[a.format(**fill) for a in old], cwd=tmp_path, probe=True)
+    done_new = synergy(*[a.format(**fill) for a in new], cwd=tmp_path, probe=True)
+    assert done_old.returncode == done_new.returncode == 2, done_old.stderr
+    assert done_old.stderr.startswith(note.format(**fill) + "\n"), done_old.stderr
+    assert "deprecated" not in done_new.stderr
+    assert done_old.stderr.removeprefix(note.format(**fill) + "\n") == done_new.stderr
+    assert "Error: " in done_new.stderr and "TORCH_LOADED False" in done_new.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([*INFER, "--model", "{tmp}/old", "--bundle", "{tmp}/new"], "both --bundle and --model given"),
+        ([*SERVE, "--model", "{tmp}/old", "--bundle", "{tmp}/new"], "both --bundle and --model given"),
+        ([*EMBED, "--bundle", "{tmp}/new", "--model", "{tmp}/old"], "both --bundle and --model given"),
+        ([*EVAL, "{ckpt}", "--checkpoint", "{ckpt}"], "two checkpoints given"),
+        ([*EXPORT, "{ckpt}", "--checkpoint", "{ckpt}"], "two checkpoints given"),
+        (
+            [*EXPORT, "--checkpoint", "{ckpt}", "--data", "{tmp}/val.csv", "--eval-data", "{tmp}/val.csv"],
+            "both --data and --eval-data given",
+        ),
+    ],
+)
+def test_old_and_new_spelling_together_is_a_usage_error(tmp_path, fake_checkpoint, args, message):
+    (tmp_path / "val.csv").write_text("img_path,wav_path,label,caption\n,,dog,\n")
+    fill = {"ckpt": str(fake_checkpoint), "tmp": str(tmp_path)}
+    done = synergy(*[a.format(**fill) for a in args], cwd=tmp_path, probe=True)
+    assert done.returncode == 2, done.stderr
+    assert f"Error: {message}" in done.stderr and "Traceback" not in done.stderr
+    assert "TORCH_LOADED False" in done.stderr
 
 
 def test_a_broken_checkpoint_is_exit_2_with_its_reason(tmp_path, fake_checkpoint):
