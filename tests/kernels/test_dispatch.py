@@ -1,5 +1,6 @@
-"""One dispatch for every kernel op (synergy.kernels.dispatch): "auto" falls back to the reference when triton is
-installed but does not import, an explicit "triton" says why it cannot run, and nothing exports a Triton kernel."""
+"""One dispatch for every kernel op (synergy.kernels.dispatch): importing an op leaves triton alone, "auto" falls back
+to the reference when triton is installed but does not import, an explicit "triton" says why it cannot run, and
+nothing exports a Triton kernel."""
 
 import os
 import subprocess
@@ -75,3 +76,45 @@ def test_broken_triton_falls_back_under_auto_and_explains_under_triton(tmp_path)
     # one warning for the fallback, however many calls fell back
     assert result.stdout.count("triton does not import") == 1, result.stdout
     assert result.stdout.strip().endswith("ok")
+
+
+# each op: its module, inputs on CPU, and a call with {impl}
+NO_INTERPRETER = {
+    "attention": (
+        "synergy.kernels.attention",
+        "x = torch.randn(1, 1, 5, 32)",
+        "op.fused_attention(x, x, x, impl={impl!r})",
+    ),
+    "contrastive": (
+        "synergy.kernels.contrastive",
+        "x = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)",
+        "op.trimodal_contrastive_loss(x, x, x, torch.ones(3), impl={impl!r})",
+    ),
+}
+
+
+@pytest.mark.parametrize("op", list(NO_INTERPRETER))
+def test_import_leaves_triton_alone_and_cpu_triton_without_interpreter_raises(op):
+    """In a fresh process without TRITON_INTERPRET (as on a GPU machine, or a CPU one where nobody asked for the
+    interpreter): importing the op and running impl="torch" leave triton unimported, and impl="triton" on CPU tensors
+    says what to do."""
+    module, inputs, call = NO_INTERPRETER[op]
+    code = textwrap.dedent(
+        f"""
+        import sys, torch
+        import {module} as op
+        assert "triton" not in sys.modules, "importing {module} imported triton"
+        {inputs}
+        {call.format(impl="torch")}
+        assert "triton" not in sys.modules, "impl='torch' imported triton"
+        try:
+            {call.format(impl="triton")}
+        except RuntimeError as e:
+            assert "TRITON_INTERPRET=1" in str(e), e
+        else:
+            raise AssertionError("impl='triton' on CPU without the interpreter did not raise")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
