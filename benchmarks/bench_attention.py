@@ -1,7 +1,7 @@
 """Benchmark: Synergy's fused attention (Triton, key padding as lengths) against PyTorch SDPA.
 
     python benchmarks/bench_attention.py                       # CUDA, bf16, the four tower shapes, 0% and 50% padding
-    python benchmarks/bench_attention.py --train-step          # + one base-geometry training step, synergy vs sdpa
+    python benchmarks/bench_attention.py --train-step          # + bench_train_step.py: base preset, fused vs sdpa
     python benchmarks/bench_attention.py --device cpu --shapes 2x2x33x32 --reps 2   # smoke run (interpreted kernel)
 
 Implementations, per shape (B, H, N, d) and padding fraction f (every sequence keeps N - round(f*N) valid tokens):
@@ -42,9 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--causal", action="store_true", help="causal attention (text-tower style)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--train-step", action="store_true", help="also time one base-geometry training step per impl")
-    p.add_argument("--train-batch", nargs=3, type=int, default=[32, 64, 16], metavar=("IMAGE", "TEXT", "AUDIO"),
-                   help="batch sizes of the training step, default: %(default)s")  # fmt: skip
+    p.add_argument("--train-step", action="store_true",
+                   help="then time bench_train_step.py's training step (fused vs sdpa) at --train-preset")  # fmt: skip
+    p.add_argument("--train-preset", default="base", help="model preset of --train-step, default: %(default)s")
+    p.add_argument("--train-batch", type=int, default=64, help="samples per --train-step, default: %(default)s")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default on cuda: results/attention-<gpu>.json)")
     return p.parse_args(argv)
 
@@ -159,68 +160,6 @@ def bench_shape(shape, pad, impl, args, dtype) -> dict:
     return row
 
 
-# --- base geometry training step --------------------------------------------------------------------------------
-
-
-def build_base_towers(attn_implementation: str, device: str):
-    """BASE GEOMETRY, RANDOM WEIGHTS: the three Synergy-CLIP Base towers built straight from transformers configs
-    (ViT-B/16 as CLIP vision, roberta-base, AST 12-12 = 852 tokens), not from synergy.core, so the attention
-    comparison does not depend on the model code. Attention dropout is 0 (the fused kernel rejects dropout)."""
-    from transformers import ASTConfig, ASTModel, CLIPVisionConfig, CLIPVisionModel, RobertaConfig, RobertaModel
-
-    from synergy.kernels.attention import register_attention
-
-    if attn_implementation == "synergy":
-        register_attention("synergy")
-    image = CLIPVisionConfig(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12,
-                             num_attention_heads=12, intermediate_size=3072)  # fmt: skip
-    text = RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                         intermediate_size=3072, max_position_embeddings=514,
-                         attention_probs_dropout_prob=0.0)  # fmt: skip
-    audio = ASTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                      num_mel_bins=128, max_length=1024, frequency_stride=12, time_stride=12,
-                      attention_probs_dropout_prob=0.0)  # fmt: skip
-    towers = []
-    for config, cls in ((image, CLIPVisionModel), (text, RobertaModel), (audio, ASTModel)):
-        config._attn_implementation = attn_implementation
-        towers.append(cls(config).to(device).train())
-    return towers
-
-
-def bench_base_training_step(args, batch_image=32, batch_text=64, batch_audio=16, text_len=77) -> list[dict]:
-    """One forward+backward of the three base towers (bf16 autocast on CUDA) per attention implementation. Text
-    lengths are uniform in [8, 77] (padded batch); images and audio have no padding."""
-    import torch
-
-    device = args.device
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    pixels = torch.randn(batch_image, 3, 224, 224, generator=gen).to(device)
-    ids = torch.randint(3, 50265, (batch_text, text_len), generator=gen).to(device)
-    lengths = torch.randint(8, text_len + 1, (batch_text,), generator=gen)
-    text_mask = (torch.arange(text_len)[None, :] < lengths[:, None]).long().to(device)
-    fbank = torch.randn(batch_audio, 1024, 128, generator=gen).to(device)
-    rows = []
-    for impl in ("sdpa", "synergy"):
-        torch.manual_seed(0)
-        image, text, audio = build_base_towers(impl, device)
-
-        def step(image=image, text=text, audio=audio):
-            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                loss = (
-                    image(pixel_values=pixels).pooler_output.float().square().mean()
-                    + text(input_ids=ids, attention_mask=text_mask).last_hidden_state.float().square().mean()
-                    + audio(input_values=fbank).pooler_output.float().square().mean()
-                )
-            loss.backward()
-            for tower in (image, text, audio):
-                tower.zero_grad(set_to_none=True)
-
-        ms = time_ms(step, device, warmup=min(args.warmup, 3), reps=min(args.reps, 10))
-        rows.append(dict(impl=impl, step_ms=ms, peak_mb=peak_memory_mb(step, device),
-                         batch=dict(image=batch_image, text=batch_text, audio=batch_audio)))  # fmt: skip
-    return rows
-
-
 # --- report -----------------------------------------------------------------------------------------------------
 
 
@@ -246,7 +185,7 @@ def environment(device) -> dict:
     return env
 
 
-def print_table(rows, train_rows):
+def print_table(rows):
     header = f"{'shape BxHxNxd':>16} {'pad':>4} {'impl':>10} {'fwd ms':>8} {'TFLOP/s':>8} {'f+b ms':>8} {'TFLOP/s':>8} "
     print(header + f"{'peak MB':>8}  vs sdpa-flash / sdpa-mask (f+b)")
     by_key = {(r["batch"], r["heads"], r["n"], r["head_dim"], r["pad"], r["impl"]): r for r in rows}
@@ -263,15 +202,16 @@ def print_table(rows, train_rows):
                 ratios += f" {other['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x" if other and "error" not in other else " -"
         print(f"{shape:>16} {r['pad']:>4.2f} {r['impl']:>10} {r['fwd_ms']:>8.3f} {r['fwd_tflops']:>8.1f} "
               f"{r['fwd_bwd_ms']:>8.3f} {r['fwd_bwd_tflops']:>8.1f} {peak:>8} {ratios}")  # fmt: skip
-    for r in train_rows:
-        peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f} MB"
-        print(f"base training step ({r['impl']}): {r['step_ms']:.1f} ms, peak {peak}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernel runs interpreted
+    if args.train_step:
+        import bench_train_step  # benchmarks/: the one training-step measurement (gpu_proof runs it on its own)
+
+        bench_train_step.interpret_on_cpu(args.device)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -283,8 +223,15 @@ def main(argv=None):
         for pad in args.pad:
             for impl in args.impl:
                 rows.append(bench_shape(shape, pad, impl, args, dtype))
-    train_rows = bench_base_training_step(args, *args.train_batch) if args.train_step else []
-    print_table(rows, train_rows)
+    print_table(rows)
+    train_rows = []
+    if args.train_step:
+        train_args = bench_train_step.parse_args(
+            ["--device", args.device, "--preset", args.train_preset, "--batch", str(args.train_batch),
+             "--warmup", str(min(args.warmup, 3)), "--steps", str(min(args.reps, 10))]
+        )  # fmt: skip
+        print(f"training step: preset {args.train_preset}, batch {args.train_batch} (bench_train_step.py)")
+        train_rows, _ = bench_train_step.bench_configs(train_args)
 
     out = args.out
     if out is None and args.device == "cuda":

@@ -3,6 +3,7 @@ tri-modal loss) vs sdpa + the PyTorch reference loss. Reports samples/s and the 
 
     python benchmarks/bench_train_step.py                                       # CUDA, preset base, batch 64, bf16
     python benchmarks/bench_train_step.py --device cpu --preset tiny --batch 4 --steps 1    # smoke (interpreted)
+    python benchmarks/bench_attention.py --train-step           # the attention benchmark, then this one's step
 
 BASE GEOMETRY, RANDOM WEIGHTS: `create_model(preset)` with no pretrained folders, a synthetic batch (random pixels,
 token ids with padded text of random lengths, noise waveforms of the preset's clip length); one step = forward
@@ -98,16 +99,11 @@ def bench_config(name: str, args) -> dict:
     return row  # the model and optimiser go with this frame: main empties the CUDA cache before the next config
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernels run interpreted
-        os.environ.setdefault("SYNERGY_ATTENTION_IMPL", "triton")  # "auto" would pick SDPA on CPU
+def bench_configs(args) -> tuple[list[dict], float | None]:
+    """Each of --config in turn, printed as it ends -> (rows, fused / sdpa samples/s or None). bench_attention.py
+    --train-step calls this too."""
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device visible to torch; use --device cpu for a smoke run", file=sys.stderr)
-        return 2
     rows = []
     for name in args.config:
         rows.append(bench_config(name, args))
@@ -122,6 +118,26 @@ def main(argv=None) -> int:
     if "fused" in by_name and "sdpa" in by_name:
         speedup = by_name["fused"]["samples_per_s"] / by_name["sdpa"]["samples_per_s"]
         print(f"fused / sdpa samples/s: {speedup:.2f}x")
+    return rows, speedup
+
+
+def interpret_on_cpu(device: str) -> None:
+    """On CPU the fused configuration runs the Triton kernels interpreted (a smoke run). Call it before triton and
+    synergy.kernels.attention are imported: both read their variable once."""
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ.setdefault("SYNERGY_ATTENTION_IMPL", "triton")  # "auto" would pick SDPA on CPU
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    interpret_on_cpu(args.device)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device visible to torch; use --device cpu for a smoke run", file=sys.stderr)
+        return 2
+    rows, speedup = bench_configs(args)
     if args.out is not None:
         report = dict(benchmark="one training step (forward, loss, backward, AdamW)",
                       environment=environment(args.device), args={k: str(v) for k, v in vars(args).items()},
