@@ -131,8 +131,15 @@ def part_tests(args, env) -> dict:
     return dict(result, status="ok" if ok else "failed", summary=summary)
 
 
+def run_benchmark(args, env, part: str, script: str, flags: list[str]) -> dict:
+    """A benchmark part: benchmarks/<script> with ``flags`` and ``--out <out>/<script's stem>.json``, under the part's
+    time limit -> run()'s report + status + results_file."""
+    out = args.out / f"{Path(script).stem}.json"
+    result = run([sys.executable, str(BENCH / script), *flags, "--out", str(out)], BUDGET_S[part], env)
+    return dict(result, status="ok" if result["returncode"] == 0 else "failed", results_file=out.name)
+
+
 def part_contrastive(args, env) -> dict:
-    out = args.out / "bench_contrastive.json"
     if args.dry_run:
         flags = ["--device", "cpu", "--impl", "triton", "torch", "torch-ce", "--dtype", "fp32", "--batch", "64",
                  "128", "--dim", "32", "--warmup", "1", "--iters", "1"]  # fmt: skip
@@ -140,31 +147,23 @@ def part_contrastive(args, env) -> dict:
         flags = ["--impl", "triton", "torch", "torch-ce", "--dtype", "bf16", "fp32", "--dim", "512", "--batch",
                  "1024", "4096", "16384", "32768", "65536", "--warmup", "2", "--iters", "5", "--slow-seconds", "1",
                  "--slow-iters", "2", "--find-max", "--find-max-seconds", "8", "--memory-cap-gib", "80"]  # fmt: skip
-    result = run([sys.executable, str(BENCH / "bench_contrastive.py"), *flags, "--out", str(out)],
-                 BUDGET_S["contrastive"], env)  # fmt: skip
-    return dict(result, status="ok" if result["returncode"] == 0 else "failed", results_file=out.name)
+    return run_benchmark(args, env, "contrastive", "bench_contrastive.py", flags)
 
 
 def part_attention(args, env) -> dict:
-    out = args.out / "bench_attention.json"
     if args.dry_run:
         flags = ["--device", "cpu", "--shapes", "2x2x33x32", "--warmup", "1", "--reps", "1"]
     else:
         flags = ["--warmup", "5", "--reps", "20"]  # the default shapes: ViT-B/16, AST Base, AST Large, text
-    result = run([sys.executable, str(BENCH / "bench_attention.py"), *flags, "--out", str(out)],
-                 BUDGET_S["attention"], env)  # fmt: skip
-    return dict(result, status="ok" if result["returncode"] == 0 else "failed", results_file=out.name)
+    return run_benchmark(args, env, "attention", "bench_attention.py", flags)
 
 
 def part_train_step(args, env) -> dict:
-    out = args.out / "bench_train_step.json"
     if args.dry_run:
         flags = ["--device", "cpu", "--preset", "tiny", "--batch", "4", "--warmup", "1", "--steps", "1"]
     else:
         flags = ["--preset", "base", "--batch", "64", "--warmup", "2", "--steps", "5"]
-    result = run([sys.executable, str(BENCH / "bench_train_step.py"), *flags, "--out", str(out)],
-                 BUDGET_S["train_step"], env)  # fmt: skip
-    return dict(result, status="ok" if result["returncode"] == 0 else "failed", results_file=out.name)
+    return run_benchmark(args, env, "train_step", "bench_train_step.py", flags)
 
 
 PARTS = {"install": part_install, "tests": part_tests, "contrastive": part_contrastive,
