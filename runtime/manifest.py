@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -339,11 +340,10 @@ def bundle_path(bundle: Path, rel: str, manifest: Manifest, trust_unverified: bo
     return path
 
 
-def load_manifest(bundle: str | Path, verify: bool = True, trust_unverified: bool = False) -> Manifest:
-    """Read and validate ``bundle/manifest.json``: every field range-checked; every path it names relative, inside
-    the bundle and a regular file. Unless ``trust_unverified``, every file the runtime may open (tower graphs, their
-    external data, the tokenizer) must be listed in ``files``, and with ``verify`` each listed file's sha256 is
-    checked. A manifest without ``files`` is refused unless ``trust_unverified``."""
+def read_manifest(bundle: str | Path, trust_unverified: bool = False) -> Manifest:
+    """Read and validate ``bundle/manifest.json`` (no other file is read): every field range-checked; every path it
+    names relative and inside the bundle. Unless ``trust_unverified``, the files the runtime may open (tower graphs,
+    the tokenizer) must be listed in ``files``, and a manifest without ``files`` is refused."""
     bundle = Path(bundle)
     path = bundle / MANIFEST_NAME
     if not bundle.is_dir():
@@ -366,23 +366,43 @@ def load_manifest(bundle: str | Path, verify: bool = True, trust_unverified: boo
             "re-export it with `synergy export`, or, only if you built it yourself, open it with "
             "trust_unverified=True (--trust-unverified)"
         )
-    root = bundle.resolve()
     for rel in [*(t.file for t in manifest.towers.values()), manifest.tokenizer]:
         bundle_path(bundle, rel, manifest, trust_unverified)
+    return manifest
+
+
+def check_files(
+    bundle: str | Path, manifest: Manifest, verify: bool = True, hashed_on_load: Collection[str] = ()
+) -> None:
+    """Every file listed in ``files``: inside the bundle, present and a regular file; with ``verify``, its sha256
+    checked. The files in ``hashed_on_load`` are not read here: their reader (``Runtime``: tower graphs, their
+    external weights, the tokenizer) hashes the very bytes it loads, so each file is read and hashed once and
+    there is no window between the check and the use (hashing here too would read them twice)."""
+    bundle = Path(bundle)
+    root = bundle.resolve()
     for rel, expected in manifest.files.items():
         file = bundle / rel
         if not inside(root, file):
             raise BundleError(f"{bundle}: manifest lists {rel!r}, which resolves outside the bundle; refusing it")
         if not os.path.lexists(file):
             raise BundleError(f"{bundle}: {rel} is missing; the bundle is incomplete, re-export it")
-        if not verify:
-            continue
         try:
-            digest = sha256_file(file)
+            if verify and rel not in hashed_on_load:
+                if sha256_file(file) != expected:
+                    raise BundleError(
+                        f"{bundle}: {rel} has changed since export (sha256 mismatch); re-export the bundle"
+                    )
+            else:
+                open_regular(file).close()  # a FIFO or a device is refused now, not when it is read
         except NotARegularFile as error:
             raise BundleError(f"{bundle}: {rel} {error.problem}; a bundle holds regular files only") from error
-        if digest != expected:
-            raise BundleError(f"{bundle}: {rel} has changed since export (sha256 mismatch); re-export the bundle")
+
+
+def load_manifest(bundle: str | Path, verify: bool = True, trust_unverified: bool = False) -> Manifest:
+    """Read and validate ``bundle/manifest.json`` (``read_manifest``) and check every file it lists
+    (``check_files``): inside the bundle, present, a regular file and, with ``verify``, matching its sha256."""
+    manifest = read_manifest(bundle, trust_unverified)
+    check_files(bundle, manifest, verify)
     return manifest
 
 

@@ -1,6 +1,6 @@
 """``Runtime``: a bundle -> embeddings, zero-shot labels and nearest neighbours, without torch.
 
-    rt = Runtime.open("runs/demo/bundle")                       # checks the manifest and every sha256
+    rt = Runtime.open("runs/demo/bundle")                       # checks the manifest; sha256 checked on read
     rt.embed_audio(["dog.wav", (wave, 44_100)])                 # [2, D], L2-normalised
     rt.classify("labels.txt", audio=["dog.wav"], image=["dog.png"], top_k=3)   # fused: one answer per pair
     rt.search(["a dog barking"], corpus, top_k=10)
@@ -38,7 +38,7 @@ from .errors import BackendError, InferUsageError, InputError, RuntimeClosed, Un
 from .files import NotARegularFile, read_regular
 from .image import describe_image, load_image, preprocess_image
 from .labels import check_template, label_prompts, read_labels
-from .manifest import MODALITIES, BundleError, Manifest, bundle_path, load_manifest
+from .manifest import MODALITIES, BundleError, Manifest, bundle_path, check_files, read_manifest
 from .text import check_text, load_tokenizer, tokenize
 from .video import DEFAULT_FRAMES_PER_SECOND, DEFAULT_MAX_FRAMES, describe_video, load_video
 
@@ -218,15 +218,35 @@ def read_bundle_file(bundle: Path, rel: str, manifest: Manifest, trusted: bool, 
     return data
 
 
-def external_data(bundle: Path, graph: str, manifest: Manifest, trusted: bool) -> dict[str, bytes]:
+def external_data_files(graph: str, manifest: Manifest) -> list[str]:
     """The listed side files of an ONNX graph (its external weights): the files in the graph's folder whose name
-    starts with the graph's stem (``audio.onnx.data`` for ``audio.onnx``), keyed by their name relative to that
-    folder, as the graph's ``location`` fields name them. onnxruntime is given these bytes and no path, so a graph
-    can read no weights from anywhere else (an unlisted or outside location is a load error)."""
+    starts with the graph's stem (``audio.onnx.data`` for ``audio.onnx``), other graphs and engines excepted."""
     folder, stem = Path(graph).parent, Path(graph).name.split(".")[0]
     names = [rel for rel in manifest.files if Path(rel).parent == folder and rel != graph]
-    names = [rel for rel in names if Path(rel).name.startswith(stem) and Path(rel).suffix not in (".onnx", ".plan")]
+    graphs = (".onnx", *ENGINE_SUFFIXES)
+    return [rel for rel in names if Path(rel).name.startswith(stem) and Path(rel).suffix not in graphs]
+
+
+def external_data(bundle: Path, graph: str, manifest: Manifest, trusted: bool) -> dict[str, bytes]:
+    """The bytes of ``external_data_files``, each checked against its sha256, keyed by its name relative to the
+    graph's folder, as the graph's ``location`` fields name them. onnxruntime is given these bytes and no path, so a
+    graph can read no weights from anywhere else (an unlisted or outside location is a load error)."""
+    names = external_data_files(graph, manifest)
     return {Path(rel).name: read_bundle_file(bundle, rel, manifest, trusted, MAX_GRAPH_BYTES) for rel in names}
+
+
+def files_hashed_on_load(bundle: Path, manifest: Manifest, backend: str) -> set[str]:
+    """The bundle files a ``Runtime`` on ``backend`` reads and hashes itself, on the bytes it loads (``_tower``,
+    ``_text_tokenizer``): each tower's graph or engine, an ONNX graph's external weights, the tokenizer."""
+    files = set()
+    for modality in manifest.towers:
+        rel = tower_file(bundle, manifest, modality, backend).relative_to(bundle).as_posix()
+        files.add(rel)
+        if backend == "onnxruntime":
+            files.update(external_data_files(rel, manifest))
+    if "text" in manifest.towers:
+        files.add(manifest.tokenizer)
+    return files
 
 
 class Runtime:
@@ -264,7 +284,10 @@ class Runtime:
     ) -> Runtime:
         """Read and check a bundle: every manifest field range-checked, every file it names inside the bundle, a
         regular file, listed in ``files`` and matching its sha256; the tokenizer loaded. Problems are a one-line
-        ``BundleError`` naming the file and the field.
+        ``BundleError`` naming the file and the field. Each file is read and hashed once: a tower's graph (or
+        engine) and external weights when the tower loads (first use, or ``load()``), on the very bytes handed to
+        onnxruntime / TensorRT, so a file changed after ``open`` is refused then; the tokenizer and every file this
+        backend never loads, here.
 
         ``trust_unverified``: open a bundle whose files are not listed with hashes (or do not match them), with a
         warning; for bundles you built yourself, never for ones you were sent. ``verify=False`` is its old name.
@@ -286,7 +309,7 @@ class Runtime:
             raise InferUsageError(f"audio_overlap must be in [0, 1), got {audio_overlap}")
         bundle = Path(bundle)
         trust_unverified = trust_unverified or not verify
-        manifest = load_manifest(bundle, verify=not trust_unverified, trust_unverified=trust_unverified)
+        manifest = read_manifest(bundle, trust_unverified=trust_unverified)
         if trust_unverified:
             warnings.warn(
                 f"{bundle}: trusting an unverified bundle: its files are not checked against sha256 hashes",
@@ -313,8 +336,10 @@ class Runtime:
             from .onnxruntime_backend import select_providers
 
             select_providers(onnxruntime.get_available_providers(), device)
-        for modality in manifest.towers:
-            tower_file(bundle, manifest, modality, backend)  # every tower has a file this backend runs
+        # every tower has a file this backend runs; the files this runtime loads are hashed as they load, on the
+        # bytes that load (each read once, no window between check and use); every other listed file is hashed now
+        loaded = files_hashed_on_load(bundle, manifest, backend)
+        check_files(bundle, manifest, verify=not trust_unverified, hashed_on_load=loaded)
         runtime = cls(
             bundle,
             manifest,
@@ -349,8 +374,9 @@ class Runtime:
             if self.backend == "tensorrt":
                 from .tensorrt_backend import TensorRTTower
 
-                read_bundle_file(self.bundle, rel, self.manifest, self.trust_unverified, MAX_GRAPH_BYTES)  # hash
-                tower = TensorRTTower(path, spec, self.device)
+                # TensorRT deserializes the bytes that were hashed, not the path (which could change in between)
+                engine = read_bundle_file(self.bundle, rel, self.manifest, self.trust_unverified, MAX_GRAPH_BYTES)
+                tower = TensorRTTower(path, spec, self.device, engine)
             else:
                 from .onnxruntime_backend import OnnxRuntimeTower, tensorrt_profile
 

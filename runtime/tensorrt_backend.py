@@ -50,7 +50,9 @@ def _check(cudart, result):
 class TensorRTTower:
     """``run(feeds) -> embedding [B, D]`` for one tower's serialized TensorRT engine."""
 
-    def __init__(self, path: Path, spec: TowerSpec, device: str):
+    def __init__(self, path: Path, spec: TowerSpec, device: str, engine: bytes | None = None):
+        """``engine``: the serialized engine, already read and verified by the caller (``Runtime`` passes the bytes
+        it hashed, so TensorRT deserializes exactly those); None: read from ``path``."""
         if device != "cuda":
             raise BackendError("the TensorRT backend runs on device='cuda' only; use backend='onnxruntime' on CPU")
         trt, cudart = import_tensorrt()
@@ -58,7 +60,7 @@ class TensorRTTower:
         self._lock = threading.Lock()
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        self.engine = self._runtime.deserialize_cuda_engine(engine if engine is not None else Path(path).read_bytes())
         if self.engine is None:
             raise BundleError(
                 f"{path}: TensorRT {trt.__version__} cannot load this engine (built by another TensorRT version or "

@@ -7,6 +7,7 @@ fails there as it would on the GPU."""
 
 import ctypes
 import dataclasses
+import hashlib
 import shutil
 import threading
 
@@ -14,10 +15,11 @@ import numpy as np
 import pytest
 
 from synergy.runtime import Runtime, tensorrt_backend
-from synergy.runtime.errors import BackendError
+from synergy.runtime.errors import BackendError, BundleError
 from synergy.runtime.manifest import TensorSpec, TowerSpec, load_manifest, sha256_file, write_manifest
 
-from .conftest import SAMPLE_RATE, picture, tone
+from .conftest import EMBED_DIM, SAMPLE_RATE, picture, tone
+from .test_hostile_bundles import record_hashes
 
 
 def _inputs():
@@ -219,6 +221,7 @@ class FakeTensorRT:
 
     def __init__(self, cudart):
         self.engine = FakeEngine(cudart)
+        self.deserialized: list[bytes] = []
         fake = self
 
         class Runtime:
@@ -226,6 +229,7 @@ class FakeTensorRT:
                 pass
 
             def deserialize_cuda_engine(self, data):
+                fake.deserialized.append(bytes(data))
                 return fake.engine
 
         self.Runtime = Runtime
@@ -314,3 +318,48 @@ def test_tensorrt_close_waits_for_a_batch_in_flight_and_closed_stays_closed(fake
         tower.run({"x": x})
     tower.close()  # closing twice is fine
     assert cudart.events.count("free") == 2
+
+
+def test_tensorrt_tower_deserializes_the_bytes_it_is_given(fake_tower, monkeypatch, tmp_path):
+    _, cudart, _ = fake_tower
+    trt = FakeTensorRT(cudart)
+    monkeypatch.setattr(tensorrt_backend, "import_tensorrt", lambda: (trt, cudart))
+    spec = TowerSpec("t.plan", (TensorSpec("x", "float32", ("batch", 4)),), (TensorSpec("y", "float32", ("batch", 4)),))
+    tensorrt_backend.TensorRTTower(tmp_path / "absent.plan", spec, "cuda", b"verified engine")  # the path is not read
+    assert trt.deserialized == [b"verified engine"]
+
+
+def test_runtime_hands_tensorrt_the_engine_bytes_it_hashed(bundle_copy, monkeypatch):
+    """The engine used to be hashed at open, hashed again at load, then re-read by path for TensorRT (a file swapped
+    in between was not caught). Now each engine is read once, hashed, and those bytes are deserialized."""
+    manifest = load_manifest(bundle_copy)
+    files = dict(manifest.files)
+    for modality, spec in manifest.towers.items():
+        plan = spec.file.replace(".onnx", ".plan")
+        (bundle_copy / plan).write_bytes(f"{modality} engine".encode())
+        files[plan] = sha256_file(bundle_copy / plan)
+    write_manifest(bundle_copy, dataclasses.replace(manifest, files=files))
+    monkeypatch.setattr(tensorrt_backend, "import_tensorrt", lambda: (None, None))
+    loaded = {}
+
+    class Tower:  # records what the runtime hands the TensorRT tower; answers with unit vectors
+        def __init__(self, path, spec, device, engine=None):
+            loaded[path.name] = engine
+
+        def run(self, feeds):
+            return np.full((len(next(iter(feeds.values()))), EMBED_DIM), EMBED_DIM**-0.5, np.float32)
+
+    monkeypatch.setattr(tensorrt_backend, "TensorRTTower", Tower)
+    digests = record_hashes(monkeypatch)
+    runtime = Runtime.open(bundle_copy, backend="tensorrt", device="cuda")
+    runtime.load()
+    assert loaded == {name: (bundle_copy / name).read_bytes() for name in ("image.plan", "text.plan", "audio.plan")}
+    assert sorted(digests) == sorted(files.values()), "each file (ONNX sources at open, engines at load) hashed once"
+    assert {hashlib.sha256(engine).hexdigest() for engine in loaded.values()} <= set(digests)
+
+    loaded.clear()
+    runtime = Runtime.open(bundle_copy, backend="tensorrt", device="cuda")
+    (bundle_copy / "audio.plan").write_bytes(b"another engine")  # swapped after open: refused when it loads
+    with pytest.raises(BundleError, match=r"audio.plan has changed since export"):
+        runtime.load("audio")
+    assert "audio.plan" not in loaded

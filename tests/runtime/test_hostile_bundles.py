@@ -228,11 +228,46 @@ def test_external_weights_must_be_listed_and_verified(bundle_copy, runtime):
     _external_weights(bundle_copy, list_data=True)
     with Runtime.open(bundle_copy, threads=1) as listed:
         np.testing.assert_allclose(listed.embed_audio(wave), runtime.embed_audio(wave), atol=1e-6)
-    with open(bundle_copy / "audio.onnx.data", "r+b") as f:  # a changed weight file is caught at open
+    with open(bundle_copy / "audio.onnx.data", "r+b") as f:  # a changed weight file is caught when it loads
         f.seek(100)
         f.write(b"\1\2\3\4")
     with pytest.raises(BundleError, match=r"audio.onnx.data has changed since export"):
-        Runtime.open(bundle_copy)
+        Runtime.open(bundle_copy).load("audio")
+
+
+def record_hashes(monkeypatch) -> list[str]:
+    """Every sha256 computed from now on (by anyone), as its hex digest, in order."""
+    digests, real = [], hashlib.sha256
+
+    class Recording:
+        def __init__(self, data=b""):
+            self._hash = real(data)
+
+        def update(self, data):
+            self._hash.update(data)
+
+        def hexdigest(self):
+            digests.append(self._hash.hexdigest())
+            return digests[-1]
+
+    monkeypatch.setattr(hashlib, "sha256", Recording)
+    return digests
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline weights", "external weights"])
+def test_each_bundle_file_is_read_and_hashed_once(bundle_copy, monkeypatch, external):
+    """Open used to hash every file, and loading a tower read and hashed its graph (and weights) again, the
+    tokenizer twice within open: now the bytes that load are the ones hashed, once."""
+    if external:
+        _external_weights(bundle_copy, list_data=True)
+    files = _manifest(bundle_copy)["files"]
+    digests = record_hashes(monkeypatch)
+    runtime = Runtime.open(bundle_copy, threads=1)
+    assert digests == [files["tokenizer.json"]]  # the towers are hashed when they load
+    runtime.load()
+    assert sorted(digests) == sorted(files.values()), "every listed file hashed exactly once"
+    assert runtime.embed_audio([(tone(0.3), SAMPLE_RATE)]).shape == (1, EMBED_DIM)
+    assert len(digests) == len(files)  # nothing read again on use
 
 
 def test_unlisted_external_weights_are_never_read(bundle_copy):

@@ -195,11 +195,25 @@ def test_search_matches_brute_force(runtime):
 
 
 def test_bundle_with_a_changed_file(bundle_copy):
+    """A graph is hashed when its tower loads, on the bytes that load (`synergy infer` and `serve` load right after
+    open); the tokenizer and files this backend never loads are hashed by open itself."""
     with open(bundle_copy / "audio.onnx", "ab") as f:
         f.write(b"\0")
+    runtime = Runtime.open(bundle_copy, threads=1)
+    assert runtime.embed_text(["dog"]).shape == (1, EMBED_DIM)  # the unchanged towers run
     with pytest.raises(BundleError, match=r"audio.onnx has changed since export \(sha256 mismatch\); re-export"):
-        Runtime.open(bundle_copy)
+        runtime.load()
     Runtime.open(bundle_copy, verify=False)  # an explicit opt-out
+    (bundle_copy / "notes.txt").write_text("read by no tower")
+    manifest = load_manifest(bundle_copy, verify=False)
+    write_manifest(bundle_copy, dataclasses.replace(manifest, files={**manifest.files, "notes.txt": "0" * 64}))
+    with pytest.raises(BundleError, match=r"notes.txt has changed since export"):
+        Runtime.open(bundle_copy)  # a listed file no tower loads is hashed at open
+    write_manifest(bundle_copy, manifest)
+    with open(bundle_copy / "tokenizer.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(BundleError, match=r"tokenizer.json has changed since export"):
+        Runtime.open(bundle_copy)  # open loads the tokenizer
 
 
 def test_bundle_with_a_missing_file(bundle_copy):
