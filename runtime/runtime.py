@@ -27,7 +27,7 @@ import hashlib
 import threading
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +148,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+
+
+def fuse_embeddings(per_modality: Sequence[np.ndarray]) -> np.ndarray:
+    """Several modalities' embeddings of the same items, each [N, D] -> the normalised mean [N, D] (NaN rows stay
+    NaN: an item that failed in one modality fails)."""
+    with np.errstate(invalid="ignore"):
+        return l2_normalise(np.mean(per_modality, axis=0))
 
 
 def cosine_top_k(queries: np.ndarray, corpus: np.ndarray, k: int, block: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
@@ -626,6 +633,39 @@ class Runtime:
         per_modality = [np.mean([scales[p] for p in LABEL_SCALE_PAIRS[m]]) for m in modalities]
         return float(np.mean(per_modality))
 
+    def rank_labels(
+        self,
+        labels: Sequence[str],
+        label_matrix: np.ndarray,
+        fused: np.ndarray,
+        modalities: Sequence[Sequence[str]],
+        sources: Sequence[str],
+        errors: Sequence[InputError | None],
+        top_k: int,
+    ) -> list[Prediction]:
+        """The zero-shot arithmetic of ``classify``, ``classify_video`` and the server's ``/v1/classify``, on
+        embeddings already computed. ``label_matrix`` [K, D]: ``label_embeddings(labels)``. ``fused`` [N, D]: each
+        item's (normalised) embedding, NaN rows where ``errors[i]`` is set. ``modalities[i]``: what item i was
+        embedded from (its logit scale: ``label_scale``). -> one ``Prediction`` per item: ``errors[i]`` where set;
+        else its ``top_k`` labels by ``softmax(scale * cosine)``, best first, or, where the similarities or
+        probabilities are not finite, an error blamed on its first modality (NaN is never an answer)."""
+        scales = [self.label_scale(m) if error is None else np.nan for m, error in zip(modalities, errors)]
+        with np.errstate(invalid="ignore"):  # failed items are NaN rows; they are reported, not scored
+            similarity = fused @ label_matrix.T  # [N, K]
+            probabilities = softmax(np.asarray(scales, np.float32)[:, None] * similarity)
+        top_k = min(top_k, len(labels))
+        predictions = []
+        for i, source in enumerate(sources):
+            if errors[i] is not None:
+                predictions.append(Prediction(source, error=errors[i]))
+            elif not (np.isfinite(probabilities[i]).all() and np.isfinite(similarity[i]).all()):
+                predictions.append(Prediction(source, error=_not_finite(modalities[i][0], source, "probabilities")))
+            else:
+                order = np.argsort(-probabilities[i], kind="stable")[:top_k]
+                top = tuple(LabelScore(labels[j], float(probabilities[i, j]), float(similarity[i, j])) for j in order)
+                predictions.append(Prediction(source, top))
+        return predictions
+
     def classify(
         self, labels, audio=None, image=None, text=None, top_k: int = 5, batch_size: int | None = None, video=None
     ):
@@ -651,26 +691,10 @@ class Runtime:
         label_matrix = self.label_embeddings(labels)  # [K, D]
         results = {m: self.embed_batch(m, items, batch_size) for m, items in given.items()}
         count = next(iter(counts.values()))
-        with np.errstate(invalid="ignore"):  # failed items are NaN rows; they are reported, not scored
-            fused = l2_normalise(np.mean([r.vectors for r in results.values()], axis=0))  # [N, D]
-            similarity = fused @ label_matrix.T  # [N, K]
-            probabilities = softmax(self.label_scale(list(given)) * similarity)
-        top_k = min(top_k, len(labels))
-        predictions = []
-        for i in range(count):
-            source = " + ".join(r.sources[i] for r in results.values())
-            error = next((r.errors[i] for r in results.values() if r.errors[i] is not None), None)
-            if error is not None:
-                predictions.append(Prediction(source, error=error))
-                continue
-            if not (np.isfinite(probabilities[i]).all() and np.isfinite(similarity[i]).all()):
-                modality = next(iter(results))
-                predictions.append(Prediction(source, error=_not_finite(modality, source, "probabilities")))
-                continue
-            order = np.argsort(-probabilities[i], kind="stable")[:top_k]
-            top = tuple(LabelScore(labels[j], float(probabilities[i, j]), float(similarity[i, j])) for j in order)
-            predictions.append(Prediction(source, top))
-        return predictions
+        fused = fuse_embeddings([r.vectors for r in results.values()])  # [N, D]
+        sources = [" + ".join(r.sources[i] for r in results.values()) for i in range(count)]
+        errors = [next((r.errors[i] for r in results.values() if r.errors[i] is not None), None) for i in range(count)]
+        return self.rank_labels(labels, label_matrix, fused, [list(given)] * count, sources, errors, top_k)
 
     # -------------------------------------------------------------------------------------------------- video
     # A video is its frames (images) and its soundtrack (audio), decoded by ``video.load_video``: the image embedding
@@ -752,22 +776,9 @@ class Runtime:
             raise InferUsageError(f"top_k must be >= 1, got {top_k}")
         labels = read_labels(labels)
         label_matrix = self.label_embeddings(labels)  # [K, D]
-        result = self.embed_video_batch(videos, batch_size)
-        predictions = []
-        for i, source in enumerate(result.sources):
-            if result.errors[i] is not None:
-                predictions.append(Prediction(source, error=result.errors[i]))
-                continue
-            similarity = label_matrix @ result.fused[i]  # [K]
-            probabilities = softmax(self.label_scale(result.modalities[i]) * similarity)
-            if not (np.isfinite(probabilities).all() and np.isfinite(similarity).all()):
-                modality = result.modalities[i][0]
-                predictions.append(Prediction(source, error=_not_finite(modality, source, "probabilities")))
-                continue
-            order = np.argsort(-probabilities, kind="stable")[: min(top_k, len(labels))]
-            top = tuple(LabelScore(labels[j], float(probabilities[j]), float(similarity[j])) for j in order)
-            predictions.append(Prediction(source, top, modalities=result.modalities[i]))
-        return predictions
+        r = self.embed_video_batch(videos, batch_size)
+        predictions = self.rank_labels(labels, label_matrix, r.fused, r.modalities, r.sources, r.errors, top_k)
+        return [replace(p, modalities=m) if p.ok else p for p, m in zip(predictions, r.modalities)]
 
     # ------------------------------------------------------------------------------------------------- search
 

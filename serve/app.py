@@ -40,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from synergy.runtime import BatcherFull, InferUsageError, InputError, LabelsError, MicroBatcher, Runtime, read_labels
-from synergy.runtime.runtime import _not_finite, l2_normalise, softmax
+from synergy.runtime.runtime import fuse_embeddings
 
 from .metrics import BATCH_SIZE_BUCKETS, CONTENT_TYPE, LATENCY_BUCKETS, Metrics
 
@@ -432,30 +432,23 @@ def create_app(service: Service) -> Starlette:
         except InferUsageError as error:
             raise Problem(400, "BadLabels", str(error)) from error
         results = await service.embed(given, timings)
+        count = next(iter(counts.values()))
         nan = np.full(service.runtime.manifest.embed_dim, np.nan, np.float32)
         vectors = [np.stack([r.vector if isinstance(r, Embedded) else nan for r in rs]) for rs in results.values()]
+        errors = [
+            next((rs[i] for rs in results.values() if not isinstance(rs[i], Embedded)), None) for i in range(count)
+        ]
+        sources, fused = [f"input[{i}]" for i in range(count)], fuse_embeddings(vectors)  # [N, D]
         # the library's arithmetic (Runtime.classify), on the micro-batched embeddings
-        with np.errstate(invalid="ignore"):
-            fused = l2_normalise(np.mean(vectors, axis=0))  # [N, D]
-            similarity = fused @ label_matrix.T  # [N, K]
-            probabilities = softmax(service.runtime.label_scale(list(given)) * similarity)
-        top_k = min(top_k, len(labels))
+        ranked = service.runtime.rank_labels(labels, label_matrix, fused, [list(given)] * count, sources, errors, top_k)
         data = []
-        for i in range(next(iter(counts.values()))):
-            error = next((rs[i] for rs in results.values() if not isinstance(rs[i], Embedded)), None)
-            if error is None and not (np.isfinite(probabilities[i]).all() and np.isfinite(similarity[i]).all()):
-                error = _not_finite(next(iter(given)), f"input[{i}]", "probabilities")  # as Runtime.classify
-            if error is not None:
-                data.append(item_error(i, error))
+        for i, prediction in enumerate(ranked):
+            if not prediction.ok:
+                data.append(item_error(i, prediction.error))
                 continue
-            order = np.argsort(-probabilities[i], kind="stable")[:top_k]
             top = [
-                {
-                    "label": labels[j],
-                    "probability": round(float(probabilities[i, j]), 6),
-                    "similarity": round(float(similarity[i, j]), 6),
-                }
-                for j in order
+                {"label": s.label, "probability": round(s.probability, 6), "similarity": round(s.similarity, 6)}
+                for s in prediction.top
             ]
             data.append({"index": i, "modality": "+".join(given), "ok": True, "top": top})
         body = {"data": data, "model": service.name, "labels": len(labels)}

@@ -157,6 +157,32 @@ def test_classify_probabilities_use_the_pair_scale(runtime, tmp_path):
     assert len(full.top) == len(labels) and abs(sum(s.probability for s in full.top) - 1) < 1e-5
 
 
+def test_rank_labels_scores_each_item_with_its_own_scale_and_never_answers_nan(runtime):
+    """The one scoring path of classify, classify_video and the server: per-item logit scales, an item's own error
+    kept, a NaN row an error blamed on the item's first modality."""
+    labels = list(LABELS)
+    table = runtime.label_embeddings(labels)
+    wave, image = (tone(0.4, freq=700), SAMPLE_RATE), picture(60, 40, seed=5)
+    vectors = np.stack([runtime.embed_audio([wave])[0], runtime.embed_image([image])[0]])
+    fused = np.concatenate([vectors, np.full((2, EMBED_DIM), np.nan, np.float32)])  # [4, D]
+    failed = UnsupportedImage("x.png", "cannot identify image file")
+    modalities = [["audio"], ["image"], ["image"], ["audio", "image"]]
+    errors = [None, None, failed, None]
+    predictions = runtime.rank_labels(labels, table, fused, modalities, ["a", "b", "c", "d"], errors, top_k=3)
+    scales = (LOGIT_SCALES["text_audio"], LOGIT_SCALES["image_text"])
+    for prediction, vector, scale in zip(predictions, vectors, scales):
+        probabilities = _softmax(scale * (table @ vector))
+        order = np.argsort(-probabilities)[:3]
+        assert prediction.ok and [s.label for s in prediction.top] == [labels[i] for i in order]
+        np.testing.assert_allclose([s.probability for s in prediction.top], probabilities[order], atol=1e-5)
+    assert predictions[2].error is failed
+    error = predictions[3].error
+    assert isinstance(error, UnsupportedAudio) and error.source == "d" and "non-finite probabilities" in str(error)
+    (alone,) = runtime.classify(labels, audio=[wave], top_k=3)
+    assert [s.label for s in alone.top] == [s.label for s in predictions[0].top]  # classify is this arithmetic
+    np.testing.assert_allclose([s.probability for s in alone.top], [s.probability for s in predictions[0].top], 1e-5)
+
+
 def test_classify_text_finds_its_own_label(runtime):
     predictions = runtime.classify(list(LABELS), text=list(LABELS), top_k=1)
     assert [p.top[0].label for p in predictions] == list(LABELS)
