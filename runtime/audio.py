@@ -35,7 +35,7 @@ import soundfile
 import soxr
 
 from .errors import UnsupportedAudio
-from .files import NotARegularFile, open_regular
+from .files import open_input
 from .manifest import MAX_SAMPLE_RATE
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
@@ -118,12 +118,7 @@ def _decode(
     """File or bytes -> mono float32 [T] at ``sample_rate``, refusing what cannot be trusted before decoding it, then
     decoding, downmixing and resampling block by block (memory bounded by the output)."""
     if isinstance(source, (str, os.PathLike)):
-        try:
-            opened = open_regular(Path(source))
-        except NotARegularFile as error:
-            hint = "pass audio files (the CLI expands folders and globs)" if error.problem == "is a folder" else ""
-            hint = hint or ("check the path" if "no such" in error.problem else "pass a regular audio file")
-            raise UnsupportedAudio(name, f"{error.problem}; {hint}") from error
+        opened = open_input(Path(source), name, "audio", UnsupportedAudio)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise UnsupportedAudio(name, "empty bytes; pass the bytes of an audio file (WAV, FLAC, OGG, MP3)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -64,6 +65,20 @@ def open_regular(path: str | os.PathLike) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def open_input(path: str | os.PathLike, name: str, kind: str, error: Callable[[str, str], Exception]) -> BinaryIO:
+    """``open_regular`` for an input file of ``kind`` ("audio", "image", "video"); a path that is not a regular file
+    raises ``error(name, problem)`` (``UnsupportedAudio``, ...) whose problem says what it is and what to do:
+    ``no such file; check the path``, ``is a folder; pass audio files (the CLI expands folders and globs)``."""
+    try:
+        return open_regular(path)
+    except NotARegularFile as problem:
+        if problem.problem == "is a folder":
+            hint = f"pass {kind} files (the CLI expands folders and globs)"
+        else:
+            hint = "check the path" if "no such" in problem.problem else f"pass a regular {kind} file"
+        raise error(name, f"{problem.problem}; {hint}") from problem
 
 
 def read_regular(path: str | os.PathLike, limit: int) -> bytes:

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import UnsupportedImage
-from .files import NotARegularFile, open_regular
+from .files import open_input
 
 MAX_RESIZE_AREA = 32  # resized area / crop area above which only the crop is resampled (aspect > 32:1)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -61,12 +61,7 @@ def load_image(source, *, name: str | None = None) -> Image.Image:
             raise UnsupportedImage(name, f"array of shape {source.shape} has no pixels")
         return _to_rgb(Image.fromarray(source), name)
     if isinstance(source, (str, os.PathLike)):
-        try:
-            opened = open_regular(Path(source))
-        except NotARegularFile as error:
-            hint = "pass image files (the CLI expands folders and globs)" if error.problem == "is a folder" else ""
-            hint = hint or ("check the path" if "no such" in error.problem else "pass a regular image file")
-            raise UnsupportedImage(name, f"{error.problem}; {hint}") from error
+        opened = open_input(Path(source), name, "image", UnsupportedImage)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise UnsupportedImage(name, "empty bytes; pass the bytes of an image file (PNG, JPEG, WebP, ...)")

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from synergy import cli
-from synergy.runtime import InputError, UnsupportedAudio, UnsupportedText
+from synergy.runtime import InputError, UnsupportedAudio, UnsupportedImage, UnsupportedText
 from synergy.runtime.audio import load_audio
 from synergy.runtime.image import load_image, preprocess_image
 
@@ -120,6 +120,24 @@ def test_non_finite_embedding_is_an_item_error_never_ok(runtime):
     assert all(np.isfinite(s.probability) for s in predictions[0].top)
     with pytest.raises(UnsupportedAudio, match="non-finite embedding"):
         runtime.embed_audio([huge])
+
+
+@pytest.mark.parametrize(
+    ("kind", "load", "error_type"),
+    [("audio", lambda path: load_audio(path, SAMPLE_RATE), UnsupportedAudio), ("image", load_image, UnsupportedImage)],
+)
+def test_a_path_that_is_not_a_regular_file_says_what_it_is_and_what_to_do(tmp_path, kind, load, error_type):
+    """One rule for every reader (files.open_input): the error names the path, what it is, and what to pass."""
+    os.mkfifo(tmp_path / "fifo")
+    cases = {
+        tmp_path / "missing": "no such file; check the path",
+        tmp_path: f"is a folder; pass {kind} files (the CLI expands folders and globs)",
+        tmp_path / "fifo": f"is a FIFO (named pipe), not a regular file; pass a regular {kind} file",
+    }
+    for path, problem in cases.items():
+        with pytest.raises(error_type) as caught:
+            load(str(path))
+        assert (caught.value.source, caught.value.problem) == (str(path), problem)
 
 
 def test_waveform_channels_are_named_by_the_short_axis():
