@@ -110,15 +110,31 @@ def test_lone_surrogate_fails_alone(runtime):
 
 
 def test_non_finite_embedding_is_an_item_error_never_ok(runtime):
+    """The bad item fails with an error that names it; the good items of its batch get what they get alone."""
     huge = (np.full(4000, 3e38, np.float32), SAMPLE_RATE)
     good = (tone(0.3), SAMPLE_RATE)
+    alone = runtime.embed_audio([good])[0]
     result = runtime.embed_batch("audio", [good, huge, good])
     assert result.ok.tolist() == [True, False, True]
-    assert isinstance(result.errors[1], UnsupportedAudio) and np.isnan(result.vectors[1]).all()
+    error = result.errors[1]
+    assert isinstance(error, UnsupportedAudio) and np.isnan(result.vectors[1]).all()
+    assert error.source == result.sources[1] == "<waveform #1>"
+    assert str(error).startswith("<waveform #1>: the model gives non-finite embedding"), str(error)
+    for row in (0, 2):
+        np.testing.assert_allclose(result.vectors[row], alone, rtol=0, atol=1e-6)
+
     predictions = runtime.classify(list(LABELS), audio=[good, huge])
+    (expected,) = runtime.classify(list(LABELS), audio=[good])
     assert predictions[0].ok and not predictions[1].ok
+    assert [s.label for s in predictions[0].top] == [s.label for s in expected.top]
+    np.testing.assert_allclose(
+        [s.probability for s in predictions[0].top], [s.probability for s in expected.top], rtol=0, atol=1e-6
+    )
     assert all(np.isfinite(s.probability) for s in predictions[0].top)
-    with pytest.raises(UnsupportedAudio, match="non-finite embedding"):
+    error = predictions[1].error
+    assert isinstance(error, UnsupportedAudio) and predictions[1].source == error.source == "<waveform #1>"
+    assert str(error).startswith("<waveform #1>: the model gives non-finite embedding"), str(error)
+    with pytest.raises(UnsupportedAudio, match=r"^<waveform #0>: the model gives non-finite embedding"):
         runtime.embed_audio([huge])
 
 
