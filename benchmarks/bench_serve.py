@@ -3,6 +3,10 @@
     python benchmarks/bench_serve.py --bundle runs/demo/bundle          # the demo model (after `make demo`)
     python benchmarks/bench_serve.py                                    # no bundle: builds the tests' tiny bundle
     python benchmarks/bench_serve.py --clients 1 8 --budget 5           # quicker
+    python benchmarks/bench_serve.py --geometry base-audio --budget 60 --requests 4 --timeout 600
+                                        # where the model dominates: the `base` preset's AST (12 x 768, 10.24 s
+                                        # clips) with random weights, exported once (minutes) to
+                                        # runs/bench-serve/base-audio/bundle and reused by later runs
 
 What it measures, each phase bounded by --budget seconds and --requests requests per client:
 
@@ -60,6 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads (server and library alike).")
     parser.add_argument("--clip-seconds", type=float, default=None, help="Clip length (default: the model's clip).")
     parser.add_argument("--describe", default=None, help="What the bundle is, for the JSON (default: its path).")
+    parser.add_argument(
+        "--geometry",
+        choices=["tiny", "base-audio"],
+        default="tiny",
+        help="Without --bundle: the tests' tiny bundle, or the base preset's audio tower (random weights) exported.",
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, help="Server --timeout and client socket timeout.")
     parser.add_argument("--out", default=str(RESULTS / "serve-cpu.json"))
     return parser.parse_args(argv)
 
@@ -79,6 +90,32 @@ def tiny_bundle(folder: Path) -> Path:
     spec.loader.exec_module(module)
     module.build_bundle(folder)
     return folder
+
+
+def base_audio_bundle(folder: Path) -> Path:
+    """The `base` preset's audio tower (AST 12 x 768, 10.24 s clips at 16 kHz) with random weights, tiny image and
+    text towers, through `synergy export` (ONNX fp32, verified against torch): only the audio path is measured.
+    Built once into ``folder`` (the export and its verification take minutes on CPU); an existing bundle is reused."""
+    if (folder / "bundle" / "manifest.json").is_file():
+        print(f"reusing {folder / 'bundle'}", flush=True)
+        return folder / "bundle"
+    import torch
+
+    from synergy.core.checkpoint import save_checkpoint
+    from synergy.core.config import config_from_dict, load_config
+    from synergy.core.model import create_model
+    from synergy.core.tokenizer import train_tokenizer
+    from synergy.export.bundle import export_bundle
+
+    base, tiny = load_config("base").to_dict(), load_config("tiny").to_dict()
+    torch.manual_seed(0)
+    model = create_model(config_from_dict({**base, "image": tiny["image"], "text": tiny["text"]})).eval()
+    text = model.config.text
+    corpus = [t.format(w) for w in ("dog", "cat", "rain", "piano", "engine") for t in model.config.prompt_templates]
+    tokenizer = train_tokenizer(corpus * 4, text.vocab_size, text.max_length)
+    save_checkpoint(folder / "checkpoint", model, tokenizer)
+    print(export_bundle(folder / "checkpoint", folder / "bundle", force=True), flush=True)
+    return folder / "bundle"
 
 
 def make_clips(rate: int, seconds: float, count: int = 16) -> list[bytes]:
@@ -172,6 +209,8 @@ class ServerProcess:
         command = [sys.executable, "-m", "synergy.cli", "serve", "--bundle", bundle, "--port", "0"]
         command += ["--threads", str(args.threads), "--max-batch", str(args.max_batch)]
         command += ["--max-wait-ms", str(args.max_wait_ms), "--max-queue", "1024", "--max-items", "64"]
+        command += ["--timeout", str(args.timeout)]
+        self.timeout = args.timeout + 30  # the client waits longer than the server's own 504
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         line = self.process.stderr.readline()
         if "listening on http://" not in line:
@@ -216,7 +255,7 @@ def server_timing(header: str) -> dict:
 
 def http_floor(server: ServerProcess, args) -> dict:
     """One client, keep-alive, GET /healthz: HTTP + the event loop + Starlette, no batcher and no model."""
-    connection = http.client.HTTPConnection(server.host, int(server.port), timeout=60)
+    connection = http.client.HTTPConnection(server.host, int(server.port), timeout=server.timeout)
 
     def ping():
         connection.request("GET", "/healthz")
@@ -238,7 +277,7 @@ def serve_phase(server: ServerProcess, clients: int, clips: list[bytes], args) -
     stop_at: list[float] = []
 
     def client(worker: int) -> None:
-        connection = http.client.HTTPConnection(server.host, int(server.port), timeout=60)
+        connection = http.client.HTTPConnection(server.host, int(server.port), timeout=server.timeout)
         headers = {"Content-Type": "application/json"}
         mine = []
         start_gate.wait()
@@ -259,7 +298,7 @@ def serve_phase(server: ServerProcess, clients: int, clips: list[bytes], args) -
         with lock:
             records.extend(mine)
 
-    warm = http.client.HTTPConnection(server.host, int(server.port), timeout=60)
+    warm = http.client.HTTPConnection(server.host, int(server.port), timeout=server.timeout)
     warm.request("POST", "/v1/embeddings", bodies[0], {"Content-Type": "application/json"})
     warm.getresponse().read()
     batches0 = server.metric('synergy_batch_size_count{modality="audio"}')
@@ -311,8 +350,14 @@ def main(argv=None) -> int:
     from synergy.runtime import Runtime
 
     with tempfile.TemporaryDirectory() as scratch:
-        bundle = args.bundle or str(tiny_bundle(Path(scratch) / "tiny"))
-        bundle_name = args.describe or (bundle if args.bundle else "the tests' tiny bundle (D=21)")
+        if args.bundle:
+            bundle, bundle_name = args.bundle, args.describe or args.bundle
+        elif args.geometry == "base-audio":
+            bundle = str(base_audio_bundle(ROOT / "runs" / "bench-serve" / "base-audio"))
+            bundle_name = args.describe or "base preset audio tower (AST 12 x 768, 10.24 s), random weights, ONNX fp32"
+        else:
+            bundle = str(tiny_bundle(Path(scratch) / "tiny"))
+            bundle_name = args.describe or "the tests' tiny bundle (D=21)"
         runtime = Runtime.open(bundle, threads=args.threads, batch_size=args.max_batch)
         audio = runtime.manifest.audio
         clips = make_clips(audio.sample_rate, args.clip_seconds or audio.clip_seconds)
@@ -320,7 +365,9 @@ def main(argv=None) -> int:
             "benchmark": "bench_serve",
             "bundle": bundle_name,
             "clip": {"seconds": args.clip_seconds or audio.clip_seconds, "sample_rate": audio.sample_rate},
-            "settings": {k: getattr(args, k) for k in ("clients", "requests", "budget", "max_batch", "max_wait_ms")},
+            "settings": {
+                k: getattr(args, k) for k in ("clients", "requests", "budget", "max_batch", "max_wait_ms", "timeout")
+            },
             "environment": {
                 "python": platform.python_version(),
                 "onnxruntime": onnxruntime.__version__,
