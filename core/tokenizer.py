@@ -7,17 +7,25 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"  # ids 0, 1, 2, 3: the scratch RoBERTa config uses them
+END_OF_WORD = "</w>"  # CLIP's BPE marks a word's last piece, so ids decode back to words ("dog", not "do g")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int) -> Tokenizer:
-    """A lower-cased BPE over whitespace/punctuation pieces, <s> ... </s> around every sequence."""
-    tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+    """A lower-cased BPE over whitespace/punctuation pieces with CLIP's end-of-word marker (so ``decode`` gives
+    words back), <s> ... </s> around every sequence."""
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix=END_OF_WORD))
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, UNK], show_progress=False)
+    tokenizer.decoder = decoders.BPEDecoder(suffix=END_OF_WORD)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS, UNK],
+        end_of_word_suffix=END_OF_WORD,
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, tokenizer.token_to_id(BOS)), (EOS, tokenizer.token_to_id(EOS))]
