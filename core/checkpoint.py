@@ -171,6 +171,7 @@ def load_checkpoint(folder: str | Path, attn_implementation: str | None = None) 
         raise CheckpointError(f"{weights} is corrupt or truncated ({error}); re-save it") from error
     # the towers built on the meta device (no memory): a vocab_size of 10**7 is refused here, not after 5 GB
     builders = {"image": build_image_tower, "text": build_text_tower, "audio": build_audio_tower}
+    checked: set[str] = set()
     for name, build in builders.items():
         try:
             with torch.device("meta"):
@@ -179,11 +180,19 @@ def load_checkpoint(folder: str | Path, attn_implementation: str | None = None) 
             raise CheckpointError(f"{folder}/config.json: towers.{name} cannot build a model ({error!r})") from error
         expected = {f"{name}_tower.{k}": tuple(v.shape) for k, v in tower.state_dict().items()}
         _check_shapes(weights, expected, shapes, f"the {name} tower")
+        checked |= expected.keys()
     try:
         model = SynergyModel(config, hf_configs=data["towers"])
     except Exception as error:
         raise CheckpointError(f"{folder}/config.json does not build a model ({error!r})") from error
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("audio_frontend.")}
+    # the rest of the model (projections, logit scales), each tensor checked once: the towers' were above. The whole
+    # model cannot be built on the meta device (the front end computes its mel bank with .item()), so this one waits
+    # for the real build; the front end's matrices are rebuilt from the config, never read from the file.
+    expected = {
+        k: tuple(v.shape)
+        for k, v in model.state_dict().items()
+        if k not in checked and not k.startswith("audio_frontend.")
+    }
     _check_shapes(weights, expected, shapes, "the whole model")
     try:
         state = load_file(str(weights))
