@@ -93,23 +93,28 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
-def _build(cls, data: dict, where: str):
-    names = {f.name: f for f in dataclasses.fields(cls)}
+def checked_fields(cls, data: dict, where: str, exclude=()) -> dict:
+    """``data`` checked against the dataclass ``cls`` -> its values, ready for ``cls(**values)``: a key that is not a
+    field (or is in ``exclude``) fails naming ``where`` and the valid keys, a value of the wrong type fails naming the
+    expected one (:func:`check_value`), and a field that is itself a dataclass takes an object of its fields, checked
+    the same way under ``where.<key>``. The one check of config dicts: model, training and MMR configs use it."""
+    names = sorted(f.name for f in dataclasses.fields(cls) if f.name not in exclude)
     unknown = sorted(set(data) - set(names))
     if unknown:
         hint = did_you_mean(unknown[0], names)
-        raise ConfigError(f"{where}: unknown key(s) {unknown}{hint}; valid keys: {sorted(names)}")
-    values = {}
+        raise ConfigError(f"{where}: unknown key(s) {unknown}{hint}; valid keys: {names}")
     hints = typing.get_type_hints(cls)
+    values = {}
     for key, value in data.items():
-        if key in _TOWERS and cls is SynergyConfig:
-            if not isinstance(value, (dict, _TOWERS[key])):
-                raise ConfigError(f"{where}.{key}: expected an object of {_TOWERS[key].__name__} fields, got {value!r}")
-            value = value if isinstance(value, _TOWERS[key]) else _build(_TOWERS[key], value, f"{where}.{key}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, (dict, hint)):
+                raise ConfigError(f"{where}.{key}: expected an object of {hint.__name__} fields, got {value!r}")
+            value = value if isinstance(value, hint) else hint(**checked_fields(hint, value, f"{where}.{key}"))
         else:
-            value = check_value(value, hints[key], f"{where}: {key}")
+            value = check_value(value, hint, f"{where}: {key}")
         values[key] = value
-    return cls(**values)
+    return values
 
 
 def check_value(value, hint, where: str):
@@ -136,7 +141,7 @@ def check_value(value, hint, where: str):
 
 
 def config_from_dict(data: dict, where: str = "config") -> SynergyConfig:
-    return _build(SynergyConfig, data, where)
+    return SynergyConfig(**checked_fields(SynergyConfig, data, where))
 
 
 def load_config(preset_or_path: str | Path | SynergyConfig, **overrides) -> SynergyConfig:

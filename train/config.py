@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from synergy.core.config import ConfigError, check_value, load_config
+from synergy.core.config import ConfigError, checked_fields, load_config
 from synergy.suggest import did_you_mean
 
 NO_DATA = (
@@ -80,14 +80,9 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | tup
         data = json.loads(Path(path).read_text())
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object of training keys, got {type(data).__name__}")
+    data = checked_fields(TrainConfig, data, str(path))
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     hints = typing.get_type_hints(TrainConfig)
-    unknown = sorted(set(data) - names)
-    if unknown:
-        hint = did_you_mean(unknown[0], names)
-        raise ConfigError(f"{path}: unknown key(s) {unknown}{hint}; valid keys: {sorted(names)}")
-    for key, value in data.items():
-        check_value(value, hints[key], f"{path}: {key}")
     data["model_overrides"] = dict(data.get("model_overrides", {}))
     for item in overrides:
         key, sep, value = item.partition("=")

@@ -87,8 +87,9 @@ def _accuracy(query: torch.Tensor, classes: torch.Tensor, target: torch.Tensor, 
     return (top == target[:, None]).any(-1).float().mean().item()
 
 
-def _recall(query: torch.Tensor, keys: torch.Tensor) -> dict:
-    """Query row i's match is key row i. -> {"R@1", "R@5", "R@10"} in percent."""
+def recall_at_k(query: torch.Tensor, keys: torch.Tensor) -> dict:
+    """Query row i's match is key row i. -> {"R@1", "R@5", "R@10"} in percent; a tie does not count against the
+    match (only strictly better keys do). `synergy eval` and `synergy mmr eval`'s semantic check use it."""
     sim = query @ keys.T  # [N, N]
     rank = (sim > sim.diagonal()[:, None]).sum(-1)  # strictly better keys
     return {f"R@{k}": round(100 * (rank < k).float().mean().item(), 2) for k in (1, 5, 10)}
@@ -121,16 +122,16 @@ def evaluate(model: SynergyModel, tokenizer, csv_path, labels: list[str] | None 
     for q, t in DIRECTIONS:
         ok = data[f"{q}_mask"] & data[f"{t}_mask"]
         if ok.sum() > 1:
-            retrieval[f"{q}->{t}"] = _recall(data[q][ok], data[t][ok])
+            retrieval[f"{q}->{t}"] = recall_at_k(data[q][ok], data[t][ok])
     # two modalities as one query (mean of normalised embeddings), and the same query with one of them missing
     for target_name in ("image", "text", "audio"):
         a, b = (m for m in ("image", "text", "audio") if m != target_name)
         ok = data[f"{a}_mask"] & data[f"{b}_mask"] & data[f"{target_name}_mask"]
         if ok.sum() > 1:
             both = F.normalize(data[a][ok] + data[b][ok], dim=-1)
-            retrieval[f"{a}+{b}->{target_name}"] = _recall(both, data[target_name][ok])
-            retrieval[f"{a}+({b} missing)->{target_name}"] = _recall(data[a][ok], data[target_name][ok])
-            retrieval[f"({a} missing)+{b}->{target_name}"] = _recall(data[b][ok], data[target_name][ok])
+            retrieval[f"{a}+{b}->{target_name}"] = recall_at_k(both, data[target_name][ok])
+            retrieval[f"{a}+({b} missing)->{target_name}"] = recall_at_k(data[a][ok], data[target_name][ok])
+            retrieval[f"({a} missing)+{b}->{target_name}"] = recall_at_k(data[b][ok], data[target_name][ok])
     result["retrieval"] = retrieval
     if data["video_mask"].any():
         result["video_retrieval"] = video_retrieval(data)

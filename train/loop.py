@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from synergy.core.checkpoint import (
@@ -71,7 +72,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
     step = int(state["step"]) if state else 0
     model.to(process.device)
     optimizer = _optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.steps))
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -224,11 +225,14 @@ def _optimizer(model: SynergyModel, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6, fused=torch.cuda.is_available())
 
 
-def _schedule(config: TrainConfig):
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """LambdaLR's factor at ``step``: a linear warm-up over ``warmup_steps``, then a cosine to 0 at ``total_steps``
+    (held at 0 after it). `synergy train` and `synergy mmr train` both schedule with it."""
+
     def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
@@ -323,14 +327,37 @@ class RandomState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-def audio_copies(model, inputs) -> torch.Tensor:
+@contextlib.contextmanager
+def kept_log_mel(model, keep: bool = True):
+    """Inside: the log-mels the audio front end computes in ``model``'s forwards, appended to the list it yields, so
+    that the intra-audio SpecAugment copy starts from the forward's own log-mel instead of running the front end
+    (framing, DFT, mel, log) a second time. The front end has no trainable weights: the same waveform gives the same
+    log-mel. ``keep=False``: nothing is kept (the list stays empty)."""
+    encoder = getattr(model, "module", model)  # DDP: its forward runs the wrapped model's front end
+    kept: list[torch.Tensor] = []
+    handle = encoder.audio_frontend.register_forward_hook(lambda module, args, out: kept.append(out)) if keep else None
+    try:
+        yield kept
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def audio_copies(model, inputs, log_mel: torch.Tensor | None = None) -> torch.Tensor:
     """The batch's clips through the audio tower again with SpecAugment on the log-mel (inside the model, so on the
     GPU): [B, D], for CLIP4VLA's intra-audio NT-Xent. Masks sized as AST's AudioSet recipe (48 of 128 mel bins,
-    192 of 1024 frames), scaled to the model's geometry."""
+    192 of 1024 frames), scaled to the model's geometry. ``log_mel``: [B, frames, mels], the front end's output for
+    these clips when the forward already computed it (:func:`kept_log_mel`); None runs the front end here."""
     encoder = getattr(model, "module", model)  # DDP: the same parameters, their gradients reduced with the rest
     a = encoder.config.audio
     augment = SpecAugment(1, max(1, a.n_mels * 48 // 128), 1, max(1, a.num_frames * 192 // 1024))
-    return encoder.encode_audio(inputs[3], inputs[4], augment=augment)
+    if log_mel is None:
+        return encoder.encode_audio(inputs[3], inputs[4], augment=augment)
+    # encode_audio's augmented path after its front end (the same masks from the same draws; a test holds them equal)
+    lengths, frames = inputs[4], None
+    if lengths is not None:
+        frames = (encoder.audio_frontend.frame_ends[None, :] <= lengths[:, None]).sum(-1)  # [B] real frames per row
+    return F.normalize(encoder.audio_projection(encoder.audio_features(augment(log_mel, frames))), dim=-1)
 
 
 def train_step(
@@ -350,9 +377,9 @@ def train_step(
     device = next(model.parameters()).device
     inputs, masks = _inputs(batch, device), _masks(batch, device)
     if accumulation == 1:
-        with autocast():
+        with autocast(), kept_log_mel(model, keep=audio_intra_weight > 0) as log_mel:
             *features, scales = model(*inputs)
-            copies = audio_copies(model, inputs) if audio_intra_weight else None
+            copies = audio_copies(model, inputs, log_mel[0]) if audio_intra_weight else None
         # embeddings go in as produced (bf16 under autocast): the Triton loss accumulates in fp32 on tensor cores
         loss = contrastive_loss(features, scales, masks, rank, world)
         if copies is not None:
@@ -361,12 +388,12 @@ def train_step(
         return loss.detach()
     chunks = [torch.tensor_split(x, accumulation) for x in inputs]
     states, outs = [], []
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), autocast(), kept_log_mel(model, keep=audio_intra_weight > 0) as log_mel:
         for i in range(accumulation):
             states.append(RandomState.capture(device))
             outs.append(model(*(c[i] for c in chunks)))
             if audio_intra_weight:  # drawn right after the forward, in the same order in the re-forward
-                outs[-1] = (*outs[-1], audio_copies(model, [c[i] for c in chunks]))
+                outs[-1] = (*outs[-1], audio_copies(model, [c[i] for c in chunks], log_mel[-1]))
     after = RandomState.capture(device)
     features = [torch.cat([o[m] for o in outs]).requires_grad_() for m in range(3)]
     scales = outs[0][3].detach().float().requires_grad_()
@@ -381,9 +408,9 @@ def train_step(
         last = i == accumulation - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         states[i].restore()
-        with sync, autocast():
+        with sync, autocast(), kept_log_mel(model, keep=copies is not None) as log_mel:
             *out, out_scales = model(*(c[i] for c in chunks))
-            copy = audio_copies(model, [c[i] for c in chunks]) if copies is not None else None
+            copy = audio_copies(model, [c[i] for c in chunks], log_mel[0]) if copies is not None else None
         rows = slice(offsets[i], offsets[i] + sizes[i])
         surrogate = sum((o.float() * f.grad[rows]).sum() for o, f in zip(out, features))
         if copy is not None:

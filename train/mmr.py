@@ -28,7 +28,6 @@ import math
 import os
 import sys
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from tqdm import tqdm
 
 from synergy.core.atomic_folder import atomic_folder, recover_folder
 from synergy.core.checkpoint import CheckpointError, load_checkpoint, load_train_state
-from synergy.core.config import ConfigError, check_value
+from synergy.core.config import ConfigError, checked_fields
 from synergy.core.reconstruction import (
     TARGETS,
     ReconstructionConfig,
@@ -52,11 +51,12 @@ from synergy.core.reconstruction import (
 )
 from synergy.runtime.text import tokenize
 from synergy.train.data import Collate, DataError, ManifestDataset, read_manifest
-from synergy.train.loop import cut_metrics
-from synergy.train.mmr_metrics import audio_metrics, image_metrics, text_metrics
+from synergy.train.loop import cut_metrics, warmup_cosine
+from synergy.train.mmr_metrics import reconstruction_metrics
 
 FORMAT = 1
 MAIN_METRIC = {"image": "psnr_db", "audio": "ssim", "text": "token_accuracy"}
+HEAD_SIZES_FROM_CHECKPOINT = ("target", "input_widths", "output_shape", "vocab_size")
 
 
 @dataclass(frozen=True)
@@ -82,13 +82,7 @@ class MMRConfig:
 
 def mmr_config(values: dict) -> MMRConfig:
     """A dict (from the CLI) -> a checked :class:`MMRConfig`; unknown keys and wrong types fail with the valid ones."""
-    hints = typing.get_type_hints(MMRConfig)
-    names = [f.name for f in dataclasses.fields(MMRConfig)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ConfigError(f"mmr: unknown key(s) {unknown}; valid keys: {names}")
-    checked = {k: check_value(v, hints[k], f"mmr: {k}") for k, v in values.items()}
-    config = MMRConfig(**checked)
+    config = MMRConfig(**checked_fields(MMRConfig, values, "mmr"))
     bad_targets = [t for t in config.targets if t not in TARGETS]
     if bad_targets or not config.targets:
         raise ConfigError(f"mmr: targets {list(config.targets)}: choose from {list(TARGETS)}")
@@ -96,14 +90,8 @@ def mmr_config(values: dict) -> MMRConfig:
         raise ConfigError("mmr: epochs >= 1, batch_size >= 2, 0 < val_fraction < 1 and lr > 0 are required")
     if config.on_bad_sample not in ("skip", "error"):
         raise ConfigError(f"mmr: on_bad_sample {config.on_bad_sample!r}: choose skip or error")
-    head_fields = {f.name for f in dataclasses.fields(ReconstructionConfig)} - {
-        "target",
-        "input_widths",
-        "output_shape",
-        "vocab_size",
-    }
-    if set(config.head) - head_fields:
-        raise ConfigError(f"mmr: head key(s) {sorted(set(config.head) - head_fields)}; valid: {sorted(head_fields)}")
+    # the head's sizes come from the frozen checkpoint and the tokenizer: only its widths and depths are options
+    checked_fields(ReconstructionConfig, config.head, "mmr: head", exclude=HEAD_SIZES_FROM_CHECKPOINT)
     return config
 
 
@@ -137,14 +125,17 @@ def special_ids(model, tokenizer) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def encode_rows(model, tokenizer, rows, batch_size: int = 64, on_bad_sample: str = "skip", report=print) -> dict:
+def encode_rows(
+    model, tokenizer, rows, batch_size: int = 64, on_bad_sample: str = "skip", report=print, features: bool = True
+) -> dict:
     """Manifest rows -> everything MMR needs per row, on the CPU:
 
     ``features`` {m: [N, width]} pooled tower outputs; ``embeddings`` {m: [N, D]} the model's L2-normalised
     embeddings (nearest-neighbour baseline); ``image`` [N, 3, S, S] uint8 (pixels, the runtime's resize and crop);
     ``log_mel`` [N, frames, mels] (the model's front end on the first clip-long window); ``ids`` / ``token_mask``
     [N, max_length] (the caption, or the label in the first template); ``masks`` {m: [N] bool}; ``labels``;
-    ``bad`` (messages of the rows left out)."""
+    ``bad`` (messages of the rows left out). ``features=False``: the targets only (no tower runs; ``features`` and
+    ``embeddings`` stay empty), for rows whose targets alone are needed (evaluation's nearest neighbours)."""
     config = model.config
     dataset = ManifestDataset.for_model(rows, config, text_mode="caption")
     collate = Collate(tokenizer, config.image.image_size, dataset.clip_samples)
@@ -168,22 +159,23 @@ def encode_rows(model, tokenizer, rows, batch_size: int = 64, on_bad_sample: str
         ids, mask = batch["input_ids"][:, :length], batch["attention_mask"][:, :length]
         ids = F.pad(ids, (0, length - ids.shape[1]), value=pad_id)
         mask = F.pad(mask, (0, length - mask.shape[1]), value=0)
-        features = {
-            "image": model.image_features(batch["pixel_values"]),
-            "text": model.text_features(ids, mask),
-            "audio": model.audio_features(log_mel),
-        }
-        projections = {"image": model.image_projection, "text": model.text_projection, "audio": model.audio_projection}
         values = {
             "image": ((batch["pixel_values"] * std + mean).clamp(0, 1) * 255).round().to(torch.uint8),
             "log_mel": log_mel.float(),
             "ids": ids,
             "token_mask": mask,
         }
-        for m, f in features.items():
-            values[f"features.{m}"] = f.float()
-            values[f"embeddings.{m}"] = F.normalize(projections[m](f).float(), dim=-1)
+        for m in ("image", "text", "audio"):
             values[f"masks.{m}"] = batch[f"{m}_mask"]
+        if features:
+            pooled = {
+                "image": model.image_features(batch["pixel_values"]),
+                "text": model.text_features(ids, mask),
+                "audio": model.audio_features(log_mel),
+            }
+            for m, f in pooled.items():
+                values[f"features.{m}"] = f.float()
+                values[f"embeddings.{m}"] = F.normalize(getattr(model, f"{m}_projection")(f).float(), dim=-1)
         for key, value in values.items():
             parts.setdefault(key, []).append(value)
         labels += batch["labels"]
@@ -198,12 +190,17 @@ def encode_rows(model, tokenizer, rows, batch_size: int = 64, on_bad_sample: str
     return out
 
 
-def usable(encoded: dict, target: str) -> torch.Tensor:
-    """Row indices where the target and both modalities it is rebuilt from are present."""
+def usable_mask(encoded: dict, target: str) -> torch.Tensor:
+    """[N] bool: the rows where the target and both modalities it is rebuilt from are present."""
     ok = encoded["masks"][target].clone()
     for m in present_modalities(target):
         ok &= encoded["masks"][m]
-    return ok.nonzero().flatten()
+    return ok
+
+
+def usable(encoded: dict, target: str) -> torch.Tensor:
+    """Row indices where the target and both modalities it is rebuilt from are present."""
+    return usable_mask(encoded, target).nonzero().flatten()
 
 
 def head_inputs(encoded: dict, target: str, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,15 +339,6 @@ def make_optimizer(heads: torch.nn.ModuleDict, config: MMRConfig) -> torch.optim
     return torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _schedule(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return factor
-
-
 @torch.no_grad()
 def validate(heads: torch.nn.ModuleDict, encoded: dict, audio_range: float, pad_eos: tuple[int, int], batch=256):
     """-> {target: {"loss", main metric...}} over the usable rows of ``encoded``, heads in eval mode."""
@@ -368,12 +356,8 @@ def validate(heads: torch.nn.ModuleDict, encoded: dict, audio_range: float, pad_
             mask = encoded["token_mask"][chunk] if target == "text" else None
             loss = reconstruction_loss(target, prediction, true, mask, audio_range).item()
             sums["loss"] = sums.get("loss", 0.0) + loss * len(chunk)
-            if target == "image":
-                values = image_metrics(prediction, true)
-            elif target == "audio":
-                values = audio_metrics(prediction, true, audio_range)
-            else:
-                values = text_metrics(prediction.argmax(-1), true, mask, *pad_eos)
+            predicted = prediction.argmax(-1) if target == "text" else prediction  # text: logits -> token ids
+            values = reconstruction_metrics(target, predicted, true, mask, audio_range, pad_eos)
             for name, v in values.items():
                 sums[name] = sums.get(name, 0.0) + v.sum().item()
         result[target] = {name: round(v / len(index), 5) for name, v in sums.items()}
@@ -458,12 +442,12 @@ def train_mmr(config: MMRConfig, resume: bool = False, force: bool = False, repo
     audio_range = float(run["audio_range"])
     baselines = training_baselines(train_set, config.targets)
     pad_eos = special_ids(model, tokenizer)
-    usable_rows = {t: set(usable(train_set, t).tolist()) for t in config.targets}
+    usable_rows = {t: usable_mask(train_set, t) for t in config.targets}  # [N] bool each, once per run
     n = len(train_rows)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
     optimizer = make_optimizer(heads, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.warmup_steps, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total))
     epoch = 0
     if state is not None:
         heads.load_state_dict(load_file(str(folder / "heads.safetensors")))
@@ -484,7 +468,7 @@ def train_mmr(config: MMRConfig, resume: bool = False, force: bool = False, repo
             optimizer.zero_grad(set_to_none=True)
             total_loss = 0.0
             for target, head in heads.items():
-                index = torch.tensor([i for i in batch.tolist() if i in usable_rows[target]], dtype=torch.long)
+                index = batch[usable_rows[target][batch]]  # the batch's usable rows, in the batch's order
                 if len(index) == 0:
                     continue
                 mask = train_set["token_mask"][index] if target == "text" else None

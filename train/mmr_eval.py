@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from synergy.core.reconstruction import present_modalities
 from synergy.train.data import read_manifest
-from synergy.train.evaluate import label_embeddings
+from synergy.train.evaluate import label_embeddings, recall_at_k
 from synergy.train.mmr import (
     MMRRun,
     encode_rows,
@@ -38,7 +38,7 @@ from synergy.train.mmr import (
     truth,
     usable,
 )
-from synergy.train.mmr_metrics import audio_metrics, cut_at_eos, image_metrics, text_metrics
+from synergy.train.mmr_metrics import cut_at_eos, reconstruction_metrics
 
 DEFINITIONS = {
     "psnr_db": "image PSNR in dB, each image's own MSE at peak 1.0 (pixels in [0, 1]), averaged over images",
@@ -73,27 +73,18 @@ def embed_as(model, tokenizer, target: str, values: torch.Tensor) -> torch.Tenso
     return torch.cat(out).float()
 
 
-def _recall_at_1(query: torch.Tensor, keys: torch.Tensor) -> float:
-    sim = query @ keys.T  # [N, N]; query i's match is key i
-    return 100 * ((sim > sim.diagonal()[:, None]).sum(-1) == 0).float().mean().item()
-
-
 def _semantic(query: torch.Tensor, truths: torch.Tensor, classes: torch.Tensor, target_class: torch.Tensor) -> dict:
     known = target_class >= 0
     top1 = (query[known] @ classes.T).argmax(-1) == target_class[known]
     return {
         "zero_shot_top1": round(100 * top1.float().mean().item(), 2) if known.any() else None,
-        "R@1": round(_recall_at_1(query, truths), 2),
+        "R@1": recall_at_k(query, truths)["R@1"],  # query i's match is truth i
     }
 
 
 def _metrics(run: MMRRun, target: str, prediction: torch.Tensor, true: torch.Tensor, token_mask) -> dict:
-    if target == "image":
-        values = image_metrics(prediction, true)
-    elif target == "audio":
-        values = audio_metrics(prediction, true, run.audio_range)
-    else:
-        values = text_metrics(prediction, true, token_mask, *special_ids(run.model, run.tokenizer))
+    pad_eos = special_ids(run.model, run.tokenizer)
+    values = reconstruction_metrics(target, prediction, true, token_mask, run.audio_range, pad_eos)
     scale = 100 if target == "text" else 1
     return {name: round(scale * v.float().mean().item(), 4) for name, v in values.items()}
 
@@ -105,13 +96,21 @@ def training_rows(run: MMRRun) -> list:
     return split_rows(rows, run.run["val_data"], config["val_fraction"], config["seed"])[0]
 
 
-def nearest_neighbour_targets(run: MMRRun, target: str, encoded: dict, index: torch.Tensor, train_rows) -> torch.Tensor:
-    """The target of each row's nearest training row by fused embedding, decoded from that row's files."""
+def nearest_neighbour_rows(run: MMRRun, target: str, encoded: dict, index: torch.Tensor) -> torch.Tensor:
+    """[n] the training-split row number of each row's nearest training row by fused embedding."""
     similarity = fused_embedding(encoded, target, index) @ run.baselines[f"fused.{target}"].T  # [n, N_train]
-    rows = run.baselines[f"rows.{target}"][similarity.argmax(-1)]
-    unique, inverse = rows.unique(return_inverse=True)
-    neighbours = encode_rows(run.model, run.tokenizer, [train_rows[i] for i in unique.tolist()], report=lambda t: None)
-    return truth(neighbours, target, inverse)
+    return run.baselines[f"rows.{target}"][similarity.argmax(-1)]
+
+
+def neighbour_targets(run: MMRRun, nearest: dict, train_rows) -> dict:
+    """``nearest`` {(split, target): [n] training row numbers} -> {(split, target): those rows' targets}, decoded from
+    their files. Every distinct row is decoded and encoded once, however many splits and targets pick it."""
+    if not nearest:
+        return {}
+    unique = torch.cat(list(nearest.values())).unique()  # sorted
+    rows = [train_rows[i] for i in unique.tolist()]
+    neighbours = encode_rows(run.model, run.tokenizer, rows, features=False, report=lambda text: None)
+    return {key: truth(neighbours, key[1], torch.searchsorted(unique, found)) for key, found in nearest.items()}
 
 
 def fused_embedding(encoded: dict, target: str, index: torch.Tensor) -> torch.Tensor:
@@ -142,19 +141,23 @@ def evaluate_mmr(run: MMRRun, csv_paths, labels: list[str] | None = None, report
         "training_rows": len(train_rows),
         "splits": {},
     }
+    indices = {(split, t): usable(data, t) for split, data in encoded.items() for t in run.heads}
+    indices = {key: index for key, index in indices.items() if len(index) >= 2}
+    nearest = {(split, t): nearest_neighbour_rows(run, t, encoded[split], i) for (split, t), i in indices.items()}
+    neighbours = neighbour_targets(run, nearest, train_rows)
     for split, data in encoded.items():
         report(f"evaluating {split}: {len(data['labels'])} rows")
         per_target = {}
         for target in run.heads:
-            index = usable(data, target)
-            if len(index) < 2:
+            if (split, target) not in indices:
                 continue
+            index = indices[split, target]
             true = truth(data, target, index)
             token_mask = data["token_mask"][index] if target == "text" else None
             guesses = {
                 "reconstruction": predict(run, target, data, index),
                 "mean_of_training": run.baselines[f"mean.{target}"].expand_as(true).contiguous(),
-                "nearest_neighbour": nearest_neighbour_targets(run, target, data, index, train_rows),
+                "nearest_neighbour": neighbours[split, target],
             }
             truths = embed_as(run.model, run.tokenizer, target, true)
             target_class = torch.tensor([class_index.get(data["labels"][i], -1) for i in index.tolist()])

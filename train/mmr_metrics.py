@@ -56,3 +56,17 @@ def text_metrics(predicted_ids: Tensor, truth_ids: Tensor, token_mask: Tensor, e
     cut, _ = cut_at_eos(predicted_ids, eos_id, pad_id)
     truth = truth_ids.masked_fill(~token_mask.bool(), pad_id)
     return {"token_accuracy": accuracy, "exact_match": (cut == truth).all(1).float()}
+
+
+def reconstruction_metrics(
+    target: str, prediction: Tensor, truth: Tensor, token_mask: Tensor | None, audio_range: float, pad_eos
+) -> dict[str, Tensor]:
+    """The metrics of ``target`` per item: ``prediction`` pixels | log-mel | predicted token ids against ``truth``;
+    ``token_mask`` (text) the truth's attention mask; ``pad_eos`` (pad id, end-of-sequence id), as
+    ``train.mmr.special_ids`` gives them. Training's validation and `synergy mmr eval` both call this."""
+    if target == "image":
+        return image_metrics(prediction, truth)
+    if target == "audio":
+        return audio_metrics(prediction, truth, audio_range)
+    pad_id, eos_id = pad_eos
+    return text_metrics(prediction, truth, token_mask, eos_id=eos_id, pad_id=pad_id)

@@ -107,3 +107,40 @@ def test_train_step_adds_the_weighted_term_and_its_gradient(accumulation):
     for name, parameter in reference.named_parameters():
         if parameter.grad is not None:
             torch.testing.assert_close(grads[name], parameter.grad, rtol=2e-4, atol=2e-6, msg=name)
+
+
+def test_the_copy_from_the_forwards_log_mel_equals_encode_audio_with_augment():
+    """The training step hands the forward's own log-mel to the SpecAugment copy (no second front end): the copy is
+    bit for bit encode_audio's augmented path, the same masks drawn from the same random state."""
+    from synergy.train.loop import audio_copies, kept_log_mel
+
+    batch = _batch()
+    model = create_model("tiny").eval()
+    inputs = [batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "waveform", "waveform_lengths")]
+    with torch.no_grad():
+        torch.manual_seed(3)
+        expected = audio_copies(model, inputs)  # no log-mel given: encode_audio(..., augment=SpecAugment(...))
+        with kept_log_mel(model) as kept:
+            model(*inputs)
+        assert len(kept) == 1 and torch.equal(kept[0], model.audio_frontend(inputs[3], inputs[4]))
+        torch.manual_seed(3)
+        copies = audio_copies(model, inputs, kept[0])
+        torch.manual_seed(4)
+        other = audio_copies(model, inputs, kept[0])
+    assert torch.equal(copies, expected)
+    assert not torch.equal(other, expected)  # the test can fail: other draws, other masks
+
+
+@pytest.mark.parametrize(("accumulation", "front_ends"), [(1, 1), (2, 4)])
+def test_the_intra_audio_step_runs_the_front_end_once_per_forward(accumulation, front_ends):
+    """With the intra-audio term on, the front end runs once per forward of the towers (accumulation 2: two
+    micro-batches, each in the cached pass and the re-forward), not a second time for the SpecAugment copy."""
+    import contextlib
+
+    from synergy.train.loop import train_step
+
+    model = create_model("tiny")
+    calls = []
+    model.audio_frontend.register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
+    train_step(model, _batch(), accumulation, 0, 1, contextlib.nullcontext, audio_intra_weight=0.7)
+    assert len(calls) == front_ends and sum(calls) == 6 * front_ends // accumulation

@@ -13,7 +13,6 @@ from PIL import Image
 from synergy.cli import main
 from synergy.core.checkpoint import save_checkpoint
 from synergy.core.model import create_model
-from synergy.core.reconstruction import reconstruction_loss
 from synergy.train import mmr
 from synergy.train.data import read_manifest
 from synergy.train.loop import build_tokenizer
@@ -47,22 +46,44 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny):
-    """`synergy mmr train` through the CLI: the run folder and what it printed."""
-    result = CliRunner().invoke(
-        main,
-        [
-            "mmr",
-            "train",
-            "--checkpoint",
-            str(tiny / "checkpoint"),
-            "--data",
-            str(tiny / "data" / "train.csv"),
-            "--out",
-            str(tiny / "run"),
-            *FAST,
-        ],
-    )
+def seen():
+    """What the training run of ``trained`` worked with, taken from inside it: the frozen model it loaded and a copy
+    of its weights before training, the optimiser, the heads and a copy of their initial weights."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, seen):
+    """`synergy mmr train` through the CLI: the run folder and what it printed (and ``seen`` filled)."""
+    real_load_frozen, real_make_optimizer = mmr.load_frozen, mmr.make_optimizer
+
+    def load_frozen(checkpoint):
+        model, tokenizer = real_load_frozen(checkpoint)
+        seen["model"], seen["model_before"] = model, {k: v.clone() for k, v in model.state_dict().items()}
+        return model, tokenizer
+
+    def make_optimizer(heads, config):
+        seen["heads"], seen["heads_before"] = heads, {k: v.clone() for k, v in heads.state_dict().items()}
+        seen["optimizer"] = real_make_optimizer(heads, config)
+        return seen["optimizer"]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mmr, "load_frozen", load_frozen)
+        patch.setattr(mmr, "make_optimizer", make_optimizer)
+        result = CliRunner().invoke(
+            main,
+            [
+                "mmr",
+                "train",
+                "--checkpoint",
+                str(tiny / "checkpoint"),
+                "--data",
+                str(tiny / "data" / "train.csv"),
+                "--out",
+                str(tiny / "run"),
+                *FAST,
+            ],
+        )
     assert result.exit_code == 0, result.output
     return tiny / "run", result.output
 
@@ -76,29 +97,28 @@ def test_training_reports_bad_rows_and_writes_epochs(trained):
     assert (run / "checkpoint" / "heads.safetensors").is_file()
 
 
-def test_encoders_stay_frozen(tiny, trained):
+def test_encoders_stay_frozen(tiny, trained, seen):
+    """The run's own frozen model, after training: weights bit for bit those it loaded, eval mode, no gradient, not
+    in the optimiser; while every head did train (so the comparison has a run that changed something behind it)."""
     run_dir, _ = trained
-    loaded = mmr.load_mmr(run_dir)
-    recorded = json.loads((run_dir / "checkpoint" / "config.json").read_text())["checkpoint_sha256"]
-    assert mmr.file_sha256(tiny / "checkpoint" / "model.safetensors") == recorded  # weights untouched by training
-    model, tokenizer = mmr.load_frozen(tiny / "checkpoint")
-    assert not model.training and not any(p.requires_grad for p in model.parameters())
-    config = mmr.mmr_config({"checkpoint": str(tiny / "checkpoint"), "data": str(tiny / "data" / "val.csv")})
-    optimiser = mmr.make_optimizer(loaded.heads, config)
-    in_optimiser = {id(p) for group in optimiser.param_groups for p in group["params"]}
-    assert in_optimiser == {id(p) for p in loaded.heads.parameters()}
-    assert not in_optimiser & {id(p) for p in model.parameters()}
-    # a training step through the real path: features from the frozen towers, loss, backward
-    encoded = mmr.encode_rows(model, tokenizer, read_manifest(tiny / "data" / "val.csv"))
-    loaded.heads.train()
-    for target, head in loaded.heads.items():
-        index = mmr.usable(encoded, target)
-        mask = encoded["token_mask"][index] if target == "text" else None
-        prediction = head(*mmr.head_inputs(encoded, target, index))
-        reconstruction_loss(target, prediction, mmr.truth(encoded, target, index), mask, 2.0).backward()
+    model, before = seen["model"], seen["model_before"]
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"training changed frozen weights: {changed[:5]}"
+    assert not any(module.training for module in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())
-    assert all(p.grad is not None for p in loaded.heads.parameters())
-    assert not model.training
+    in_optimiser = {id(p) for group in seen["optimizer"].param_groups for p in group["params"]}
+    assert in_optimiser == {id(p) for p in seen["heads"].parameters()}
+    assert not in_optimiser & {id(p) for p in model.parameters()}
+    trained_heads = mmr.load_mmr(run_dir).heads.state_dict()
+    assert trained_heads.keys() == seen["heads_before"].keys()
+    for target in seen["heads"]:  # each head moved away from its initial weights
+        names = [k for k in trained_heads if k.startswith(f"{target}.")]
+        assert any(not torch.equal(trained_heads[k], seen["heads_before"][k]) for k in names), target
+    recorded = json.loads((run_dir / "checkpoint" / "config.json").read_text())["checkpoint_sha256"]
+    assert mmr.file_sha256(tiny / "checkpoint" / "model.safetensors") == recorded  # the file untouched too
 
 
 def test_resume_after_an_interruption_is_exact(tiny, monkeypatch):
@@ -133,6 +153,58 @@ def test_resume_after_an_interruption_is_exact(tiny, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     lines = (tiny / "parts" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_validation_counts_a_perfect_text_reconstruction_as_an_exact_match():
+    """Validation hands the text metrics the pad and end-of-sequence ids in their places: a head that predicts the
+    truth exactly scores 1.0 in both (with the two ids swapped, the padding after </s> never matched: 0.0)."""
+    pad, eos, vocab = 1, 2, 11
+    ids = torch.tensor([[0, 7, 8, eos, pad, pad], [0, 9, eos, pad, pad, pad], [0, 5, 6, 7, 8, eos]])
+    encoded = {
+        "masks": {m: torch.ones(3, dtype=torch.bool) for m in ("image", "text", "audio")},
+        "features": {"image": torch.nn.functional.one_hot(ids, vocab).float().flatten(1), "audio": torch.zeros(3, 1)},
+        "ids": ids,
+        "token_mask": (ids != pad).long(),
+    }
+
+    class Copy(torch.nn.Module):  # text <- (image, audio): the "image" features are the truth's one-hot logits
+        def forward(self, image, audio):
+            return image.view(len(image), ids.shape[1], vocab)
+
+    pad_eos = (pad, eos)  # the order mmr.special_ids gives them in, and validate takes them in
+    result = mmr.validate(torch.nn.ModuleDict({"text": Copy()}), encoded, 1.0, pad_eos)
+    assert result["text"]["token_accuracy"] == 1.0
+    assert result["text"]["exact_match"] == 1.0
+
+
+def test_eval_decodes_each_nearest_neighbour_row_once(trained, monkeypatch):
+    """The nearest neighbours of every split and target are decoded in one pass, each training row once and without
+    the towers (only its targets are used), and each (split, target) gets its own rows' targets back."""
+    from synergy.train import mmr_eval
+
+    run = mmr.load_mmr(trained[0])
+    train_rows = mmr_eval.training_rows(run)
+    calls = []
+    real_encode_rows = mmr_eval.encode_rows
+
+    def encode_rows(model, tokenizer, rows, **kwargs):
+        calls.append((len(rows), kwargs.get("features", True)))
+        return real_encode_rows(model, tokenizer, rows, **kwargs)
+
+    monkeypatch.setattr(mmr_eval, "encode_rows", encode_rows)
+    nearest = {
+        ("a", "image"): torch.tensor([5, 2, 5]),
+        ("a", "text"): torch.tensor([7, 2]),
+        ("b", "audio"): torch.tensor([7]),
+    }
+    found = mmr_eval.neighbour_targets(run, nearest, train_rows)
+    assert calls == [(3, False)]  # rows 2, 5 and 7, once each
+    for (split, target), rows in nearest.items():
+        alone = real_encode_rows(run.model, run.tokenizer, [train_rows[i] for i in rows.tolist()], report=print)
+        # pixels and ids exactly; a log-mel to float rounding: the front end's sums depend on the batch it runs in
+        tolerance = {"atol": 1e-5, "rtol": 1e-5} if target == "audio" else {"atol": 0, "rtol": 0}
+        alone = mmr.truth(alone, target, torch.arange(len(rows)))
+        torch.testing.assert_close(found[split, target], alone, **tolerance, msg=f"{split} {target}")
 
 
 def test_text_metrics_count_real_tokens_only():
