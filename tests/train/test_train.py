@@ -352,9 +352,10 @@ ddp = torch.nn.parallel.DistributedDataParallel(model)
 batch, b = inputs["batch"], len(inputs["batch"]["labels"]) // world
 local = {k: v[rank * b : (rank + 1) * b] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}
 results = {}
-for accumulation in (1, 3):  # 3 micro-batches of this rank's 4 rows: 2, 1, 1
+for accumulation in inputs.get("accumulations", (1, 3)):  # 3 micro-batches of this rank's 4 rows: 2, 1, 1
     model.zero_grad(set_to_none=True)
-    loss = train_step(ddp, local, accumulation, rank, world, contextlib.nullcontext)
+    torch.manual_seed(100 + rank)  # this rank's SpecAugment draws (intra-audio term): the test replays them
+    loss = train_step(ddp, local, accumulation, rank, world, contextlib.nullcontext, inputs.get("intra", 0.0))
     torch.distributed.all_reduce(loss)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     results[accumulation] = {"loss": loss, "grads": grads}
@@ -367,6 +368,17 @@ torch.distributed.destroy_process_group()
 """
 
 
+def _run_ddp_worker(tmp_path, inputs: dict) -> dict:
+    """DDP_WORKER on 2 gloo processes under torchrun -> {accumulation: {"loss", "grads"}} (rank 0's)."""
+    torch.save(inputs, tmp_path / "inputs.pt")
+    (tmp_path / "worker.py").write_text(DDP_WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += [str(tmp_path / "worker.py"), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt", weights_only=True)
+
+
 def test_ddp_two_processes_match_one_process(tmp_path, synth):
     """Two real processes under torchrun (gloo), without and with gradient accumulation, give the loss and gradients
     of one process on the whole batch."""
@@ -376,22 +388,7 @@ def test_ddp_two_processes_match_one_process(tmp_path, synth):
     single = create_model("tiny")
     state = copy.deepcopy(single.state_dict())
     loss = train_step(single, batch, 1, 0, 1, contextlib.nullcontext)
-    torch.save({"state": state, "batch": batch}, tmp_path / "inputs.pt")
-    (tmp_path / "worker.py").write_text(DDP_WORKER)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(tmp_path / "worker.py"),
-        str(tmp_path / "inputs.pt"),
-        str(tmp_path / "out.pt"),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = torch.load(tmp_path / "out.pt", weights_only=True)
+    results = _run_ddp_worker(tmp_path, {"state": state, "batch": batch})
     expected = _grads(single)
     for accumulation, result in results.items():
         torch.testing.assert_close(result["loss"], loss, atol=1e-6, rtol=1e-5)
@@ -401,6 +398,49 @@ def test_ddp_two_processes_match_one_process(tmp_path, synth):
             torch.testing.assert_close(
                 result["grads"][name], grad, atol=atol, rtol=1e-4, msg=f"accumulation {accumulation}: {name}"
             )
+
+
+def test_ddp_intra_audio_term_is_each_process_share_with_its_own_negatives(tmp_path, synth):
+    """audio_intra_weight > 0 on two gloo processes: the step runs, and its loss and gradients are those the step
+    documents: the tri-modal loss of the global batch (global negatives) + weight x the mean over processes of each
+    process's NT-Xent over its own rows (local negatives) with its own SpecAugment draws, with and without GradCache.
+    That is not one process's intra term over the whole batch (other negatives, other masks): the test shows both."""
+    from synergy.core.spec_augment import audio_intra_loss
+    from synergy.train.loop import audio_copies
+
+    torch.manual_seed(0)
+    batch, weight, world = _batch(synth), 0.7, 2
+    assert batch["audio_mask"][:4].sum() >= 2 and batch["audio_mask"][4:].sum() >= 2  # an intra term on each process
+    single = create_model("tiny")
+    state = copy.deepcopy(single.state_dict())
+    results = _run_ddp_worker(tmp_path, {"state": state, "batch": batch, "intra": weight, "accumulations": (1, 2)})
+    inputs, masks = _inputs(batch, "cpu"), _masks(batch, "cpu")
+    half = len(batch["labels"]) // world
+    for accumulation, result in results.items():
+        reference = create_model("tiny")
+        reference.load_state_dict(state)
+        *features, scales = reference(*inputs)
+        expected = trimodal_contrastive_loss(*features, scales, masks=masks)
+        for rank in range(world):
+            rows = slice(rank * half, (rank + 1) * half)
+            micro = [torch.tensor_split(x[rows], accumulation) for x in inputs]
+            torch.manual_seed(100 + rank)  # as the worker seeds rank `rank`; micro-batch i draws after its forward
+            copies = torch.cat([audio_copies(reference, [m[i] for m in micro]) for i in range(accumulation)])
+            expected = expected + weight * audio_intra_loss(features[2][rows], copies, masks[2][rows]) / world
+        expected.backward()
+        torch.testing.assert_close(result["loss"], expected.detach(), atol=1e-6, rtol=1e-5)
+        grads = _grads(reference)
+        assert result["grads"].keys() == grads.keys()
+        for name, grad in grads.items():
+            atol = 1e-5 * grad.abs().max().item() + 1e-6
+            torch.testing.assert_close(
+                result["grads"][name], grad, atol=atol, rtol=1e-4, msg=f"accumulation {accumulation}: {name}"
+            )
+    one_process = create_model("tiny")
+    one_process.load_state_dict(state)
+    torch.manual_seed(100)
+    loss = train_step(one_process, batch, 1, 0, 1, contextlib.nullcontext, weight)
+    assert abs(loss.item() - results[1]["loss"].item()) > 1e-3  # by design: per-process negatives and masks
 
 
 def test_ddp_training_run_speaks_once_and_evaluates_between_barriers(tmp_path, synth):
