@@ -7,9 +7,13 @@ and documented in the README:
   of them per second of video, as CLIP4VLA samples (a 3 s clip gives 3 frames, a minute 8). Frame i is the first
   decoded frame at or after the centre of the i-th of N equal parts of the duration (the last frame where the stream
   ends early). A video over ``SEEK_AFTER_SECONDS`` (20 s) is sampled by seeking to the keyframe before each time and
-  decoding up to it (one GOP per frame, the same frames), a shorter one in a single pass. Each is RGB, at the video's
-  coded size; ``frame_transform`` (e.g. the image preprocessing) is applied
-  as each frame is picked, so a long 4K video costs N preprocessed frames of memory, not N full frames.
+  decoding up to it (one GOP per frame, the same frames), a shorter one in a single pass. Each is RGB at the video's
+  coded size, turned upright as players show it: a phone stores portrait footage as landscape pictures plus a display
+  matrix (an MP4/MOV track's matrix, a Matroska projection), which FFmpeg attaches to every decoded frame, and
+  :func:`upright` applies it as ffmpeg's autorotate does (90/180/270 degrees, mirrors, other angles). A bare ``rotate``
+  metadata tag without a matrix is ignored, as FFmpeg >= 5 ignores it. ``frame_transform`` (e.g. the image
+  preprocessing) is applied to the upright frame as each is picked, so a long 4K video costs N preprocessed frames of
+  memory, not N full frames.
 - Soundtrack: the first audio stream, downmixed to mono by FFmpeg (a 5.1 film mix is downmixed with its standard
   matrix, where a plain audio file with more than 2 channels is refused), then through ``audio.load_audio``'s checks
   and soxr resampling, so a video's soundtrack and the same audio as a WAV give the same waveform. A soundtrack
@@ -29,6 +33,7 @@ Training, ``synergy eval`` and the runtime all call :func:`load_video`: one sour
 from __future__ import annotations
 
 import io
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +44,7 @@ import numpy as np
 
 from .audio import DEFAULT_MAX_SECONDS, load_audio
 from .errors import UnsupportedAudio, UnsupportedVideo
+from .files import NotARegularFile, open_regular
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".3gp", ".ogv", ".flv")
 DEFAULT_MAX_FRAMES = 8
@@ -57,8 +63,9 @@ INSTALL_HINT = "video decoding needs PyAV: pip install 'synergy[video]' (or pip 
 
 @dataclass(frozen=True)
 class Video:
-    """A decoded video: ``frames`` (RGB uint8 [H, W, 3] arrays, or ``frame_transform``'s output), the time of each
-    in seconds, the soundtrack [T] float32 mono at ``sample_rate`` (None: no usable audio), and the duration."""
+    """A decoded video: ``frames`` (RGB uint8 [H, W, 3] arrays, upright: the display matrix applied; or
+    ``frame_transform``'s output), the time of each in seconds, the soundtrack [T] float32 mono at ``sample_rate``
+    (None: no usable audio), and the duration."""
 
     frames: tuple
     times: tuple[float, ...]
@@ -125,15 +132,8 @@ def load_video(
     name = name or describe_video(source, 0)
     if max_frames < 1 or frames_per_second <= 0:
         raise ValueError(f"max_frames must be >= 1 and frames_per_second > 0, got {max_frames}, {frames_per_second}")
-    opened = _openable(source, name)
     av = import_av()
-    try:
-        container = av.open(opened, mode="r", metadata_errors="ignore")
-    except av.error.FFmpegError as error:
-        raise UnsupportedVideo(
-            name, f"cannot be opened as a video ({_reason(error)}); the file is not a video, or truncated or corrupt"
-        ) from error
-    with container:
+    with _openable(source, name) as opened, _open_container(av, opened, name) as container:
         if container.format.name in IMAGE_FORMATS or container.format.name.endswith("_pipe"):
             still = container.format.name
             raise UnsupportedVideo(name, f"is a still image ({still}), not a video; pass it as an image")
@@ -188,22 +188,33 @@ def load_video(
 
 
 def _openable(source, name: str):
+    """A path -> its file, opened by ``files.open_regular`` (a FIFO, a device or a link loop is refused without
+    blocking, and FFmpeg reads the very file that was checked); bytes -> a BytesIO. The caller closes it."""
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise UnsupportedVideo(name, "no such file; check the path")
-        if path.is_dir():
-            raise UnsupportedVideo(name, "is a folder; pass video files (the CLI expands folders and globs)")
-        if not path.is_file():
-            raise UnsupportedVideo(name, "not a regular file (a FIFO or a device); pass a video file")
-        if path.stat().st_size == 0:
+        try:
+            opened = open_regular(Path(source))
+        except NotARegularFile as error:
+            hint = "pass video files (the CLI expands folders and globs)" if error.problem == "is a folder" else ""
+            hint = hint or ("check the path" if "no such" in error.problem else "pass a regular video file")
+            raise UnsupportedVideo(name, f"{error.problem}; {hint}") from error
+        if os.fstat(opened.fileno()).st_size == 0:
+            opened.close()
             raise UnsupportedVideo(name, "empty file (0 bytes); pass a video file")
-        return str(path)
+        return opened
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise UnsupportedVideo(name, "empty bytes; pass the bytes of a video file (MP4, WebM, MKV, MOV)")
         return io.BytesIO(bytes(source))
     raise UnsupportedVideo(name, f"unsupported input of type {type(source).__name__}; pass a path or bytes")
+
+
+def _open_container(av, opened, name: str):
+    try:
+        return av.open(opened, mode="r", metadata_errors="ignore")
+    except av.error.FFmpegError as error:
+        raise UnsupportedVideo(
+            name, f"cannot be opened as a video ({_reason(error)}); the file is not a video, or truncated or corrupt"
+        ) from error
 
 
 def _reason(error) -> str:
@@ -232,11 +243,62 @@ def _check_size(stream, name: str) -> None:
 
 
 def _picture(frame, transform):
-    """A decoded frame -> RGB uint8 [H, W, 3], or ``transform(PIL image)``."""
+    """A decoded frame -> RGB uint8 [H, W, 3] upright (its display matrix applied), or ``transform(PIL image)``."""
     from PIL import Image
 
-    image = Image.fromarray(frame.to_ndarray(format="rgb24"))
+    image = Image.fromarray(upright(frame.to_ndarray(format="rgb24"), display_matrix(frame)))
     return transform(image) if transform is not None else np.asarray(image)
+
+
+def display_matrix(frame) -> np.ndarray | None:
+    """A decoded frame's DISPLAYMATRIX side data -> int32 [9] (FFmpeg's layout: row-major 3x3, 16.16 fixed point),
+    or None when it has none."""
+    # Not frame.side_data: PyAV's side-data view and the frame refer to each other, so the decoded picture (and its
+    # decoder's buffer pool) would live until the cyclic GC, and a GC run in a forked worker (from-videos' Pool) hangs
+    # freeing it. A 2x2 copy carries the same side data (av_frame_copy_props) and holds no decoder buffer.
+    probe = frame.reformat(width=2, height=2, format="gray", interpolation="POINT")
+    side = next((data for data in probe.side_data if data.type.name == "DISPLAYMATRIX"), None)
+    if side is None:
+        return None
+    matrix = np.frombuffer(bytes(side), dtype=np.int32)  # native-endian int32, as FFmpeg stores it
+    return matrix if matrix.shape == (9,) else None
+
+
+def display_rotation(matrix: np.ndarray) -> float:
+    """ffmpeg's ``get_rotation``: the clockwise turn in whole degrees, in [0, 360), that shows the picture upright
+    (``-round(av_display_rotation_get(matrix))``, wrapped). A degenerate matrix (a zero column) is no turn."""
+    a, b, c, d = (float(matrix[i]) for i in (0, 1, 3, 4))
+    scale_x, scale_y = math.hypot(a, c), math.hypot(b, d)
+    if scale_x == 0.0 or scale_y == 0.0:
+        return 0.0  # FFmpeg: NaN, which takes its no-turn branch too
+    degrees = math.degrees(math.atan2(b / scale_y, a / scale_x))
+    theta = math.copysign(math.floor(abs(degrees) + 0.5), degrees)  # C's round(): halves away from zero
+    return theta - 360.0 * math.floor(theta / 360.0 + 0.9 / 360.0)
+
+
+def upright(pixels: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
+    """Pixels [H, W, C] as decoded -> as displayed, choosing the filters ffmpeg's autorotate (fftools) chooses: a
+    quarter turn is a ``transpose`` (with the mirror the matrix holds), a half turn ``hflip`` and / or ``vflip``, no
+    turn with a mirrored y axis ``vflip``, and any other angle the ``rotate`` filter (same size, bilinear, black
+    corners). A quarter turn swaps H and W."""
+    if matrix is None:
+        return pixels
+    theta = display_rotation(matrix)
+    if abs(theta - 90.0) < 1.0:
+        turned = pixels.transpose(1, 0, 2) if matrix[3] > 0 else np.rot90(pixels, -1)  # cclock_flip | clock
+    elif abs(theta - 180.0) < 1.0:
+        turned = pixels[:, ::-1] if matrix[0] < 0 else pixels  # hflip
+        turned = turned[::-1] if matrix[4] < 0 else turned  # vflip
+    elif abs(theta - 270.0) < 1.0:
+        turned = np.rot90(pixels, -1)[::-1] if matrix[3] < 0 else np.rot90(pixels, 1)  # clock_flip | cclock
+    elif abs(theta) > 1.0:
+        from PIL import Image
+
+        # the rotate filter turns clockwise by theta; PIL's rotate turns counter-clockwise
+        return np.asarray(Image.fromarray(pixels).rotate(-theta, resample=Image.Resampling.BILINEAR))
+    else:
+        turned = pixels[::-1] if matrix[4] < 0 else pixels  # vflip
+    return np.ascontiguousarray(turned)
 
 
 def _seek_frames(av, container, stream, times, deadline: float, name: str, transform):

@@ -1,10 +1,15 @@
 """Video in (runtime.video + Runtime.embed_video / classify(video=) + `synergy infer --video`): the four containers
 (MP4 H.264+AAC, WebM VP9+Opus, MKV, MOV) written here with PyAV, frame sampling (at most 1 per second, at most 8),
-the soundtrack equal to the same audio given as audio, silent videos (image-only) and audio-only containers, and a
-named error for every bad file. Files are tiny (32 px, a few seconds at a few fps)."""
+the soundtrack equal to the same audio given as audio, silent videos (image-only) and audio-only containers, a
+named error for every bad file, and phone videos' display matrices applied as ffmpeg's autorotate applies them (checked
+against the ffmpeg CLI where it is installed). Files are tiny (32 px, a few seconds at a few fps)."""
 
 import dataclasses
+import io
 import json
+import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -265,3 +270,188 @@ def test_infer_video_leaves_torch_out(tiny_bundle, videos):
     )
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout, result.stdout
+
+
+# --- display matrices (phone videos) ---------------------------------------------------------------------------------
+
+# the eight ways a display matrix can place a picture: (counter-clockwise degrees, hflip, vflip) as PyAV writes them
+ORIENTATIONS = [(0, False, False), (90, False, False), (180, False, False), (270, False, False),
+                (0, True, False), (0, False, True), (90, True, False), (90, False, True)]  # fmt: skip
+
+
+def marked_picture(height: int = 24, width: int = 40) -> np.ndarray:
+    """[H, W, 3] uint8, grey with a red block in the top-left corner and a green one in the top-right: no rotation or
+    mirror maps it onto itself, and H != W shows a quarter turn."""
+    picture = np.full((height, width, 3), 128, np.uint8)
+    picture[:8, :8] = (255, 0, 0)
+    picture[:8, -8:] = (0, 255, 0)
+    return picture
+
+
+def write_oriented(path, ccw: int = 0, hflip: bool = False, vflip: bool = False, codec: str = "libx264") -> None:
+    """A 1 s, 4 fps video of ``marked_picture`` whose stream carries a display matrix (written by PyAV as FFmpeg's
+    muxers write a phone's: the MP4/MOV track matrix, Matroska's projection), or none for (0, False, False)."""
+    av = video_module.import_av()
+    picture = marked_picture()
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=4)
+        stream.width, stream.height, stream.pix_fmt = picture.shape[1], picture.shape[0], "yuv420p"
+        if (ccw, hflip, vflip) != (0, False, False):
+            if not hasattr(stream, "set_display_rotation"):
+                pytest.skip(f"PyAV {av.__version__} cannot write a display matrix (set_display_rotation is newer)")
+            stream.set_display_rotation(ccw, hflip=hflip, vflip=vflip)
+        for _ in range(4):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        out.mux(stream.encode(None))
+
+
+def as_displayed(picture: np.ndarray, ccw: int, hflip: bool, vflip: bool) -> np.ndarray:
+    """What a player shows: turned ``ccw`` degrees counter-clockwise, then mirrored."""
+    shown = np.rot90(picture, ccw // 90)
+    shown = shown[:, ::-1] if hflip else shown
+    return shown[::-1] if vflip else shown
+
+
+def corner_colours(pixels: np.ndarray) -> str:
+    """R (red), G (green) or . (grey) for the top-left, top-right, bottom-left and bottom-right corners."""
+
+    def colour(block):
+        red, green, _ = block.reshape(-1, 3).astype(float).mean(0)
+        return "R" if red > 200 and green < 80 else "G" if green > 200 and red < 80 else "."
+
+    top, left, bottom, right = slice(0, 4), slice(0, 4), slice(-4, None), slice(-4, None)
+    return "".join(colour(pixels[y, x]) for y, x in ((top, left), (top, right), (bottom, left), (bottom, right)))
+
+
+def ffmpeg_first_frame(path) -> np.ndarray:
+    """The ffmpeg CLI's own first frame of ``path`` (autorotate is on by default) as RGB [H, W, 3]."""
+    from PIL import Image
+
+    command = ["ffmpeg", "-v", "error", "-nostdin", "-i", str(path), "-frames:v", "1", "-f", "image2pipe"]
+    png = subprocess.run([*command, "-c:v", "png", "-"], capture_output=True, check=True, timeout=60).stdout
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="the ffmpeg CLI is not installed")
+
+
+@pytest.mark.parametrize(("ccw", "hflip", "vflip"), ORIENTATIONS)
+def test_frames_are_upright_as_the_display_matrix_says(tmp_path, monkeypatch, ccw, hflip, vflip):
+    """A phone stores a portrait video as landscape pictures plus a display matrix: every frame comes back as it is
+    displayed, in the single pass, in the seeking path, and as the PIL image ``frame_transform`` is given."""
+    write_oriented(tmp_path / "phone.mp4", ccw, hflip, vflip)
+    expected = as_displayed(marked_picture(), ccw, hflip, vflip)
+    seen = []
+    load_video(tmp_path / "phone.mp4", SAMPLE_RATE, frame_transform=lambda image: seen.append(image.size))
+    assert seen == [(expected.shape[1], expected.shape[0])]  # PIL sizes are (W, H)
+    decoded = load_video(tmp_path / "phone.mp4", SAMPLE_RATE)
+    frame = decoded.frames[0]
+    assert len(decoded.frames) == 1 and frame.shape == expected.shape
+    assert sorted(corner_colours(expected)) == [".", ".", "G", "R"]  # the helper sees both blocks
+    assert corner_colours(frame) == corner_colours(expected)
+    assert np.abs(frame.astype(int) - expected).mean() < 4  # H.264 4:2:0 round trip
+    monkeypatch.setattr(video_module, "SEEK_AFTER_SECONDS", 0.0)
+    np.testing.assert_array_equal(load_video(tmp_path / "phone.mp4", SAMPLE_RATE).frames[0], frame)
+
+
+@pytest.mark.parametrize(("suffix", "codec"), [(".mov", "libx264"), (".mkv", "libx264"), (".webm", "libvpx-vp9")])
+def test_the_display_matrix_of_mov_mkv_and_webm_applies_too(tmp_path, suffix, codec):
+    write_oriented(tmp_path / f"phone{suffix}", 270, codec=codec)
+    frame = load_video(tmp_path / f"phone{suffix}", SAMPLE_RATE).frames[0]
+    expected = as_displayed(marked_picture(), 270, False, False)
+    assert frame.shape == expected.shape and corner_colours(frame) == corner_colours(expected) == ".R.G"
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize(("ccw", "hflip", "vflip"), [*ORIENTATIONS, (45, False, False), (-30, False, False)])
+def test_frames_match_the_ffmpeg_cli_autorotated(tmp_path, ccw, hflip, vflip):
+    """Parity with the real tool: the ffmpeg CLI decodes the same file with its autorotate; quarter turns and mirrors
+    match it up to colour conversion, other angles (its ``rotate`` filter) up to the antialiasing of the edges."""
+    write_oriented(tmp_path / "phone.mp4", ccw, hflip, vflip)
+    ours = load_video(tmp_path / "phone.mp4", SAMPLE_RATE, positions=[0.0]).frames[0].astype(int)
+    theirs = ffmpeg_first_frame(tmp_path / "phone.mp4").astype(int)
+    assert ours.shape == theirs.shape
+    if ccw % 90 == 0:
+        assert corner_colours(ours) == corner_colours(theirs)
+        assert np.abs(ours - theirs).mean() < 2
+    else:
+        assert np.abs(ours - theirs).mean() < 10
+        assert np.abs(marked_picture() - theirs).mean() > 3 * np.abs(ours - theirs).mean()  # turned, not as decoded
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_a_rotation_set_by_the_ffmpeg_cli_matches_its_own_decode(tmp_path, degrees):
+    """The ffmpeg CLI itself marks a stream-copied file as rotated (``-display_rotation`` since FFmpeg 6; before, the
+    ``rotate`` tag, which FFmpeg 5's MP4 muxer turns into the track matrix), then decodes it autorotated."""
+    plain, out = tmp_path / "plain.mp4", tmp_path / f"rotated{degrees}.mp4"
+    write_oriented(plain)
+    ffmpeg = ["ffmpeg", "-v", "error", "-nostdin", "-y"]
+    newer = [*ffmpeg, "-display_rotation", str(degrees), "-i", str(plain), "-c", "copy", str(out)]
+    older = [*ffmpeg, "-i", str(plain), "-metadata:s:v:0", f"rotate={degrees}", "-c", "copy", str(out)]
+    if subprocess.run(newer, capture_output=True, timeout=60).returncode != 0:
+        subprocess.run(older, capture_output=True, check=True, timeout=60)
+    theirs = ffmpeg_first_frame(out)
+    ours = load_video(out, SAMPLE_RATE, positions=[0.0]).frames[0]
+    assert ours.shape == theirs.shape == ((24, 40, 3) if degrees == 180 else (40, 24, 3))
+    assert corner_colours(ours) == corner_colours(theirs) != corner_colours(marked_picture())
+    assert np.abs(ours.astype(int) - theirs).mean() < 2
+
+
+def test_a_fifo_a_link_loop_and_a_device_are_refused_without_blocking(tmp_path):
+    """Paths open through ``files.open_regular``: a FIFO would block a worker forever and a device never ends."""
+    os.mkfifo(tmp_path / "pipe.mp4")
+    os.symlink(tmp_path / "loop.mp4", tmp_path / "loop.mp4")
+    for path, words in ((tmp_path / "pipe.mp4", "a FIFO"), (tmp_path / "loop.mp4", "symbolic link loop"),
+                        ("/dev/zero", "character device")):  # fmt: skip
+        with pytest.raises(UnsupportedVideo, match=words) as caught:
+            load_video(path, SAMPLE_RATE)
+        assert caught.value.source == str(path) and "pass a regular video file" in caught.value.problem
+
+
+def test_a_bare_rotate_tag_without_a_matrix_is_ignored_as_ffmpeg_ignores_it(tmp_path):
+    """A ``rotate`` metadata tag in a Matroska file is no display matrix: FFmpeg >= 5 neither turns it into one nor
+    autorotates by it, and neither does the decoder (the ffmpeg CLI agrees where it is installed)."""
+    av = video_module.import_av()
+    picture = marked_picture()
+    with av.open(str(tmp_path / "tagged.mkv"), "w") as out:
+        stream = out.add_stream("libx264", rate=4)
+        stream.width, stream.height, stream.pix_fmt = picture.shape[1], picture.shape[0], "yuv420p"
+        stream.metadata["rotate"] = "90"
+        for _ in range(4):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        out.mux(stream.encode(None))
+    with av.open(str(tmp_path / "tagged.mkv")) as container:
+        assert {k.lower(): v for k, v in container.streams.video[0].metadata.items()}.get("rotate") == "90"
+    frame = load_video(tmp_path / "tagged.mkv", SAMPLE_RATE).frames[0]
+    assert frame.shape == picture.shape and corner_colours(frame) == corner_colours(picture) == "RG.."
+    if shutil.which("ffmpeg") is not None:
+        assert corner_colours(ffmpeg_first_frame(tmp_path / "tagged.mkv")) == "RG.."
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_reading_the_display_matrix_keeps_no_decoded_frame_alive(tmp_path):
+    """Decoded frames are freed as soon as they are used. PyAV's ``frame.side_data`` would tie each frame in a
+    reference cycle, keeping its picture and its decoder's buffer pool until the cyclic GC; that GC, run in a worker
+    forked afterwards (from-videos' Pool), hung freeing them."""
+    import gc
+
+    av = video_module.import_av()
+    write_oriented(tmp_path / "phone.mp4", 90)
+    gc.collect()
+    gc.disable()
+    try:
+        load_video(tmp_path / "phone.mp4", SAMPLE_RATE)
+        alive = [o for o in gc.get_objects() if type(o) is av.VideoFrame and (o.width, o.height) == (40, 24)]
+        assert alive == []
+        pid = os.fork()
+        if pid == 0:  # the child collects whatever cyclic garbage the parent left, as a Pool worker would
+            import signal
+
+            signal.alarm(20)
+            gc.collect()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        gc.enable()

@@ -184,3 +184,32 @@ def test_manifest_check_counts_video_rows_and_finds_missing_videos(clips, tmp_pa
     (tmp_path / "m.csv").write_text(text.rstrip("\n") + "\n,,red circle,a red circle,nowhere.mp4\n")
     with pytest.raises(DataError, match=r"1 of 17 rows cannot be read[\s\S]*nowhere.mp4: no such file"):
         check_manifest(tmp_path / "m.csv", _dataset(model, read_manifest(tmp_path / "m.csv")))
+
+
+def test_from_videos_writes_phone_videos_upright(tmp_path):
+    """A portrait phone video (landscape pictures + a display matrix turning them a quarter clockwise) becomes a
+    portrait PNG: from-videos, like training's ManifestDataset, decodes through runtime.video.load_video."""
+    from PIL import Image
+
+    from synergy.runtime.video import import_av
+
+    av = import_av()
+    picture = np.full((24, 40, 3), 128, np.uint8)
+    picture[:8, :8] = (255, 0, 0)  # red block top-left as coded
+    (tmp_path / "videos" / "portrait").mkdir(parents=True)
+    with av.open(str(tmp_path / "videos" / "portrait" / "phone.mp4"), "w") as out:
+        stream = out.add_stream("libx264", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 40, 24, "yuv420p"
+        if not hasattr(stream, "set_display_rotation"):
+            pytest.skip(f"PyAV {av.__version__} cannot write a display matrix (set_display_rotation is newer)")
+        stream.set_display_rotation(-90)  # PyAV counts counter-clockwise: -90 is a quarter turn clockwise
+        for _ in range(4):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        out.mux(stream.encode(None))
+    summary = from_videos(tmp_path / "videos", tmp_path / "data", labels_from_folders=True, workers=1, progress=False)
+    assert summary.rows == 1 and summary.bad == 0
+    row = next(csv.DictReader((tmp_path / "data" / "manifest.csv").read_text().splitlines()))
+    written = np.asarray(Image.open(tmp_path / "data" / row["img_path"]).convert("RGB")).astype(int)
+    assert written.shape == (40, 24, 3)  # portrait, as a phone shows it
+    np.testing.assert_allclose(written[:8, -8:].mean((0, 1)), (255, 0, 0), atol=30)  # top-left turned to top-right
+    assert np.abs(written - np.rot90(picture, -1)).mean() < 4
