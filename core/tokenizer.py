@@ -4,6 +4,7 @@ and special-token template, so the torch-free runtime tokenizes exactly as train
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,10 +28,32 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int) -> T
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer = _canonical_ids(tokenizer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, tokenizer.token_to_id(BOS)), (EOS, tokenizer.token_to_id(EOS))]
     )
     return configure(tokenizer, max_length)
+
+
+def _canonical_ids(tokenizer: Tokenizer) -> Tokenizer:
+    """The trained BPE with ids that depend on the texts only. The trainer numbers the end-of-word forms of the
+    alphabet ("e</w>") in hash-set order, which changes from process to process (the merges do not): a resumed run,
+    which loads the saved tokenizer, would otherwise disagree with a fresh one on the same data. Ids: the special
+    tokens, then the alphabet sorted, then each merge's result in merge order -- the trainer's own order, minus the
+    shuffle."""
+    data = json.loads(tokenizer.to_str())
+    model = data["model"]
+    merged = ["".join(pair) if isinstance(pair, list) else pair.replace(" ", "", 1) for pair in model["merges"]]
+    specials = [t for t in (PAD, BOS, EOS, UNK) if t in model["vocab"]]
+    alphabet = sorted(set(model["vocab"]) - set(specials) - set(merged))
+    order = list(dict.fromkeys(specials + alphabet + merged))
+    if sorted(order) != sorted(model["vocab"]):  # a merge result missing from the vocabulary: keep the trainer's ids
+        return tokenizer
+    ids = {token: i for i, token in enumerate(order)}
+    if ids == model["vocab"]:
+        return tokenizer
+    model["vocab"] = ids
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def configure(tokenizer: Tokenizer, max_length: int, pad_id: int | None = None) -> Tokenizer:

@@ -1,6 +1,9 @@
 """The scratch tokenizer (towers trained from scratch): ids decode back to the words, the special ids the scratch
 RoBERTa config assumes, and the saved JSON (what a bundle carries) tokenizes and decodes the same."""
 
+import subprocess
+import sys
+
 from tokenizers import Tokenizer
 
 from synergy.core.tokenizer import BOS, EOS, PAD, UNK, train_tokenizer
@@ -27,3 +30,16 @@ def test_special_ids_padding_and_the_saved_file():
     reloaded = Tokenizer.from_str(tokenizer.to_str())
     assert reloaded.encode("a dog barking").ids == tokenizer.encode("a dog barking").ids
     assert reloaded.decode(reloaded.encode("a dog barking").ids, skip_special_tokens=True) == "a dog barking"
+
+
+def test_the_same_texts_give_the_same_tokenizer_in_every_process():
+    """The BPE trainer numbers the alphabet's end-of-word forms in hash-set order, which differs per process: a resumed
+    run (saved tokenizer) and a fresh one (retrained) must still agree id for id."""
+    script = (
+        "from synergy.core.tokenizer import train_tokenizer; import sys; "
+        f"sys.stdout.write(train_tokenizer({CAPTIONS!r}, 131, 13).to_str())"
+    )
+    runs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+            for _ in range(4)}  # fmt: skip
+    assert len(runs) == 1
+    assert runs.pop() == train_tokenizer(CAPTIONS, 131, 13).to_str()
