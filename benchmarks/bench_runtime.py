@@ -258,8 +258,9 @@ def small_setup(run: Path):
     return model, waves, prototypes, f"{len(labels)} classes of the demo set, prompt ensemble"
 
 
-def random_setup(preset: str, clips: int):
-    """A preset's AST geometry with random weights (tiny image/text towers: only audio is measured)."""
+def random_audio_model(preset: str):
+    """A preset's AST geometry with random weights (seed 0) and the tiny preset's image/text towers, in eval mode:
+    only audio is measured (here and by bench_serve.py --geometry base-audio)."""
     import torch
 
     from synergy.core.config import config_from_dict, load_config
@@ -267,7 +268,14 @@ def random_setup(preset: str, clips: int):
 
     base, tiny = load_config(preset).to_dict(), load_config("tiny").to_dict()
     torch.manual_seed(0)
-    model = create_model(config_from_dict({**base, "image": tiny["image"], "text": tiny["text"]})).eval()
+    return create_model(config_from_dict({**base, "image": tiny["image"], "text": tiny["text"]})).eval()
+
+
+def random_setup(preset: str, clips: int):
+    """A preset's AST geometry with random weights (tiny image/text towers: only audio is measured)."""
+    import torch
+
+    model = random_audio_model(preset)
     audio = model.config.audio
     samples = round(audio.clip_seconds * audio.sample_rate)
     rng = np.random.default_rng(0)

@@ -104,17 +104,13 @@ def base_audio_bundle(folder: Path) -> Path:
     if (folder / "bundle" / "manifest.json").is_file():
         print(f"reusing {folder / 'bundle'}", flush=True)
         return folder / "bundle"
-    import torch
+    from bench_runtime import random_audio_model  # this folder is on sys.path
 
     from synergy.core.checkpoint import save_checkpoint
-    from synergy.core.config import config_from_dict, load_config
-    from synergy.core.model import create_model
     from synergy.core.tokenizer import train_tokenizer
     from synergy.export.bundle import export_bundle
 
-    base, tiny = load_config("base").to_dict(), load_config("tiny").to_dict()
-    torch.manual_seed(0)
-    model = create_model(config_from_dict({**base, "image": tiny["image"], "text": tiny["text"]})).eval()
+    model = random_audio_model("base")
     text = model.config.text
     corpus = [t.format(w) for w in ("dog", "cat", "rain", "piano", "engine") for t in model.config.prompt_templates]
     tokenizer = train_tokenizer(corpus * 4, text.vocab_size, text.max_length)
