@@ -36,7 +36,7 @@ throughput   one audio-tower call on a batch of clips, per configuration:
 
 JSON goes to benchmarks/results/runtime-<device>.json (device: CPU model, ISA flags such as AVX2 / AVX-512 / VNNI /
 BF16 / AMX, thread settings, load average; versions, commit) and a table is printed. CI never runs this; the
-README's table comes from its output.
+benchmarks/README.md's table comes from its output.
 """
 
 from __future__ import annotations

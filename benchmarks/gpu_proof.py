@@ -11,7 +11,7 @@ Parts, in order, each under its own time limit (a part that fails or runs out of
                largest B at D=512 under an 80 GiB allocator cap (measured, and predicted from the memory fit)
   attention    bench_attention.py: fused vs SDPA flash / masked, base geometries, 0% and 50% key padding
   train_step   bench_train_step.py: one base-geometry step, fused vs sdpa + torch loss: samples/s, peak memory
-The GPU image has no package registry: soundfile and soxr come as wheels in wheels/ (README "GPU proof").
+The GPU image has no package registry: soundfile and soxr come as wheels in wheels/ (benchmarks/README.md "GPU proof").
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def part_install(args, env) -> dict:
     runs = [run(c, BUDGET_S["install"], env) for c in commands]
     missing = [name for name in WHEELS if not any(w.name.startswith(f"{name}-") for w in wheels)]
     ok = all(r["returncode"] == 0 for r in runs) and not missing
-    problem = f"missing wheels in {args.wheels}: {missing} (README: GPU proof)" if missing else None
+    problem = f"missing wheels in {args.wheels}: {missing} (benchmarks/README.md: GPU proof)" if missing else None
     return dict(result, status="ok" if ok else "failed", runs=runs, problem=problem)
 
 

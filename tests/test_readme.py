@@ -42,6 +42,11 @@ SHRINK = {  # README command -> arguments appended to run it at test size
     ],
 }
 NOT_RUN = {  # README command -> why this test does not run it
+    "make install": "the suite runs inside the venv it makes",
+    "python3 -m venv .venv && . .venv/bin/activate": "the suite runs inside the venv `make install` made, the same "
+    "install",
+    "pip install torch==2.13.0 && pip install -e '.[export,serve,video]'": "needs a package registry; the suite runs "
+    "inside a venv with these installed",
     "make demo": "8-9 minutes of training; tests/test_demo.py runs the demo end to end with 3 steps",
     "make test": "the suite this test is part of",
     "make demo-mmr": "about 3.5 minutes of MMR training on make demo's checkpoint; the three synergy mmr commands "
@@ -51,12 +56,6 @@ NOT_RUN = {  # README command -> why this test does not run it
     "synergy export --checkpoint runs/train/checkpoint --out runs/train/bundle-trt --format trt --precision fp16": (
         "needs TensorRT and an NVIDIA GPU"
     ),
-    "python benchmarks/bench_runtime.py --models base-audio --configs torch ort ort-opset23 --batches 8 --skip-cold "
-    "--rounds 5 --out benchmarks/results/runtime-cpu-base.json": "a 15-minute benchmark, never part of CI",
-    "make gpu-proof OUT=proof": "needs an NVIDIA GPU; CI runs `make gpu-proof DRY_RUN=1` instead",
-    "python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 "
-    "--abi abi3 --abi none --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform "
-    "manylinux2014_x86_64 --platform any -d wheels soundfile soxr cffi pycparser": "needs a package registry",
     "synergy embed '/data/clips/**/*.wav' --bundle /data/bundle --out /data/clips.parquet --engine ray "
     "--ray-address auto --workers 64 --threads 2": "needs a Ray cluster and synergy[ray]; tests/serve/test_corpus.py "
     "runs the Ray engine on a local instance with 2 workers",

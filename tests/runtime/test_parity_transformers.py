@@ -8,7 +8,7 @@ a CLIP vision tower at 224 px, and a RoBERTa with a byte-level BPE tokenizer sav
 (``<s> ... </s>``, pad id 1). Widths are tiny (36) because the width does not touch preprocessing.
 
 Tolerance: fp32 cosine >= 0.9999 for every item (what a user can trust); measured worst cosines are printed
-(``pytest -s``) and quoted in the README. Audio at 22.05, 44.1 and 8 kHz: ``ASTFeatureExtractor`` takes 16 kHz
+(``pytest -s``) and quoted in docs/verification.md. Audio at 22.05, 44.1 and 8 kHz: ``ASTFeatureExtractor`` takes 16 kHz
 only, so the reference resamples with the same soxr HQ call the runtime uses; the comparison covers everything
 after the resampler (soxr itself is checked against ideal band-limited tones in tests/runtime/test_audio.py).
 """
