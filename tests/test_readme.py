@@ -47,6 +47,8 @@ NOT_RUN = {  # README command -> why this test does not run it
     "install",
     "pip install torch==2.13.0 && pip install -e '.[export,serve,video]'": "needs a package registry; the suite runs "
     "inside a venv with these installed",
+    "pip install '.[serve]'": "needs a package registry; tests/test_packaging.py installs the wheel with this extra "
+    "into a fresh venv and runs infer and serve there without torch",
     "make demo": "8-9 minutes of training; tests/test_demo.py runs the demo end to end with 3 steps",
     "make test": "the suite this test is part of",
     "make demo-mmr": "about 3.5 minutes of MMR training on make demo's checkpoint; the three synergy mmr commands "
