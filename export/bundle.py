@@ -21,6 +21,7 @@ from pathlib import Path
 
 from synergy.export.errors import ExportError
 from synergy.export.tensorrt_engines import BatchProfile
+from synergy.runtime.bundle import load_manifest, sha256_file, write_manifest
 from synergy.runtime.manifest import (
     MANIFEST_NAME,
     PAIRS,
@@ -30,9 +31,6 @@ from synergy.runtime.manifest import (
     Manifest,
     TextPreprocessing,
     TowerSpec,
-    load_manifest,
-    sha256_file,
-    write_manifest,
 )
 
 FORMATS = ("onnx", "trt", "triton")

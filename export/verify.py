@@ -33,6 +33,7 @@ import torch
 from tokenizers import Tokenizer
 
 from synergy.core.model import SynergyModel
+from synergy.runtime.prompts import fill_prompt
 
 Runner = Callable[[dict[str, np.ndarray]], np.ndarray]  # feeds -> embeddings [B, D]
 
@@ -374,7 +375,7 @@ def verify_towers(
         audio_cmp.add(runners["audio"](feeds), reference("audio", feeds), length)
     # prompts: each batch padded to its longest, then all of them padded to max_length
     templates = config.prompt_templates
-    prompts = [template.format(label) for label in evaluation.labels for template in templates]
+    prompts = [fill_prompt(template, label) for label in evaluation.labels for template in templates]
     sequences = _tokenize(tokenizer, prompts, config.text.max_length)
     pad_id = _pad_id(tokenizer)
     text_out, text_ref, text_cmp = embed_all(

@@ -2,9 +2,13 @@
 
 Imports only the standard library, numpy, onnxruntime (on first use of a tower), tokenizers, soundfile, soxr and
 Pillow; TensorRT and cuda-python only when ``backend="tensorrt"`` is asked for. Never torch or transformers.
+``Runtime`` (``runtime.py``) is the facade; the rooms behind it and the bundle format are described in
+docs/runtime.md.
 """
 
 from .batcher import BatcherFull, MicroBatcher
+from .bundle import load_manifest
+from .embedding import EmbedResult
 from .errors import (
     BackendError,
     BundleError,
@@ -18,8 +22,12 @@ from .errors import (
     UnsupportedVideo,
 )
 from .labels import read_labels
-from .manifest import FORMAT_VERSION, Manifest, load_manifest
-from .runtime import EmbedResult, LabelScore, Prediction, Runtime, SearchHit, VideoEmbeddings
+from .manifest import FORMAT_VERSION, Manifest
+from .prompts import check_template, fill_prompt
+from .runtime import Runtime
+from .search import SearchHit, cosine_top_k, fuse_embeddings, l2_normalise
+from .video_embedding import VideoEmbeddings
+from .zeroshot import LabelScore, Prediction
 
 __all__ = [
     "FORMAT_VERSION",
@@ -42,6 +50,11 @@ __all__ = [
     "UnsupportedText",
     "UnsupportedVideo",
     "VideoEmbeddings",
+    "check_template",
+    "cosine_top_k",
+    "fill_prompt",
+    "fuse_embeddings",
+    "l2_normalise",
     "load_manifest",
     "read_labels",
 ]

@@ -52,6 +52,17 @@ class RuntimeClosed(InferUsageError):
     """A call on a ``Runtime`` after ``close()``: closed is closed; open the bundle again."""
 
 
+def non_finite(modality: str, source: str, what: str = "embedding") -> InputError:
+    """A NaN or Inf embedding is never an answer: the item fails alone, with what usually causes it."""
+    error_type = {"audio": UnsupportedAudio, "image": UnsupportedImage}.get(modality, UnsupportedText)
+    hint = {
+        "audio": "samples far outside [-1, 1] (float audio must be normalised)",
+        "image": "pixel values the model cannot represent",
+        "text": "a text the model cannot represent",
+    }.get(modality, "an input the model cannot represent")
+    return error_type(source, f"the model gives non-finite {what} for this input ({hint}); check or re-encode it")
+
+
 __all__ = [
     "BackendError",
     "BundleError",

@@ -13,7 +13,6 @@ import errno
 import os
 import stat
 from collections.abc import Callable
-from pathlib import Path
 from typing import BinaryIO
 
 KINDS = (
@@ -93,12 +92,3 @@ def read_regular(path: str | os.PathLike, limit: int) -> bytes:
     if len(data) > limit:
         raise NotARegularFile(path, f"is over the {limit:,}-byte limit for this file")
     return data
-
-
-def inside(root: Path, path: Path) -> bool:
-    """Whether ``path`` (resolved: symlinks followed) lies inside the folder ``root`` (resolved)."""
-    try:
-        path.resolve(strict=False).relative_to(root)
-    except (ValueError, RuntimeError, OSError):  # RuntimeError: a symlink loop (Python < 3.13)
-        return False
-    return True

@@ -1,4 +1,4 @@
-"""Labels for zero-shot classification: read, clean, check, and turn into prompts.
+"""Labels for zero-shot classification: read from a file or a list, cleaned and checked (prompts: ``prompts.py``).
 
 A labels file is UTF-8 text, one label per line. Each label is NFC-normalised, its control and invisible format
 characters (zero-width spaces, BOMs, bidi marks) removed, and its whitespace (any Unicode space, tabs) collapsed to
@@ -64,15 +64,3 @@ def read_labels(source: str | os.PathLike | Sequence[str]) -> tuple[str, ...]:
     if not labels:
         raise LabelsError(f"{name}: no labels (empty or only blank lines); write one label per line")
     return tuple(labels)
-
-
-def check_template(template: str) -> None:
-    if "{label}" not in template and "{}" not in template:
-        raise ValueError(f"prompt template {template!r} has no '{{}}' or '{{label}}' placeholder")
-
-
-def label_prompts(label: str, templates: Sequence[str]) -> list[str]:
-    """The prompt ensemble of one label: each template filled with it (the label alone when there are none)."""
-    if not templates:
-        return [label]
-    return [t.replace("{label}", label) if "{label}" in t else t.replace("{}", label) for t in templates]

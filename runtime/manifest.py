@@ -1,4 +1,4 @@
-"""The bundle format: one definition, read by the runtime and written by the exporter.
+"""The bundle format's schema: the manifest dataclasses and their validation, one definition for runtime and export.
 
 A bundle is a folder::
 
@@ -10,20 +10,14 @@ int64 (each row's real samples); the output is ``embedding`` [B,D] float32, L2-n
 
 Format versions: 1 fed the audio graph a waveform only (short clips were zero-padded as samples, which is not
 how AST pads: wrong embeddings for clips shorter than one clip); 2 adds ``waveform_lengths``. A version-1 bundle
-is refused with the command that re-exports it. This module imports only the standard library (it is the
-runtime's ground floor).
+is refused with the command that re-exports it. This module imports only the standard library and reads no file
+(it is the runtime's ground floor); ``bundle.py`` reads a bundle folder from disk and checks it against this.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-
-from .files import NotARegularFile, inside, open_regular, read_regular
 
 FORMAT_VERSION = 2
 AUDIO_INPUTS = ("waveform", "waveform_lengths")
@@ -151,7 +145,7 @@ class Manifest:
             text=TextPreprocessing(_integer(text, "max_length", 2, MAX_TEXT_LENGTH, "text."), tuple(templates)),
             backend=_choice(data, "backend", ("onnx", "tensorrt"), "onnx"),
             precision=_string(data, "precision", "fp32"),
-            tokenizer=_relative_path(_string(data, "tokenizer", "tokenizer.json"), "tokenizer"),
+            tokenizer=relative_path(_string(data, "tokenizer", "tokenizer.json"), "tokenizer"),
             files=_files(data.get("files", {})),
             versions=_plain_mapping(data, "versions"),
             extra=_plain_mapping(data, "extra"),
@@ -177,7 +171,6 @@ MAX_IMAGE_SIZE = 4_096
 MAX_MEAN, MIN_STD, MAX_STD = 10.0, 1e-3, 100.0
 MAX_TEXT_LENGTH = 65_536
 MAX_TEMPLATES = 1_000
-MAX_MANIFEST_BYTES = 64 << 20
 TENSOR_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
 TOWER_RANKS = {"image": (4,), "text": (2, 2), "audio": (2, 1)}
 
@@ -246,7 +239,7 @@ def _choice(container: dict, key: str, choices: tuple, default: str) -> str:
     return value
 
 
-def _relative_path(value, field_name: str) -> str:
+def relative_path(value, field_name: str) -> str:
     """A path inside the bundle: relative, '/'-separated, no '..' and no empty parts. (Symlinks are checked when
     the file is opened, against the resolved bundle folder.)"""
     parts = value.split("/") if isinstance(value, str) else []
@@ -269,7 +262,7 @@ def _files(value) -> dict:
     if not isinstance(value, dict):
         raise BundleError(f"manifest.json: files is a {type(value).__name__}; expected {{path: sha256}}")
     for rel, digest in value.items():
-        _relative_path(rel, f"files entry {rel!r}")
+        relative_path(rel, f"files entry {rel!r}")
         if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise BundleError(f"manifest.json: files[{rel!r}] is {digest!r}; expected a sha256 (64 lowercase hex)")
     return dict(value)
@@ -309,102 +302,5 @@ def _tower(name: str, data) -> TowerSpec:
         raise BundleError(f"manifest.json: {where} takes {inputs[0].shape[1]} channels; the runtime feeds RGB (3)")
     if len(outputs) != 1 or len(outputs[0].shape) != 2 or outputs[0].dtype not in ("float32", "float16"):
         raise BundleError(f"manifest.json: {where}.outputs must be one float embedding [batch, embed_dim]")
-    file = _relative_path(_field(data, "file", where + "."), f"{where}.file")
+    file = relative_path(_field(data, "file", where + "."), f"{where}.file")
     return TowerSpec(file, tuple(inputs), tuple(outputs), _string(data, "precision", "fp32"))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open_regular(path) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_manifest(bundle: Path, manifest: Manifest) -> None:
-    (Path(bundle) / MANIFEST_NAME).write_text(manifest.to_json() + "\n")
-
-
-def bundle_path(bundle: Path, rel: str, manifest: Manifest, trust_unverified: bool = False) -> Path:
-    """The file ``rel`` of the bundle, refused unless it resolves inside the bundle folder and (unless
-    ``trust_unverified``) is listed in ``files`` with its sha256. Every file the runtime opens comes through here."""
-    _relative_path(rel, repr(rel))
-    path = Path(bundle) / rel
-    if not inside(Path(bundle).resolve(), path):
-        raise BundleError(f"{bundle}: {rel} resolves outside the bundle (a symbolic link?); refusing it")
-    if rel not in manifest.files and not trust_unverified:
-        raise BundleError(
-            f"{bundle}: {rel} is not listed with its sha256 in manifest.json's files, so it cannot be verified; "
-            "re-export the bundle (or open it with trust_unverified=True / --trust-unverified if you built it)"
-        )
-    return path
-
-
-def read_manifest(bundle: str | Path, trust_unverified: bool = False) -> Manifest:
-    """Read and validate ``bundle/manifest.json`` (no other file is read): every field range-checked; every path it
-    names relative and inside the bundle. Unless ``trust_unverified``, the files the runtime may open (tower graphs,
-    the tokenizer) must be listed in ``files``, and a manifest without ``files`` is refused."""
-    bundle = Path(bundle)
-    path = bundle / MANIFEST_NAME
-    if not bundle.is_dir():
-        raise BundleError(f"{bundle}: not a folder; pass the bundle folder that `synergy export` wrote")
-    if not os.path.lexists(path):
-        raise BundleError(f"{bundle}: no {MANIFEST_NAME}; this is not a Synergy bundle (run `synergy export`)")
-    try:
-        text = read_regular(path, MAX_MANIFEST_BYTES).decode("utf-8")
-        data = json.loads(text, parse_constant=_refuse_constant)
-    except NotARegularFile as error:
-        raise BundleError(f"{path}: {error.problem}; a bundle's manifest must be a regular JSON file") from error
-    except UnicodeDecodeError as error:
-        raise BundleError(f"{path}: not UTF-8 ({error.reason} at byte {error.start}); re-export the bundle") from error
-    except (json.JSONDecodeError, ValueError, RecursionError) as error:
-        raise BundleError(f"{path}: not valid JSON ({error}); re-export the bundle") from error
-    manifest = Manifest.from_dict(data)
-    if not manifest.files and not trust_unverified:
-        raise BundleError(
-            f"{bundle}: manifest.json lists no files with their sha256, so nothing in this bundle can be verified; "
-            "re-export it with `synergy export`, or, only if you built it yourself, open it with "
-            "trust_unverified=True (--trust-unverified)"
-        )
-    for rel in [*(t.file for t in manifest.towers.values()), manifest.tokenizer]:
-        bundle_path(bundle, rel, manifest, trust_unverified)
-    return manifest
-
-
-def check_files(
-    bundle: str | Path, manifest: Manifest, verify: bool = True, hashed_on_load: Collection[str] = ()
-) -> None:
-    """Every file listed in ``files``: inside the bundle, present and a regular file; with ``verify``, its sha256
-    checked. The files in ``hashed_on_load`` are not read here: their reader (``Runtime``: tower graphs, their
-    external weights, the tokenizer) hashes the very bytes it loads, so each file is read and hashed once and
-    there is no window between the check and the use (hashing here too would read them twice)."""
-    bundle = Path(bundle)
-    root = bundle.resolve()
-    for rel, expected in manifest.files.items():
-        file = bundle / rel
-        if not inside(root, file):
-            raise BundleError(f"{bundle}: manifest lists {rel!r}, which resolves outside the bundle; refusing it")
-        if not os.path.lexists(file):
-            raise BundleError(f"{bundle}: {rel} is missing; the bundle is incomplete, re-export it")
-        try:
-            if verify and rel not in hashed_on_load:
-                if sha256_file(file) != expected:
-                    raise BundleError(
-                        f"{bundle}: {rel} has changed since export (sha256 mismatch); re-export the bundle"
-                    )
-            else:
-                open_regular(file).close()  # a FIFO or a device is refused now, not when it is read
-        except NotARegularFile as error:
-            raise BundleError(f"{bundle}: {rel} {error.problem}; a bundle holds regular files only") from error
-
-
-def load_manifest(bundle: str | Path, verify: bool = True, trust_unverified: bool = False) -> Manifest:
-    """Read and validate ``bundle/manifest.json`` (``read_manifest``) and check every file it lists
-    (``check_files``): inside the bundle, present, a regular file and, with ``verify``, matching its sha256."""
-    manifest = read_manifest(bundle, trust_unverified)
-    check_files(bundle, manifest, verify)
-    return manifest
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")

@@ -2,6 +2,12 @@
 
 The trainer configured the tokenizer (post-processor with special tokens, padding side, pad token); the runtime
 only sets the truncation length and pads to the longest sequence of each batch (or to the graph's fixed length).
+
+A text far longer than the model's context is cut before it is tokenized (``cut_long_text``): the tokenizer
+builds its whole encoding before it truncates, about 250 bytes of memory per input byte, so one 12 MB string cost
+3 GB. The cut keeps ``MAX_CHARS_PER_TOKEN`` characters per token of context and ends at a space, so the tokens
+that survive truncation are those of the whole text whenever the kept words average under that many characters a
+token (every natural-language text; only a run of thousands of spaces or one enormous "word" differs).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from tokenizers import Tokenizer
 
 from .errors import UnsupportedText
 from .manifest import BundleError
+
+MAX_CHARS_PER_TOKEN = 64  # far above any tokenizer's characters per token (English BPE: about 4)
 
 
 def load_tokenizer(
@@ -67,8 +75,25 @@ def check_text(text, name: str) -> str:
     return text
 
 
+def cut_long_text(text: str, max_tokens: int) -> str:
+    """``text`` cut to at most ``max_tokens * MAX_CHARS_PER_TOKEN`` characters, at the last whitespace in the
+    second half of that span (so no word is split), or at the limit where there is none. Shorter text is returned
+    as is."""
+    limit = max_tokens * MAX_CHARS_PER_TOKEN
+    if len(text) <= limit:
+        return text
+    for end in range(limit, limit // 2, -1):
+        if text[end].isspace():
+            return text[:end]
+    return text[:limit]
+
+
 def tokenize(tokenizer: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """texts -> (input_ids [B, L], attention_mask [B, L]) int64, L = the longest (truncated) sequence."""
+    """texts -> (input_ids [B, L], attention_mask [B, L]) int64, L = the longest (truncated) sequence. Texts far
+    past the tokenizer's truncation length are cut first (``cut_long_text``), so memory stays bounded."""
+    max_tokens = (tokenizer.truncation or {}).get("max_length")
+    if max_tokens:
+        texts = [cut_long_text(text, max_tokens) for text in texts]
     encodings = tokenizer.encode_batch(texts)
     ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
     mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)

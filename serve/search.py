@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from synergy.runtime import InferUsageError, Runtime
-from synergy.runtime.runtime import cosine_top_k, l2_normalise
+from synergy.runtime.search import cosine_top_k, l2_normalise
 
 from . import require
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from synergy.core.config import ConfigError, checked_fields, load_config
+from synergy.runtime.prompts import check_template
 from synergy.suggest import did_you_mean
 
 NO_DATA = (
@@ -117,4 +118,9 @@ def check_train_config(config: TrainConfig) -> None:
     for key in ("eval_every", "warmup_steps", "workers", "audio_intra_weight"):
         if getattr(config, key) < 0:
             raise ConfigError(f"{key}={getattr(config, key)}: must be 0 or more")
-    load_config(config.model, **config.model_overrides)  # the preset and the model.* overrides, types included
+    model = load_config(config.model, **config.model_overrides)  # the preset and the model.* overrides, types included
+    for template in model.prompt_templates:  # filled by prompts.fill_prompt in training, export and the runtime
+        try:
+            check_template(template)
+        except ValueError as error:
+            raise ConfigError(f"model.prompt_templates: {error}; write the label as {{}} or {{label}}") from error

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 from synergy.runtime.audio import cut_window, load_audio, window_spans
 from synergy.runtime.errors import InputError
 from synergy.runtime.image import load_image, normalise_pixels, preprocess_image
+from synergy.runtime.prompts import fill_prompt
 from synergy.runtime.text import tokenize
 from synergy.runtime.video import load_video
 from synergy.train.seeds import stable_seed
@@ -135,7 +136,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         if use_caption or not row.label:
             return row.caption
         template = self.templates[int(rng.integers(len(self.templates)))] if rng is not None else self.templates[0]
-        return template.format(row.label)
+        return fill_prompt(template, row.label)
 
     def _image(self, path: Path, rng) -> np.ndarray:
         """-> [3, size, size] float32."""

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from synergy.core.model import SynergyModel
+from synergy.runtime.prompts import fill_prompt
 from synergy.runtime.text import tokenize
 from synergy.train.data import Collate, ManifestDataset, read_manifest
 
@@ -71,7 +72,7 @@ def label_embeddings(model: SynergyModel, tokenizer, labels: list[str], template
     """[K, D] on the CPU: each label through every prompt template, embeddings averaged and re-normalised
     (prompt ensemble), tokenized as the runtime tokenizes."""
     templates = templates or model.config.prompt_templates
-    texts = [t.format(label) for label in labels for t in templates]
+    texts = [fill_prompt(t, label) for label in labels for t in templates]
     ids, mask = tokenize(tokenizer, texts)
     device = next(model.parameters()).device
     was_training = model.training

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from synergy.runtime.prompts import fill_prompt
+
 DEFAULT_CAPTION_TEMPLATE = "a video of a {}."
 FILE_COLUMNS = ("file", "path", "video", "filename", "video_path")  # video_path: a video manifest
 
@@ -137,7 +139,7 @@ def from_videos(
                 continue
             label, caption = found
         stem = "__".join(relative.with_suffix("").parts)  # unique per file, flat
-        jobs.append((str(video), stem, label, caption or caption_template.format(label), frames, sample_rate))
+        jobs.append((str(video), stem, label, caption or fill_prompt(caption_template, label), frames, sample_rate))
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
     (out / "audio").mkdir(exist_ok=True)

@@ -41,6 +41,7 @@ from synergy.core.model import LOGIT_SCALE_MAX, SynergyModel
 from synergy.core.spec_augment import SpecAugment, audio_intra_loss
 from synergy.core.tokenizer import load_pretrained_tokenizer, train_tokenizer
 from synergy.kernels.contrastive import gather_features, trimodal_contrastive_loss
+from synergy.runtime.prompts import fill_prompt
 from synergy.train.config import TrainConfig, check_train_config
 from synergy.train.data import Collate, DataError, EpochBatches, ManifestDataset, read_manifest
 from synergy.train.evaluate import evaluate, format_report, write_report
@@ -187,7 +188,7 @@ def build_tokenizer(model: SynergyModel, rows):
     if text.pretrained:
         return load_pretrained_tokenizer(text.pretrained, text.max_length, model.text_tower.config.pad_token_id)
     corpus = [r.caption for r in rows if r.caption]
-    corpus += [t.format(r.label) for r in rows if r.label for t in model.config.prompt_templates]
+    corpus += [fill_prompt(t, r.label) for r in rows if r.label for t in model.config.prompt_templates]
     return train_tokenizer(corpus, text.vocab_size, text.max_length)
 
 

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from synergy.export import ExportError, export_bundle
 from synergy.export import verify as verify_module
 from synergy.export.graphs import FORBIDDEN_OPS
-from synergy.runtime.manifest import FORMAT_VERSION, PAIRS, BundleError, load_manifest
+from synergy.runtime.bundle import load_manifest
+from synergy.runtime.manifest import FORMAT_VERSION, PAIRS, BundleError
 
 TOLERANCES = {"fp32": (1e-4, 0.9999), "fp16": (None, 0.999)}  # (max abs error, min cosine)
 

@@ -7,7 +7,8 @@ import pytest
 
 from synergy.export import ExportError, export_bundle
 from synergy.export.tensorrt_engines import INSTALL_HINT, BatchProfile, engine_key, input_profiles
-from synergy.runtime.manifest import TensorSpec, load_manifest
+from synergy.runtime.bundle import load_manifest
+from synergy.runtime.manifest import TensorSpec
 
 
 def _tensorrt_and_gpu() -> str | None:

@@ -9,7 +9,8 @@ from google.protobuf import text_format
 
 from synergy.export.tensorrt_engines import BatchProfile
 from synergy.export.triton_repository import model_config
-from synergy.runtime.manifest import TensorSpec, load_manifest
+from synergy.runtime.bundle import load_manifest
+from synergy.runtime.manifest import TensorSpec
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritonclient[grpc]")
 

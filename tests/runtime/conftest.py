@@ -4,7 +4,7 @@ Three tiny torch towers that follow the graph contract (pixel_values / input_ids
 waveform_lengths ->
 L2-normalised ``embedding``), exported with ``torch.onnx.export(dynamo=True)`` with dynamic batch (and length),
 a word-level ``tokenizers`` tokenizer with a template post-processor and padding, and a manifest written by
-``runtime.manifest.write_manifest`` with every file's sha256. Sizes are odd on purpose (D=21, S=37, L=13).
+``runtime.bundle.write_manifest`` with every file's sha256. Sizes are odd on purpose (D=21, S=37, L=13).
 Tests may import torch; the runtime package may not.
 """
 
@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
+from synergy.runtime.bundle import sha256_file, write_manifest
 from synergy.runtime.manifest import (
     AudioPreprocessing,
     ImagePreprocessing,
@@ -29,8 +30,6 @@ from synergy.runtime.manifest import (
     TensorSpec,
     TextPreprocessing,
     TowerSpec,
-    sha256_file,
-    write_manifest,
 )
 
 EMBED_DIM = 21

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from synergy.runtime import Runtime, tensorrt_backend
+from synergy.runtime.bundle import load_manifest, sha256_file, write_manifest
 from synergy.runtime.errors import BackendError, BundleError
-from synergy.runtime.manifest import TensorSpec, TowerSpec, load_manifest, sha256_file, write_manifest
+from synergy.runtime.manifest import TensorSpec, TowerSpec
 
 from .conftest import EMBED_DIM, SAMPLE_RATE, picture, tone
 from .test_hostile_bundles import record_hashes

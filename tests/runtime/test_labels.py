@@ -3,7 +3,8 @@
 import pytest
 
 from synergy.runtime.errors import InferUsageError, LabelsError
-from synergy.runtime.labels import label_prompts, normalise_label, read_labels
+from synergy.runtime.labels import normalise_label, read_labels
+from synergy.runtime.prompts import label_prompts
 
 
 def test_normalise_label():

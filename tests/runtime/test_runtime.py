@@ -19,8 +19,8 @@ from synergy.runtime import (
     UnsupportedText,
 )
 from synergy.runtime.audio import audio_windows
+from synergy.runtime.bundle import load_manifest, sha256_file, write_manifest
 from synergy.runtime.image import load_image, preprocess_image
-from synergy.runtime.manifest import load_manifest, sha256_file, write_manifest
 from synergy.runtime.text import tokenize
 
 from .conftest import (
@@ -212,7 +212,7 @@ def test_search_matches_brute_force(runtime):
         assert [h.index for h in query_hits] == np.argsort(-row)[:5].tolist()
         np.testing.assert_allclose([h.score for h in query_hits], np.sort(row)[::-1][:5], atol=1e-5)
     assert hits[0][0].index == 3 and hits[1][0].index == 41
-    from synergy.runtime.runtime import cosine_top_k
+    from synergy.runtime.search import cosine_top_k
 
     blocked_index, _ = cosine_top_k(queries / np.linalg.norm(queries, axis=1, keepdims=True), corpus, 5, 8)
     assert blocked_index.tolist() == [[h.index for h in q] for q in hits]

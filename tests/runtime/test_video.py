@@ -17,7 +17,7 @@ import pytest
 from synergy.runtime import video as video_module
 from synergy.runtime.errors import InputError, UnsupportedVideo
 from synergy.runtime.infer import run
-from synergy.runtime.runtime import l2_normalise
+from synergy.runtime.search import l2_normalise
 from synergy.runtime.video import frame_times, load_video
 from synergy.train.synth_video import write_video
 
@@ -166,7 +166,7 @@ def test_embed_video_pools_frames_and_embeds_the_soundtrack_as_audio(runtime, vi
 def test_a_stream_with_a_non_finite_embedding_fails_its_video_alone(runtime, videos, monkeypatch):
     """A soundtrack of huge finite samples (3e38, as a float WAV can hold) embeds to NaN: that video is an error
     naming it, never an answer built from its other stream or a NaN probability; the other video is answered."""
-    import synergy.runtime.runtime as runtime_module
+    import synergy.runtime.video_embedding as runtime_module
 
     real_load_video = runtime_module.load_video
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from synergy.cli import main
 from synergy.core.model import create_model
-from synergy.runtime.runtime import l2_normalise
+from synergy.runtime.search import l2_normalise
 from synergy.runtime.video import load_video
 from synergy.train.config import TrainConfig
 from synergy.train.data import Collate, DataError, ManifestDataset, read_manifest

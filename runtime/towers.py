@@ -1,0 +1,275 @@
+"""Towers: a bundle's verified bytes -> a loaded and probed tower per modality, through a registry of backends.
+
+``BACKENDS`` maps each backend's name to how it checks this machine (``check(device)``: a ``BackendError`` naming
+what to install) and how it loads one tower (``load(TowerSource)`` -> an object with ``run(feeds) -> [B, D]``).
+The engines are ``onnxruntime_backend.py`` and ``tensorrt_backend.py``, imported on first use. ``Towers`` holds one
+open bundle's per-bundle caches: the towers loaded so far (each on first use, probed once at the largest input the
+manifest allows) and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import (
+    ENGINE_SUFFIXES,
+    MAX_GRAPH_BYTES,
+    MAX_TOKENIZER_BYTES,
+    external_data,
+    read_bundle_file,
+    tower_file,
+)
+from .errors import BackendError, InferUsageError, RuntimeClosed
+from .manifest import BundleError, Manifest, TowerSpec
+from .text import load_tokenizer
+
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TowerSource:
+    """What a backend gets to load one tower: the verified bytes (never a path to re-read) and how to run them."""
+
+    path: Path  # names the file in messages only
+    spec: TowerSpec
+    data: bytes  # the graph or engine, as hashed
+    external_data: dict  # an ONNX graph's external weights by location name, as hashed ({} for engines)
+    device: str
+    threads: int | None
+    max_batch: int
+    max_dim: int  # the largest dynamic dim (clip samples, image side, text length), for the TensorRT EP's profile
+    graph_sha256: str  # the graph's sha256 from the manifest ("" when unverified), keys on-disk engine caches
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to run towers: ``check(device)`` raises ``BackendError`` unless it runs here; ``load(source)``."""
+
+    runs_engines: bool  # TensorRT engines (``*.plan``) rather than ONNX graphs
+    check: Callable[[str], None]
+    load: Callable[[TowerSource], object]
+
+
+def _check_onnxruntime(device: str) -> None:
+    if device == "cuda":
+        import onnxruntime
+
+        from .onnxruntime_backend import select_providers
+
+        select_providers(onnxruntime.get_available_providers(), device)
+
+
+def _load_onnxruntime(source: TowerSource):
+    from .onnxruntime_backend import OnnxRuntimeTower, tensorrt_profile
+
+    profile = tensorrt_profile(source.spec, source.max_batch, source.max_dim)
+    return OnnxRuntimeTower(
+        source.path, source.spec, source.device, source.threads, profile, source.data, source.external_data
+    )
+
+
+def _check_tensorrt(device: str) -> None:
+    from .tensorrt_backend import import_tensorrt
+
+    if device != "cuda":
+        raise BackendError("backend='tensorrt' runs on device='cuda' only; use backend='onnxruntime' on CPU")
+    import_tensorrt()  # fail now, with the install hint, rather than on the first batch
+
+
+def _load_tensorrt(source: TowerSource):
+    from .tensorrt_backend import TensorRTTower
+
+    return TensorRTTower(source.path, source.spec, source.device, source.data)  # the bytes that were hashed
+
+
+BACKENDS: dict[str, Backend] = {
+    "onnxruntime": Backend(runs_engines=False, check=_check_onnxruntime, load=_load_onnxruntime),
+    "tensorrt": Backend(runs_engines=True, check=_check_tensorrt, load=_load_tensorrt),
+}
+BACKEND_CHOICES = ("auto", *BACKENDS)
+
+
+def check_choice(backend: str, device: str) -> None:
+    if backend not in BACKEND_CHOICES:
+        raise BackendError(f"backend {backend!r} is not one of {BACKEND_CHOICES}")
+    if device not in DEVICES:
+        raise BackendError(f"device {device!r} is not one of {DEVICES}")
+
+
+def choose_backend(backend: str, device: str, manifest: Manifest) -> str:
+    """ "auto" -> the engines of a TensorRT bundle on ``device="cuda"``, else onnxruntime; the backend checked on
+    this machine (``BackendError`` now, with the install hint, rather than on the first batch)."""
+    if backend == "auto":
+        engines = [Path(t.file).suffix in ENGINE_SUFFIXES for t in manifest.towers.values()]
+        backend = "tensorrt" if engines and all(engines) and device == "cuda" else "onnxruntime"
+    BACKENDS[backend].check(device)
+    return backend
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
+
+
+def text_input_names(spec: TowerSpec) -> tuple[str, str]:
+    """(ids, mask) input names: by the contract's names when used, else the manifest's order."""
+    names = [t.name for t in spec.inputs]
+    if len(names) != 2:
+        raise BundleError(f"the text tower has inputs {names}; expected token ids and an attention mask")
+    masks = [n for n in names if "mask" in n]
+    if len(masks) == 1:
+        return next(n for n in names if n != masks[0]), masks[0]
+    return names[0], names[1]
+
+
+class Towers:
+    """The towers of one open bundle on one backend, loaded on first use and probed, and its tokenizer.
+    Thread-safe: towers are shared; loading and closing hold the lock. Closed is closed (``RuntimeClosed``)."""
+
+    def __init__(
+        self,
+        bundle: Path,
+        manifest: Manifest,
+        backend: str,
+        device: str,
+        threads: int | None,
+        batch_size: int,
+        trusted: bool,
+    ):
+        self.bundle, self.manifest, self.backend, self.device = bundle, manifest, backend, device
+        self.threads, self.batch_size, self.trusted = threads, batch_size, trusted
+        self._loaded: dict = {}
+        self._tokenizer = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise RuntimeClosed(f"{self.bundle}: this Runtime is closed; open the bundle again with Runtime.open")
+
+    def get(self, modality: str):
+        """The ``modality`` tower, loaded from verified bytes and probed on first use."""
+        with self._lock:
+            self.check_open()
+            if modality in self._loaded:
+                return self._loaded[modality]
+            if modality not in self.manifest.towers:
+                raise BundleError(f"{self.bundle}: this bundle has no {modality} tower; re-export it with one")
+            backend, m = BACKENDS[self.backend], self.manifest
+            path = tower_file(self.bundle, m, modality, backend.runs_engines)
+            rel = path.relative_to(self.bundle).as_posix()
+            largest = {
+                "audio": round(m.audio.clip_seconds * m.audio.sample_rate),
+                "image": m.image.size,
+                "text": m.text.max_length,
+            }
+            data = read_bundle_file(self.bundle, rel, m, self.trusted, MAX_GRAPH_BYTES)
+            weights = {} if backend.runs_engines else external_data(self.bundle, rel, m, self.trusted)
+            source = TowerSource(
+                path,
+                m.towers[modality],
+                data,
+                weights,
+                self.device,
+                self.threads,
+                self.batch_size,
+                largest[modality],
+                m.files.get(rel, ""),
+            )
+            tower = backend.load(source)
+            self._probe(modality, tower, path)
+            self._loaded[modality] = tower
+            return tower
+
+    def tokenizer(self):
+        """The bundle's tokenizer (read, verified and configured on first use)."""
+        with self._lock:
+            if self._tokenizer is None:
+                spec = self.manifest.towers.get("text")
+                length = spec.inputs[0].shape[1] if spec and len(spec.inputs[0].shape) > 1 else None
+                fixed = length if isinstance(length, int) else None
+                rel = self.manifest.tokenizer
+                data = read_bundle_file(self.bundle, rel, self.manifest, self.trusted, MAX_TOKENIZER_BYTES)
+                self._tokenizer = load_tokenizer(self.bundle / rel, self.manifest.text.max_length, fixed, data)
+            return self._tokenizer
+
+    def fixed_batch(self, modality: str) -> int | None:
+        dim = self.manifest.towers[modality].inputs[0].shape[0] if modality in self.manifest.towers else None
+        return dim if isinstance(dim, int) else None
+
+    def run(self, modality: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """One forward pass; pads the batch to the graph's static batch size if it has one. -> [B, D] float32."""
+        batch = next(iter(feeds.values())).shape[0]
+        fixed = self.fixed_batch(modality)
+        if fixed is not None and batch < fixed:
+            feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed - batch, 0)]) for k, v in feeds.items()}
+        tower = self.get(modality)
+        try:
+            out = tower.run(feeds)
+        except (InferUsageError, BundleError, MemoryError):
+            raise
+        except Exception as error:  # inputs were checked and the graph passed its probe: the bundle is at fault
+            raise BundleError(
+                f"{self.bundle}: the {modality} graph failed on a batch of {batch}: {first_line(error)}; "
+                "re-export the bundle"
+            ) from error
+        return np.asarray(out[:batch], dtype=np.float32)
+
+    def _probe(self, modality: str, tower, path: Path) -> None:
+        """One forward pass at the largest input the manifest allows (a full clip, ``text.max_length`` tokens of
+        the tokenizer's largest id), when the tower loads: a graph whose position table or vocabulary is smaller
+        than the manifest and tokenizer say, or whose output is not [B, embed_dim] and finite, is a ``BundleError``
+        now rather than a raw onnxruntime error on some later input."""
+        spec, m = self.manifest.towers[modality], self.manifest
+        batch = self.fixed_batch(modality) or 1
+        if modality == "image":
+            feeds = {spec.inputs[0].name: np.zeros((batch, 3, m.image.size, m.image.size), np.float32)}
+            what = f"a {m.image.size} x {m.image.size} image"
+        elif modality == "audio":
+            clip = round(m.audio.clip_seconds * m.audio.sample_rate)
+            feeds = {spec.inputs[0].name: np.zeros((batch, clip), np.float32)}
+            feeds[spec.inputs[1].name] = np.full(batch, clip, np.int64)
+            what = f"one clip of {clip} samples (audio.clip_seconds x audio.sample_rate)"
+        else:
+            ids_name, mask_name = text_input_names(spec)
+            length = spec.inputs[0].shape[1] if isinstance(spec.inputs[0].shape[1], int) else m.text.max_length
+            top = self._tokenizer.get_vocab_size(with_added_tokens=True) - 1 if self._tokenizer is not None else 0
+            dtypes = {t.name: t.dtype for t in spec.inputs}
+            feeds = {
+                ids_name: np.full((batch, length), top, dtypes[ids_name]),
+                mask_name: np.ones((batch, length), dtypes[mask_name]),
+            }
+            what = f"{length} tokens (text.max_length) of id {top} (the tokenizer's largest)"
+        try:
+            out = np.asarray(tower.run(feeds))
+        except (InferUsageError, BundleError):
+            raise
+        except Exception as error:
+            raise BundleError(
+                f"{path}: the {modality} graph fails on {what}: {first_line(error)}; the manifest, tokenizer and "
+                "graph do not belong together, re-export the bundle"
+            ) from error
+        if out.shape != (batch, m.embed_dim) or not np.isfinite(out).all():
+            problem = f"shape {out.shape}" if out.shape != (batch, m.embed_dim) else "non-finite values"
+            raise BundleError(
+                f"{path}: the {modality} graph gives {problem} for {what}; expected finite [{batch}, {m.embed_dim}] "
+                "(embed_dim); re-export the bundle"
+            )
+
+    @property
+    def providers(self) -> dict[str, list[str]]:
+        """The execution providers of each loaded onnxruntime tower (empty until a tower is used)."""
+        return {m: t.providers for m, t in self._loaded.items() if hasattr(t, "providers")}
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for tower in self._loaded.values():
+                if hasattr(tower, "close"):
+                    tower.close()
+            self._loaded.clear()
