@@ -198,6 +198,12 @@ def write_bert_folder(folder: Path, pooling: str | None = "mean", seed: int = 0,
     return folder
 
 
+@pytest.fixture(scope="session")
+def bert_folder_writer():
+    """:func:`write_bert_folder`, for fixtures of any scope (test modules do not import conftest)."""
+    return write_bert_folder
+
+
 @pytest.fixture
 def bert_folder(tmp_path):
     """A tiny random sentence-transformers BERT folder with mean pooling (:func:`write_bert_folder`)."""
