@@ -41,7 +41,7 @@ def save_checkpoint(
     towers, folder_keys = {}, {}
     for name in TOWERS:
         towers[name], folder_keys[name] = split_folder_keys(tower_hf_config(getattr(model, f"{name}_tower")))
-    config = {"synergy": model.config.to_dict(), "towers": towers, FOLDER_KEYS: folder_keys}
+    config = {"synergy": model.config.to_dict(), "towers": towers, FOLDER_KEYS: folder_keys, "locked": model.locked}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     try:
         with atomic_folder(folder) as tmp:
@@ -186,8 +186,16 @@ def read_checkpoint_config(folder: str | Path) -> dict:
     for name in TOWERS:
         _check_tower_config(path, name, towers[name])
     folder_keys = _check_folder_keys(path, data)
+    locked = data.get("locked", {})  # absent in checkpoints from before locked towers
+    if not isinstance(locked, dict) or not all(
+        name in TOWERS and isinstance(n, int) and not isinstance(n, bool) and n >= 0 for name, n in locked.items()
+    ):
+        raise CheckpointError(
+            f"{path}: 'locked' must map towers {list(TOWERS)} to unlocked layer counts, got {locked!r}"
+        )
     # what the towers were built with: their model type's keys plus their pretrained folders' own
-    return {"synergy": data["synergy"], "towers": {name: {**towers[name], **folder_keys[name]} for name in TOWERS}}
+    towers = {name: {**towers[name], **folder_keys[name]} for name in TOWERS}
+    return {"synergy": data["synergy"], "towers": towers, "locked": locked}
 
 
 def _check_shapes(path: Path, expected: dict, found: dict, what: str) -> None:
@@ -264,6 +272,7 @@ def load_checkpoint(folder: str | Path, attn_implementation: str | None = None) 
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
         raise CheckpointError(f"{folder}/tokenizer.json is corrupt ({error})") from error
+    model.locked = dict(data["locked"])
     return model.eval(), tokenizer  # eval: dropout off, so the same input gives the same embedding
 
 

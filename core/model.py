@@ -32,6 +32,9 @@ class SynergyModel(nn.Module):
         hf = hf_configs or {}
         config = _resolve_text(config, from_folder="text" not in hf)
         self.config = config  # with the text pooling and length actually used, so that checkpoints record them
+        # towers training locked (LiT, synergy.train.locked_features): {tower: unlocked last layers}; checkpoints
+        # record it, so a resume can check that it locks the same way
+        self.locked: dict[str, int] = {}
         attn = config.attn_implementation
         self.image_tower, image_width = build_image_tower(config.image, attn, hf.get("image"))
         self.text_tower, text_width = build_text_tower(config.text, attn, hf.get("text"))
