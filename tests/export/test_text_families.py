@@ -116,7 +116,8 @@ def test_minilm_pools_as_sentence_transformers_defines_it(minilm_folder):
 
 @pytest.fixture(scope="module")
 def minilm_run(tmp_path_factory, minilm_folder):
-    """A few training steps of the tiny preset with MiniLM as its text tower, on the synthetic set, exported."""
+    """A few training steps of the tiny preset with MiniLM as its text tower, locked (LiT), on the synthetic set,
+    exported."""
     from synergy.train.config import TrainConfig
     from synergy.train.loop import train
     from synergy.train.synth import synthesize
@@ -133,13 +134,14 @@ def minilm_run(tmp_path_factory, minilm_folder):
         warmup_steps=1,
         workers=0,
         save_every=3,
+        lock=("text",),
     )
     checkpoint = train(config, progress=False)
     export_bundle(checkpoint, root / "bundle")
     return checkpoint, root / "bundle"
 
 
-def test_minilm_trains_exports_and_the_runtime_agrees_with_torch(minilm_run, minilm_folder):
+def test_minilm_trains_locked_exports_and_the_runtime_agrees_with_torch(minilm_run, minilm_folder):
     checkpoint, bundle = minilm_run
     model, tokenizer = load_checkpoint(checkpoint)
     assert json.loads((bundle / "manifest.json").read_text())["text"]["max_length"] == 256
@@ -152,4 +154,10 @@ def test_minilm_trains_exports_and_the_runtime_agrees_with_torch(minilm_run, min
         want = model.encode_text(ids, mask).numpy()
     cosines = _cosines(got, want)
     print(f"\nMiniLM (trained 3 steps) runtime vs torch: worst cosine {cosines.min():.7f}")
+    assert cosines.min() >= MIN_COSINE, cosines
+    # locked, the tower is still all-MiniLM-L6-v2: the bundle embeds as sentence-transformers' definition, computed
+    # from the folder with transformers, through the trained projection
+    _, reference = _mean_pooled(minilm_folder, model.text_projection, TEXTS, 256)
+    cosines = _cosines(got, reference)
+    print(f"MiniLM bundle vs sentence-transformers' mean pooling (transformers): worst cosine {cosines.min():.7f}")
     assert cosines.min() >= MIN_COSINE, cosines
