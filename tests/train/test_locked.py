@@ -156,3 +156,26 @@ def test_lock_settings_from_the_command_line_and_their_checks(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=message):
             load_train_config(None, [*data, *overrides])
+
+
+def test_a_locked_run_under_torchrun_keeps_the_tower_and_trains_the_rest(tmp_path, synth, bert):
+    """`synergy train --set lock=text` on 2 gloo processes with accumulation: DDP wraps a model whose locked tower
+    has no trainable parameter and whose features come from the per-process caches."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    sets = [f"data={synth / 'train.csv'}", f"out={out}", "model=tiny", f"model.text.pretrained={bert}", "lock=text"]
+    sets += ["steps=4", "batch_size=8", "accumulation=2", "workers=0", "warmup_steps=1", "seed=3", "text_mode=caption"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += ["-m", "synergy.cli", "train", *(part for item in sets for part in ("--set", item))]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained, _ = load_checkpoint(out / "checkpoint")
+    initial = _initial_model(_config(synth, bert, out, seed=3))
+    for (name, before), after in zip(initial.text_tower.state_dict().items(), trained.text_tower.state_dict().values()):
+        assert torch.equal(before, after), name
+    assert not torch.equal(initial.text_projection.weight, trained.text_projection.weight)
+    assert trained.locked == {"text": 0}
