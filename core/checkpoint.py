@@ -23,6 +23,7 @@ from synergy.core.towers import build_audio_tower, build_image_tower, build_text
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 TRAIN_STATE = "train_state"
+TOWERS = ("image", "text", "audio")
 
 
 class CheckpointError(ValueError):
@@ -37,14 +38,10 @@ def save_checkpoint(
 
     Raises :class:`CheckpointError` when the disk fills up; the previous checkpoint is then left as it was."""
     folder = Path(folder)
-    config = {
-        "synergy": model.config.to_dict(),
-        "towers": {
-            "image": tower_hf_config(model.image_tower),
-            "text": tower_hf_config(model.text_tower),
-            "audio": tower_hf_config(model.audio_tower),
-        },
-    }
+    towers, folder_keys = {}, {}
+    for name in TOWERS:
+        towers[name], folder_keys[name] = split_folder_keys(tower_hf_config(getattr(model, f"{name}_tower")))
+    config = {"synergy": model.config.to_dict(), "towers": towers, FOLDER_KEYS: folder_keys, "locked": model.locked}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     try:
         with atomic_folder(folder) as tmp:
@@ -71,25 +68,80 @@ def recover_checkpoint(folder: str | Path) -> None:
     recover_folder(folder)
 
 
-TOWERS = ("image", "text", "audio")
 MAX_CONFIG_BYTES = 16 << 20
+# A pretrained folder's config.json may carry keys its config class does not define (MiniLM's
+# "gradient_checkpointing" and "position_embedding_type", written by older transformers). from_pretrained sets them
+# on the config, so the tower was built with them; the checkpoint keeps them apart, under this key, so that
+# `towers.<name>` still holds only the model type's own keys and an edited key there is still refused.
+FOLDER_KEYS = "tower_folder_keys"
+_BOOKKEEPING_KEYS = {"_attn_implementation_autoset", "architectures", "_name_or_path"}
+
+
+def _config_keys(model_type) -> set[str] | None:
+    """The keys a transformers config of ``model_type`` defines; None for an unknown model type."""
+    from transformers import AutoConfig
+
+    try:
+        return set(AutoConfig.for_model(model_type).to_dict()) if isinstance(model_type, str) else None
+    except ValueError:
+        return None
+
+
+def split_folder_keys(hf_config: dict) -> tuple[dict, dict]:
+    """A tower's transformers config -> (the keys its model type defines, the folder's own other keys)."""
+    known = (_config_keys(hf_config.get("model_type")) or set(hf_config)) | _BOOKKEEPING_KEYS
+    return (
+        {k: v for k, v in hf_config.items() if k in known},
+        {k: v for k, v in hf_config.items() if k not in known},
+    )
+
+
+def _is_plain_value(value) -> bool:
+    if isinstance(value, list):
+        return len(value) <= 64 and all(v is None or isinstance(v, (bool, int, float, str)) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _check_folder_keys(path: Path, data: dict) -> dict:
+    """``tower_folder_keys`` (absent in checkpoints from before it) -> {tower: {key: value}}: per tower, keys its
+    model type does not define (a defined key there would override the checked one) with plain JSON values."""
+    folder_keys = data.get(FOLDER_KEYS, {})
+    if not isinstance(folder_keys, dict) or not set(folder_keys) <= set(TOWERS):
+        raise CheckpointError(
+            f"{path}: {FOLDER_KEYS} must map towers {list(TOWERS)} to objects; re-save the checkpoint"
+        )
+    checked = {}
+    for name in TOWERS:
+        keys = folder_keys.get(name, {})
+        if not isinstance(keys, dict):
+            raise CheckpointError(f"{path}: {FOLDER_KEYS}.{name} is a {type(keys).__name__}; expected an object")
+        known = (_config_keys(data["towers"][name].get("model_type")) or set()) | _BOOKKEEPING_KEYS
+        clashing = sorted(set(keys) & known)
+        if clashing:
+            raise CheckpointError(
+                f"{path}: {FOLDER_KEYS}.{name} repeats keys of the tower's own config: {clashing[:8]}; the checkpoint "
+                "was edited or comes from another program"
+            )
+        odd = sorted(k for k, v in keys.items() if not _is_plain_value(v))
+        if odd:
+            raise CheckpointError(
+                f"{path}: {FOLDER_KEYS}.{name} has values that are not plain JSON values: {odd[:8]}; the checkpoint "
+                "was edited or comes from another program"
+            )
+        checked[name] = keys
+    return checked
 
 
 def _check_tower_config(path: Path, name: str, tower) -> None:
     """``towers.<name>`` must be a transformers config dict of a known model type with only that type's keys: an
     unknown key would be set on the config and silently ignored (or worse, read by some code path)."""
-    from transformers import AutoConfig
-
     if not isinstance(tower, dict):
         raise CheckpointError(f"{path}: towers.{name} is a {type(tower).__name__}; expected a transformers config")
     model_type = tower.get("model_type")
-    try:
-        known = set(AutoConfig.for_model(model_type).to_dict()) if isinstance(model_type, str) else None
-    except ValueError:
-        known = None
+    known = _config_keys(model_type)
     if known is None:
         raise CheckpointError(f"{path}: towers.{name}.model_type is {model_type!r}, not a transformers model type")
-    unknown = sorted(set(tower) - known - {"_attn_implementation_autoset", "architectures", "_name_or_path"})
+    unknown = sorted(set(tower) - known - _BOOKKEEPING_KEYS)
     if unknown:
         raise CheckpointError(
             f"{path}: towers.{name} has keys that {model_type} configs do not have: {unknown[:8]}; the checkpoint "
@@ -133,7 +185,17 @@ def read_checkpoint_config(folder: str | Path) -> dict:
         raise CheckpointError(f"{path}: 'towers' must hold {list(TOWERS)} transformers configs, got {got}")
     for name in TOWERS:
         _check_tower_config(path, name, towers[name])
-    return {"synergy": data["synergy"], "towers": towers}
+    folder_keys = _check_folder_keys(path, data)
+    locked = data.get("locked", {})  # absent in checkpoints from before locked towers
+    if not isinstance(locked, dict) or not all(
+        name in TOWERS and isinstance(n, int) and not isinstance(n, bool) and n >= 0 for name, n in locked.items()
+    ):
+        raise CheckpointError(
+            f"{path}: 'locked' must map towers {list(TOWERS)} to unlocked layer counts, got {locked!r}"
+        )
+    # what the towers were built with: their model type's keys plus their pretrained folders' own
+    towers = {name: {**towers[name], **folder_keys[name]} for name in TOWERS}
+    return {"synergy": data["synergy"], "towers": towers, "locked": locked}
 
 
 def _check_shapes(path: Path, expected: dict, found: dict, what: str) -> None:
@@ -210,6 +272,7 @@ def load_checkpoint(folder: str | Path, attn_implementation: str | None = None) 
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
         raise CheckpointError(f"{folder}/tokenizer.json is corrupt ({error})") from error
+    model.locked = dict(data["locked"])
     return model.eval(), tokenizer  # eval: dropout off, so the same input gives the same embedding
 
 

@@ -38,7 +38,11 @@ class ImageTowerConfig:
 
 @dataclass(frozen=True)
 class TextTowerConfig:
-    """RoBERTa/BERT-style encoder; the first token's final state is the pooled output."""
+    """A RoBERTa encoder built from these sizes, or any transformers ``AutoModel`` encoder from the local folder
+    ``pretrained`` (its own tokenizer.json; the sizes here are then unused). ``pooling``: "cls" (the first token's
+    final state) or "mean" (over the attention mask); None: what the folder's sentence-transformers Pooling config
+    says, else "cls". ``max_length``: for a pretrained folder, the folder's own limit replaces it
+    (:mod:`synergy.core.text_folder`); the built model's config records the values used."""
 
     vocab_size: int = 50265
     max_length: int = 77
@@ -47,6 +51,7 @@ class TextTowerConfig:
     heads: int = 12
     mlp_dim: int = 3072
     pretrained: str | None = None
+    pooling: str | None = None
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,17 @@ the towers without it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from synergy.core.audio_frontend import LogMelFrontend, check_clip_geometry
-from synergy.core.config import SynergyConfig, load_config
+from synergy.core.config import ConfigError, SynergyConfig, load_config
+from synergy.core.text_folder import POOLINGS, read_text_folder
 from synergy.core.towers import build_audio_tower, build_image_tower, build_text_tower
 
 PAIRS = ("image_text", "text_audio", "audio_image")
@@ -26,8 +29,12 @@ class SynergyModel(nn.Module):
         """``hf_configs``: the towers' transformers configs (from a checkpoint) to rebuild them without the
         pretrained folders; None builds from ``config`` (from scratch or from the local pretrained folders)."""
         super().__init__()
-        self.config = config
         hf = hf_configs or {}
+        config = _resolve_text(config, from_folder="text" not in hf)
+        self.config = config  # with the text pooling and length actually used, so that checkpoints record them
+        # towers training locked (LiT, synergy.train.locked_features): {tower: unlocked last layers}; checkpoints
+        # record it, so a resume can check that it locks the same way
+        self.locked: dict[str, int] = {}
         attn = config.attn_implementation
         self.image_tower, image_width = build_image_tower(config.image, attn, hf.get("image"))
         self.text_tower, text_width = build_text_tower(config.text, attn, hf.get("text"))
@@ -48,7 +55,7 @@ class SynergyModel(nn.Module):
         return F.normalize(self.image_projection(self.image_features(pixel_values)), dim=-1)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """input_ids, attention_mask: [B, L] int64 -> [B, D]; pooled = final state of the first (<s>) token."""
+        """input_ids, attention_mask: [B, L] int64 -> [B, D], pooled as ``config.text.pooling`` says."""
         return F.normalize(self.text_projection(self.text_features(input_ids, attention_mask)), dim=-1)
 
     def encode_audio(self, waveform: Tensor, waveform_lengths: Tensor | None = None, augment=None) -> Tensor:
@@ -71,8 +78,14 @@ class SynergyModel(nn.Module):
         return self.image_tower(pixel_values=pixel_values).pooler_output
 
     def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """input_ids, attention_mask: [B, L] -> pooled [B, text width]: the final state of the first (<s>) token."""
-        return self.text_tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+        """input_ids, attention_mask: [B, L] -> pooled [B, text width]: the final state of the first token (CLS,
+        <s>), or the mean of the final states over the attention mask (sentence-transformers' mean pooling)."""
+        hidden = self.text_tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
+        if self.config.text.pooling != "mean":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
+        # the clamp is sentence-transformers' own: an all-padding row gives zeros, not NaN
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
     def audio_features(self, log_mel: Tensor) -> Tensor:
         """log_mel: [B, frames, mels] normalised (``audio_frontend``'s output) -> pooled [B, audio width]."""
@@ -99,6 +112,25 @@ class SynergyModel(nn.Module):
             self.encode_audio(waveform, waveform_lengths),
             self.logit_scales(),
         )
+
+
+def _resolve_text(config: SynergyConfig, from_folder: bool) -> SynergyConfig:
+    """``config`` with its text pooling (and, for a tower read from a pretrained folder, its max length) settled:
+    the folder's own when the config leaves them open (:mod:`synergy.core.text_folder`)."""
+    text = config.text
+    pooling, max_length = text.pooling, text.max_length
+    if from_folder and text.pretrained:
+        folder = (
+            read_text_folder(text.pretrained)
+            if (Path(text.pretrained).expanduser() / "config.json").is_file()
+            else None
+        )
+        if folder is not None:
+            pooling, max_length = pooling or folder.pooling, folder.max_length
+    pooling = pooling or "cls"
+    if pooling not in POOLINGS:
+        raise ConfigError(f"text.pooling={pooling!r}: choose one of {', '.join(POOLINGS)} (or null: the folder's own)")
+    return dataclasses.replace(config, text=dataclasses.replace(text, pooling=pooling, max_length=max_length))
 
 
 def create_model(preset_or_config: str | SynergyConfig = "small", **overrides) -> SynergyModel:

@@ -6,6 +6,7 @@ Each ``build_*`` returns ``(module, hidden_size)``. Attention goes through trans
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from torch import nn
@@ -59,15 +60,26 @@ def build_image_tower(cfg: ImageTowerConfig, attn_implementation: str, hf_config
     return model, model.config.hidden_size
 
 
+def _no_pooler(config) -> dict:
+    """``add_pooling_layer=False`` for encoders that take it (BERT, RoBERTa, XLM-R: we pool ourselves, so their
+    pooler would be weights without gradients); others (DistilBERT) have no pooler to leave out."""
+    model_class = AutoModel._model_mapping[type(config)]
+    return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class).parameters else {}
+
+
 def build_text_tower(cfg: TextTowerConfig, attn_implementation: str, hf_config: dict | None = None):
+    """Any transformers ``AutoModel`` encoder: from the checkpoint's ``hf_config``, from the local folder
+    ``cfg.pretrained`` or, from scratch, a RoBERTa of ``cfg``'s sizes."""
     attn = _attention(attn_implementation)
     if hf_config is not None:
-        model = AutoModel.from_config(_config_from_dict(hf_config, attn), add_pooling_layer=False)
+        config = _config_from_dict(hf_config, attn)
+        model = AutoModel.from_config(config, **_no_pooler(config))
     elif cfg.pretrained:
         folder = _pretrained_folder(cfg.pretrained, "text")
         # the fused kernel has no attention dropout (roberta-base ships 0.1): drop it rather than fail in training
         extra = {"attention_probs_dropout_prob": 0.0} if attn == "synergy" else {}
-        model = AutoModel.from_pretrained(folder, add_pooling_layer=False, attn_implementation=attn, **extra)
+        config = AutoConfig.from_pretrained(folder, attn_implementation=attn, **extra)
+        model = AutoModel.from_pretrained(folder, config=config, **_no_pooler(config))
     else:
         config = RobertaConfig(
             vocab_size=cfg.vocab_size,

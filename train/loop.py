@@ -45,6 +45,7 @@ from synergy.runtime.prompts import fill_prompt
 from synergy.train.config import TrainConfig, check_train_config
 from synergy.train.data import Collate, DataError, EpochBatches, ManifestDataset, read_manifest
 from synergy.train.evaluate import evaluate, format_report, write_report
+from synergy.train.locked_features import lock_towers
 from synergy.train.manifest_check import ManifestCheck, check_manifest
 from synergy.train.seeds import stable_seed
 
@@ -66,6 +67,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
     checkpoint = out / "checkpoint"
     rows = read_manifest(config.data)
     model, tokenizer, state = model_and_state(config, rows, checkpoint, resume, force, process)
+    lock_towers(model, config.lock, config.unlock_last_layers, resumed=state is not None)  # before the optimizer
     dataset = _dataset(config, model, rows)
     checks = [check_manifest(config.data, dataset)]  # before any step: wrong paths stop the run here, counted
     if config.val_data:

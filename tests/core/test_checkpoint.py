@@ -139,3 +139,72 @@ def test_a_full_disk_leaves_the_previous_checkpoint(tmp_path, file_size_limit):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
     loaded, _ = load_checkpoint(folder)
     torch.testing.assert_close(loaded.logit_scale, model.logit_scale.detach() - 1)
+
+
+# --- a pretrained folder's own config keys ---------------------------------------------------------------------------
+
+
+def _bert_checkpoint(folder, bert_folder):
+    from synergy.core.tokenizer import load_pretrained_tokenizer
+
+    model = create_model("tiny", **{"text.pretrained": str(bert_folder)}).eval()
+    tokenizer = load_pretrained_tokenizer(bert_folder, model.config.text.max_length, 0)
+    save_checkpoint(folder, model, tokenizer)
+    return model, tokenizer
+
+
+def test_a_pretrained_folders_own_config_keys_round_trip(tmp_path, bert_folder):
+    """all-MiniLM-L6-v2's config.json carries gradient_checkpointing and position_embedding_type, which BertConfig
+    does not define: a checkpoint of a tower built from it was refused by load_checkpoint (so by eval and export).
+    They travel apart from the checked keys and come back on the rebuilt tower."""
+    import json
+
+    model, tokenizer = _bert_checkpoint(tmp_path / "ckpt", bert_folder)
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert "gradient_checkpointing" not in saved["towers"]["text"]
+    assert saved["tower_folder_keys"]["text"] == {
+        "gradient_checkpointing": False,
+        "position_embedding_type": "absolute",
+    }
+
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.text_tower.config.gradient_checkpointing is False
+    assert loaded.text_tower.config.position_embedding_type == "absolute"
+    assert loaded.config.text.pooling == "mean" and loaded.config.text.max_length == 29
+    encodings = tokenizer.encode_batch(["a red circle", "the sound of a dog barking in the rain"])
+    ids = torch.tensor([e.ids for e in encodings])
+    mask = torch.tensor([e.attention_mask for e in encodings])
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_text(ids, mask), model.encode_text(ids, mask))
+    save_checkpoint(tmp_path / "again", loaded, tokenizer)  # and a loaded checkpoint saves the same config
+    assert (tmp_path / "again" / "config.json").read_text() == (tmp_path / "ckpt" / "config.json").read_text()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"hidden_size": 40}, r"tower_folder_keys.text repeats keys of the tower's own config: \['hidden_size'\]"),
+        ({"evil": {"__class__": "x"}}, r"tower_folder_keys.text has values that are not plain JSON values: \['evil'\]"),
+    ],
+)
+def test_edited_folder_keys_are_refused(tmp_path, bert_folder, edit, message):
+    import json
+
+    _bert_checkpoint(tmp_path / "ckpt", bert_folder)
+    path = tmp_path / "ckpt" / "config.json"
+    data = json.loads(path.read_text())
+    data["tower_folder_keys"]["text"].update(edit)
+    path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_checkpoint_from_before_folder_keys_still_loads(tmp_path):
+    import json
+
+    save_checkpoint(tmp_path / "ckpt", create_model("tiny"), _tokenizer())
+    path = tmp_path / "ckpt" / "config.json"
+    data = json.loads(path.read_text())
+    del data["tower_folder_keys"], data["synergy"]["text"]["pooling"]
+    path.write_text(json.dumps(data))
+    assert load_checkpoint(tmp_path / "ckpt")[0].config.text.pooling == "cls"

