@@ -31,7 +31,7 @@ def data_group():
 def synth_command(out, seed, train_per_class, val_per_class, heldout_per_class, overwrite, videos_per_class):
     """Write the synthetic tri-modal data set (deterministic by --seed): PNG + WAV files, train/val/heldout CSVs,
     labels.txt and classes.json; with --videos N, also N short videos per class and split."""
-    from synergy.train.synth import synthesize
+    from synergy.train.datasets.synth import synthesize
 
     try:
         summary = synthesize(
@@ -46,7 +46,7 @@ def synth_command(out, seed, train_per_class, val_per_class, heldout_per_class, 
         raise UsageProblem(str(error)) from error
     click.echo(summary)
     if videos_per_class:
-        from synergy.train.synth_video import synthesize_videos
+        from synergy.train.datasets.synth_video import synthesize_videos
 
         counts = {"train": videos_per_class, "val": max(1, videos_per_class // 4), "heldout": 1}
         written = synthesize_videos(out, seed=seed, per_class=counts)
@@ -66,7 +66,7 @@ def synth_command(out, seed, train_per_class, val_per_class, heldout_per_class, 
 def from_videos_command(folder, labels_csv, labels_from_folders, out, frames, caption_template, sample_rate, workers):
     """Turn a folder of videos into a manifest (img_path, wav_path, label, caption): the middle frame (or --frames K)
     as PNG and the soundtrack as WAV. Resumable (rerun to continue); bad videos are listed and skipped (exit 1)."""
-    from synergy.train.from_videos import FromVideosError, from_videos
+    from synergy.train.datasets.from_videos import FromVideosError, from_videos
 
     try:
         summary = from_videos(

@@ -50,7 +50,7 @@ def mmr_train_command(checkpoint_dir, data, val_data, target, out, overrides, re
     from synergy.core.checkpoint import CheckpointError
     from synergy.core.config import ConfigError
     from synergy.train.data import DataError
-    from synergy.train.mmr import mmr_config, train_mmr
+    from synergy.train.mmr.train import mmr_config, train_mmr
 
     values = {"checkpoint": str(checkpoint), "data": data, "val_data": val_data, "out": out, **_mmr_set(overrides)}
     if target != "all":
@@ -74,8 +74,8 @@ def mmr_eval_command(run_dir, csv_paths, labels, out_path):
 
     label_list = list(read_labels(labels)) if labels else manifest_labels(csv_paths)
     from synergy.core.checkpoint import CheckpointError
-    from synergy.train.mmr import load_mmr
-    from synergy.train.mmr_eval import evaluate_mmr, format_mmr_report, write_mmr_report
+    from synergy.train.mmr.evaluate import evaluate_mmr, format_mmr_report, write_mmr_report
+    from synergy.train.mmr.train import load_mmr
 
     try:
         run = load_mmr(run_dir)
@@ -110,8 +110,8 @@ def mmr_reconstruct_command(run_dir, image, audio, text, out_path, grid, grid_da
 
     from synergy.core.checkpoint import CheckpointError
     from synergy.runtime.errors import InputError
-    from synergy.train.mmr import load_mmr
-    from synergy.train.mmr_eval import reconstruct_files, save_image, write_grid
+    from synergy.train.mmr.evaluate import reconstruct_files, save_image, write_grid
+    from synergy.train.mmr.train import load_mmr
 
     try:
         run = load_mmr(run_dir)

@@ -20,7 +20,7 @@ from synergy.runtime import video as video_module
 from synergy.runtime.errors import InputError, UnsupportedVideo
 from synergy.runtime.runtime import l2_normalise
 from synergy.runtime.video import frame_times, load_video
-from synergy.train.synth_video import write_video
+from synergy.train.datasets.synth_video import write_video
 
 from .conftest import LABELS, SAMPLE_RATE, tone
 

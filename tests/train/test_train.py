@@ -23,10 +23,10 @@ from synergy.core.model import create_model
 from synergy.kernels.contrastive import trimodal_contrastive_loss
 from synergy.train.config import TrainConfig, load_train_config
 from synergy.train.data import Collate, DataError, EpochBatches, ManifestDataset, read_manifest
+from synergy.train.datasets.synth import synthesize
 from synergy.train.evaluate import evaluate
 from synergy.train.loop import RecentRate, _inputs, _masks, build_tokenizer, ddp_device_ids, train, train_step
 from synergy.train.seeds import stable_seed
-from synergy.train.synth import synthesize
 
 
 @pytest.fixture(scope="module")
