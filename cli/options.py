@@ -47,12 +47,12 @@ removed_eval_data_option = click.option(
 )
 
 
-def bundle_option(help: str = "Bundle folder from `synergy export`."):
+def bundle_option(description: str = "Bundle folder from `synergy export`."):
     """``--bundle DIR`` (default: the demo's bundle), with the removed ``--model`` spelling caught beside it."""
 
     def decorate(command):
-        command = removed_model_option(command)
-        return click.option("--bundle", default=DEFAULT_BUNDLE, help=f"{help}  [default: {DEFAULT_BUNDLE}]")(command)
+        described = f"{description}  [default: {DEFAULT_BUNDLE}]"
+        return click.option("--bundle", default=DEFAULT_BUNDLE, help=described)(removed_model_option(command))
 
     return decorate
 
