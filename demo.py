@@ -24,9 +24,9 @@ def main(argv=None) -> None:
     from synergy.export import export_bundle
     from synergy.train.config import TrainConfig
     from synergy.train.data import read_manifest
+    from synergy.train.datasets.synth import synthesize
     from synergy.train.evaluate import evaluate, format_report, write_report
     from synergy.train.loop import train
-    from synergy.train.synth import synthesize
 
     start = time.perf_counter()
     run = Path(args.run)

@@ -8,7 +8,7 @@
 
 Two parts, both on the audio tower (what `synergy infer --audio` runs):
 
-cold start   `synergy infer --audio x.wav --labels labels.txt --model BUNDLE` against a torch program that loads the
+cold start   `synergy infer --audio x.wav --labels labels.txt --bundle BUNDLE` against a torch program that loads the
              checkpoint and prints the same answer: wall time from process start to exit (the result printed), and
              peak RSS (the child's ru_maxrss). One warm-up run each (page cache), then the median of --cold-runs.
 throughput   one audio-tower call on a batch of clips, per configuration:

@@ -100,7 +100,7 @@ class Manifest:
             raise BundleError(
                 f"bundle format version {version} is older than this runtime reads ({FORMAT_VERSION}): its audio graph "
                 "pads short clips as samples instead of in the log-mel domain, which gives wrong embeddings; "
-                "re-export it from its checkpoint: synergy export CHECKPOINT --out NEW_BUNDLE"
+                "re-export it from its checkpoint: synergy export --checkpoint CHECKPOINT --out NEW_BUNDLE"
             )
         if version > FORMAT_VERSION:
             raise BundleError(

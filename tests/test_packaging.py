@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -34,7 +35,9 @@ def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 def fresh_venv(tmp_path_factory) -> Path:
     """A new venv (no system site-packages) with the built wheel installed with its serve extra."""
     work = tmp_path_factory.mktemp("packaging")
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(work), str(ROOT)])
+    source = work / "synergy"  # a copy: setuptools builds in the source tree and would leave build/ in the checkout
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "data", "build", "*.egg-info"))
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(work), str(source)])
     wheels = sorted(work.glob("synergy_clip-*.whl"))
     assert len(wheels) == 1, f"expected one synergy_clip wheel, got {[w.name for w in work.iterdir()]}"
     venv = work / "venv"

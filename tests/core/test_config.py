@@ -9,7 +9,7 @@ import pytest
 
 from synergy.core.config import ConfigError, ImageTowerConfig, SynergyConfig, checked_fields, config_from_dict
 from synergy.train.config import load_train_config
-from synergy.train.mmr import mmr_config
+from synergy.train.mmr.train import mmr_config
 
 
 def test_checked_fields_unknown_key_wrong_type_and_nested_sections():

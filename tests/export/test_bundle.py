@@ -313,7 +313,9 @@ def test_cli_reports_errors_without_traceback(checkpoint, tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()
-    result = CliRunner().invoke(main, ["export", str(checkpoint), "--out", str(out)])
+    result = CliRunner().invoke(main, ["export", "--checkpoint", str(checkpoint), "--out", str(out)])
     assert result.exit_code == 2 and "already exists; pass --force" in result.output  # a usage error
-    result = CliRunner().invoke(main, ["export", str(checkpoint), "--out", str(out), "--format", "tflite"])
+    result = CliRunner().invoke(
+        main, ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--format", "tflite"]
+    )
     assert result.exit_code == 2 and "tflite" in result.output

@@ -67,7 +67,7 @@ def test_builtin_set_is_fixed():
 
 
 def test_reads_a_synergy_clip_csv(tmp_path):
-    from synergy.train import synth  # imported plainly: a broken import must fail, not skip
+    from synergy.train.datasets import synth  # imported plainly: a broken import must fail, not skip
 
     summary = synth.synthesize(
         tmp_path / "data",

@@ -11,10 +11,10 @@ import pytest
 import soundfile
 import torch
 
+from synergy.cli.infer import InferInputs, InferOptions, run
 from synergy.runtime import Runtime
 from synergy.runtime.audio import audio_windows
 from synergy.runtime.image import load_image, preprocess_image
-from synergy.runtime.infer import run
 from synergy.runtime.text import tokenize
 
 from .conftest import picture, tone
@@ -119,6 +119,7 @@ def test_infer_command_on_the_bundle_and_a_moved_copy(exported, tmp_path, capsys
     labels.write_text("\n".join(LABELS), encoding="utf-8")
     soundfile.write(tmp_path / "a.wav", tone(0.8, rate=44_100), 44_100)  # resampled to the model's rate
     picture(50, 40).save(tmp_path / "a.png")
-    code = run([str(tmp_path / "a.wav")], [str(tmp_path / "a.png")], str(labels), model=str(moved), top_k=2, fuse=True)
+    inputs = InferInputs([str(tmp_path / "a.wav")], [str(tmp_path / "a.png")])
+    code = run(inputs, InferOptions(str(labels), bundle=str(moved), top_k=2, fuse=True))
     out = capsys.readouterr().out
     assert code == 0 and "a.png" in out.splitlines()[1]  # one fused row: "<...>/a.wav + <...>/a.png"

@@ -10,16 +10,17 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from synergy.cli.infer import InferInputs, InferOptions, run
 from synergy.runtime import video as video_module
 from synergy.runtime.errors import InputError, UnsupportedVideo
-from synergy.runtime.infer import run
 from synergy.runtime.search import l2_normalise
 from synergy.runtime.video import frame_times, load_video
-from synergy.train.synth_video import write_video
+from synergy.train.datasets.synth_video import write_video
 
 from .conftest import LABELS, SAMPLE_RATE, tone
 
@@ -198,7 +199,8 @@ def test_classify_video_fuses_with_the_streams_scale(runtime, videos):
 def test_infer_video_answers_every_container_and_names_each_bad_file(tiny_bundle, videos, capsys):
     good = [str(videos[s]) for s in (".mp4", ".webm", ".mkv", ".mov")]
     bad = [str(videos["truncated"]), str(videos["not_video"])]
-    code = run([], [], str(videos["labels"]), bundle=str(tiny_bundle[0]), top_k=2, as_json=True, video=good + bad)
+    options = InferOptions(str(videos["labels"]), bundle=str(tiny_bundle[0]), top_k=2, as_json=True)
+    code = run(InferInputs(video=good + bad), options)
     out, err = capsys.readouterr()
     records = [json.loads(line) for line in out.splitlines()]
     assert code == 1
@@ -259,15 +261,17 @@ def test_seeking_gives_the_frames_of_a_single_pass(videos, monkeypatch, key):
 
 
 def test_infer_video_leaves_torch_out(tiny_bundle, videos):
-    from .test_infer import _no_torch_subprocess
-
-    result = _no_torch_subprocess(
-        f"""
-        from synergy.runtime.infer import run
-        code = run([], [], {str(videos["labels"])!r}, bundle={str(tiny_bundle[0])!r}, video=[{str(videos[".mkv"])!r}])
-        assert code == 0, code
-        """
-    )
+    check = f"""
+from synergy.cli.infer import InferInputs, InferOptions, run
+options = InferOptions({str(videos["labels"])!r}, bundle={str(tiny_bundle[0])!r})
+code = run(InferInputs(video=[{str(videos[".mkv"])!r}]), options)
+assert code == 0, code
+heavy = sorted(m for m in ("torch", "transformers", "torchaudio", "torchvision") if m in sys.modules)
+print("HEAVY", heavy)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    command = [sys.executable, "-c", "import sys\n" + check]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout, result.stdout
 

@@ -24,7 +24,7 @@ def synergy(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """The synthetic set (1 clip + 1 picture per class and split) plus a broken WAV and a stray text file."""
-    from synergy.train.synth import synthesize
+    from synergy.train.datasets.synth import synthesize
 
     folder = tmp_path_factory.mktemp("corpus") / "synth"
     synthesize(folder, seed=0, train_per_class=1, val_per_class=1, heldout_per_class=1)
@@ -212,7 +212,7 @@ def test_approximate_index_agrees_with_the_exact_scan_and_is_not_used_when_stale
 def test_videos_are_rows_with_the_runtimes_fused_embedding(bundle, library, tmp_path):
     pytest.importorskip("av", reason="synergy[video] is not installed (PyAV)")
     from synergy.serve.corpus import embed_corpus
-    from synergy.train.synth_video import write_video
+    from synergy.train.datasets.synth_video import write_video
 
     from .conftest import SAMPLE_RATE, tone
 

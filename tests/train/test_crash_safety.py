@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from synergy.core.checkpoint import load_checkpoint
-from synergy.train.synth import synthesize
+from synergy.train.datasets.synth import synthesize
 
 KILLS = 10
 STEPS = 24

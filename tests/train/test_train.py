@@ -23,10 +23,10 @@ from synergy.core.model import create_model
 from synergy.kernels.contrastive import trimodal_contrastive_loss
 from synergy.train.config import TrainConfig, load_train_config
 from synergy.train.data import Collate, DataError, EpochBatches, ManifestDataset, read_manifest
+from synergy.train.datasets.synth import synthesize
 from synergy.train.evaluate import evaluate
 from synergy.train.loop import RecentRate, _inputs, _masks, build_tokenizer, ddp_device_ids, train, train_step
 from synergy.train.seeds import stable_seed
-from synergy.train.synth import synthesize
 
 
 @pytest.fixture(scope="module")
@@ -565,11 +565,20 @@ def test_cli_smoke(tmp_path, synth):
     )
     assert result.exit_code == 0, result.output
     result = runner.invoke(
-        main, ["eval", str(out / "checkpoint"), "--data", str(synth / "val.csv"), "--out", str(tmp_path / "m.json")]
+        main,
+        [
+            "eval",
+            "--checkpoint",
+            str(out / "checkpoint"),
+            "--data",
+            str(synth / "val.csv"),
+            "--out",
+            str(tmp_path / "m.json"),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "audio -> label" in result.output and json.loads((tmp_path / "m.json").read_text())["val"]["rows"] > 0
-    result = runner.invoke(main, ["eval", str(tmp_path / "nope"), "--data", str(synth / "val.csv")])
+    result = runner.invoke(main, ["eval", "--checkpoint", str(tmp_path / "nope"), "--data", str(synth / "val.csv")])
     assert result.exit_code == 2 and "no such folder; pass the checkpoint folder" in result.output  # a usage error
     result = runner.invoke(main, ["train", "--set", "bogus=1"])
     assert result.exit_code == 2 and "unknown key" in result.output  # a usage error

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from synergy.runtime.video import import_av
-from synergy.train.synth import (
+from synergy.train.datasets.synth import (
     COLOURS,
     HUE_DEGREES,
     SHAPES,

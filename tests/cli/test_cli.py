@@ -1,7 +1,7 @@
 """The `synergy` command line as a user meets it, in real processes: one exit-code contract (0 ok, 1 some inputs
-failed, 2 usage / checkpoint / bundle error), usage errors found before torch is imported, old spellings that still
-work with a note, `synergy presets` and `synergy data synth` output. The full train -> eval -> export -> infer path
-runs in tests/test_readme.py (the README's own commands); `synergy infer` in tests/runtime/test_infer.py."""
+failed, 2 usage / checkpoint / bundle error), usage errors found before torch is imported, removed spellings refused
+with the new one named, `synergy presets` and `synergy data synth` output. The full train -> eval -> export -> infer
+path runs in tests/test_readme.py (the README's own commands); `synergy infer` in tests/cli/test_infer.py."""
 
 from __future__ import annotations
 
@@ -99,68 +99,40 @@ def test_usage_errors_exit_2_before_torch_loads(tmp_path, fake_checkpoint, args,
     assert "data synth" not in done.stderr or args[:2] == ["data", "synth"]  # a typo is not a reason to make data
 
 
-MODEL_NOTE = "note: --model is deprecated and will be removed; use --bundle"
-CHECKPOINT_NOTE = "note: the positional CHECKPOINT ({ckpt}) is deprecated and will be removed; use --checkpoint {ckpt}"
-EVAL_DATA_NOTE = "note: --eval-data is deprecated and will be removed; use --data"
 INFER = ["infer", "--labels", "{tmp}/val.csv", "--audio", "x.wav"]
 SERVE = ["serve", "--port", "0"]
 EMBED = ["embed", "x.wav", "--out", "{tmp}/corpus.parquet"]
-EVAL = ["eval", "--data", "{tmp}/val.csv", "--out", "{tmp}"]  # --out a folder: a usage error after the checkpoint
-EXPORT = ["export", "--out", "{tmp}/bundle"]  # exists, no --force: a usage error after the old spellings
-
-
-@pytest.mark.parametrize(
-    "old, new, note",
-    [
-        # --model: the bundle reaches the loader, which names it (a missing folder) exactly as for --bundle
-        ([*INFER, "--model", "{tmp}/old"], [*INFER, "--bundle", "{tmp}/old"], MODEL_NOTE),
-        ([*SERVE, "--model", "{tmp}/old"], [*SERVE, "--bundle", "{tmp}/old"], MODEL_NOTE),
-        ([*EMBED, "--model", "{tmp}/old"], [*EMBED, "--bundle", "{tmp}/old"], MODEL_NOTE),
-        ([*EVAL, "{ckpt}"], [*EVAL, "--checkpoint", "{ckpt}"], CHECKPOINT_NOTE),
-        ([*EXPORT, "{ckpt}"], [*EXPORT, "--checkpoint", "{ckpt}"], CHECKPOINT_NOTE),
-        (
-            [*EXPORT, "--checkpoint", "{ckpt}", "--eval-data", "{tmp}/x.csv"],
-            [*EXPORT, "--checkpoint", "{ckpt}", "--data", "{tmp}/x.csv"],
-            EVAL_DATA_NOTE,
-        ),
-    ],
-)
-def test_old_spellings_still_work_with_a_note(tmp_path, fake_checkpoint, old, new, note):
-    """Each command's old spelling prints the note, then does what the new spelling does (here: reaches the same
-    error, which names the value given, so the value went where the new spelling sends it)."""
-    (tmp_path / "val.csv").write_text("img_path,wav_path,label,caption\n,,dog,\n")
-    (tmp_path / "bundle").mkdir()
-    fill = {"ckpt": str(fake_checkpoint), "tmp": str(tmp_path)}
-    done_old = synergy(*[a.format(**fill) for a in old], cwd=tmp_path, probe=True)
-    done_new = synergy(*[a.format(**fill) for a in new], cwd=tmp_path, probe=True)
-    assert done_old.returncode == done_new.returncode == 2, done_old.stderr
-    assert done_old.stderr.startswith(note.format(**fill) + "\n"), done_old.stderr
-    assert "deprecated" not in done_new.stderr
-    assert done_old.stderr.removeprefix(note.format(**fill) + "\n") == done_new.stderr
-    assert "Error: " in done_new.stderr and "TORCH_LOADED False" in done_new.stderr
+EVAL = ["eval", "--data", "{tmp}/val.csv"]
+EXPORT = ["export", "--out", "{tmp}/bundle"]
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        ([*INFER, "--model", "{tmp}/old", "--bundle", "{tmp}/new"], "both --bundle and --model given"),
-        ([*SERVE, "--model", "{tmp}/old", "--bundle", "{tmp}/new"], "both --bundle and --model given"),
-        ([*EMBED, "--bundle", "{tmp}/new", "--model", "{tmp}/old"], "both --bundle and --model given"),
-        ([*EVAL, "{ckpt}", "--checkpoint", "{ckpt}"], "two checkpoints given"),
-        ([*EXPORT, "{ckpt}", "--checkpoint", "{ckpt}"], "two checkpoints given"),
+        ([*INFER, "--model", "{tmp}/old"], "--model was removed; use --bundle {tmp}/old"),
+        ([*SERVE, "--model", "{tmp}/old"], "--model was removed; use --bundle {tmp}/old"),
+        ([*EMBED, "--model", "{tmp}/old", "--bundle", "{tmp}/new"], "--model was removed; use --bundle {tmp}/old"),
+        ([*EVAL, "{ckpt}"], "the positional CHECKPOINT ({ckpt}) was removed; use --checkpoint {ckpt}"),
+        ([*EXPORT, "{ckpt}"], "the positional CHECKPOINT ({ckpt}) was removed; use --checkpoint {ckpt}"),
+        ([*EVAL, "{ckpt}", "--checkpoint", "{ckpt}"], "the positional CHECKPOINT ({ckpt}) was removed"),
         (
-            [*EXPORT, "--checkpoint", "{ckpt}", "--data", "{tmp}/val.csv", "--eval-data", "{tmp}/val.csv"],
-            "both --data and --eval-data given",
+            [*EXPORT, "--checkpoint", "{ckpt}", "--eval-data", "{tmp}/val.csv"],
+            "--eval-data was removed; use --data {tmp}/val.csv",
         ),
     ],
 )
-def test_old_and_new_spelling_together_is_a_usage_error(tmp_path, fake_checkpoint, args, message):
+def test_removed_spellings_are_refused_naming_the_new_one(tmp_path, fake_checkpoint, args, message):
+    """Each old spelling is a usage error (exit 2) whose one line names the spelling to use instead; nothing ran
+    (the export's own output check, which the new spelling reaches, never speaks; torch never loads)."""
     (tmp_path / "val.csv").write_text("img_path,wav_path,label,caption\n,,dog,\n")
+    (tmp_path / "bundle").mkdir()
     fill = {"ckpt": str(fake_checkpoint), "tmp": str(tmp_path)}
     done = synergy(*[a.format(**fill) for a in args], cwd=tmp_path, probe=True)
     assert done.returncode == 2, done.stderr
-    assert f"Error: {message}" in done.stderr and "Traceback" not in done.stderr
-    assert "TORCH_LOADED False" in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"Error: {message.format(**fill)}"), done.stderr
+    assert "already exists" not in done.stderr and "no such folder" not in done.stderr
+    assert "Traceback" not in done.stderr and "TORCH_LOADED False" in done.stderr
 
 
 def test_a_broken_checkpoint_is_exit_2_with_its_reason(tmp_path, fake_checkpoint):

@@ -10,7 +10,7 @@ Per target, on each manifest, with the heads in eval mode, every number comes wi
 and the ``truth`` itself where a number needs no reconstruction. The **semantic check** re-encodes every
 reconstruction (and every baseline's guess, and the truth) with the frozen tower of its modality and measures
 zero-shot top-1 against the labels (the prompt-ensemble label embeddings of ``synergy eval``) and R@1 of
-reconstruction -> its own item among the split's truths. Metric definitions: :mod:`synergy.train.mmr_metrics`.
+reconstruction -> its own item among the split's truths. Metric definitions: :mod:`synergy.train.mmr.metrics`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from PIL import Image, ImageDraw, ImageFont
 from synergy.core.reconstruction import present_modalities
 from synergy.train.data import read_manifest
 from synergy.train.evaluate import label_embeddings, recall_at_k
-from synergy.train.mmr import (
+from synergy.train.mmr.metrics import cut_at_eos, reconstruction_metrics
+from synergy.train.mmr.train import (
     MMRRun,
     encode_rows,
     head_inputs,
@@ -38,7 +39,6 @@ from synergy.train.mmr import (
     truth,
     usable,
 )
-from synergy.train.mmr_metrics import cut_at_eos, reconstruction_metrics
 
 DEFINITIONS = {
     "psnr_db": "image PSNR in dB, each image's own MSE at peak 1.0 (pixels in [0, 1]), averaged over images",
@@ -231,7 +231,7 @@ def reconstruct_files(run: MMRRun, image=None, audio=None, text: str | None = No
     if target == "image":
         return target, out
     if target == "audio":
-        from synergy.train.mmr_audio import log_mel_to_waveform
+        from synergy.train.mmr.audio import log_mel_to_waveform
 
         return target, log_mel_to_waveform(out.numpy(), config.audio.sample_rate, config.audio.mean, config.audio.std)
     return target, decode_text(run, out.argmax(-1)[None])[0]

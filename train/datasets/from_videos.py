@@ -143,6 +143,14 @@ def from_videos(
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
     (out / "audio").mkdir(exist_ok=True)
+    done, skipped = extract_all(out, jobs, workers, progress)
+    manifest, n_rows, bad = write_manifest(out, jobs, done)
+    return FromVideosSummary(manifest, len(videos), n_rows, skipped, bad, unlabelled, out / "bad_videos.txt")
+
+
+def extract_all(out: Path, jobs: list[tuple], workers: int, progress: bool) -> tuple[dict[str, dict], int]:
+    """Extract every job not yet in ``out/progress.jsonl`` (the journal that makes a rerun continue), journalling
+    each as it finishes. -> ({stem: journal record} of every job, the number done by an earlier run)."""
     journal = out / "progress.jsonl"
     done = _read_journal(journal)
     todo = [job for job in jobs if job[1] not in done]
@@ -161,14 +169,19 @@ def from_videos(
                 bar.update(1)
     if bar is not None:
         bar.close()
+    return done, skipped
+
+
+def write_manifest(out: Path, jobs: list[tuple], done: dict[str, dict]) -> tuple[Path, int, int]:
+    """``out/manifest.csv`` (written whole, then renamed into place) and ``out/bad_videos.txt`` from the journal's
+    records, in the jobs' order. -> (the manifest, its rows, the bad videos)."""
     manifest_rows, bad = [], []
     for _, stem, *_ in jobs:
         record = done[stem]
         if record["error"]:
             bad.append(f"{record['video']}: {record['error']}")
         manifest_rows += [tuple(row) for row in record["rows"]]
-    bad_report = out / "bad_videos.txt"
-    bad_report.write_text("".join(line + "\n" for line in bad), encoding="utf-8")
+    (out / "bad_videos.txt").write_text("".join(line + "\n" for line in bad), encoding="utf-8")
     manifest = out / "manifest.csv"
     partial = out / "manifest.csv.tmp"
     with open(partial, "w", newline="", encoding="utf-8") as f:
@@ -176,7 +189,7 @@ def from_videos(
         writer.writerow(("img_path", "wav_path", "label", "caption"))
         writer.writerows(manifest_rows)
     os.replace(partial, manifest)
-    return FromVideosSummary(manifest, len(videos), len(manifest_rows), skipped, len(bad), unlabelled, bad_report)
+    return manifest, len(manifest_rows), len(bad)
 
 
 def _read_journal(path: Path) -> dict[str, dict]:

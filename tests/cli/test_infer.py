@@ -1,4 +1,4 @@
-"""`synergy infer` (runtime.infer.run and the click command): files, folders and globs; table, JSON lines and
+"""`synergy infer` (cli.infer.run and the click command): files, folders and globs; table, JSON lines and
 --out files; the closing summary line; explicit fusing by file stem; file names never cut; exit codes 0 / 1 / 2;
 and no torch in the process (checked in subprocesses)."""
 
@@ -12,10 +12,16 @@ import numpy as np
 import pytest
 import soundfile
 
-from synergy.runtime.errors import InferUsageError, LabelsError
-from synergy.runtime.infer import run, shorten_path
+from synergy.cli.infer import InferInputs, InferOptions, run
+from synergy.cli.infer_output import shorten_path
+from synergy.runtime import InferUsageError, LabelsError
 
 from .conftest import LABELS, SAMPLE_RATE, picture, tone
+
+
+def infer(audio, image, labels, video=(), **options) -> int:
+    """``run`` with the inputs and the options as keywords."""
+    return run(InferInputs(audio, image, video), InferOptions(labels, **options))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +52,7 @@ def _summary(err: str) -> str:
 
 
 def test_folder_as_json_lines_with_a_failure(inputs, tiny_bundle, capsys):
-    code = run(
+    code = infer(
         [str(inputs / "audio")], [], str(inputs / "labels.txt"), bundle=str(tiny_bundle[0]), top_k=3, as_json=True
     )
     out, err = capsys.readouterr()
@@ -63,7 +69,7 @@ def test_folder_as_json_lines_with_a_failure(inputs, tiny_bundle, capsys):
 
 def test_table_for_people_and_exit_0(inputs, tiny_bundle, capsys):
     files = [str(inputs / "images" / f"{i}.png") for i in range(3)]
-    code = run([], files, str(inputs / "labels.txt"), bundle=str(tiny_bundle[0]), top_k=2, batch_size=2)
+    code = infer([], files, str(inputs / "labels.txt"), bundle=str(tiny_bundle[0]), top_k=2, batch_size=2)
     out, err = capsys.readouterr()
     assert code == 0
     assert err.strip().splitlines() == [_summary(err)] and _summary(err).startswith(
@@ -79,7 +85,7 @@ def test_table_for_people_and_exit_0(inputs, tiny_bundle, capsys):
 def test_audio_and_images_answer_one_by_one_by_default(inputs, tiny_bundle, capsys):
     audio = [str(inputs / "audio" / "*.wav"), str(inputs / "audio" / "1.flac")]  # 0, 2, 3-empty, then 1
     image = [str(inputs / "images" / "?.png")]  # 0, 1, 2: not as many as the audio files, and that is fine
-    code = run(audio, image, str(inputs / "labels.txt"), bundle=str(tiny_bundle[0]), as_json=True)
+    code = infer(audio, image, str(inputs / "labels.txt"), bundle=str(tiny_bundle[0]), as_json=True)
     out, err = capsys.readouterr()
     records = _json_lines(out)
     assert code == 1
@@ -93,7 +99,7 @@ def test_fuse_pairs_by_stem_and_reports_the_unpaired(inputs, tiny_bundle, capsys
     audio = [str(inputs / "audio" / "2.wav"), str(inputs / "audio" / "1.flac"), str(inputs / "audio" / "0.wav")]
     audio.append(str(inputs / "audio" / "3-empty.wav"))
     image = [str(inputs / "images" / "*.png")]  # 0, 1, 2, 3-broken: sorted, so not in the audio order
-    code = run(audio, image, str(inputs / "labels.txt"), bundle=str(tiny_bundle[0]), as_json=True, fuse=True)
+    code = infer(audio, image, str(inputs / "labels.txt"), bundle=str(tiny_bundle[0]), as_json=True, fuse=True)
     out, err = capsys.readouterr()
     records = _json_lines(out)
     assert code == 1
@@ -118,9 +124,9 @@ def test_fuse_refuses_ambiguous_stems_and_no_pairs(inputs, tiny_bundle, tmp_path
     both = [str(inputs / "audio" / "1.flac"), str(tmp_path / "1.wav")]
     soundfile.write(tmp_path / "1.wav", tone(0.3), SAMPLE_RATE)
     with pytest.raises(InferUsageError, match=r"both audio named '1'; rename one"):
-        run(both, [str(inputs / "images" / "1.png")], labels, bundle=bundle, fuse=True)
+        infer(both, [str(inputs / "images" / "1.png")], labels, bundle=bundle, fuse=True)
     with pytest.raises(InferUsageError, match=r"no audio and image files with the same stem.*dog.wav \+ dog.png"):
-        run(
+        infer(
             [str(inputs / "audio" / "3-empty.wav")],
             [str(inputs / "images" / "0.png")],
             labels,
@@ -128,12 +134,12 @@ def test_fuse_refuses_ambiguous_stems_and_no_pairs(inputs, tiny_bundle, tmp_path
             fuse=True,
         )
     with pytest.raises(InferUsageError, match=r"give both --audio and --image"):
-        run([str(inputs / "audio")], [], labels, bundle=bundle, fuse=True)
+        infer([str(inputs / "audio")], [], labels, bundle=bundle, fuse=True)
 
 
 def test_out_file_gets_the_records_and_the_terminal_only_failures_and_summary(inputs, tiny_bundle, tmp_path, capsys):
     results = tmp_path / "results.jsonl"
-    code = run([str(inputs / "audio")], [], str(inputs / "labels.txt"), bundle=str(tiny_bundle[0]), out=str(results))
+    code = infer([str(inputs / "audio")], [], str(inputs / "labels.txt"), bundle=str(tiny_bundle[0]), out=str(results))
     out, err = capsys.readouterr()
     assert code == 1 and out == ""
     records = _json_lines(results.read_text(encoding="utf-8"))
@@ -141,7 +147,7 @@ def test_out_file_gets_the_records_and_the_terminal_only_failures_and_summary(in
     assert err.count("error: UnsupportedAudio") == 1
     assert _summary(err).endswith(f"; results in {results}")
     with pytest.raises(InferUsageError, match=r"is a folder; give a file name"):
-        run([str(inputs / "audio")], [], str(inputs / "labels.txt"), bundle=str(tiny_bundle[0]), out=str(tmp_path))
+        infer([str(inputs / "audio")], [], str(inputs / "labels.txt"), bundle=str(tiny_bundle[0]), out=str(tmp_path))
 
 
 def test_shorten_path_drops_folders_never_the_file_name():
@@ -156,7 +162,7 @@ def test_table_shows_long_file_names_whole(inputs, tiny_bundle, tmp_path, capsys
     deep.mkdir(parents=True)
     name = "a_recording_whose_name_alone_is_longer_than_the_sixty_character_column.wav"
     soundfile.write(deep / name, tone(0.4), SAMPLE_RATE)
-    code = run([str(deep / name)], [], str(inputs / "labels.txt"), bundle=str(tiny_bundle[0]), top_k=1)
+    code = infer([str(deep / name)], [], str(inputs / "labels.txt"), bundle=str(tiny_bundle[0]), top_k=1)
     out, _ = capsys.readouterr()
     assert code == 0
     assert out.splitlines()[1].split()[0] == name
@@ -164,7 +170,7 @@ def test_table_shows_long_file_names_whole(inputs, tiny_bundle, tmp_path, capsys
 
 def test_missing_files_and_empty_globs_fail_alone(inputs, tiny_bundle, capsys):
     audio = [str(inputs / "audio" / "0.wav"), str(inputs / "nope.wav"), str(inputs / "*.mp3")]
-    code = run(audio, [], str(inputs / "labels.txt"), model=str(tiny_bundle[0]))  # `model`: the old name of `bundle`
+    code = infer(audio, [], str(inputs / "labels.txt"), bundle=str(tiny_bundle[0]))
     out, err = capsys.readouterr()
     assert code == 1
     assert "0.wav" in out and "nope.wav" not in out
@@ -174,21 +180,21 @@ def test_missing_files_and_empty_globs_fail_alone(inputs, tiny_bundle, capsys):
 
 
 def test_usage_errors(inputs, tiny_bundle, tmp_path, monkeypatch):
-    labels, model = str(inputs / "labels.txt"), str(tiny_bundle[0])
+    labels, bundle = str(inputs / "labels.txt"), str(tiny_bundle[0])
     monkeypatch.chdir(tmp_path)  # the default bundle path is relative: `make demo` writes one in the checkout
     with pytest.raises(InferUsageError, match=r"no inputs"):
-        run([], [], labels, model=model)
+        infer([], [], labels, bundle=bundle)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
     with pytest.raises(LabelsError, match=r"no labels"):
-        run([str(inputs / "audio")], [], str(empty), model=model)
+        infer([str(inputs / "audio")], [], str(empty), bundle=bundle)
     with pytest.raises(InferUsageError, match=r"not a folder.*make demo"):
-        run([str(inputs / "audio")], [], labels, model="runs/demo/bundle")
+        infer([str(inputs / "audio")], [], labels, bundle="runs/demo/bundle")
     with pytest.raises(InferUsageError, match=r"top-k"):
-        run([str(inputs / "audio")], [], labels, model=model, top_k=0)
+        infer([str(inputs / "audio")], [], labels, bundle=bundle, top_k=0)
 
 
-def test_click_command_exit_codes_and_old_spelling(inputs, tiny_bundle):
+def test_click_command_exit_codes_and_the_removed_spelling(inputs, tiny_bundle):
     from click.testing import CliRunner
 
     from synergy import cli
@@ -202,8 +208,8 @@ def test_click_command_exit_codes_and_old_spelling(inputs, tiny_bundle):
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout.splitlines()[0])["ok"] is True
     old = runner.invoke(cli.main, ["infer", *labels, "--model", str(tiny_bundle[0]), "--audio", str(inputs / "audio")])
-    assert old.exit_code == 1
-    assert "note: --model is deprecated and will be removed; use --bundle" in old.stderr
+    assert old.exit_code == 2  # refused before anything ran
+    assert f"Error: --model was removed; use --bundle {tiny_bundle[0]}" in old.stderr
     usage = runner.invoke(cli.main, ["infer", *labels, "--bundle", str(tiny_bundle[0])])
     assert usage.exit_code == 2 and "Error: no inputs" in usage.stderr
     bad_bundle = runner.invoke(cli.main, ["infer", *labels, "--bundle", str(inputs), "--audio", str(inputs / "audio")])
@@ -241,9 +247,9 @@ def test_import_and_inference_leave_torch_out(inputs, tiny_bundle):
         f"""
         import synergy.runtime
         from synergy.runtime import Runtime
-        from synergy.runtime.infer import run
-        code = run([{str(inputs / "audio" / "0.wav")!r}], [{str(inputs / "images" / "0.png")!r}],
-                   {str(inputs / "labels.txt")!r}, model={str(tiny_bundle[0])!r}, as_json=True)
+        from synergy.cli.infer import InferInputs, InferOptions, run
+        inputs = InferInputs([{str(inputs / "audio" / "0.wav")!r}], [{str(inputs / "images" / "0.png")!r}])
+        code = run(inputs, InferOptions({str(inputs / "labels.txt")!r}, bundle={str(tiny_bundle[0])!r}, as_json=True))
         assert code == 0, code
         """
     )

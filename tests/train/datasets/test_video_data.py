@@ -17,10 +17,10 @@ from synergy.runtime.search import l2_normalise
 from synergy.runtime.video import load_video
 from synergy.train.config import TrainConfig
 from synergy.train.data import Collate, DataError, ManifestDataset, read_manifest
+from synergy.train.datasets.from_videos import from_videos
+from synergy.train.datasets.synth_video import synthesize_videos
 from synergy.train.evaluate import _recall_with_ties, embed_manifest, evaluate, ranks_with_ties
-from synergy.train.from_videos import from_videos
 from synergy.train.loop import build_tokenizer, train
-from synergy.train.synth_video import synthesize_videos
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_video_rows_train_on_a_random_frame_and_crop_and_evaluate_on_pooled_fram
 def test_eval_pools_frames_as_the_runtime_does(clips, tmp_path):
     """A 4.5 s clip has 4 frames: its image embedding is the normalised mean of the 4 frame embeddings."""
     from synergy.runtime.image import preprocess_image
-    from synergy.train.synth_video import render_video, write_video
+    from synergy.train.datasets.synth_video import render_video, write_video
 
     frames = render_video("star", "green", 32, 18, np.random.default_rng(0))
     write_video(tmp_path / "long.mp4", frames, 4, np.zeros(16_000 * 4, np.float32) + 0.01, 16_000)

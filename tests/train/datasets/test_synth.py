@@ -8,7 +8,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from synergy.train import synth
+from synergy.train.datasets import synth
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

@@ -52,7 +52,7 @@ from synergy.core.reconstruction import (
 from synergy.runtime.text import tokenize
 from synergy.train.data import Collate, DataError, ManifestDataset, read_manifest
 from synergy.train.loop import cut_metrics, warmup_cosine
-from synergy.train.mmr_metrics import reconstruction_metrics
+from synergy.train.mmr.metrics import reconstruction_metrics
 
 FORMAT = 1
 MAIN_METRIC = {"image": "psnr_db", "audio": "ssim", "text": "token_accuracy"}
@@ -140,9 +140,6 @@ def encode_rows(
     dataset = ManifestDataset.for_model(rows, config, text_mode="caption")
     collate = Collate(tokenizer, config.image.image_size, dataset.clip_samples)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-    mean = torch.tensor(config.image.mean).view(1, 3, 1, 1)
-    std = torch.tensor(config.image.std).view(1, 3, 1, 1)
-    length = config.text.max_length
     pad_id, _ = special_ids(model, tokenizer)
     parts: dict[str, list] = {}
     labels, bad = [], []
@@ -152,31 +149,7 @@ def encode_rows(
                 raise DataError(f"bad sample: {message} (use --set on_bad_sample=skip to skip such rows)")
             report(f"skipping bad sample: {message}")
         bad += batch["bad"]
-        owner = batch["audio_owner"]
-        first = torch.ones_like(owner, dtype=torch.bool)
-        first[1:] = owner[1:] != owner[:-1]  # each row's first window: one clip per row, the log-mel geometry
-        log_mel = model.audio_frontend(batch["waveform"][first], batch["waveform_lengths"][first])
-        ids, mask = batch["input_ids"][:, :length], batch["attention_mask"][:, :length]
-        ids = F.pad(ids, (0, length - ids.shape[1]), value=pad_id)
-        mask = F.pad(mask, (0, length - mask.shape[1]), value=0)
-        values = {
-            "image": ((batch["pixel_values"] * std + mean).clamp(0, 1) * 255).round().to(torch.uint8),
-            "log_mel": log_mel.float(),
-            "ids": ids,
-            "token_mask": mask,
-        }
-        for m in ("image", "text", "audio"):
-            values[f"masks.{m}"] = batch[f"{m}_mask"]
-        if features:
-            pooled = {
-                "image": model.image_features(batch["pixel_values"]),
-                "text": model.text_features(ids, mask),
-                "audio": model.audio_features(log_mel),
-            }
-            for m, f in pooled.items():
-                values[f"features.{m}"] = f.float()
-                values[f"embeddings.{m}"] = F.normalize(getattr(model, f"{m}_projection")(f).float(), dim=-1)
-        for key, value in values.items():
+        for key, value in encode_batch(model, batch, pad_id, features).items():
             parts.setdefault(key, []).append(value)
         labels += batch["labels"]
     flat = {k: torch.cat(v) for k, v in parts.items()}
@@ -188,6 +161,40 @@ def encode_rows(
         else:
             out[key] = value
     return out
+
+
+def encode_batch(model, batch: dict, pad_id: int, features: bool) -> dict[str, torch.Tensor]:
+    """One collated batch -> its rows' targets, masks and (with ``features``) the frozen towers' outputs, under
+    flat keys ("image", "masks.audio", "features.text", ...) that ``encode_rows`` concatenates and groups."""
+    config = model.config
+    mean = torch.tensor(config.image.mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.image.std).view(1, 3, 1, 1)
+    length = config.text.max_length
+    owner = batch["audio_owner"]
+    first = torch.ones_like(owner, dtype=torch.bool)
+    first[1:] = owner[1:] != owner[:-1]  # each row's first window: one clip per row, the log-mel geometry
+    log_mel = model.audio_frontend(batch["waveform"][first], batch["waveform_lengths"][first])
+    ids, mask = batch["input_ids"][:, :length], batch["attention_mask"][:, :length]
+    ids = F.pad(ids, (0, length - ids.shape[1]), value=pad_id)
+    mask = F.pad(mask, (0, length - mask.shape[1]), value=0)
+    values = {
+        "image": ((batch["pixel_values"] * std + mean).clamp(0, 1) * 255).round().to(torch.uint8),
+        "log_mel": log_mel.float(),
+        "ids": ids,
+        "token_mask": mask,
+    }
+    for m in ("image", "text", "audio"):
+        values[f"masks.{m}"] = batch[f"{m}_mask"]
+    if features:
+        pooled = {
+            "image": model.image_features(batch["pixel_values"]),
+            "text": model.text_features(ids, mask),
+            "audio": model.audio_features(log_mel),
+        }
+        for m, f in pooled.items():
+            values[f"features.{m}"] = f.float()
+            values[f"embeddings.{m}"] = F.normalize(getattr(model, f"{m}_projection")(f).float(), dim=-1)
+    return values
 
 
 def usable_mask(encoded: dict, target: str) -> torch.Tensor:
@@ -371,42 +378,81 @@ def train_mmr(config: MMRConfig, resume: bool = False, force: bool = False, repo
     out = Path(config.out)
     folder = out / "checkpoint"
     recover_folder(folder)
-    state, run = None, None
-    if resume:
-        if not (folder / "train_state" / "state.pt").is_file():
-            raise CheckpointError(f"--resume: no MMR checkpoint with train_state at {folder}; start without --resume")
-        run = json.loads((folder / "config.json").read_text())
-        if run["train_config"] != _config_json(config):
-            raise ConfigError(
-                f"--resume: {folder} was trained with a different configuration; resume it with the same options "
-                f"({run['train_config']}) or start a new --out"
-            )
-        if file_sha256(Path(config.checkpoint) / "model.safetensors") != run["checkpoint_sha256"]:
-            raise CheckpointError(
-                f"--resume: {config.checkpoint} is not the checkpoint {folder} was trained on (its weights changed); "
-                "start again with --force"
-            )
-        state = load_train_state(folder)  # weights_only, with the checkpoint's own errors for a pickle or a bad file
-        if state is None:
-            raise CheckpointError(f"--resume: {folder} has no train_state/ to resume from; start again with --force")
-    elif folder.is_dir() and not force:
-        raise CheckpointError(
-            f"{folder} already holds an MMR checkpoint; continue it with --resume or replace it with --force"
-        )
+    run, state = start_or_resume(config, folder, resume, force)
     model, tokenizer = load_frozen(config.checkpoint)
-    rows = read_manifest(config.data)
-    train_rows, val_rows, val_source = split_rows(rows, config.val_data, config.val_fraction, config.seed)
-    torch.manual_seed(config.seed)  # the heads' initial weights are a function of the seed
-    vocab = tokenizer.get_vocab_size()
-    heads = torch.nn.ModuleDict(
-        {t: build_reconstructor(reconstruction_config(model, t, vocab, **config.head)) for t in config.targets}
+    train_rows, val_rows, val_source = split_rows(
+        read_manifest(config.data), config.val_data, config.val_fraction, config.seed
     )
+    torch.manual_seed(config.seed)  # the heads' initial weights are a function of the seed
+    head_configs = _head_configs(model, tokenizer.get_vocab_size(), config)
+    heads = torch.nn.ModuleDict({t: build_reconstructor(c) for t, c in head_configs.items()})
     report(
         f"MMR on frozen {config.checkpoint}: targets {', '.join(config.targets)}; "
         f"{sum(p.numel() for p in heads.parameters()) / 1e6:.2f}M trainable parameters (encoders frozen: "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M)\n"
         f"  training rows: {len(train_rows)} of {config.data}; validation: {val_source}"
     )
+    train_set, val_set = encode_splits(model, tokenizer, train_rows, val_rows, config, report)
+    run = run or describe_run(config, folder, model, tokenizer, train_set, val_source)
+    steps = Steps(math.ceil(len(train_rows) / config.batch_size), config.epochs)
+    optimizer, scheduler, epoch = make_schedule(heads, config, steps, folder, state, report)
+    baselines = training_baselines(train_set, config.targets)
+    out.mkdir(parents=True, exist_ok=True)
+    cut_metrics(out / "metrics.jsonl", epoch * steps.per_epoch)
+    bar = tqdm(total=steps.total, initial=epoch * steps.per_epoch, disable=not sys.stderr.isatty(), unit="step")
+    heads.train()
+    while epoch < config.epochs:
+        tick = time.perf_counter()
+        losses = train_epoch(heads, train_set, config, epoch, optimizer, scheduler, float(run["audio_range"]), bar)
+        epoch += 1
+        val = validate(heads, val_set, float(run["audio_range"]), special_ids(model, tokenizer))
+        record = {
+            "epoch": epoch,
+            "step": epoch * steps.per_epoch,
+            "train_loss": {t: round(v / steps.per_epoch, 5) for t, v in losses.sums.items()},
+            "skipped_steps": losses.skipped,
+            "val": val,
+            "seconds": round(time.perf_counter() - tick, 1),
+        }
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
+        save_mmr(folder, heads, run, train_state, baselines)
+        report(epoch_line(record, config))
+    bar.close()
+    return folder
+
+
+def start_or_resume(config: MMRConfig, folder: Path, resume: bool, force: bool) -> tuple[dict | None, dict | None]:
+    """-> (the run description, the train state) to continue with ``resume``; (None, None) for a new run. Refuses
+    to resume a different configuration or checkpoint, and to replace a checkpoint without ``force``."""
+    if not resume:
+        if folder.is_dir() and not force:
+            raise CheckpointError(
+                f"{folder} already holds an MMR checkpoint; continue it with --resume or replace it with --force"
+            )
+        return None, None
+    if not (folder / "train_state" / "state.pt").is_file():
+        raise CheckpointError(f"--resume: no MMR checkpoint with train_state at {folder}; start without --resume")
+    run = json.loads((folder / "config.json").read_text())
+    if run["train_config"] != _config_json(config):
+        raise ConfigError(
+            f"--resume: {folder} was trained with a different configuration; resume it with the same options "
+            f"({run['train_config']}) or start a new --out"
+        )
+    if file_sha256(Path(config.checkpoint) / "model.safetensors") != run["checkpoint_sha256"]:
+        raise CheckpointError(
+            f"--resume: {config.checkpoint} is not the checkpoint {folder} was trained on (its weights changed); "
+            "start again with --force"
+        )
+    state = load_train_state(folder)  # weights_only, with the checkpoint's own errors for a pickle or a bad file
+    if state is None:
+        raise CheckpointError(f"--resume: {folder} has no train_state/ to resume from; start again with --force")
+    return run, state
+
+
+def encode_splits(model, tokenizer, train_rows, val_rows, config: MMRConfig, report) -> tuple[dict, dict]:
+    """Both splits through the frozen towers, once (see ``encode_rows``); every target needs a usable training row."""
     start = time.perf_counter()
     train_set = encode_rows(model, tokenizer, train_rows, on_bad_sample=config.on_bad_sample, report=report)
     val_set = encode_rows(model, tokenizer, val_rows, on_bad_sample=config.on_bad_sample, report=report)
@@ -422,92 +468,104 @@ def train_mmr(config: MMRConfig, resume: bool = False, force: bool = False, repo
                 f"{config.data}: no training row has {target}, {a} and {b} together, so the {target} head has "
                 f"nothing to learn from; add such rows or leave {target} out (--target)"
             )
-    if run is None:
-        audio_rows = train_set["masks"]["audio"]
-        log_mel = train_set["log_mel"][audio_rows]
-        frozen = Path(config.checkpoint).resolve()
-        run = {
-            "format": FORMAT,
-            "checkpoint": str(frozen),
-            "checkpoint_relative": os.path.relpath(frozen, folder.resolve()),
-            "checkpoint_sha256": file_sha256(frozen / "model.safetensors"),
-            "data": str(Path(config.data).resolve()),
-            "val_data": str(Path(config.val_data).resolve()) if config.val_data else None,
-            "validation": val_source,
-            # SSIM's data range for z-scored log-mels: their spread over the training targets, fixed for the run
-            "audio_range": round(float(log_mel.max() - log_mel.min()), 6) if len(log_mel) else 1.0,
-            "heads": {t: h_config.to_dict() for t, h_config in _head_configs(model, vocab, config).items()},
-            "train_config": _config_json(config),
-        }
-    audio_range = float(run["audio_range"])
-    baselines = training_baselines(train_set, config.targets)
-    pad_eos = special_ids(model, tokenizer)
-    usable_rows = {t: usable_mask(train_set, t) for t in config.targets}  # [N] bool each, once per run
-    n = len(train_rows)
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    total = steps_per_epoch * config.epochs
+    return train_set, val_set
+
+
+def describe_run(config: MMRConfig, folder: Path, model, tokenizer, train_set: dict, val_source: str) -> dict:
+    """The run's config.json: the frozen checkpoint (path and sha256), the data, the heads and the options."""
+    log_mel = train_set["log_mel"][train_set["masks"]["audio"]]
+    frozen = Path(config.checkpoint).resolve()
+    return {
+        "format": FORMAT,
+        "checkpoint": str(frozen),
+        "checkpoint_relative": os.path.relpath(frozen, folder.resolve()),
+        "checkpoint_sha256": file_sha256(frozen / "model.safetensors"),
+        "data": str(Path(config.data).resolve()),
+        "val_data": str(Path(config.val_data).resolve()) if config.val_data else None,
+        "validation": val_source,
+        # SSIM's data range for z-scored log-mels: their spread over the training targets, fixed for the run
+        "audio_range": round(float(log_mel.max() - log_mel.min()), 6) if len(log_mel) else 1.0,
+        "heads": {t: c.to_dict() for t, c in _head_configs(model, tokenizer.get_vocab_size(), config).items()},
+        "train_config": _config_json(config),
+    }
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Optimiser steps: one per batch of the training rows (a skipped one counts too, so resuming lines up)."""
+
+    per_epoch: int
+    epochs: int
+
+    @property
+    def total(self) -> int:
+        return self.per_epoch * self.epochs
+
+
+def make_schedule(heads, config: MMRConfig, steps: Steps, folder: Path, state: dict | None, report):
+    """-> (optimizer, warmup-cosine scheduler, epochs done): fresh, or as the train state left them."""
     optimizer = make_optimizer(heads, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total))
-    epoch = 0
-    if state is not None:
-        heads.load_state_dict(load_file(str(folder / "heads.safetensors")))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        epoch = int(state["epoch"])
-        report(f"  resuming after epoch {epoch} of {config.epochs}")
-    out.mkdir(parents=True, exist_ok=True)
-    cut_metrics(out / "metrics.jsonl", epoch * steps_per_epoch)
-    interactive = sys.stderr.isatty()
-    bar = tqdm(total=total, initial=epoch * steps_per_epoch, disable=not interactive, unit="step", dynamic_ncols=True)
-    heads.train()
-    while epoch < config.epochs:
-        tick = time.perf_counter()
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
-        sums = dict.fromkeys(config.targets, 0.0)
-        for batch in order.split(config.batch_size):
-            optimizer.zero_grad(set_to_none=True)
-            total_loss = 0.0
-            for target, head in heads.items():
-                index = batch[usable_rows[target][batch]]  # the batch's usable rows, in the batch's order
-                if len(index) == 0:
-                    continue
-                mask = train_set["token_mask"][index] if target == "text" else None
-                loss = reconstruction_loss(
-                    target,
-                    head(*head_inputs(train_set, target, index)),
-                    truth(train_set, target, index),
-                    mask,
-                    audio_range,
-                )
-                total_loss = total_loss + loss  # the heads share no parameters: one backward trains each on its own
-                sums[target] += loss.item() / steps_per_epoch
-            total_loss.backward()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, steps.total))
+    if state is None:
+        return optimizer, scheduler, 0
+    heads.load_state_dict(load_file(str(folder / "heads.safetensors")))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    report(f"  resuming after epoch {int(state['epoch'])} of {config.epochs}")
+    return optimizer, scheduler, int(state["epoch"])
+
+
+@dataclass(frozen=True)
+class EpochLosses:
+    """One epoch's training: the sum of each target's batch losses, and the steps skipped for want of any row."""
+
+    sums: dict[str, float]
+    skipped: int
+
+
+def train_epoch(heads, train_set: dict, config: MMRConfig, epoch: int, optimizer, scheduler, audio_range, bar):
+    """One pass over the training rows, shuffled by ``(seed, epoch)``. -> ``EpochLosses``.
+
+    A batch in which no head has a usable row (a sparse-modality manifest's small last batch) has no loss to
+    follow: its step is skipped and counted, the schedule still advances (it is a function of the step number)."""
+    n = len(train_set["labels"])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+    usable_rows = {t: usable_mask(train_set, t) for t in heads}  # [N] bool each
+    sums, skipped = dict.fromkeys(heads, 0.0), 0
+    for batch in order.split(config.batch_size):
+        optimizer.zero_grad(set_to_none=True)
+        losses = {}
+        for target, head in heads.items():
+            index = batch[usable_rows[target][batch]]  # the batch's usable rows, in the batch's order
+            if len(index) == 0:
+                continue
+            mask = train_set["token_mask"][index] if target == "text" else None
+            prediction = head(*head_inputs(train_set, target, index))
+            losses[target] = reconstruction_loss(target, prediction, truth(train_set, target, index), mask, audio_range)
+        if losses:
+            sum(losses.values()).backward()  # the heads share no parameters: one backward trains each on its own
             for head in heads.values():
                 torch.nn.utils.clip_grad_norm_(head.parameters(), config.clip_norm)
             optimizer.step()
-            scheduler.step()
-            bar.update(1)
-        epoch += 1
-        val = validate(heads, val_set, audio_range, pad_eos)
-        record = {
-            "epoch": epoch,
-            "step": epoch * steps_per_epoch,
-            "train_loss": {t: round(v, 5) for t, v in sums.items()},
-            "val": val,
-            "seconds": round(time.perf_counter() - tick, 1),
-        }
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
-        save_mmr(folder, heads, run, train_state, baselines)
-        line = "  ".join(
-            f"{t} loss {sums[t]:.4f}/{val[t]['loss']:.4f} {MAIN_METRIC[t]} {val[t][MAIN_METRIC[t]]:.3f}"
-            for t in config.targets
-            if t in val
-        )
-        report(f"epoch {epoch}/{config.epochs} ({record['seconds']:.0f} s)  train/val: {line}")
-    bar.close()
-    return folder
+        else:
+            skipped += 1
+        for target, loss in losses.items():
+            sums[target] += loss.item()
+        scheduler.step()
+        bar.update(1)
+    return EpochLosses(sums, skipped)
+
+
+def epoch_line(record: dict, config: MMRConfig) -> str:
+    """The line printed after an epoch: each target's training / validation loss and its main metric."""
+    train, val = record["train_loss"], record["val"]
+    line = "  ".join(
+        f"{t} loss {train[t]:.4f}/{val[t]['loss']:.4f} {MAIN_METRIC[t]} {val[t][MAIN_METRIC[t]]:.3f}"
+        for t in config.targets
+        if t in val
+    )
+    skipped = f"  ({record['skipped_steps']} step(s) without a usable row skipped)" if record["skipped_steps"] else ""
+    return f"epoch {record['epoch']}/{config.epochs} ({record['seconds']:.0f} s)  train/val: {line}{skipped}"
 
 
 def _head_configs(model, vocab: int, config: MMRConfig) -> dict[str, ReconstructionConfig]:

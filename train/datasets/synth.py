@@ -78,7 +78,7 @@ CAPTION_TEMPLATES = (
 
 SPLITS = ("train", "val", "heldout")
 COLUMNS = ("img_path", "wav_path", "label", "caption")
-GENERATOR = "synergy.train.synth"
+GENERATOR = "synergy.train.synth"  # the name in classes.json since the first release: earlier outputs stay recognised
 FORMAT_VERSION = 1
 
 HUE_DEGREES = {"red": 0.0, "green": 120.0, "blue": 225.0, "yellow": 55.0}
@@ -167,20 +167,8 @@ def synthesize(
     is byte-identical for any value. ``out`` must be new or empty; a non-empty folder (an earlier synth output or
     anything else) needs ``overwrite=True``, which replaces only the paths this writes.
     """
-    if train_per_class < 1 or val_per_class < 0 or heldout_per_class < 0:
-        raise ValueError(
-            f"per-class counts must be train >= 1, val >= 0, held-out >= 0; got {train_per_class}, "
-            f"{val_per_class}, {heldout_per_class}"
-        )
-    if image_size < 16:
-        raise ValueError(f"image_size={image_size}: use at least 16 pixels so the shapes stay recognisable")
-    if sample_rate < 8_000:
-        raise ValueError(f"sample_rate={sample_rate}: use at least 8000 Hz; the highest pitch band reaches ~2600 Hz")
-    if clip_seconds < 0.25:
-        raise ValueError(f"clip_seconds={clip_seconds}: use at least 0.25 s so rhythms (4-9 Hz) are audible")
-    if not 0.0 <= missing_rate <= 1.0:
-        raise ValueError(f"missing_rate={missing_rate}: expected a fraction in [0, 1]")
-
+    per_class = {"train": train_per_class, "val": val_per_class, "heldout": heldout_per_class}
+    _check_arguments(per_class, image_size, sample_rate, clip_seconds, missing_rate)
     root = Path(out)
     _prepare_folder(root, overwrite)
     train_classes, heldout_classes = class_names()
@@ -197,22 +185,54 @@ def synthesize(
         "image_size": image_size,
         "sample_rate": sample_rate,
         "clip_seconds": clip_seconds,
-        "per_class": {"train": train_per_class, "val": val_per_class, "heldout": heldout_per_class},
+        "per_class": per_class,
         "missing_rate": missing_rate,
     }
     classes_json = root / "classes.json"
     classes_json.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
-    plan = {
-        "train": (train_classes, train_per_class),
-        "val": (train_classes, val_per_class),
-        "heldout": (heldout_classes, heldout_per_class),
-    }
+    samples = _plan_samples(root, grid, per_class, seed, missing_rate)
+    _render_all(
+        root, seed, image_size, sample_rate, clip_seconds, [s for split in SPLITS for s in samples[split]], workers
+    )
+
+    labels_txt = root / "labels.txt"
+    labels_txt.write_text("\n".join(train_classes + heldout_classes) + "\n", encoding="utf-8")
+    for split in SPLITS:
+        _write_csv(root / f"{split}.csv", [_csv_row(s, grid, seed) for s in samples[split]])
+    return _summary(root, classes_json, labels_txt, samples)
+
+
+def _check_arguments(
+    per_class: dict[str, int], image_size: int, sample_rate: int, clip_seconds: float, missing_rate: float
+) -> None:
+    """``synthesize``'s sizes and rates, each refused with what to use instead."""
+    train_per_class, val_per_class, heldout_per_class = per_class["train"], per_class["val"], per_class["heldout"]
+    if train_per_class < 1 or val_per_class < 0 or heldout_per_class < 0:
+        raise ValueError(
+            f"per-class counts must be train >= 1, val >= 0, held-out >= 0; got {train_per_class}, "
+            f"{val_per_class}, {heldout_per_class}"
+        )
+    if image_size < 16:
+        raise ValueError(f"image_size={image_size}: use at least 16 pixels so the shapes stay recognisable")
+    if sample_rate < 8_000:
+        raise ValueError(f"sample_rate={sample_rate}: use at least 8000 Hz; the highest pitch band reaches ~2600 Hz")
+    if clip_seconds < 0.25:
+        raise ValueError(f"clip_seconds={clip_seconds}: use at least 0.25 s so rhythms (4-9 Hz) are audible")
+    if not 0.0 <= missing_rate <= 1.0:
+        raise ValueError(f"missing_rate={missing_rate}: expected a fraction in [0, 1]")
+
+
+def _plan_samples(root: Path, grid: list[str], per_class: dict[str, int], seed: int, missing_rate: float):
+    """-> {split: [_Sample]}: which files each split's rows get (train rows may miss one modality); makes the
+    folders they go in."""
+    train_classes, heldout_classes = class_names()
+    classes = {"train": train_classes, "val": train_classes, "heldout": heldout_classes}
     samples: dict[str, list[_Sample]] = {}
     for split_id, split in enumerate(SPLITS):
-        names, per_class = plan[split]
+        names = classes[split]
         # interleaved by class: any prefix of a CSV covers every class
-        keys = [(grid.index(name), k) for k in range(per_class) for name in names]
+        keys = [(grid.index(name), k) for k in range(per_class[split]) for name in names]
         drop = _missing_modalities(seed, len(keys), missing_rate) if split == "train" else {}
         rows = []
         for row, (class_id, k) in enumerate(keys):
@@ -224,15 +244,11 @@ def synthesize(
         if rows:
             (root / "images" / split).mkdir(parents=True, exist_ok=True)
             (root / "audio" / split).mkdir(parents=True, exist_ok=True)
+    return samples
 
-    _render_all(
-        root, seed, image_size, sample_rate, clip_seconds, [s for split in SPLITS for s in samples[split]], workers
-    )
 
-    labels_txt = root / "labels.txt"
-    labels_txt.write_text("\n".join(train_classes + heldout_classes) + "\n", encoding="utf-8")
-    for split in SPLITS:
-        _write_csv(root / f"{split}.csv", [_csv_row(s, grid, seed) for s in samples[split]])
+def _summary(root: Path, classes_json: Path, labels_txt: Path, samples: dict[str, list[_Sample]]) -> SynthSummary:
+    train_classes, heldout_classes = class_names()
     train = samples["train"]
     return SynthSummary(
         root=root,

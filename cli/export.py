@@ -1,0 +1,78 @@
+"""`synergy export`: a checkpoint to a verified bundle (ONNX graphs, TensorRT engines or a Triton repository)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .options import UsageProblem, check_checkpoint, check_csv, removed_checkpoint_argument, removed_eval_data_option
+
+
+@click.command("export")
+@click.option("--checkpoint", "checkpoint_dir", help="Checkpoint folder from `synergy train`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx", "trt", "triton"]))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
+@click.option("--opset", default=None, type=int, help="ONNX opset, >= 18 (default: 18).")
+@click.option("--force", is_flag=True, help="Replace an existing --out bundle.")
+@click.option(
+    "--data",
+    default=None,
+    help="Manifest CSV (e.g. the synthetic val.csv) for the zero-shot agreement check (default: a built-in set).",
+)
+@click.option("--external-data", is_flag=True, help="Keep weights in <graph>.onnx.data files (automatic above 1 GiB).")
+@click.option("--min-batch", default=1, show_default=True, type=int, help="TensorRT profile: smallest batch.")
+@click.option("--opt-batch", default=8, show_default=True, type=int, help="TensorRT profile / Triton preferred batch.")
+@click.option("--max-batch", default=64, show_default=True, type=int, help="TensorRT profile / Triton max_batch_size.")
+@click.option(
+    "--triton-platform",
+    default="onnxruntime",
+    show_default=True,
+    type=click.Choice(["onnxruntime", "tensorrt"]),
+    help="--format triton: ONNX models for Triton's ONNX Runtime backend, or TensorRT plans (needs TensorRT).",
+)
+@removed_checkpoint_argument
+@removed_eval_data_option
+def export_command(
+    checkpoint_dir,
+    out,
+    fmt,
+    precision,
+    opset,
+    force,
+    data,
+    external_data,
+    min_batch,
+    opt_batch,
+    max_batch,
+    triton_platform,
+):
+    """Export a checkpoint to a verified bundle (ONNX graphs, TensorRT engines or a Triton model repository)."""
+    checkpoint = check_checkpoint(checkpoint_dir)
+    if data:
+        check_csv(data)
+    from synergy.export import BatchProfile, ExportError, export_bundle  # torch-free until export_bundle runs
+    from synergy.export.bundle import check_output
+
+    try:  # the export checks it again; here the error comes before torch loads
+        check_output(checkpoint, Path(out), force)
+    except ExportError as error:
+        raise UsageProblem(str(error)) from error
+
+    try:
+        report = export_bundle(
+            checkpoint,
+            out,
+            fmt=fmt,
+            precision=precision,
+            opset=opset,
+            force=force,
+            eval_data=data,
+            external_data=True if external_data else None,
+            batch=BatchProfile(min_batch, opt_batch, max_batch),
+            triton_platform=triton_platform,
+        )
+    except ExportError as error:
+        raise UsageProblem(str(error)) from error
+    click.echo(report)
