@@ -36,8 +36,11 @@ def fresh_venv(tmp_path_factory) -> Path:
     """A new venv (no system site-packages) with the built wheel installed with its serve extra."""
     work = tmp_path_factory.mktemp("packaging")
     source = work / "synergy"  # a copy: setuptools builds in the source tree and would leave build/ in the checkout
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "data", "build", "*.egg-info"))
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(work), str(source)])
+    skipped = shutil.ignore_patterns(".venv", ".git", "runs", "data", "build", "*.egg-info")
+    shutil.copytree(ROOT, source, ignore=skipped)
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(work), str(source)]
+    )
     wheels = sorted(work.glob("synergy_clip-*.whl"))
     assert len(wheels) == 1, f"expected one synergy_clip wheel, got {[w.name for w in work.iterdir()]}"
     venv = work / "venv"

@@ -260,7 +260,9 @@ def test_bundle_from_an_older_format_is_refused_with_the_reexport_command(bundle
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["format_version"] = 1  # its audio graph took a waveform only: short clips padded as samples
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match=r"format version 1 is older.*wrong embeddings.*synergy export --checkpoint CHECKPOINT"):
+    with pytest.raises(
+        BundleError, match=r"format version 1 is older.*wrong embeddings.*synergy export --checkpoint CHECKPOINT"
+    ):
         Runtime.open(bundle_copy)
 
 
