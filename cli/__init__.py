@@ -32,7 +32,7 @@ from .train import eval_command, train_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="synergy")
+@click.version_option(package_name="synergy-clip")
 def main():
     """Synergy: a tri-modal (image, text, audio) CLIP — train, export, infer.
 

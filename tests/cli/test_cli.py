@@ -5,6 +5,7 @@ path runs in tests/test_readme.py (the README's own commands); `synergy infer` i
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -205,3 +206,9 @@ def test_mistyped_config_keys_and_presets_get_a_suggestion(tmp_path):
         load_config("tinny")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['layrs'\] \(did you mean 'layers'\?\)"):
         load_config("tiny", **{"audio.layrs": 3})
+
+
+def test_version_names_the_distribution(tmp_path):
+    done = synergy("--version", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"synergy, version {importlib.metadata.version('synergy-clip')}"
