@@ -28,7 +28,7 @@ from pathlib import Path
 from synergy.export.errors import ExportError
 from synergy.runtime.manifest import TensorSpec
 
-INSTALL_HINT = "pip install 'synergy[tensorrt]' (TensorRT >= 10 and cuda-python; needs an NVIDIA GPU and driver)"
+INSTALL_HINT = "pip install 'synergy-clip[tensorrt]' (TensorRT >= 10 and cuda-python; needs an NVIDIA GPU and driver)"
 # TensorRT layer types kept in float32 by weakly typed (TensorRT 10) fp16 builds; names resolved lazily
 FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "REDUCE")
 FP32_UNARY_OPS = ("EXP", "LOG", "SQRT", "RECIP")

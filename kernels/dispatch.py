@@ -78,8 +78,8 @@ def resolve_impl(impl: str, device: torch.device, *, kernels: str) -> str:
     reason = triton_import_error()
     if reason is not None:
         raise RuntimeError(
-            f"impl='triton' needs triton, which does not import here ({reason}); pip install 'synergy[gpu]' (or fix "
-            "the triton install), or use impl='torch'"
+            f"impl='triton' needs triton, which does not import here ({reason}); "
+            "pip install 'synergy-clip[gpu]' (or fix the triton install), or use impl='torch'"
         )
     if not cuda and not importlib.import_module(kernels).INTERPRETED:
         raise RuntimeError(

@@ -17,7 +17,7 @@ import numpy as np
 from .errors import BackendError
 from .manifest import BundleError, TowerSpec
 
-INSTALL_HINT = "pip install 'synergy[tensorrt]' (TensorRT >= 10 and cuda-python; needs an NVIDIA GPU and driver)"
+INSTALL_HINT = "pip install 'synergy-clip[tensorrt]' (TensorRT >= 10 and cuda-python; needs an NVIDIA GPU and driver)"
 
 
 def import_tensorrt():

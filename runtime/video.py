@@ -58,7 +58,7 @@ IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "gi
 TRUNCATION_TOLERANCE = 0.1  # fraction of the duration (at least one second is always allowed)
 # longer videos are sampled by seeking to each frame's time (one GOP decoded per frame) instead of decoding every frame
 SEEK_AFTER_SECONDS = 20.0
-INSTALL_HINT = "video decoding needs PyAV: pip install 'synergy[video]' (or pip install av)"
+INSTALL_HINT = "video decoding needs PyAV: pip install 'synergy-clip[video]' (or pip install av)"
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,8 @@ NOT_RUN = {  # README command -> why this test does not run it
         "needs TensorRT and an NVIDIA GPU"
     ),
     "synergy embed '/data/clips/**/*.wav' --bundle /data/bundle --out /data/clips.parquet --engine ray "
-    "--ray-address auto --workers 64 --threads 2": "needs a Ray cluster and synergy[ray]; tests/serve/test_corpus.py "
-    "runs the Ray engine on a local instance with 2 workers",
+    "--ray-address auto --workers 64 --threads 2": "needs a Ray cluster and synergy-clip[ray]; "
+    "tests/serve/test_corpus.py runs the Ray engine on a local instance with 2 workers",
     "synergy serve --bundle runs/train/bundle --port 8000 --labels data/synth/labels.txt": "a server runs until it is "
     "stopped; tests/serve/test_server.py starts it on a free port and sends these requests",
     'curl -s localhost:8000/v1/embeddings -H \'Content-Type: application/json\' -d \'{"modality": "text", '

@@ -43,7 +43,9 @@ def _embed_all(runtime) -> dict:
 def _build_engines(bundle, max_batch: int = 8) -> None:
     """Build one ``<tower>.plan`` per ONNX graph (fp32, TF32 off, batch 1..max_batch) and list them in the
     manifest beside the ONNX files."""
-    trt = pytest.importorskip("tensorrt", reason="needs the TensorRT Python package (pip install 'synergy[tensorrt]')")
+    trt = pytest.importorskip(
+        "tensorrt", reason="needs the TensorRT Python package (pip install 'synergy-clip[tensorrt]')"
+    )
     manifest = load_manifest(bundle)
     logger = trt.Logger(trt.Logger.WARNING)
     files = dict(manifest.files)
