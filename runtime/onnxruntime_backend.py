@@ -19,10 +19,13 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 _ORT_TYPES = {"float32": "float", "float16": "float16", "int64": "int64", "int32": "int32", "bfloat16": "bfloat16"}
 
 
-def trt_cache_dir() -> Path:
-    """Where the TensorRT EP keeps the engines it builds (the bundle folder may be read-only)."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "synergy" / "ort-tensorrt"
+def trt_cache_dir(graph_key: str = "") -> Path:
+    """Where the TensorRT EP keeps the engines it builds for one graph (the bundle folder may be read-only): a
+    folder per ``graph_key``, the sha256 of the graph and its weights. The EP names its engines by a hash of the
+    graph's structure and names, not its weights, so one folder shared by all bundles would run one bundle's engine
+    for another of the same preset, past every sha256 check. ("": the shared root, never used by ``Runtime``.)"""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "synergy" / "ort-tensorrt"
+    return root / graph_key if graph_key else root
 
 
 def select_providers(available: list[str], device: str, tensorrt_options: dict | None = None) -> list:
@@ -31,7 +34,9 @@ def select_providers(available: list[str], device: str, tensorrt_options: dict |
         return ["CPUExecutionProvider"]
     providers: list = []
     if "TensorrtExecutionProvider" in available:
-        trt_cache_dir().mkdir(parents=True, exist_ok=True)
+        Path((tensorrt_options or {}).get("trt_engine_cache_path") or trt_cache_dir()).mkdir(
+            parents=True, exist_ok=True
+        )
         providers.append(("TensorrtExecutionProvider", tensorrt_options or {}))
     if "CUDAExecutionProvider" in available:
         providers.append("CUDAExecutionProvider")
@@ -45,10 +50,11 @@ def select_providers(available: list[str], device: str, tensorrt_options: dict |
     return [*providers, "CPUExecutionProvider"]
 
 
-def tensorrt_profile(spec: TowerSpec, max_batch: int, max_dim: int) -> dict:
+def tensorrt_profile(spec: TowerSpec, max_batch: int, max_dim: int, graph_key: str = "") -> dict:
     """TensorRT EP options: one optimisation profile covering batch 1..max_batch and every other dynamic dim
     1..max_dim (the text length, the clip samples), so the EP builds its engine once rather than for every new
-    shape; engines cached on disk."""
+    shape; engines and timing cached on disk in the graph's own folder, ``trt_cache_dir(graph_key)``. A pure
+    function: no GPU needed to build or check these options."""
 
     def shape(tensor, batch: int, low: bool) -> str:
         dims = [batch] + [d if isinstance(d, int) else (1 if low else max_dim) for d in tensor.shape[1:]]
@@ -59,8 +65,9 @@ def tensorrt_profile(spec: TowerSpec, max_batch: int, max_dim: int) -> dict:
 
     return {
         "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(trt_cache_dir()),
+        "trt_engine_cache_path": str(trt_cache_dir(graph_key)),
         "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(trt_cache_dir(graph_key)),
         "trt_fp16_enable": spec.precision == "fp16",
         "trt_profile_min_shapes": profile(1, low=True),
         "trt_profile_opt_shapes": profile(max_batch, low=False),

@@ -24,7 +24,7 @@ from .audio import DEFAULT_MAX_SECONDS, DEFAULT_OVERLAP
 from .batcher import MicroBatcher
 from .bundle import check_files, files_hashed_on_load, open_bundle
 from .embedding import EmbedResult, as_items, compute, decode
-from .errors import InferUsageError, non_finite
+from .errors import InferUsageError, InputError, non_finite
 from .labels import read_labels
 from .manifest import MODALITIES, Manifest
 from .search import SearchHit, fuse_embeddings, nearest
@@ -177,9 +177,19 @@ class Runtime:
         """The logit scale for these query modalities against text labels (see ``zeroshot``)."""
         return label_scale(self.manifest.logit_scales, modalities)
 
-    def rank_labels(self, labels, label_matrix, fused, modalities, sources, errors, top_k: int) -> list[Prediction]:
+    def rank_labels(
+        self,
+        labels: Sequence[str],
+        label_matrix: np.ndarray,
+        fused: np.ndarray,
+        modalities: Sequence[Sequence[str]],
+        sources: Sequence[str],
+        errors: Sequence[InputError | None],
+        top_k: int,
+    ) -> list[Prediction]:
         """The zero-shot arithmetic of ``classify``, ``classify_video`` and the server's ``/v1/classify`` on
-        embeddings already computed: ``zeroshot.rank_labels`` with this bundle's logit scales."""
+        embeddings already computed (``label_matrix`` [K, D], ``fused`` [N, D] with NaN rows where ``errors[i]``
+        is set): ``zeroshot.rank_labels`` with this bundle's logit scales."""
         scales = self.manifest.logit_scales
         return rank_labels(scales, labels, label_matrix, fused, modalities, sources, errors, top_k)
 

@@ -9,6 +9,7 @@ manifest allows) and the tokenizer.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .bundle import (
     MAX_GRAPH_BYTES,
     MAX_TOKENIZER_BYTES,
     external_data,
+    external_data_files,
     read_bundle_file,
     tower_file,
 )
@@ -43,7 +45,7 @@ class TowerSource:
     threads: int | None
     max_batch: int
     max_dim: int  # the largest dynamic dim (clip samples, image side, text length), for the TensorRT EP's profile
-    graph_sha256: str  # the graph's sha256 from the manifest ("" when unverified), keys on-disk engine caches
+    graph_key: str  # the sha256 of the graph and its weights: keys on-disk engine caches (``Towers.graph_key``)
 
 
 @dataclass(frozen=True)
@@ -64,12 +66,19 @@ def _check_onnxruntime(device: str) -> None:
         select_providers(onnxruntime.get_available_providers(), device)
 
 
-def _load_onnxruntime(source: TowerSource):
-    from .onnxruntime_backend import OnnxRuntimeTower, tensorrt_profile
+def tensorrt_ep_options(source: TowerSource) -> dict:
+    """The onnxruntime TensorRT EP's options for one tower (its profile; its engine cache keyed by the graph)."""
+    from .onnxruntime_backend import tensorrt_profile
 
-    profile = tensorrt_profile(source.spec, source.max_batch, source.max_dim)
+    return tensorrt_profile(source.spec, source.max_batch, source.max_dim, source.graph_key)
+
+
+def _load_onnxruntime(source: TowerSource):
+    from .onnxruntime_backend import OnnxRuntimeTower
+
+    options = tensorrt_ep_options(source)
     return OnnxRuntimeTower(
-        source.path, source.spec, source.device, source.threads, profile, source.data, source.external_data
+        source.path, source.spec, source.device, source.threads, options, source.data, source.external_data
     )
 
 
@@ -158,33 +167,51 @@ class Towers:
             self.check_open()
             if modality in self._loaded:
                 return self._loaded[modality]
-            if modality not in self.manifest.towers:
-                raise BundleError(f"{self.bundle}: this bundle has no {modality} tower; re-export it with one")
-            backend, m = BACKENDS[self.backend], self.manifest
-            path = tower_file(self.bundle, m, modality, backend.runs_engines)
-            rel = path.relative_to(self.bundle).as_posix()
-            largest = {
-                "audio": round(m.audio.clip_seconds * m.audio.sample_rate),
-                "image": m.image.size,
-                "text": m.text.max_length,
-            }
-            data = read_bundle_file(self.bundle, rel, m, self.trusted, MAX_GRAPH_BYTES)
-            weights = {} if backend.runs_engines else external_data(self.bundle, rel, m, self.trusted)
-            source = TowerSource(
-                path,
-                m.towers[modality],
-                data,
-                weights,
-                self.device,
-                self.threads,
-                self.batch_size,
-                largest[modality],
-                m.files.get(rel, ""),
-            )
-            tower = backend.load(source)
-            self._probe(modality, tower, path)
+            source = self.source(modality)
+            tower = BACKENDS[self.backend].load(source)
+            self._probe(modality, tower, source.path)
             self._loaded[modality] = tower
             return tower
+
+    def source(self, modality: str) -> TowerSource:
+        """What the backend's ``load`` gets for the ``modality`` tower: its file's bytes (and an ONNX graph's
+        external weights), read once and checked against the manifest's sha256, and how to run them."""
+        if modality not in self.manifest.towers:
+            raise BundleError(f"{self.bundle}: this bundle has no {modality} tower; re-export it with one")
+        backend, m = BACKENDS[self.backend], self.manifest
+        path = tower_file(self.bundle, m, modality, backend.runs_engines)
+        rel = path.relative_to(self.bundle).as_posix()
+        largest = {
+            "audio": round(m.audio.clip_seconds * m.audio.sample_rate),
+            "image": m.image.size,
+            "text": m.text.max_length,
+        }
+        data = read_bundle_file(self.bundle, rel, m, self.trusted, MAX_GRAPH_BYTES)
+        weights = {} if backend.runs_engines else external_data(self.bundle, rel, m, self.trusted)
+        key = self.graph_key(rel, data, weights)
+        spec = m.towers[modality]
+        return TowerSource(
+            path, spec, data, weights, self.device, self.threads, self.batch_size, largest[modality], key
+        )
+
+    def graph_key(self, rel: str, data: bytes, weights: dict[str, bytes]) -> str:
+        """A graph's identity for on-disk engine caches: its sha256, combined with its external weights' when it
+        has any. Taken from the manifest, where ``read_bundle_file`` checked it against these very bytes; a trusted
+        bundle's listing may be stale, so its bytes are hashed here, on CUDA only (the one place such a cache is
+        used)."""
+        if self.trusted:
+            if self.device != "cuda":
+                return ""
+            digests = [hashlib.sha256(data).hexdigest()] + [
+                hashlib.sha256(weights[n]).hexdigest() for n in sorted(weights)
+            ]
+        else:
+            digests = [self.manifest.files[rel]] + [
+                self.manifest.files[r] for r in sorted(external_data_files(rel, self.manifest))
+            ]
+        if len(digests) == 1:
+            return digests[0]
+        return hashlib.blake2b(",".join(digests).encode(), digest_size=32).hexdigest()  # a key, not a file hash
 
     def tokenizer(self):
         """The bundle's tokenizer (read, verified and configured on first use)."""
