@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synergy.runtime.prompts import fill_prompt
+from synergy.runtime.prompts import check_template, fill_prompt
 
 DEFAULT_CAPTION_TEMPLATE = "a video of a {}."
 FILE_COLUMNS = ("file", "path", "video", "filename", "video_path")  # video_path: a video manifest
@@ -119,8 +119,10 @@ def from_videos(
     if frames < 1 or workers < 1 or sample_rate < 8_000:
         raise FromVideosError(f"--frames and --workers must be >= 1 and --sample-rate >= 8000 (got {frames}, "
                               f"{workers}, {sample_rate})")  # fmt: skip
-    if "{}" not in caption_template:
-        raise FromVideosError(f"--caption-template {caption_template!r} needs a {{}} where the label goes")
+    try:
+        check_template(caption_template)
+    except ValueError as error:
+        raise FromVideosError(f"--caption-template: {error}; write the label as {{}} or {{label}}") from error
     videos = find_videos(folder)
     if not videos:
         raise FromVideosError(f"{folder}: no video files (mp4, webm, mkv, mov, ...) in it or its subfolders")

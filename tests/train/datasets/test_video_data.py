@@ -17,7 +17,7 @@ from synergy.runtime.search import l2_normalise
 from synergy.runtime.video import load_video
 from synergy.train.config import TrainConfig
 from synergy.train.data import Collate, DataError, ManifestDataset, read_manifest
-from synergy.train.datasets.from_videos import from_videos
+from synergy.train.datasets.from_videos import FromVideosError, from_videos
 from synergy.train.datasets.synth_video import synthesize_videos
 from synergy.train.evaluate import _recall_with_ties, embed_manifest, evaluate, ranks_with_ties
 from synergy.train.loop import build_tokenizer, train
@@ -213,3 +213,25 @@ def test_from_videos_writes_phone_videos_upright(tmp_path):
     assert written.shape == (40, 24, 3)  # portrait, as a phone shows it
     np.testing.assert_allclose(written[:8, -8:].mean((0, 1)), (255, 0, 0), atol=30)  # top-left turned to top-right
     assert np.abs(written - np.rot90(picture, -1)).mean() < 4
+
+
+def test_from_videos_caption_template_takes_label_or_braces_and_refuses_others(clips, tmp_path):
+    """One prompt filler: `{label}` and `{}` write the same captions; a template without a placeholder (or with an
+    unknown field) is refused before any video is decoded."""
+    source = tmp_path / "videos"
+    for path in sorted((clips / "videos" / "train").glob("*.mp4"))[:2]:
+        (source / path.stem.rsplit("_", 1)[0]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, source / path.stem.rsplit("_", 1)[0] / path.name)
+    captions = {}
+    for name, template in (("braces", "the sound of {}."), ("label", "the sound of {label}.")):
+        from_videos(source, tmp_path / name, labels_from_folders=True, caption_template=template, workers=1,
+                    progress=False)  # fmt: skip
+        rows = csv.DictReader((tmp_path / name / "manifest.csv").read_text().splitlines())
+        captions[name] = sorted((r["label"], r["caption"]) for r in rows)
+    assert captions["braces"] == captions["label"] and len(captions["label"]) == 2
+    assert all(caption == f"the sound of {label}." for label, caption in captions["label"])
+    for bad in ("a video", "a {kind} of {}"):
+        with pytest.raises(FromVideosError, match="--caption-template"):
+            from_videos(source, tmp_path / "bad", labels_from_folders=True, caption_template=bad, workers=1,
+                        progress=False)  # fmt: skip
+        assert not (tmp_path / "bad").exists()
