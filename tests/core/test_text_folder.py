@@ -51,3 +51,26 @@ def test_unsupported_pooling_and_values_say_what_to_do(bert_folder_writer, tmp_p
         read_text_folder(folder)
     with pytest.raises(ConfigError, match="text.pooling='max': choose one of cls, mean"):
         create_model("tiny", **{"text.pooling": "max"})
+
+
+def test_an_encoder_without_a_pooler_argument_builds_and_round_trips(bert_folder_writer, tmp_path):
+    """DistilBERT's model class takes no add_pooling_layer (it has no pooler): any AutoModel encoder builds."""
+    import shutil
+
+    from transformers import DistilBertConfig, DistilBertModel
+
+    from synergy.core.checkpoint import load_checkpoint, save_checkpoint
+    from synergy.core.tokenizer import load_pretrained_tokenizer
+
+    bert = bert_folder_writer(tmp_path / "bert", pooling=None)
+    config = DistilBertConfig(vocab_size=61, dim=36, n_layers=2, n_heads=3, hidden_dim=37, max_position_embeddings=33)
+    DistilBertModel(config).save_pretrained(tmp_path / "distil")
+    shutil.copyfile(bert / "tokenizer.json", tmp_path / "distil" / "tokenizer.json")
+    model = create_model("tiny", **{"text.pretrained": str(tmp_path / "distil")}).eval()
+    assert (model.config.text.pooling, model.config.text.max_length) == ("cls", 33)
+    tokenizer = load_pretrained_tokenizer(tmp_path / "distil", 33, 0)
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    ids = torch.tensor([tokenizer.encode("a red circle").ids])
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_text(ids, torch.ones_like(ids)), model.encode_text(ids, torch.ones_like(ids)))
