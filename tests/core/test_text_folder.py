@@ -74,3 +74,16 @@ def test_an_encoder_without_a_pooler_argument_builds_and_round_trips(bert_folder
     ids = torch.tensor([tokenizer.encode("a red circle").ids])
     with torch.no_grad():
         assert torch.equal(loaded.encode_text(ids, torch.ones_like(ids)), model.encode_text(ids, torch.ones_like(ids)))
+
+
+def test_weights_missing_from_a_folder_are_named_and_a_left_out_pooler_is_not(bert_folder_writer, tmp_path):
+    import warnings
+
+    folder = bert_folder_writer(tmp_path / "bert", pooling=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the folder's own weights, all used: nothing to say
+        create_model("tiny", **{"text.pretrained": str(folder)})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))  # a layer the folder lacks
+    with pytest.warns(UserWarning, match=r"weights missing from the folder \(they start random\): \['encoder.layer.2"):
+        create_model("tiny", **{"text.pretrained": str(folder)})
