@@ -119,14 +119,10 @@ def _resolve_text(config: SynergyConfig, from_folder: bool) -> SynergyConfig:
     the folder's own when the config leaves them open (:mod:`synergy.core.text_folder`)."""
     text = config.text
     pooling, max_length = text.pooling, text.max_length
-    if from_folder and text.pretrained:
-        folder = (
-            read_text_folder(text.pretrained)
-            if (Path(text.pretrained).expanduser() / "config.json").is_file()
-            else None
-        )
-        if folder is not None:
-            pooling, max_length = pooling or folder.pooling, folder.max_length
+    # (a folder without config.json is left to the tower builder, whose error says what such a folder needs)
+    if from_folder and text.pretrained and (Path(text.pretrained).expanduser() / "config.json").is_file():
+        folder = read_text_folder(Path(text.pretrained).expanduser())
+        pooling, max_length = pooling or folder.pooling, folder.max_length
     pooling = pooling or "cls"
     if pooling not in POOLINGS:
         raise ConfigError(f"text.pooling={pooling!r}: choose one of {', '.join(POOLINGS)} (or null: the folder's own)")

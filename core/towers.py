@@ -7,6 +7,8 @@ Each ``build_*`` returns ``(module, hidden_size)``. Attention goes through trans
 from __future__ import annotations
 
 import inspect
+import logging
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -39,12 +41,39 @@ def _pretrained_folder(path: str, tower: str) -> Path:
     return folder
 
 
+def _from_folder(model_class, folder: Path, tower: str, **kwargs):
+    """``model_class.from_pretrained(folder)`` with transformers' load report replaced by a warning that names only
+    what matters: weights the model lacks in the folder (they start random) and folder weights it does not use,
+    apart from the pooler that text towers leave out on purpose (all-MiniLM-L6-v2 ships one)."""
+    # a filter, not a higher level: transformers runs a tensor-parallel plan check (and its warnings) when the
+    # level of this logger is WARNING or above
+    report = logging.getLogger("transformers.modeling_utils")
+    drop_report = logging.Filter()
+    drop_report.filter = lambda record: "LOAD REPORT" not in str(record.msg)
+    report.addFilter(drop_report)
+    try:
+        model, info = model_class.from_pretrained(folder, output_loading_info=True, **kwargs)
+    finally:
+        report.removeFilter(drop_report)
+    missing = sorted(info["missing_keys"])
+    unused = sorted(k for k in info["unexpected_keys"] if not k.startswith("pooler."))
+    if missing or unused:
+        warnings.warn(
+            f"{tower} tower from {folder}: weights missing from the folder (they start random): {missing[:8]}; "
+            f"weights in the folder the tower does not use: {unused[:8]}. Check that the folder holds this model",
+            stacklevel=3,
+        )
+    return model
+
+
 def build_image_tower(cfg: ImageTowerConfig, attn_implementation: str, hf_config: dict | None = None):
     attn = _attention(attn_implementation)
     if hf_config is not None:
         model = CLIPVisionModel(_config_from_dict(hf_config, attn))
     elif cfg.pretrained:
-        model = CLIPVisionModel.from_pretrained(_pretrained_folder(cfg.pretrained, "image"), attn_implementation=attn)
+        model = _from_folder(
+            CLIPVisionModel, _pretrained_folder(cfg.pretrained, "image"), "image", attn_implementation=attn
+        )
     else:
         config = CLIPVisionConfig(
             image_size=cfg.image_size,
@@ -79,7 +108,7 @@ def build_text_tower(cfg: TextTowerConfig, attn_implementation: str, hf_config: 
         # the fused kernel has no attention dropout (roberta-base ships 0.1): drop it rather than fail in training
         extra = {"attention_probs_dropout_prob": 0.0} if attn == "synergy" else {}
         config = AutoConfig.from_pretrained(folder, attn_implementation=attn, **extra)
-        model = AutoModel.from_pretrained(folder, config=config, **_no_pooler(config))
+        model = _from_folder(AutoModel, folder, "text", config=config, **_no_pooler(config))
     else:
         config = RobertaConfig(
             vocab_size=cfg.vocab_size,
@@ -105,7 +134,7 @@ def build_audio_tower(cfg: AudioTowerConfig, attn_implementation: str, hf_config
     if hf_config is not None:
         model = AutoModel.from_config(_config_from_dict(hf_config, attn))
     elif cfg.pretrained:
-        model = AutoModel.from_pretrained(_pretrained_folder(cfg.pretrained, "audio"), attn_implementation=attn)
+        model = _from_folder(AutoModel, _pretrained_folder(cfg.pretrained, "audio"), "audio", attn_implementation=attn)
     else:
         config = ASTConfig(
             hidden_size=cfg.width,

@@ -48,6 +48,12 @@ def lock_towers(model, lock: tuple[str, ...], unlock_last_layers: dict, resumed:
                 parameter.requires_grad_(True)
             continue
         _stay_in_eval(tower)
+        if name == "image":  # say so rather than let a LiT run crawl: each new crop is a new single-row pass
+            warnings.warn(
+                "lock: training crops images at random (train/data.py), so the locked image tower meets new inputs "
+                "every epoch and its cache saves no pass; its features are computed row by row",
+                stacklevel=2,
+            )
         features = f"{name}_features"
         setattr(model, features, CachedFeatures(getattr(model, features), name))
     model.locked = wanted

@@ -51,3 +51,39 @@ def test_unsupported_pooling_and_values_say_what_to_do(bert_folder_writer, tmp_p
         read_text_folder(folder)
     with pytest.raises(ConfigError, match="text.pooling='max': choose one of cls, mean"):
         create_model("tiny", **{"text.pooling": "max"})
+
+
+def test_an_encoder_without_a_pooler_argument_builds_and_round_trips(bert_folder_writer, tmp_path):
+    """DistilBERT's model class takes no add_pooling_layer (it has no pooler): any AutoModel encoder builds."""
+    import shutil
+
+    from transformers import DistilBertConfig, DistilBertModel
+
+    from synergy.core.checkpoint import load_checkpoint, save_checkpoint
+    from synergy.core.tokenizer import load_pretrained_tokenizer
+
+    bert = bert_folder_writer(tmp_path / "bert", pooling=None)
+    config = DistilBertConfig(vocab_size=61, dim=36, n_layers=2, n_heads=3, hidden_dim=37, max_position_embeddings=33)
+    DistilBertModel(config).save_pretrained(tmp_path / "distil")
+    shutil.copyfile(bert / "tokenizer.json", tmp_path / "distil" / "tokenizer.json")
+    model = create_model("tiny", **{"text.pretrained": str(tmp_path / "distil")}).eval()
+    assert (model.config.text.pooling, model.config.text.max_length) == ("cls", 33)
+    tokenizer = load_pretrained_tokenizer(tmp_path / "distil", 33, 0)
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    ids = torch.tensor([tokenizer.encode("a red circle").ids])
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_text(ids, torch.ones_like(ids)), model.encode_text(ids, torch.ones_like(ids)))
+
+
+def test_weights_missing_from_a_folder_are_named_and_a_left_out_pooler_is_not(bert_folder_writer, tmp_path):
+    import warnings
+
+    folder = bert_folder_writer(tmp_path / "bert", pooling=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the folder's own weights, all used: nothing to say
+        create_model("tiny", **{"text.pretrained": str(folder)})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))  # a layer the folder lacks
+    with pytest.warns(UserWarning, match=r"weights missing from the folder \(they start random\): \['encoder.layer.2"):
+        create_model("tiny", **{"text.pretrained": str(folder)})

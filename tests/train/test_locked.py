@@ -179,3 +179,21 @@ def test_a_locked_run_under_torchrun_keeps_the_tower_and_trains_the_rest(tmp_pat
         assert torch.equal(before, after), name
     assert not torch.equal(initial.text_projection.weight, trained.text_projection.weight)
     assert trained.locked == {"text": 0}
+
+
+def test_cached_features_equal_the_towers_own_and_repeat_inputs_are_not_recomputed():
+    from synergy.core.model import create_model
+    from synergy.train.locked_features import lock_towers
+
+    model = create_model("tiny").eval()
+    pixels = torch.randn(3, 3, 30, 30, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        direct = model.image_features(pixels)
+    with pytest.warns(UserWarning, match="crops images at random"):
+        assert lock_towers(model, ("image", "audio"), {}, resumed=False) == {"image": 0, "audio": 0}
+    model.train()
+    assert not model.image_tower.training and not model.audio_tower.training and model.text_tower.training
+    assert not any(p.requires_grad for p in model.image_tower.parameters())
+    cached = model.image_features(torch.cat([pixels, pixels[:1]]))  # the 4th row repeats the 1st
+    torch.testing.assert_close(cached[:3], direct, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cached[3], cached[0]) and model.image_features.forward_calls == 3
