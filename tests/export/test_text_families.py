@@ -120,7 +120,7 @@ def minilm_run(tmp_path_factory, minilm_folder):
     exported."""
     from synergy.train.config import TrainConfig
     from synergy.train.loop import train
-    from synergy.train.synth import synthesize
+    from synergy.train.datasets.synth import synthesize
 
     root = tmp_path_factory.mktemp("minilm")
     synthesize(root / "data", seed=1, train_per_class=2, val_per_class=1, heldout_per_class=1, missing_rate=0.0)

@@ -15,7 +15,7 @@ from synergy.core.model import SynergyModel
 from synergy.core.tokenizer import load_pretrained_tokenizer
 from synergy.train.config import TrainConfig, load_train_config
 from synergy.train.data import read_manifest
-from synergy.train.synth import synthesize
+from synergy.train.datasets.synth import synthesize
 
 ROWS, BATCH = 32, 8
 
