@@ -119,8 +119,8 @@ def minilm_run(tmp_path_factory, minilm_folder):
     """A few training steps of the tiny preset with MiniLM as its text tower, locked (LiT), on the synthetic set,
     exported."""
     from synergy.train.config import TrainConfig
-    from synergy.train.loop import train
     from synergy.train.datasets.synth import synthesize
+    from synergy.train.loop import train
 
     root = tmp_path_factory.mktemp("minilm")
     synthesize(root / "data", seed=1, train_per_class=2, val_per_class=1, heldout_per_class=1, missing_rate=0.0)
