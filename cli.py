@@ -497,6 +497,15 @@ def infer_command(
     type=click.Path(dir_okay=False),
     help='A labels file requests may name by its stem ({"labels": "animals"} for animals.txt); repeatable.',
 )
+@click.option("--max-labels", default=1024, show_default=True, type=click.IntRange(min=1), help="Labels per request.")
+@click.option("--label-cache", default=16_384, show_default=True, type=click.IntRange(min=1), help="Labels cached.")
+@click.option(
+    "--max-audio-seconds", default=1800.0, show_default=True, type=click.FloatRange(min=0.1), help="Audio per request."
+)
+@click.option("--max-megapixels", default=256.0, show_default=True, type=click.FloatRange(min=0.01), help="Per request")
+@click.option(
+    "--read-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.01), help="Request send time."
+)
 @click.option("--threads", default=None, type=int, help="onnxruntime threads per tower (default: onnxruntime's).")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "onnxruntime", "tensorrt"]))
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
@@ -513,6 +522,11 @@ def serve_command(
     max_body_mb,
     timeout_s,
     labels,
+    max_labels,
+    label_cache,
+    max_audio_seconds,
+    max_megapixels,
+    read_timeout,
     threads,
     backend,
     device,
@@ -531,7 +545,19 @@ def serve_command(
         from synergy.serve.app import ServeLimits
         from synergy.serve.server import serve
 
-        limits = ServeLimits(max_batch, max_wait_ms, max_queue, max_items, round(max_body_mb * 2**20), timeout_s)
+        limits = ServeLimits(
+            max_batch,
+            max_wait_ms,
+            max_queue,
+            max_items,
+            round(max_body_mb * 2**20),
+            timeout_s,
+            max_labels=max_labels,
+            label_cache=label_cache,
+            max_audio_seconds=max_audio_seconds,
+            max_megapixels=max_megapixels,
+            read_timeout_s=read_timeout,
+        )
         code = serve(
             bundle or DEFAULT_BUNDLE,
             host,

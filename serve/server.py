@@ -58,8 +58,12 @@ def serve(
     except OSError as error:
         raise InferUsageError(f"cannot listen on {host}:{port}: {error.strerror}; choose another --port") from error
     bound = sock.getsockname()[1]
+    from .connections import HEADER_LIMIT, bounded_h11  # imports uvicorn: after ``require`` named the extra
+
     config = uvicorn.Config(
         app,
+        http=bounded_h11(limits.read_timeout_s),  # h11, not httptools: see connections.py
+        h11_max_incomplete_event_size=HEADER_LIMIT,
         log_level=log_level,
         access_log=False,
         timeout_graceful_shutdown=drain_seconds,
