@@ -3,8 +3,10 @@ connection (and its file descriptor and buffers) forever.
 
 uvicorn offers two HTTP/1.1 parsers. httptools (its default when installed) has no limit on the request head: a
 100 MB header line is buffered whole, and uvicorn's ``h11_max_incomplete_event_size`` does not apply to it. h11
-refuses a head over that size with a 400, so the server runs h11 with the limit set explicitly (``HEADER_LIMIT``);
-h11 is the slower parser, which an embedding server, whose time goes to the towers, does not notice.
+refuses a head that grows past that size before it ends with a 400, so the server runs h11 with the limit set
+explicitly (``HEADER_LIMIT``); h11 is the slower parser, which an embedding server, whose time goes to the towers,
+does not notice. h11 checks only a head still incomplete, so one that arrives whole in a single read (up to a read's
+size, some 256 KB) passes it; ``limit_headers`` answers those 431.
 
 Neither parser has a read timeout: ``timeout_keep_alive`` only closes a connection idle *between* requests. So each
 connection gets a deadline (``read_timeout`` seconds) by which its request's head and body must have arrived, armed
@@ -17,6 +19,7 @@ model, as a total instead of a per-read gap so that a trickle of one byte a seco
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import h11
@@ -66,3 +69,21 @@ def bounded_h11(read_timeout: float) -> type[H11Protocol]:
                 self.transport.close()
 
     return BoundedH11Protocol
+
+
+def limit_headers(app, limit: int = HEADER_LIMIT):
+    """ASGI middleware: a request whose headers (names, values and separators) exceed ``limit`` bytes -> 431 JSON."""
+
+    async def bounded(scope, receive, send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) + 4 for name, value in scope["headers"])  # "name: value\r\n"
+            if size > limit:
+                message = f"the request's headers are {size} B, over the limit of {limit} B"
+                body = json.dumps({"error": {"type": "HeadersTooLarge", "message": message}}).encode()
+                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                await send({"type": "http.response.start", "status": 431, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await app(scope, receive, send)
+
+    return bounded

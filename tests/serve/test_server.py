@@ -257,7 +257,7 @@ def test_sigterm_finishes_requests_in_flight(bundle, library):
     for thread in threads:
         thread.join(30)
     assert server.process.wait(timeout=30) == 0
-    assert "synergy serve: stopped" in server.process.stderr.read()
+    assert "synergy serve: stopped" in server.log()
     expected = library.embed_batch("audio", CLIPS[:4]).vectors
     for (status, _, answer), want in zip(answers, expected):
         assert status == 200
