@@ -304,7 +304,7 @@ class Service:
         if missing:
             prompts, offsets = prompts_of(missing, self.runtime.manifest.text.prompt_templates)
             embedded = []
-            wave = self.limits.max_batch
+            wave = min(self.limits.max_batch, self.limits.max_queue)
             for start in range(0, len(prompts), wave):
                 results = (await self.embed({"text": prompts[start : start + wave]}, {}, deadline, gone))["text"]
                 for prompt, result in zip(prompts[start : start + wave], results):
