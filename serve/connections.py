@@ -4,8 +4,9 @@ connection (and its file descriptor and buffers) forever.
 uvicorn offers two HTTP/1.1 parsers. httptools (its default when installed) has no limit on the request head: a
 100 MB header line is buffered whole, and uvicorn's ``h11_max_incomplete_event_size`` does not apply to it. h11
 refuses a head that grows past that size before it ends with a 400, so the server runs h11 with the limit set
-explicitly (``HEADER_LIMIT``); h11 is the slower parser, which an embedding server, whose time goes to the towers,
-does not notice. h11 checks only a head still incomplete, so one that arrives whole in a single read (up to a read's
+explicitly (``HEADER_LIMIT``). h11 is the slower parser: measured here (keep-alive, uvloop), a bare ``/healthz``
+takes about 190 us with h11 against 115-150 us with httptools, which an embedding request, milliseconds in the
+towers, does not notice. h11 checks only a head still incomplete, so one that arrives whole in a single read (up to a read's
 size, some 256 KB) passes it; ``limit_headers`` answers those 431.
 
 Neither parser has a read timeout: ``timeout_keep_alive`` only closes a connection idle *between* requests. So each
