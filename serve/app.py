@@ -5,9 +5,10 @@ embedding item, whichever request it came in, goes into one ``MicroBatcher`` per
 ``max_wait_ms``, a bounded queue), so 64 clients sending one clip each make a few batches, not 64 model calls.
 
     POST /v1/embeddings  {"modality": "audio", "input": [b64, ...]}   -> {"data": [{"index", "embedding"}], ...}
+                         {"model": NAME, "input": "text" | [...]}   (OpenAI's shape, see openai_api.py; text default)
     POST /v1/classify    {"labels": [...] | "NAME", "audio": [b64...], "image": [b64...], "top_k": 5}
     (both also take multipart/form-data: files in ``input`` / ``audio`` / ``image``, labels as a file or fields)
-    GET  /healthz  /readyz  /metrics
+    GET  /v1/models  /v1/models/NAME  /healthz  /readyz  /metrics
 
 Back-pressure: an item is queued only if the modality's queue has room (never a wait inside the event loop); a
 request that does not fit is answered 503 with ``Retry-After`` and its queued items are cancelled. Errors are JSON,
@@ -48,10 +49,12 @@ from starlette.routing import Route
 
 from synergy.runtime import BatcherFull, InferUsageError, InputError, LabelsError, MicroBatcher, Runtime, read_labels
 from synergy.runtime.runtime import fuse_embeddings
+from synergy.runtime.text import tokenize
 
 from .budget import request_work
 from .labels import LabelCache, control_character, mean_embeddings, prompts_of
 from .metrics import BATCH_SIZE_BUCKETS, CONTENT_TYPE, LATENCY_BUCKETS, Metrics
+from .openai_api import embedding_options, embeddings_body, encode_vector, model_card, models_body
 
 logger = logging.getLogger("synergy.serve")
 JSON_TYPES = ("application/json", "", "text/plain", "application/x-www-form-urlencoded")  # curl -d sends the last
@@ -122,6 +125,7 @@ class Service:
         self.label_cache = LabelCache(limits.label_cache)
         self.ready = threading.Event()
         self.draining = False
+        self.started = int(time.time())  # /v1/models' "created"
         self.load_error: str | None = None
         self.batchers: dict[str, MicroBatcher] = {}
         self._describe_metrics()
@@ -193,6 +197,11 @@ class Service:
         return process
 
     # ------------------------------------------------------------------------------------------------ batching
+
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the text tower saw for ``texts`` (after the model's truncation): OpenAI's ``usage``."""
+        tokenizer = self.runtime._text_tokenizer()  # the runtime's own (no public accessor yet)
+        return int(tokenize(tokenizer, texts)[1].sum())
 
     def _count_queue(self, modality: str) -> None:
         """The gauge is read from the batcher: live items only (a withdrawn item leaves the queue at once)."""
@@ -525,9 +534,10 @@ def create_app(service: Service) -> Starlette:
         started = time.perf_counter()
         fields = await read_fields(request, limits)
         multipart = fields.pop("multipart", False)
-        modality = fields.get("modality")
-        if isinstance(modality, list) and len(modality) == 1:
-            modality = modality[0]
+        fields = {k: v[0] if multipart and k != "input" and len(v) == 1 else v for k, v in fields.items()}
+        dim = service.runtime.manifest.embed_dim
+        options = embedding_options(fields, service.name, dim, Problem)
+        modality = fields.get("modality", "text")  # OpenAI's clients send text without one
         if modality not in service.modalities:
             raise Problem(400, "BadModality", f"modality must be one of {list(service.modalities)}, got {modality!r}")
         if "input" not in fields:
@@ -541,10 +551,13 @@ def create_app(service: Service) -> Starlette:
                 modality
             ]
         data = [
-            {"index": i, "embedding": r.vector.tolist()} if isinstance(r, Embedded) else item_error(i, r)
+            {"index": i, "embedding": encode_vector(r.vector, options.encoding_format)}
+            if isinstance(r, Embedded)
+            else item_error(i, r)
             for i, r in enumerate(results)
         ]
-        body = {"data": data, "model": service.name, "dim": service.runtime.manifest.embed_dim}
+        tokens = await run_in_threadpool(service.count_tokens, items) if modality == "text" else 0
+        body = embeddings_body(data, service.name, dim, tokens)
         return JSONResponse(body, headers={"Server-Timing": server_timing(timings)})
 
     async def classify(request: Request) -> Response:
@@ -604,6 +617,15 @@ def create_app(service: Service) -> Starlette:
         body = {"data": data, "model": service.name, "labels": len(labels)}
         return JSONResponse(body, headers={"Server-Timing": server_timing(timings)})
 
+    async def models(request: Request) -> Response:
+        return JSONResponse(models_body(service.name, service.started))
+
+    async def model(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name != service.name:
+            raise Problem(404, "ModelNotFound", f"no model named {name!r}; this server serves {service.name!r}")
+        return JSONResponse(model_card(service.name, service.started))
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -634,6 +656,8 @@ def create_app(service: Service) -> Starlette:
     routes = [
         Route("/v1/embeddings", endpoint("embeddings", embeddings), methods=["POST"]),
         Route("/v1/classify", endpoint("classify", classify), methods=["POST"]),
+        Route("/v1/models", endpoint("models", models), methods=["GET"]),
+        Route("/v1/models/{name:path}", endpoint("models", model), methods=["GET"]),
         Route("/healthz", endpoint("healthz", healthz), methods=["GET"]),
         Route("/readyz", endpoint("readyz", readyz), methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

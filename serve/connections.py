@@ -6,8 +6,8 @@ uvicorn offers two HTTP/1.1 parsers. httptools (its default when installed) has 
 refuses a head that grows past that size before it ends with a 400, so the server runs h11 with the limit set
 explicitly (``HEADER_LIMIT``). h11 is the slower parser: measured here (keep-alive, uvloop), a bare ``/healthz``
 takes about 190 us with h11 against 115-150 us with httptools, which an embedding request, milliseconds in the
-towers, does not notice. h11 checks only a head still incomplete, so one that arrives whole in a single read (up to a read's
-size, some 256 KB) passes it; ``limit_headers`` answers those 431.
+towers, does not notice. h11 checks only a head still incomplete, so one that arrives whole in a single read (up to
+a read's size, some 256 KB) passes it; ``limit_headers`` answers those 431.
 
 Neither parser has a read timeout: ``timeout_keep_alive`` only closes a connection idle *between* requests. So each
 connection gets a deadline (``read_timeout`` seconds) by which its request's head and body must have arrived, armed
