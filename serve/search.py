@@ -146,10 +146,15 @@ def approximate_hits(index: str, query: np.ndarray, top_k: int, modality: str | 
     if ann is None:
         print(f"synergy search: {stale}", file=sys.stderr)
         return None
-    found = search_approximate(ann, index, query, top_k, modality)
-    if found is None:
-        return None
-    table = read_rows(index, [row for row, _ in found], ["path", "modality"])
+    try:
+        found = search_approximate(ann, index, query, top_k, modality)
+        if found is None:
+            return None
+        table = read_rows(index, [row for row, _ in found], ["path", "modality"])
+    except Exception as error:  # ArrowInvalid, OSError, ... from a damaged page of the hits' row groups
+        raise InferUsageError(
+            f"--index {index}: damaged, it cannot be read ({first_line(error)}); write it again with synergy embed"
+        ) from error
     print(f"synergy search: approximate ({target.name}); --exact scans every row", file=sys.stderr)
     return [
         Hit(path, kind, score)

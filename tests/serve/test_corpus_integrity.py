@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -199,3 +200,8 @@ def test_approximate_hits_read_only_the_row_groups_that_hold_them(tmp_path):
         assert hits is not None and hits[0].path == f"clip{query_row:04d}.wav"
         hits = approximate_hits(str(out), vectors[query_row], 1, "image" if query_row % 2 == 0 else "audio")
         assert hits is not None and hits[0].path == f"clip{query_row:04d}.wav"
+
+    from synergy.runtime import InferUsageError
+
+    with pytest.raises(InferUsageError, match=re.escape(f"--index {out}: damaged")):  # a hit in the damaged group
+        approximate_hits(str(out), vectors[550], 1, None)
