@@ -124,7 +124,7 @@ def test_embedding_labels_counts_against_the_request_timeout(bundle):
         assert time.monotonic() - started < 2.5
         started = time.monotonic()
         status, _, _ = server.post("/v1/embeddings", {"modality": "text", "input": ["piano"]})
-        assert status == 200 and time.monotonic() - started < 0.45  # not behind 90,000 prompts
+        assert status == 200 and time.monotonic() - started < 1.5  # not behind 90,000 prompts (seconds)
         assert server.metric("synergy_label_cache_entries") == 0  # a request that failed caches nothing
     finally:
         assert server.stop() == 0
