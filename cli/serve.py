@@ -39,6 +39,15 @@ from .options import EXIT_OK, EXIT_SOME_FAILED, UsageProblem, bundle_option
     type=click.Path(dir_okay=False),
     help='A labels file requests may name by its stem ({"labels": "animals"} for animals.txt); repeatable.',
 )
+@click.option("--max-labels", default=1024, show_default=True, type=click.IntRange(min=1), help="Labels per request.")
+@click.option("--label-cache", default=16_384, show_default=True, type=click.IntRange(min=1), help="Labels cached.")
+@click.option(
+    "--max-audio-seconds", default=1800.0, show_default=True, type=click.FloatRange(min=0.1), help="Audio per request."
+)
+@click.option("--max-megapixels", default=256.0, show_default=True, type=click.FloatRange(min=0.01), help="Per request")
+@click.option(
+    "--read-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.01), help="Request send time."
+)
 @click.option("--threads", default=None, type=int, help="onnxruntime threads per tower (default: onnxruntime's).")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "onnxruntime", "tensorrt"]))
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
@@ -54,12 +63,17 @@ def serve_command(
     max_body_mb,
     timeout_s,
     labels,
+    max_labels,
+    label_cache,
+    max_audio_seconds,
+    max_megapixels,
+    read_timeout,
     threads,
     backend,
     device,
     drain_seconds,
 ):
-    """Serve a bundle over HTTP: /v1/embeddings, /v1/classify, /healthz, /readyz, /metrics (needs synergy[serve]).
+    """Serve a bundle over HTTP: /v1/embeddings, /v1/classify, /healthz, /readyz, /metrics (needs synergy-clip[serve]).
 
     Requests from all clients are micro-batched together; a full queue is answered 503 with Retry-After. SIGTERM
     finishes the requests in flight, then exits 0. Exit 2: usage or bundle error."""
@@ -70,7 +84,19 @@ def serve_command(
         from synergy.serve.app import ServeLimits
         from synergy.serve.server import serve
 
-        limits = ServeLimits(max_batch, max_wait_ms, max_queue, max_items, round(max_body_mb * 2**20), timeout_s)
+        limits = ServeLimits(
+            max_batch,
+            max_wait_ms,
+            max_queue,
+            max_items,
+            round(max_body_mb * 2**20),
+            timeout_s,
+            max_labels=max_labels,
+            label_cache=label_cache,
+            max_audio_seconds=max_audio_seconds,
+            max_megapixels=max_megapixels,
+            read_timeout_s=read_timeout,
+        )
         code = serve(
             bundle,
             host,

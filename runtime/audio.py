@@ -6,7 +6,9 @@ Rules, chosen here and documented in the README:
   refused rather than guessed at (a 5.1 film mix or a microphone array is rarely what the caller meant).
 - The duration is checked from the header, before anything is decoded (``max_seconds``, default 10 minutes), and
   so is the sample rate: above ``MAX_SAMPLE_RATE`` (384 kHz, the highest rate real recorders use) a file is refused,
-  the limit in the message. Files are decoded and resampled in blocks (``DECODE_BLOCK`` frames, downmixed as they
+  the limit in the message; below ``MIN_INPUT_SAMPLE_RATE`` (8 kHz, telephone audio, the lowest rate real
+  recordings use) it is refused too, since a tiny file at 1 Hz would claim minutes of audio and cost minutes of work.
+  Files are decoded and resampled in blocks (``DECODE_BLOCK`` frames, downmixed as they
   come), so memory is bounded by the *output* (``max_seconds`` at the model's rate), not by the file's rate: a
   1.75 MB FLAC at 655 kHz would otherwise decode to 5 GiB. Decoding stops with an error after
   ``max_decode_seconds`` (default 60 s) of wall time.
@@ -40,6 +42,7 @@ from .manifest import MAX_SAMPLE_RATE
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
 MAX_CHANNELS = 2
+MIN_INPUT_SAMPLE_RATE = 8_000  # Hz; see the module docstring
 DEFAULT_MAX_SECONDS = 600.0
 DEFAULT_OVERLAP = 0.5
 DEFAULT_MAX_DECODE_SECONDS = 60.0
@@ -173,6 +176,7 @@ def _check_header(name, frames, rate, channels, header: str, max_seconds, max_ch
             f"sample rate {rate:,} Hz, above the {MAX_SAMPLE_RATE:,} Hz limit (no real recording needs more); "
             "resample it first (e.g. `ffmpeg -i in -ar 48000 out.flac`)",
         )
+    _check_minimum_rate(name, rate)
     if frames / rate > max_seconds:
         raise UnsupportedAudio(
             name, f"{frames / rate:.1f} s long, over the {max_seconds:g} s limit; cut it or raise max_audio_seconds"
@@ -188,6 +192,15 @@ def _check_header(name, frames, rate, channels, header: str, max_seconds, max_ch
             raise UnsupportedAudio(name, f"truncated: header and file length disagree ({line.strip()}); re-encode it")
 
 
+def _check_minimum_rate(name: str, rate: int) -> None:
+    if rate < MIN_INPUT_SAMPLE_RATE:
+        raise UnsupportedAudio(
+            name,
+            f"sample rate {rate:,} Hz, below the {MIN_INPUT_SAMPLE_RATE:,} Hz minimum (no real recording is sampled "
+            "that slowly: the header is wrong); resample it first (e.g. `ffmpeg -i in -ar 16000 out.wav`)",
+        )
+
+
 def _check_waveform(samples, rate, name: str, max_seconds: float, max_channels: int) -> tuple[np.ndarray, int]:
     """(array, rate) -> ([T, C] float32, rate). A 2-D array's channel axis is its short one (<= max_channels)."""
     if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or not 0 < rate <= MAX_SAMPLE_RATE:
@@ -195,6 +208,7 @@ def _check_waveform(samples, rate, name: str, max_seconds: float, max_channels: 
             name, f"sample rate must be a positive integer (Hz) up to {MAX_SAMPLE_RATE:,}, got {rate!r}"
         )
     rate = int(rate)
+    _check_minimum_rate(name, rate)
     samples = np.asarray(samples)
     if samples.dtype.kind not in "fiu":
         raise UnsupportedAudio(name, f"waveform of dtype {samples.dtype}; pass float samples in [-1, 1] or int PCM")

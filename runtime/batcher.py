@@ -6,6 +6,12 @@ collects more until it has ``max_batch`` or ``max_wait_ms`` has passed since the
 The queue is bounded (``max_queue``): when it is full, ``submit`` blocks (back-pressure) and, after ``timeout``
 seconds, raises ``BatcherFull``.
 
+Withdrawal: cancelling a queued item's future takes it out of the queue at once (it no longer holds a place, and
+``len(batcher)`` counts live items only). A batch is processed ``sub_batch`` items at a time; an item's future turns
+running only when its sub-batch starts, so until then it can still be cancelled and is skipped: a caller that gave up
+(a timeout, a client gone) stops costing work at the next sub-batch boundary, and a batch whose items were all
+withdrawn stops there.
+
 Results equal those of calling ``process`` directly: items are independent, so batching changes only how many
 are computed together (and the runtime pads each batch so that padding never reaches another item).
 """
@@ -34,18 +40,20 @@ class MicroBatcher:
         max_wait_ms: float = 2.0,
         max_queue: int = 1024,
         workers: int = 1,
+        sub_batch: int | None = None,
         name: str = "synergy-batcher",
     ):
-        if max_batch < 1 or max_queue < 1 or workers < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch, max_queue and workers must be >= 1 and max_wait_ms >= 0")
+        if max_batch < 1 or max_queue < 1 or workers < 1 or max_wait_ms < 0 or (sub_batch or 1) < 1:
+            raise ValueError("max_batch, max_queue, workers and sub_batch must be >= 1 and max_wait_ms >= 0")
         self.process = process
         self.max_batch = max_batch
+        self.sub_batch = sub_batch or max_batch  # items per ``process`` call; cancellation is checked between calls
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self._pending: deque = deque()  # (item, future), oldest first
         self._changed = threading.Condition()  # guards _pending and _closed; notified on every change
         self._closed = False
-        self.batches = 0  # batches run so far (a statistic for tests and benchmarks)
+        self.batches = 0  # ``process`` calls so far (a statistic for tests and benchmarks)
         self.items = 0
         self._workers = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
         for worker in self._workers:
@@ -66,7 +74,24 @@ class MicroBatcher:
                 raise RuntimeError("the batcher is closed; create a new one")
             self._pending.append((item, future))
             self._changed.notify_all()
+        future.add_done_callback(self._forget)  # runs at once in the canceller's thread (never under our lock)
         return future
+
+    def _forget(self, future: Future) -> None:
+        """A cancelled future leaves the queue now, not when a worker would have reached it."""
+        if not future.cancelled():
+            return
+        with self._changed:
+            for entry in self._pending:
+                if entry[1] is future:
+                    self._pending.remove(entry)
+                    self._changed.notify_all()  # room for blocked submitters
+                    break
+
+    def __len__(self) -> int:
+        """Items waiting in the queue (withdrawn ones are gone; a batch being processed is not counted)."""
+        with self._changed:
+            return len(self._pending)
 
     def map(self, items, timeout: float | None = None) -> list:
         """Submit every item and wait for all results (raises the first failed item's exception)."""
@@ -95,8 +120,12 @@ class MicroBatcher:
                 self._run(batch)
 
     def _run(self, batch: list) -> None:
+        for start in range(0, len(batch), self.sub_batch):
+            self._run_sub_batch(batch[start : start + self.sub_batch])
+
+    def _run_sub_batch(self, batch: list) -> None:
         live = [(item, future) for item, future in batch if future.set_running_or_notify_cancel()]
-        if not live:
+        if not live:  # every item was withdrawn while earlier sub-batches ran
             return
         try:
             results = list(self.process([item for item, _ in live]))

@@ -28,6 +28,7 @@ from .errors import InferUsageError, InputError, non_finite
 from .labels import read_labels
 from .manifest import MODALITIES, Manifest
 from .search import SearchHit, fuse_embeddings, nearest
+from .text import tokenize
 from .towers import BACKENDS, Towers, check_choice, choose_backend
 from .video import DEFAULT_FRAMES_PER_SECOND, DEFAULT_MAX_FRAMES
 from .video_embedding import VideoEmbeddings, VideoSettings, embed_videos
@@ -105,6 +106,10 @@ class Runtime:
 
     def _text_tokenizer(self):
         return self._towers.tokenizer()
+
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        """Tokens the text tower sees for ``texts``, after the model's truncation (the OpenAI API's ``usage``)."""
+        return int(tokenize(self._text_tokenizer(), list(texts))[1].sum())
 
     @property
     def providers(self) -> dict[str, list[str]]:

@@ -2,8 +2,8 @@
 (``synergy embed``, locally or on Ray Data) and search over it (``synergy search``).
 
 Nothing here imports torch, and nothing in ``synergy.runtime`` or ``synergy infer`` imports this package. Each module
-needs its own optional extra: ``synergy[serve]`` (starlette, uvicorn, python-multipart, pyarrow) and
-``synergy[ray]`` (ray[data]); a missing one is a ``MissingExtra`` error that names the pip command.
+needs its own optional extra: ``synergy-clip[serve]`` (starlette, uvicorn, python-multipart, pyarrow) and
+``synergy-clip[ray]`` (ray[data]); a missing one is a ``MissingExtra`` error that names the pip command.
 """
 
 from __future__ import annotations
@@ -20,4 +20,4 @@ def require(module: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise MissingExtra(f"{module} is not installed; pip install 'synergy[{extra}]'") from error
+        raise MissingExtra(f"{module} is not installed; pip install 'synergy-clip[{extra}]'") from error

@@ -13,6 +13,15 @@ already embedded in ``OUT`` or its parts, retries the failed ones, and at the en
 (again through a rename) and removes the parts. A bad file is a row with its error, never the end of the job.
 ``build_index`` then writes an approximate index beside ``OUT`` (see ``ann.py``).
 
+The files know their model: every part and ``OUT`` carry the bundle's identity (the sha256 of its manifest.json,
+which lists every graph's sha256) in the parquet metadata, and resuming with another bundle, or searching with one,
+is refused naming both (two bundles of one preset give vectors of the same size, so nothing else would notice the
+mix). A part that cannot be read (a disk fault, a copy cut short) is set aside as ``part-N.parquet.bad`` with a
+message and its items are embedded again; an ``OUT`` that cannot be read is an error naming it.
+
+Folders: every file with an audio, image or video extension is an item, including ones that are not regular files
+(a FIFO, a dangling link, a link loop), which then fail with the decoder's message instead of vanishing.
+
 Engines: ``local`` runs the runtime in this process, a chunk at a time; ``ray`` runs the same ``embed_rows`` in a
 Ray Data ``map_batches`` over an actor pool (one ``Runtime`` per actor, opened once) on the cluster that
 ``ray.init(address)`` joins, and streams the results back here into the same writer, so both engines write the same
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import os
 import shutil
 import sys
@@ -36,6 +46,7 @@ import numpy as np
 from synergy.runtime import InferUsageError, Runtime
 from synergy.runtime.audio import AUDIO_EXTENSIONS
 from synergy.runtime.image import IMAGE_EXTENSIONS
+from synergy.runtime.manifest import MANIFEST_NAME
 from synergy.runtime.video import VIDEO_EXTENSIONS
 
 from . import require
@@ -43,6 +54,30 @@ from . import require
 MANIFEST_COLUMNS = {"wav_path": "audio", "img_path": "image", "video_path": "video"}
 MEDIA = ("audio", "image", "video")
 COLUMNS = ("path", "modality", "embedding", "error_type", "error")
+BUNDLE_KEY, BUNDLE_PATH_KEY = b"synergy.bundle_sha256", b"synergy.bundle"  # parquet metadata
+
+
+def bundle_identity(bundle: str | Path) -> str:
+    """The sha256 of a bundle's manifest.json: it lists every graph's sha256, so it names the weights."""
+    return hashlib.sha256((Path(bundle) / MANIFEST_NAME).read_bytes()).hexdigest()
+
+
+def written_by(path: Path, metadata: dict | None) -> tuple[str, str] | None:
+    """(identity, bundle path) recorded in a parquet's metadata, or None for a file written before they were."""
+    metadata = metadata or {}
+    if BUNDLE_KEY not in metadata:
+        return None
+    return metadata[BUNDLE_KEY].decode(), metadata.get(BUNDLE_PATH_KEY, b"?").decode()
+
+
+def check_bundle(path: Path, metadata: dict | None, identity: str, bundle: str | Path, what: str) -> None:
+    """``InferUsageError`` (exit 2) naming both bundles when ``path`` was written by another one."""
+    recorded = written_by(path, metadata)
+    if recorded is not None and recorded[0] != identity:
+        raise InferUsageError(
+            f"{path} was written by the bundle {recorded[1]} (manifest sha256 {recorded[0][:12]}), not by {bundle} "
+            f"({identity[:12]}); {what}"
+        )
 
 
 @dataclass(frozen=True)
@@ -71,12 +106,12 @@ def list_items(inputs: Sequence[str]) -> list[Item]:
         path = Path(given)
         if path.is_file() and path.suffix.lower() == ".csv":
             items += manifest_items(path)
-        elif path.is_dir():
-            found = [modality_of(str(p)) for p in sorted(path.rglob("*")) if p.is_file()]
+        elif path.is_dir():  # not is_file(): a FIFO or a broken link named like media is an item that fails
+            found = [modality_of(str(p)) for p in sorted(path.rglob("*")) if not p.is_dir()]
             found = [item for item in found if item.problem is None]
             items += found or [Item(given, "unknown", "folder has no audio, image or video files")]
         elif glob.has_magic(given) and not path.exists():
-            found = sorted(f for f in glob.glob(given, recursive=True) if Path(f).is_file())
+            found = sorted(f for f in glob.glob(given, recursive=True) if not Path(f).is_dir())
             items += [modality_of(f) for f in found] or [Item(given, "unknown", "no files match this pattern")]
         else:
             items.append(modality_of(given))  # a missing file fails when it is decoded, with its own message
@@ -112,22 +147,28 @@ def manifest_items(csv_path: Path) -> list[Item]:
 
 
 def embed_rows(
-    runtime: Runtime, paths: Sequence[str], modalities: Sequence[str], problems: Sequence[str | None] | None = None
+    runtime: Runtime,
+    paths: Sequence[str],
+    modalities: Sequence[str],
+    problems: Sequence[str | None] | None = None,
+    sources: Sequence[str] | None = None,
 ) -> dict[str, list]:
     """One chunk -> columns {path, modality, embedding ([D] float32 or None), error_type, error}, in input order.
-    ``problems``: why an item that is not audio or an image fails (``Item.problem``). Shared by the local engine and
-    the Ray actors."""
+    ``problems``: why an item that is not audio or an image fails (``Item.problem``). ``sources``: where to read each
+    item when that is not its ``path`` as given (the Ray engine's absolute paths). Shared by the local engine and the
+    Ray actors."""
     rows = {name: [None] * len(paths) for name in COLUMNS}
     rows["path"], rows["modality"] = list(paths), list(modalities)
+    sources = list(sources or paths)
     for modality in MEDIA:
         where = [i for i, m in enumerate(modalities) if m == modality]
         if not where:
             continue
         if modality == "video":  # frames pooled and the soundtrack, fused: one vector in the shared space
-            result = runtime.embed_video_batch([paths[i] for i in where])
+            result = runtime.embed_video_batch([sources[i] for i in where])
             vectors = result.fused
         else:
-            result = runtime.embed_batch(modality, [paths[i] for i in where])
+            result = runtime.embed_batch(modality, [sources[i] for i in where])
             vectors = result.vectors
         for i, vector, error in zip(where, vectors, result.errors):
             if error is None:
@@ -149,7 +190,8 @@ class RayEmbedder:
 
     def __call__(self, batch: dict) -> dict:
         problems = [str(p) if p else None for p in batch["problem"]]
-        rows = embed_rows(self.runtime, [str(p) for p in batch["path"]], [str(m) for m in batch["modality"]], problems)
+        paths, sources = [str(p) for p in batch["path"]], [str(p) for p in batch["source"]]
+        rows = embed_rows(self.runtime, paths, [str(m) for m in batch["modality"]], problems, sources)
         dim = self.runtime.manifest.embed_dim
         vectors = np.stack([v if v is not None else np.full(dim, np.nan, np.float32) for v in rows["embedding"]])
         return {
@@ -164,15 +206,28 @@ class RayEmbedder:
 # --------------------------------------------------------------------------------------------------- output
 
 
-class ParquetParts:
-    """Chunks -> ``OUT.parts/part-N.parquet`` (atomic renames) -> one sorted ``OUT`` on ``finish``."""
+class DamagedParquet(InferUsageError):
+    """A parquet file of this job cannot be read."""
 
-    def __init__(self, out: Path, dim: int):
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+class ParquetParts:
+    """Chunks -> ``OUT.parts/part-N.parquet`` (atomic renames) -> one sorted ``OUT`` on ``finish``. Every file
+    carries the bundle's identity (``bundle`` path and ``identity``: ``bundle_identity``) in its metadata."""
+
+    ROW_GROUP = 65_536  # rows per row group of OUT: the approximate search reads only the groups of its hits
+
+    def __init__(self, out: Path, dim: int, bundle: str | Path = "", identity: str = ""):
         self.pa = require("pyarrow", "serve")
         self.pq = require("pyarrow.parquet", "serve")
         self.out = out
         self.parts = out.with_name(out.name + ".parts")
         self.dim = dim
+        self.bundle, self.identity = str(bundle), identity
+        metadata = {BUNDLE_KEY: identity.encode(), BUNDLE_PATH_KEY: str(bundle).encode()} if identity else None
         self.schema = self.pa.schema(
             [
                 ("path", self.pa.string()),
@@ -180,20 +235,35 @@ class ParquetParts:
                 ("embedding", self.pa.list_(self.pa.float32(), dim)),
                 ("error_type", self.pa.string()),
                 ("error", self.pa.string()),
-            ]
+            ],
+            metadata=metadata,
         )
 
     def existing(self) -> list:
-        """The tables of an earlier run: ``OUT`` and its parts (a part from a killed run is whole or absent)."""
+        """The tables of an earlier run: ``OUT`` and its parts (a part from a killed run is whole or absent; one that
+        cannot be read is set aside as ``.bad`` and its items are redone)."""
         tables = []
         if self.out.is_file():
             tables.append(self._read(self.out))
         if self.parts.is_dir():
-            tables += [self._read(p) for p in sorted(self.parts.glob("part-*.parquet"))]
+            for part in sorted(self.parts.glob("part-*.parquet")):
+                try:
+                    tables.append(self._read(part))
+                except DamagedParquet as error:
+                    part.rename(part.with_name(part.name + ".bad"))
+                    print(
+                        f"synergy embed: {error}; set aside as {part.name}.bad, its items are embedded again",
+                        file=sys.stderr,
+                    )
         return tables
 
     def _read(self, path: Path):
-        table = self.pq.read_table(path)
+        try:
+            table = self.pq.read_table(path)
+        except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+            raise DamagedParquet(f"{path}: cannot be read as parquet ({first_line(error)})") from error
+        if self.identity:
+            check_bundle(path, table.schema.metadata, self.identity, self.bundle, "use that bundle or another --out")
         if table.schema.field("embedding").type != self.schema.field("embedding").type:
             raise InferUsageError(
                 f"{path}: its embeddings are {table.schema.field('embedding').type}, this bundle gives "
@@ -228,7 +298,7 @@ class ParquetParts:
             schema=self.schema,
         )
         self.parts.mkdir(parents=True, exist_ok=True)
-        number = len(list(self.parts.glob("part-*.parquet")))
+        number = len(list(self.parts.glob("part-*.parquet*")))  # .bad ones keep their numbers
         target = self.parts / f"part-{number:06d}.parquet"
         temporary = self.parts / f".{target.name}.tmp"
         self.pq.write_table(table, temporary)
@@ -244,8 +314,12 @@ class ParquetParts:
         order = sorted(last, key=lambda key: key)
         table = table.take(self.pa.array([last[key] for key in order], self.pa.int64()))
         temporary = self.out.with_name(f".{self.out.name}.tmp")
-        self.pq.write_table(table, temporary)
+        self.pq.write_table(
+            table.replace_schema_metadata(self.schema.metadata), temporary, row_group_size=self.ROW_GROUP
+        )
         os.replace(temporary, self.out)
+        for bad in self.parts.glob("part-*.parquet.bad"):  # kept beside OUT for a look, out of the parts' way
+            os.replace(bad, self.out.with_name(f"{self.out.name}.{bad.name}"))
         shutil.rmtree(self.parts, ignore_errors=True)
         return table.num_rows, table.num_rows - table.column("error").null_count
 
@@ -284,8 +358,11 @@ def embed_corpus(
         raise InferUsageError(f"--out {out} is a folder; give the parquet file to write, e.g. {out}/embeddings.parquet")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     runtime = Runtime.open(bundle, threads=threads, batch_size=batch_size, verify=True)
-    writer = ParquetParts(out_path, runtime.manifest.embed_dim)
-    done = writer.done()
+    writer = ParquetParts(out_path, runtime.manifest.embed_dim, bundle, bundle_identity(runtime.bundle))
+    try:
+        done = writer.done()
+    except DamagedParquet as error:
+        raise InferUsageError(f"{error}; move it away to start over, or give another --out") from error
     todo = [item for item in items if (item.path, item.modality) not in done]
     bar = progress(len(todo), engine)
     failed = 0
@@ -318,6 +395,15 @@ def embed_corpus(
     }
 
 
+def ray_items(todo: Sequence[Item]) -> list[dict]:
+    """What the Ray engine ships: each item's path as given (its row) and as an absolute path (what a worker reads,
+    whatever its working folder is, on whichever machine of a cluster that shares the files)."""
+    return [
+        {"path": i.path, "source": os.path.abspath(i.path), "modality": i.modality, "problem": i.problem or ""}
+        for i in todo
+    ]
+
+
 def run_ray(todo, bundle, writer, bar, batch_size, chunk_size, threads, workers, address) -> int:
     """Ray Data: from_items -> map_batches(RayEmbedder, one actor per worker) -> stream the rows back to ``writer``."""
     ray = require("ray", "ray")
@@ -329,7 +415,7 @@ def run_ray(todo, bundle, writer, bar, batch_size, chunk_size, threads, workers,
             ray.init(num_cpus=workers + 1, include_dashboard=False, log_to_driver=False)
     if not todo:
         return 0
-    dataset = ray.data.from_items([{"path": i.path, "modality": i.modality, "problem": i.problem or ""} for i in todo])
+    dataset = ray.data.from_items(ray_items(todo))
     embedded = dataset.map_batches(
         RayEmbedder,
         fn_constructor_kwargs={"bundle": str(Path(bundle).resolve()), "threads": threads, "batch_size": batch_size},

@@ -4,6 +4,10 @@ The index is read in blocks of ``block_rows`` rows (pyarrow record batches), eac
 with the runtime's ``cosine_top_k`` and merged into the running top k, so memory stays O(block) however many rows the
 file has: a few million rows of 512-d vectors take seconds on one core, with no index to build or keep in sync. Rows
 that failed (null embedding) are skipped; ``modality`` keeps only rows of one modality.
+
+The query must be embedded by the bundle that embedded the file (recorded in its metadata by ``synergy embed``):
+another bundle's vectors live in another space, so a mismatch is refused naming both. A file that cannot be read
+is an error naming it (exit 2), never a traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from synergy.runtime import InferUsageError, Runtime
 from synergy.runtime.search import cosine_top_k, l2_normalise
 
 from . import require
+from .corpus import bundle_identity, check_bundle, first_line
 
 
 @dataclass(frozen=True)
@@ -32,20 +37,16 @@ def search_index(
     index: str | Path, query: np.ndarray, top_k: int = 10, modality: str | None = None, block_rows: int = 262_144
 ) -> list[Hit]:
     """query [D] -> the ``top_k`` rows of ``index`` by cosine similarity, best first."""
-    pq = require("pyarrow.parquet", "serve")
     if top_k < 1:
         raise InferUsageError(f"--top-k must be >= 1, got {top_k}")
     path = Path(index)
     if not path.is_file():
         raise InferUsageError(f"--index {index}: no such file; write one with `synergy embed INPUTS --out {index}`")
-    try:
-        table_file = pq.ParquetFile(path)
-    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not parquet
-        raise InferUsageError(f"--index {index}: not a parquet file ({error})") from error
+    table_file = open_parquet(path)
     query = l2_normalise(np.asarray(query, np.float32).reshape(1, -1))  # [1, D]
     best_scores = np.zeros(0, np.float32)
     best_rows: list[tuple[str, str]] = []
-    for batch in table_file.iter_batches(batch_size=block_rows, columns=["path", "modality", "embedding"]):
+    for batch in read_batches(path, table_file, block_rows):
         embedding = batch.column("embedding")
         keep = embedding.is_valid().to_numpy(zero_copy_only=False)
         modalities = batch.column("modality").to_pylist()
@@ -72,6 +73,29 @@ def search_index(
     return [Hit(p, m, float(s)) for (p, m), s in zip(best_rows, best_scores)]
 
 
+def open_parquet(path: Path):
+    pq = require("pyarrow.parquet", "serve")
+    try:
+        return pq.ParquetFile(path)
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not parquet
+        raise InferUsageError(f"--index {path}: not a parquet file, or a damaged one ({first_line(error)})") from error
+
+
+def read_batches(path: Path, table_file, block_rows: int):
+    """The file's record batches; damage found while reading them is an ``InferUsageError`` naming the file."""
+    batches = table_file.iter_batches(batch_size=block_rows, columns=["path", "modality", "embedding"])
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as error:  # ArrowInvalid, OSError, ... from a damaged page
+            raise InferUsageError(
+                f"--index {path}: damaged, it cannot be read ({first_line(error)}); write it again with synergy embed"
+            ) from error
+        yield batch
+
+
 def run(
     index: str,
     bundle: str,
@@ -93,6 +117,8 @@ def run(
     if not Path(index).is_file():
         raise InferUsageError(f"--index {index}: no such file; write one with `synergy embed INPUTS --out {index}`")
     runtime = Runtime.open(bundle, threads=threads)
+    metadata = open_parquet(Path(index)).schema_arrow.metadata
+    check_bundle(Path(index), metadata, bundle_identity(runtime.bundle), bundle, "search it with that --bundle")
     result = runtime.embed_batch(query_modality, [value])
     if result.errors[0] is not None:
         print(f"synergy search: the query failed: {result.errors[0]}", file=sys.stderr)
@@ -111,7 +137,7 @@ def run(
 
 def approximate_hits(index: str, query: np.ndarray, top_k: int, modality: str | None) -> list[Hit] | None:
     """Hits from the usearch index beside ``index`` (``synergy embed --build-index``), or None: scan instead."""
-    from .ann import open_index, search_approximate
+    from .ann import open_index, read_rows, search_approximate
 
     target = Path(index).with_suffix(".usearch")
     if not target.is_file():
@@ -120,12 +146,15 @@ def approximate_hits(index: str, query: np.ndarray, top_k: int, modality: str | 
     if ann is None:
         print(f"synergy search: {stale}", file=sys.stderr)
         return None
-    found = search_approximate(ann, index, query, top_k, modality)
-    if found is None:
-        return None
-    pq = require("pyarrow.parquet", "serve")
-    rows = [row for row, _ in found]
-    table = pq.read_table(index, columns=["path", "modality"]).take(rows)
+    try:
+        found = search_approximate(ann, index, query, top_k, modality)
+        if found is None:
+            return None
+        table = read_rows(index, [row for row, _ in found], ["path", "modality"])
+    except Exception as error:  # ArrowInvalid, OSError, ... from a damaged page of the hits' row groups
+        raise InferUsageError(
+            f"--index {index}: damaged, it cannot be read ({first_line(error)}); write it again with synergy embed"
+        ) from error
     print(f"synergy search: approximate ({target.name}); --exact scans every row", file=sys.stderr)
     return [
         Hit(path, kind, score)

@@ -50,7 +50,6 @@ def serve(
     labels_files = labels_by_name(labels)
     runtime = Runtime.open(bundle, backend=backend, device=device, threads=threads, batch_size=limits.max_batch)
     service = Service(runtime, limits, Path(bundle).absolute().name, labels_files)
-    app = create_app(service)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -58,8 +57,12 @@ def serve(
     except OSError as error:
         raise InferUsageError(f"cannot listen on {host}:{port}: {error.strerror}; choose another --port") from error
     bound = sock.getsockname()[1]
+    from .connections import HEADER_LIMIT, bounded_h11, limit_headers  # imports uvicorn: after ``require``
+
     config = uvicorn.Config(
-        app,
+        limit_headers(create_app(service)),
+        http=bounded_h11(limits.read_timeout_s),  # h11, not httptools: see connections.py
+        h11_max_incomplete_event_size=HEADER_LIMIT,
         log_level=log_level,
         access_log=False,
         timeout_graceful_shutdown=drain_seconds,

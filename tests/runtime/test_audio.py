@@ -186,3 +186,21 @@ def test_unsupported_types_and_rates():
     _raises((tone(0.1), 8000.5), "sample rate must be a positive integer")
     _raises((np.array(["a", "b"]), SAMPLE_RATE), "dtype")
     _raises((np.zeros((2, 3, 4), np.float32), SAMPLE_RATE), "shape")
+
+
+def test_a_rate_below_8_khz_is_refused_from_the_header_before_decoding(monkeypatch):
+    import io
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(599, np.float32), 1, format="WAV", subtype="PCM_16")  # 1.2 KB that claims 599 s
+    tiny = buffer.getvalue()
+    assert len(tiny) < 1300
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before the sample-rate check")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(soundfile.SoundFile, "read", no_decoding)
+        _raises(tiny, r"sample rate 1 Hz, below the 8,000 Hz minimum .*resample it")
+    _raises((np.zeros(7_999, np.float32), 7_999), r"sample rate 7,999 Hz, below the 8,000 Hz minimum")
+    assert load_audio((tone(0.1, rate=8_000), 8_000), SAMPLE_RATE).shape[0] > 0  # telephone audio is fine

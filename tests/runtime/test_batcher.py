@@ -105,3 +105,50 @@ def test_close_drains_the_queue_then_refuses():
     assert [f.result(timeout=1) for f in futures] == list(range(1, 8))
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(1)
+
+
+def test_a_cancelled_item_leaves_the_queue_at_once():
+    release = threading.Event()
+
+    def process(items):
+        release.wait(10)
+        return items
+
+    batcher = MicroBatcher(process, max_batch=1, max_wait_ms=0.0, max_queue=2)
+    try:
+        first = batcher.submit(0)
+        time.sleep(0.05)  # the worker holds item 0
+        withdrawn = [batcher.submit(1), batcher.submit(2)]  # the queue is full
+        assert len(batcher) == 2
+        assert all(f.cancel() for f in withdrawn)
+        assert len(batcher) == 0  # gone now, not when the worker would reach them
+        kept = [batcher.submit(3, timeout=0), batcher.submit(4, timeout=0)]  # their places are free
+        release.set()
+        assert [f.result(timeout=10) for f in [first, *kept]] == [0, 3, 4]
+        assert batcher.items == 3  # the withdrawn items were never processed
+    finally:
+        release.set()
+        batcher.close()
+
+
+def test_withdrawn_items_stop_a_batch_at_the_next_sub_batch():
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def process(items):
+        calls.append(list(items))
+        started.set()
+        release.wait(10)
+        return items
+
+    batcher = MicroBatcher(process, max_batch=12, max_wait_ms=200.0, sub_batch=4)
+    try:
+        futures = [batcher.submit(i) for i in range(12)]  # one batch of 12: three sub-batches of 4
+        assert started.wait(10)
+        assert [f.cancel() for f in futures] == [False] * 4 + [True] * 8  # the running sub-batch cannot be
+        release.set()
+        assert [f.result(timeout=10) for f in futures[:4]] == [0, 1, 2, 3]
+        batcher.close()
+        assert calls == [[0, 1, 2, 3]]  # the two later sub-batches never ran
+    finally:
+        release.set()
+        batcher.close()

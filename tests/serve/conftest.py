@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -70,6 +71,9 @@ class Server:
             self.process.kill()
             raise RuntimeError(f"the server did not start: {line}{self.process.stderr.read()}")
         self.url = line.split("listening on ")[1].split()[0]
+        self.lines: list[str] = []  # the rest of stderr, drained so that a chatty server never blocks on the pipe
+        self._drain = threading.Thread(target=self._read_stderr, daemon=True)
+        self._drain.start()
         deadline = time.monotonic() + 60
         while self.get("/readyz")[0] != 200:
             if time.monotonic() > deadline or self.process.poll() is not None:
@@ -97,6 +101,26 @@ class Server:
         except OSError:
             return 0, {}, None
 
+    def _read_stderr(self) -> None:
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    def log(self) -> str:
+        """stderr after the first line, so far (all of it once the process has exited)."""
+        if self.process.poll() is not None:
+            self._drain.join(10)
+        return "".join(self.lines)
+
+    def rss_mb(self) -> float:
+        """The server's resident memory now (VmRSS from /proc), in MB."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.url.split("//")[1].rsplit(":", 1)
+        return host, int(port)
+
     def metric(self, line_start: str) -> float:
         text = self.get("/metrics")[2]
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
@@ -109,7 +133,7 @@ class Server:
         finally:
             if self.process.poll() is None:
                 self.process.kill()
-            self.process.stderr.close()
+            self._drain.join(10)
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pa = pytest.importorskip("pyarrow", reason="synergy[serve] is not installed (pyarrow)")
-pq = pytest.importorskip("pyarrow.parquet", reason="synergy[serve] is not installed (pyarrow)")
+pa = pytest.importorskip("pyarrow", reason="synergy-clip[serve] is not installed (pyarrow)")
+pq = pytest.importorskip("pyarrow.parquet", reason="synergy-clip[serve] is not installed (pyarrow)")
 
 
 def synergy(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -142,7 +142,7 @@ def _manifest_paths(csv_path: Path) -> list[str]:
 
 @pytest.mark.slow  # a local Ray instance starts in 10-30 s on 2 cores
 def test_ray_engine_writes_the_same_rows_as_the_local_engine(corpus, bundle, tmp_path):
-    pytest.importorskip("ray.data", reason="synergy[ray] is not installed (ray[data])")
+    pytest.importorskip("ray.data", reason="synergy-clip[ray] is not installed (ray[data])")
     inputs = [str(corpus / "val.csv"), str(corpus / "audio/val/broken.wav")]
     local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
     assert synergy("embed", *inputs, "--bundle", str(bundle), "--out", str(local)).returncode == 1
@@ -187,7 +187,7 @@ def test_inputs_that_are_not_media_are_rows_with_their_reason(corpus, bundle, tm
 
 
 def test_approximate_index_agrees_with_the_exact_scan_and_is_not_used_when_stale(corpus, bundle, library, tmp_path):
-    pytest.importorskip("usearch", reason="usearch is not installed (synergy[index])")
+    pytest.importorskip("usearch", reason="usearch is not installed (synergy-clip[index])")
     from synergy.serve.corpus import embed_corpus
     from synergy.serve.search import approximate_hits, search_index
 
@@ -210,7 +210,7 @@ def test_approximate_index_agrees_with_the_exact_scan_and_is_not_used_when_stale
 
 
 def test_videos_are_rows_with_the_runtimes_fused_embedding(bundle, library, tmp_path):
-    pytest.importorskip("av", reason="synergy[video] is not installed (PyAV)")
+    pytest.importorskip("av", reason="synergy-clip[video] is not installed (PyAV)")
     from synergy.serve.corpus import embed_corpus
     from synergy.train.datasets.synth_video import write_video
 

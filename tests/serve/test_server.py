@@ -19,8 +19,8 @@ import pytest
 
 from .conftest import LABELS, Server, clip_bytes, image_bytes
 
-pytest.importorskip("starlette", reason="synergy[serve] is not installed (starlette, uvicorn, python-multipart)")
-pytest.importorskip("uvicorn", reason="synergy[serve] is not installed")
+pytest.importorskip("starlette", reason="synergy-clip[serve] is not installed (starlette, uvicorn, python-multipart)")
+pytest.importorskip("uvicorn", reason="synergy-clip[serve] is not installed")
 
 ATOL = 2e-6  # batched vs one-at-a-time onnxruntime: float rounding only
 
@@ -257,7 +257,7 @@ def test_sigterm_finishes_requests_in_flight(bundle, library):
     for thread in threads:
         thread.join(30)
     assert server.process.wait(timeout=30) == 0
-    assert "synergy serve: stopped" in server.process.stderr.read()
+    assert "synergy serve: stopped" in server.log()
     expected = library.embed_batch("audio", CLIPS[:4]).vectors
     for (status, _, answer), want in zip(answers, expected):
         assert status == 200
