@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from synergy.runtime.labels import label_prompts
+from synergy.runtime.prompts import label_prompts
 from synergy.runtime.search import l2_normalise
 
 

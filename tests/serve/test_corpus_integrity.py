@@ -26,7 +26,7 @@ def synergy(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from synergy.train.synth import synthesize
+    from synergy.train.datasets.synth import synthesize
 
     folder = tmp_path_factory.mktemp("corpus") / "synth"
     synthesize(folder, seed=0, train_per_class=1, val_per_class=1, heldout_per_class=0)
