@@ -108,6 +108,8 @@ class LogMelFrontend(nn.Module):
             raise ValueError(f"std={std} must be > 0 (it divides the features)")
         self.sample_rate, self.n_mels, self.num_frames = sample_rate, n_mels, num_frames
         self.mean, self.std = float(mean), float(std)
+        # a padding frame is 0 in the log domain, so this after normalisation: what SpecAugment masks with
+        self.padding_value = (0.0 - self.mean) / (2.0 * self.std)
         self.frame_length, self.hop_length, self.fft_length = kaldi_frame_sizes(sample_rate)
         self.n_freq = self.fft_length // 2 + 1
         # samples read by the first num_frames frames: the waveform is padded/cropped to exactly this many

@@ -350,7 +350,8 @@ def audio_copies(model, inputs, log_mel: torch.Tensor | None = None) -> torch.Te
     these clips when the forward already computed it (:func:`kept_log_mel`); None runs the front end here."""
     encoder = getattr(model, "module", model)  # DDP: the same parameters, their gradients reduced with the rest
     a = encoder.config.audio
-    augment = SpecAugment(1, max(1, a.n_mels * 48 // 128), 1, max(1, a.num_frames * 192 // 1024))
+    masks = (1, max(1, a.n_mels * 48 // 128), 1, max(1, a.num_frames * 192 // 1024))
+    augment = SpecAugment(*masks, fill=encoder.audio_frontend.padding_value)
     if log_mel is None:
         return encoder.encode_audio(inputs[3], inputs[4], augment=augment)
     # encode_audio's augmented path after its front end (the same masks from the same draws; a test holds them equal)
