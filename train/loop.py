@@ -50,7 +50,7 @@ from synergy.train.seeds import stable_seed
 MODALITIES = ("image", "text", "audio")
 LOG_EVERY_S = 30.0  # off a terminal, one progress line this often: a bar's \r updates would fill a log file
 RATE_WINDOW = 20  # steps behind samples/s: the recent speed, not a lifetime average with evaluations and saves in it
-# the other ranks wait in a barrier while rank 0 evaluates or saves; NCCL's default 10 minutes is too short for that
+# the other ranks wait in a collective while rank 0 evaluates or saves; NCCL's default 10 minutes is too short for that
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
 
 
@@ -59,8 +59,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
     schedule and randomness as an uninterrupted run); ``force``: replace an existing checkpoint; without either, an
     existing checkpoint is an error. With ``val_data``, the run ends with an evaluation, written to ``<out>/eval.json``
     (the report `synergy eval` writes)."""
-    check_train_config(config)
     process = start_process()
+    check_train_config(config, process.world)  # on every rank alike: the batch must split over the processes
     out = Path(config.out)
     checkpoint = out / "checkpoint"
     rows = read_manifest(config.data)
@@ -97,37 +97,45 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
             "step": step,
             "bad_samples": bad_total,
         }
-        if process.rank == 0:
-            save_checkpoint(checkpoint, model, tokenizer, train_state)
-        barrier(process)
+        on_rank_zero(lambda: save_checkpoint(checkpoint, model, tokenizer, train_state), process, "checkpoint save")
 
     model.train()
     tick = time.perf_counter()
     with StopOnInterrupt() as stop:
         for batch in loader:
             _check_batch(batch, step, config, log, process)
-            record = update(ddp, model, batch, optimizer, scheduler, step, config, process, autocast)
+            record = update(ddp, model, batch, optimizer, scheduler, step, config, process, autocast, stop)
             step = record["step"]
             bad_total += record.pop("bad")
+            stopping = record.pop("stop")  # agreed by every rank in the step's all_reduce: all stop at this step
             record["bad_samples"] = bad_total
             seconds, samples = time.perf_counter() - tick, len(batch["labels"]) * process.world
             final = step == config.steps
+            # save before evaluating: an evaluation that fails loses no training
+            if step % config.save_every == 0 or final:
+                save()
+                saved = step
             result = None
             if config.val_data and (final or (config.eval_every and step % config.eval_every == 0)):
-                result = evaluate_on_rank_zero(model, tokenizer, config.val_data, process)
+                try:
+                    result = evaluate_on_rank_zero(model, tokenizer, config.val_data, process, step)
+                except Exception:  # raised on every rank together (the failure is shared): same collectives
+                    log.step(record, seconds, samples)
+                    if step > saved:
+                        save()
+                    log.message(f"the evaluation at step {step} failed; {checkpoint} holds step {step}")
+                    log.close()
+                    raise
                 if result is not None:
                     record["val"] = result["zero_shot"]
                     log.message(f"step {step}: val zero-shot top-1 {_zero_shot_line(result)}")
             log.step(record, seconds, samples)
-            if step % config.save_every == 0 or final:
-                save()
-                saved = step
             if final and result is not None:
                 report = {Path(config.val_data).stem: result}
                 write_report(report, out / "eval.json")
                 log.message(f"evaluation of the final model on {config.val_data}:\n{format_report(report)}")
                 log.message(f"report: {out / 'eval.json'}")
-            if stop.requested and not final:  # Ctrl-C: keep what was trained since the last save, then stop
+            if stopping and not final:  # Ctrl-C: keep what was trained since the last save, then stop
                 if step > saved:
                     save()
                 log.message(f"interrupted at step {step}; {checkpoint} holds step {step}")
@@ -177,6 +185,38 @@ def ddp_device_ids(device: torch.device) -> list[int] | None:
 def barrier(process: Process) -> None:
     if process.world > 1:
         dist.barrier()
+
+
+class RankZeroFailed(RuntimeError):
+    """Raised on the other ranks when work that only rank 0 does failed (rank 0 raises the work's own error)."""
+
+
+def on_rank_zero(work, process: Process, what: str):
+    """``work()`` on rank 0 -> its result there (None on the other ranks). The others wait in one all_reduce that
+    carries whether it failed, so every rank runs the same collectives in the same order and a failure raises on
+    every rank at once, instead of leaving the others in a barrier until the process group's timeout (60 minutes;
+    STYLE rule 19). KeyboardInterrupt and the like are not caught: they end the process, and gloo/NCCL then fail the
+    others' wait."""
+    result, error = None, None
+    if process.rank == 0:
+        try:
+            result = work()
+        except Exception as caught:  # shared below, then raised
+            error = caught
+    if any_rank(error is not None, process):
+        if error is not None:
+            raise error
+        raise RankZeroFailed(f"rank 0's {what} failed; its error is in rank 0's output")
+    return result
+
+
+def any_rank(flag: bool, process: Process) -> bool:
+    """Whether ``flag`` is true on any rank; a collective: every rank must call it at the same point."""
+    if process.world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=process.device)
+    dist.all_reduce(value)
+    return value.item() > 0
 
 
 # ---------------------------------------------------------------------------------------- the model and its state
@@ -422,9 +462,12 @@ def train_step(
     return loss.detach()
 
 
-def update(ddp, model, batch, optimizer, scheduler, step: int, config: TrainConfig, process: Process, autocast):
+def update(
+    ddp, model, batch, optimizer, scheduler, step: int, config: TrainConfig, process: Process, autocast, stop=None
+):
     """Step ``step`` -> ``step + 1`` on one global batch: forward, backward, clip, AdamW, schedule. -> the step's
-    metrics record (with ``bad``, the bad samples of the batch over all ranks)."""
+    metrics record (with ``bad``, the bad samples of the batch over all ranks, and ``stop``: whether any rank's
+    ``stop`` (a :class:`StopOnInterrupt`) was requested by the time of the step's all_reduce)."""
     # dropout draws from a generator seeded by (seed, step, rank): an exact resume needs no saved RNG state
     torch.manual_seed(stable_seed(config.seed, step, process.rank))
     optimizer.zero_grad(set_to_none=True)
@@ -434,7 +477,9 @@ def update(ddp, model, batch, optimizer, scheduler, step: int, config: TrainConf
     scheduler.step()
     with torch.no_grad():
         model.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
-    loss, bad = _reduce(loss, len(batch["bad"]), process)
+    # the flag is read once, here, and only the reduced value is used: a Ctrl-C that lands on one rank after its
+    # reduce counts at the next step on every rank, so no rank stops a step before another (mismatched collectives)
+    loss, bad, stopping = _reduce(loss, len(batch["bad"]), stop is not None and stop.requested, process)
     return {
         "step": step + 1,
         "loss": round(loss, 5),
@@ -442,16 +487,19 @@ def update(ddp, model, batch, optimizer, scheduler, step: int, config: TrainConf
         "grad_norm": round(float(grad_norm), 4),
         "logit_scales": [round(s, 3) for s in model.logit_scales().tolist()],
         "bad": bad,
+        "stop": stopping,
     }
 
 
-def _reduce(loss: torch.Tensor, bad: int, process: Process) -> tuple[float, int]:
-    """(the full-batch loss, bad samples over all ranks): one all_reduce carries both."""
+def _reduce(loss: torch.Tensor, bad: int, stop: bool, process: Process) -> tuple[float, int, bool]:
+    """(the full-batch loss, bad samples over all ranks, whether any rank asked to stop): one all_reduce carries
+    the three (sums; a stop count above 0 is a stop)."""
     if process.world == 1:
-        return loss.item(), bad
-    stats = torch.stack([loss.float(), torch.tensor(float(bad), device=loss.device)])
+        return loss.item(), bad, stop
+    counts = torch.tensor([float(bad), float(stop)], device=loss.device)
+    stats = torch.cat([loss.float().reshape(1), counts])  # [3]
     dist.all_reduce(stats)
-    return stats[0].item(), int(stats[1].item())
+    return stats[0].item(), int(stats[1].item()), stats[2].item() > 0
 
 
 class StopOnInterrupt:
@@ -592,12 +640,11 @@ class RunLog:
 # ------------------------------------------------------------------------------------------------- the evaluation
 
 
-def evaluate_on_rank_zero(model: SynergyModel, tokenizer, val_data: str, process: Process) -> dict | None:
-    """Rank 0 evaluates the unwrapped model (no DDP collectives inside); the other ranks wait for it in a barrier,
-    not inside the next step's all_gather, so every rank runs the same collectives in the same order."""
-    result = evaluate(model, tokenizer, val_data) if process.rank == 0 else None
-    barrier(process)
-    return result
+def evaluate_on_rank_zero(model: SynergyModel, tokenizer, val_data: str, process: Process, step: int) -> dict | None:
+    """Rank 0 evaluates the unwrapped model (no DDP collectives inside) while the other ranks wait for it in
+    :func:`on_rank_zero`'s all_reduce, not inside the next step's all_gather; a failure raises on every rank."""
+    what = f"evaluation of {val_data} at step {step}"
+    return on_rank_zero(lambda: evaluate(model, tokenizer, val_data), process, what)
 
 
 def _zero_shot_line(result: dict) -> str:

@@ -3,6 +3,7 @@ equivalence, DDP equivalence (2 real gloo processes), evaluation and CLI smoke t
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from synergy.core.checkpoint import CheckpointError, load_checkpoint
 from synergy.core.config import ConfigError
 from synergy.core.model import create_model
 from synergy.kernels.contrastive import trimodal_contrastive_loss
-from synergy.train.config import TrainConfig, load_train_config
+from synergy.train.config import TrainConfig, check_train_config, load_train_config
 from synergy.train.data import Collate, DataError, EpochBatches, ManifestDataset, read_manifest
 from synergy.train.evaluate import evaluate
 from synergy.train.loop import RecentRate, _inputs, _masks, build_tokenizer, ddp_device_ids, train, train_step
@@ -459,6 +460,145 @@ def test_ddp_training_run_speaks_once_and_evaluates_between_barriers(tmp_path, s
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val" in r] == [1, 2, 3]
     assert (tmp_path / "run" / "eval.json").is_file()
+
+
+DDP_TRAIN_WORKER = """
+import json, os, signal, sys, torch
+import synergy.train.loop as loop
+from synergy.train.config import TrainConfig
+
+torch.set_num_threads(1)
+config, fault, rank = TrainConfig(**json.loads(sys.argv[1])), sys.argv[2], int(os.environ["RANK"])
+if fault == "evaluation" and rank == 0:  # rank 0's evaluation raises, as a broken val file or an OOM would
+
+    def evaluate(*args, **kwargs):
+        raise RuntimeError("the evaluation broke")
+
+    loop.evaluate = evaluate
+if fault == "interrupt" and rank == 1:  # Ctrl-C reaches rank 1 alone, in the middle of its step 2
+    real_step, calls = loop.train_step, []
+
+    def step_then_interrupt(*args, **kwargs):
+        loss = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    loop.train_step = step_then_interrupt
+steps, real_update = [], loop.update
+
+
+def counted_update(*args, **kwargs):
+    record = real_update(*args, **kwargs)
+    steps.append(record["step"])
+    return record
+
+
+loop.update = counted_update
+try:
+    loop.train(config, progress=False)
+    outcome = "finished"
+except KeyboardInterrupt:
+    outcome = "KeyboardInterrupt"
+except Exception as error:
+    outcome = f"{type(error).__name__}: {error}"
+with open(os.path.join(sys.argv[3], f"rank{rank}.json"), "w") as f:
+    json.dump({"outcome": outcome, "steps": steps}, f)
+sys.stdout.flush()
+os._exit(0)  # no teardown: a rank left waiting in a collective must show as a timeout, not be released by one
+"""
+
+
+def _run_ddp_training(tmp_path, config: TrainConfig, fault: str, timeout: float = 240) -> dict:
+    """train(config) in 2 processes joined by a gloo group (no torchrun: its agent would kill a waiting rank for us)
+    with ``fault`` injected -> {rank: {"outcome", "steps"}}. A rank still running after ``timeout`` s is killed and
+    reported as hung."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "worker.py").write_text(DDP_TRAIN_WORKER)
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    env["MASTER_PORT"] = str(port)
+    arguments = [json.dumps(dataclasses.asdict(config)), fault, str(reports)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(tmp_path / "worker.py"), *arguments],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outcomes = {}
+    for rank, process in enumerate(processes):
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            output = process.communicate()[0]
+            outcomes[rank] = {"outcome": f"hung past {timeout} s", "steps": None, "output": output[-2000:]}
+            continue
+        path = reports / f"rank{rank}.json"
+        result = json.loads(path.read_text()) if path.is_file() else {"outcome": f"exit {process.returncode}"}
+        outcomes[rank] = {**result, "output": output[-2000:]}
+    return outcomes
+
+
+def test_ddp_a_failed_final_evaluation_keeps_the_trained_steps_and_stops_every_rank(tmp_path, synth):
+    """Rank 0's final evaluation raises: the final step is saved first (nothing trained is lost), and the failure
+    reaches the other rank through a collective at once, instead of leaving it in a barrier for the process group's
+    60-minute timeout."""
+    config = _config(synth, tmp_path / "run", steps=3, save_every=100, val_data=str(synth / "val.csv"))
+    outcomes = _run_ddp_training(tmp_path, config, "evaluation")
+    assert outcomes[0]["outcome"] == "RuntimeError: the evaluation broke", outcomes
+    assert outcomes[1]["outcome"].startswith("RankZeroFailed: rank 0's evaluation of"), outcomes
+    assert outcomes[0]["steps"] == outcomes[1]["steps"] == [1, 2, 3]
+    state = torch.load(tmp_path / "run" / "checkpoint" / "train_state" / "state.pt", weights_only=True)
+    assert state["step"] == 3
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_ddp_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, synth):
+    """Under torchrun each process gets its own SIGINT, at its own moment: here only rank 1, during step 2. The stop
+    flag travels in the step's all_reduce, so both ranks finish step 2, save it once and stop, in the same
+    collectives; per-process flags had rank 1 wait in the save's barrier while rank 0 ran step 3's collectives."""
+    config = _config(synth, tmp_path / "run", steps=6, save_every=100)
+    outcomes = _run_ddp_training(tmp_path, config, "interrupt")
+    assert [outcomes[r]["outcome"] for r in range(2)] == ["KeyboardInterrupt"] * 2, outcomes
+    assert outcomes[0]["steps"] == outcomes[1]["steps"] == [1, 2], outcomes
+    state = torch.load(tmp_path / "run" / "checkpoint" / "train_state" / "state.pt", weights_only=True)
+    assert state["step"] == 2
+
+
+def test_ddp_a_batch_that_does_not_split_over_processes_and_micro_batches_is_refused(tmp_path, synth):
+    """batch 8 on 2 processes in 8 micro-batches: 4 rows per process cannot fill 8 micro-batches (4 would be empty).
+    Every rank refuses at start-up, naming the three numbers and a batch size that works."""
+    config = _config(synth, tmp_path / "run", batch_size=8, accumulation=8)
+    outcomes = _run_ddp_training(tmp_path, config, "none")
+    for rank in range(2):
+        assert outcomes[rank]["outcome"].startswith(
+            "ConfigError: batch_size 8 must be a positive multiple of processes 2 x accumulation 8 = 16"
+        ), outcomes
+        assert outcomes[rank]["steps"] == []
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_batch_size_must_split_into_micro_batches_on_every_process():
+    config = TrainConfig(model="tiny", data="t.csv", batch_size=12, accumulation=3)
+    check_train_config(config)  # one process: 4 rows per micro-batch
+    check_train_config(config, world=2)  # two: 2 rows per micro-batch
+    with pytest.raises(ConfigError, match=re.escape("processes 4 x accumulation 3 = 12")):
+        check_train_config(dataclasses.replace(config, batch_size=6), world=4)  # 1.5 rows per process
+    with pytest.raises(ConfigError, match=re.escape("processes 3 x accumulation 3 = 9 (") + ".*use batch_size=9"):
+        check_train_config(dataclasses.replace(config, batch_size=12), world=3)
 
 
 def test_evaluate_reports_all_directions(tmp_path, synth):
