@@ -148,11 +148,17 @@ def test_training_loss_falls_and_the_run_ends_with_its_evaluation(tmp_path, synt
     assert [r["step"] for r in records] == list(range(1, 25))
     first, last = np.mean([r["loss"] for r in records[:4]]), np.mean([r["loss"] for r in records[-4:]])
     assert last < first - 0.3, (first, last)
-    model, _ = load_checkpoint(checkpoint)
-    assert model.config.embed_dim == 24
+    assert load_checkpoint(checkpoint)[0].config.embed_dim == 24
     # eval_every=0 promises an evaluation at the end: the report `synergy eval` writes, beside the checkpoint
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert report["val"]["zero_shot"] == records[-1]["val"] and report["val"]["rows"] == len(read_manifest(val))
+    # the reported numbers are the saved model's: recomputed row by row from the checkpoint, they are equal (on the
+    # training rows too, where top-5 has enough hits for a mislabelled or misaligned row to change a number)
+    model, tokenizer = load_checkpoint(checkpoint)
+    assert _check_zero_shot(report["val"]["zero_shot"], model, tokenizer, val) <= 5  # (row, k) pairs left to ties
+    on_train_rows = evaluate(model, tokenizer, synth / "train.csv")["zero_shot"]
+    assert _check_zero_shot(on_train_rows, model, tokenizer, synth / "train.csv") <= 5
+    assert sum(value["top5"] for value in on_train_rows.values()) > 0
     captured = capsys.readouterr()
     assert "evaluation of the final model" in captured.out and "audio -> label" in captured.out
     assert "step 24: val zero-shot top-1 audio" in captured.out
@@ -160,6 +166,72 @@ def test_training_loss_falls_and_the_run_ends_with_its_evaluation(tmp_path, synt
     assert "\r" not in captured.err + captured.out
     assert "step 24/24  loss" in captured.out and captured.out.count("/24  loss") <= 24
     assert "training tiny (" in captured.out and "steps x batch 16" in captured.out  # the start-of-run summary
+
+
+@torch.no_grad()
+def _embed_row_by_row(model, tokenizer, csv_path):
+    """Apart from train.evaluate: one label's prompts and one manifest row at a time (no batching, no masks to line
+    up). -> (label of each row, the sorted labels, their prompt-ensemble embeddings [K, D], each row's
+    {"image"|"audio"|"text": [D]} for the modalities it has; audio: every window, their mean re-normalised)."""
+    from synergy.runtime.text import tokenize
+
+    normalize = torch.nn.functional.normalize
+    model.eval()
+    rows = read_manifest(csv_path)
+    labels = sorted({row.label for row in rows})
+    classes = []
+    for label in labels:
+        ids, mask = tokenize(tokenizer, [t.format(label) for t in model.config.prompt_templates])
+        classes.append(normalize(model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask)).mean(0), dim=-1))
+    dataset = ManifestDataset.for_model(rows, model.config, text_mode="caption")
+    collate = Collate(tokenizer, model.config.image.image_size, dataset.clip_samples)
+    embedded = []
+    for i in range(len(rows)):
+        batch, row = collate([dataset[i]]), {}
+        if batch["image_mask"][0]:
+            row["image"] = model.encode_image(batch["pixel_values"])[0]
+        if batch["audio_mask"][0]:
+            row["audio"] = normalize(model.encode_audio(batch["waveform"], batch["waveform_lengths"]).sum(0), dim=-1)
+        if batch["text_mask"][0]:
+            row["text"] = model.encode_text(batch["input_ids"], batch["attention_mask"])[0]
+        embedded.append(row)
+    return [row.label for row in rows], labels, torch.stack(classes), embedded
+
+
+FLOAT_NOISE = 1e-5  # cosines batched vs one row at a time differ by ~1e-7; a closer pair is a tie either way
+
+
+def _hit_range(scores: torch.Tensor, own: int, k: int) -> tuple[bool, bool]:
+    """(certainly in the top k, possibly in the top k): keys within FLOAT_NOISE of the own key's score may rank
+    either side of it (an untrained text tower gives labels exactly equal embeddings)."""
+    better = (scores > scores[own] + FLOAT_NOISE).sum().item()
+    tied = ((scores - scores[own]).abs() <= FLOAT_NOISE).sum().item() - 1
+    return better + tied < k, better < k
+
+
+def _percent_range(hits: list[tuple[bool, bool]]) -> tuple[float, float]:
+    return (round(100 * sum(c for c, _ in hits) / len(hits), 2), round(100 * sum(p for _, p in hits) / len(hits), 2))
+
+
+def _check_zero_shot(reported: dict, model, tokenizer, csv_path) -> int:
+    """Each reported zero-shot top-1 / top-5 lies in the range recomputed row by row (:func:`_embed_row_by_row`), and
+    ``n`` is the count of rows with the query. -> how many rows the recomputation could not decide (ties)."""
+    row_labels, labels, classes, embedded = _embed_row_by_row(model, tokenizer, csv_path)
+    undecided = 0
+    for name in ("audio", "image", "audio+image"):
+        hits = {1: [], 5: []}
+        for label, row in zip(row_labels, embedded):
+            if name == "audio+image" and "audio" in row and "image" in row:
+                row = {**row, name: torch.nn.functional.normalize(row["audio"] + row["image"], dim=-1)}
+            if name in row:
+                for k in hits:
+                    hits[k].append(_hit_range(classes @ row[name], labels.index(label), k))
+        assert reported[name]["n"] == len(hits[1]), name
+        for k, found in hits.items():
+            low, high = _percent_range(found)
+            assert low <= reported[name][f"top{k}"] <= high, (name, k, reported[name], low, high)
+            undecided += sum(c != p for c, p in found)
+    return undecided
 
 
 def test_a_manifest_with_wrong_paths_stops_before_step_one(tmp_path, synth):
@@ -610,8 +682,17 @@ def test_evaluate_reports_all_directions(tmp_path, synth):
         result["retrieval"]
     )
     assert "image+(audio missing)->text" in result["retrieval"]
-    for value in result["zero_shot"].values():
-        assert 0 <= value["top1"] <= value["top5"] <= 100
+    # the numbers: each retrieval direction recomputed row by row (R@k: fewer than k other rows' keys strictly
+    # closer), and the zero-shot table; ties within float noise may fall either way
+    _, _, _, embedded = _embed_row_by_row(model, tokenizer, synth / "val.csv")
+    for query, key in (("image", "text"), ("audio", "image"), ("text", "audio")):
+        both = [row for row in embedded if query in row and key in row]
+        similarity = torch.stack([row[query] for row in both]) @ torch.stack([row[key] for row in both]).T
+        for k in (1, 5, 10):
+            low, high = _percent_range([_hit_range(similarity[i], i, k) for i in range(len(both))])
+            assert low <= result["retrieval"][f"{query}->{key}"][f"R@{k}"] <= high, (query, key, k)
+            assert high - low < 20  # most rows decided: the check has teeth
+    _check_zero_shot(result["zero_shot"], model, tokenizer, synth / "val.csv")
 
 
 def test_train_config_overrides(tmp_path):
