@@ -505,15 +505,27 @@ def _reduce(loss: torch.Tensor, bad: int, stop: bool, process: Process) -> tuple
 class StopOnInterrupt:
     """Ctrl-C (SIGINT) asks the loop to stop at the end of the current step, so the checkpoint saved then is never
     torn between an optimizer update and the step count; a second Ctrl-C interrupts at once. Off the main thread
-    (where no handler can be installed) Ctrl-C keeps its default."""
+    (where no handler can be installed) Ctrl-C keeps its default.
+
+    One press can arrive twice: under torchrun the terminal signals every worker, and torchrun's agent, on its own
+    SIGINT, sends each worker SIGINT again (then SIGKILL after 30 s). A SIGINT within ``SAME_PRESS_S`` of the first
+    is that echo, not a second press."""
+
+    SAME_PRESS_S = 2.0
 
     def __init__(self):
-        self.requested, self.previous = False, None
+        self.first, self.previous = None, None  # first: time.monotonic() of the first SIGINT
+
+    @property
+    def requested(self) -> bool:
+        return self.first is not None
 
     def _handle(self, signum, frame):
-        if self.requested:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        elif now - self.first > self.SAME_PRESS_S:
             raise KeyboardInterrupt
-        self.requested = True
 
     def __enter__(self) -> StopOnInterrupt:
         if threading.current_thread() is threading.main_thread():

@@ -650,6 +650,62 @@ def test_ddp_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, synt
     assert state["step"] == 2
 
 
+def test_ctrl_c_under_torchrun_stops_every_rank_once_at_the_same_step(tmp_path, synth):
+    """Ctrl-C in a terminal signals torchrun's whole process group: each worker gets SIGINT from the terminal, and
+    torchrun's agent sends each one SIGINT again (then SIGKILL after 30 s). That echo is the same press, not a
+    second one: both ranks finish the step they agreed on, rank 0 saves it once, and the run says where it stopped."""
+    import time
+
+    sets = [f"data={synth / 'train.csv'}", f"out={tmp_path / 'run'}", "model=tiny", "steps=400", "save_every=1000"]
+    sets += ["batch_size=8", "workers=0", "warmup_steps=1"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += ["-m", "synergy.cli", "train", *(part for item in sets for part in ("--set", item))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"training did not start:\n{process.communicate(timeout=30)[0][-3000:]}")
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    step = torch.load(tmp_path / "run" / "checkpoint" / "train_state" / "state.pt", weights_only=True)["step"]
+    assert 2 <= step < 400, output[-3000:]
+    assert output.count("interrupted at step") == 1 and f"interrupted at step {step};" in output, output[-3000:]
+    assert "Traceback" not in output.split("interrupted at step")[0], output[-3000:]  # no rank died mid-step
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, step + 1))
+
+
+def test_one_ctrl_c_delivered_twice_is_one_request_and_a_later_one_interrupts():
+    """torchrun's echo of the terminal's SIGINT comes right after it: the same press (the step still finishes and
+    saves). A press after StopOnInterrupt.SAME_PRESS_S is a second one and interrupts at once. Real signals."""
+    import time
+
+    from synergy.train.loop import StopOnInterrupt
+
+    with StopOnInterrupt() as stop:
+        stop.SAME_PRESS_S = 0.5
+        assert not stop.requested
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # the terminal's
+            os.kill(os.getpid(), signal.SIGINT)  # torchrun's agent's, a moment later
+        except KeyboardInterrupt:
+            pytest.fail("the echo of one Ctrl-C interrupted the step, as a second press would")
+        assert stop.requested
+        time.sleep(0.6)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # a second press
+            time.sleep(1)  # the handler runs in this thread at the next bytecode; never reached
+
+
 def test_ddp_a_batch_that_does_not_split_over_processes_and_micro_batches_is_refused(tmp_path, synth):
     """batch 8 on 2 processes in 8 micro-batches: 4 rows per process cannot fill 8 micro-batches (4 would be empty).
     Every rank refuses at start-up, naming the three numbers and a batch size that works."""
