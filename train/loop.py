@@ -234,9 +234,8 @@ def build_tokenizer(model: SynergyModel, rows):
 def model_and_state(config: TrainConfig, rows, checkpoint: Path, resume: bool, force: bool, process: Process):
     """-> (model, tokenizer, train state or None). Resuming loads all three from ``checkpoint``, after putting back
     the last complete checkpoint if a save was killed; a fresh run refuses to replace a checkpoint unless forced."""
-    if process.rank == 0:
-        recover_checkpoint(checkpoint)
-    barrier(process)  # no rank reads the checkpoint while rank 0 may still be renaming it back
+    # no rank reads the checkpoint while rank 0 may still be renaming it back
+    on_rank_zero(lambda: recover_checkpoint(checkpoint), process, f"recovery of {checkpoint}")
     if resume:
         if not checkpoint.is_dir():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}; start without --resume")
@@ -302,16 +301,22 @@ def _loader(config: TrainConfig, dataset: ManifestDataset, tokenizer, start_step
 
 def _check_batch(batch, step: int, config: TrainConfig, log: RunLog, process: Process) -> None:
     """Bad samples are reported (or stop the run); a global batch in which no row has two usable modalities stops
-    the run, since its loss would be a silent 0."""
-    if batch["bad"] and config.on_bad_sample == "error":
+    the run, since its loss would be a silent 0. Every rank decides from the same all_reduce, so a bad sample on one
+    rank stops them all here, none left waiting in the step's collectives."""
+    stop_here = bool(batch["bad"]) and config.on_bad_sample == "error"
+    usable = sum(batch[f"{m}_mask"].long() for m in MODALITIES) >= 2  # [b]: the row gives the loss a pair
+    counts = torch.stack([usable.sum(), torch.tensor(int(stop_here))]).to(process.device)  # [usable rows, stops]
+    if process.world > 1:
+        dist.all_reduce(counts)  # another rank's rows are negatives here too: only the global count matters
+    if stop_here:
         raise DataError(f"bad sample: {batch['bad'][0]} (use --set on_bad_sample=skip to skip such rows)")
+    if counts[1].item() > 0:
+        raise DataError(
+            f"step {step + 1}: another process stopped on a bad sample (on_bad_sample=error); its error names it"
+        )
     for message in batch["bad"]:
         log.message(f"skipping bad sample: {message}")
-    usable = sum(batch[f"{m}_mask"].long() for m in MODALITIES) >= 2  # [b]: the row gives the loss a pair
-    count = usable.sum().to(process.device)
-    if process.world > 1:
-        dist.all_reduce(count)  # another rank's rows are negatives here too: only the global count matters
-    if count.item() == 0:
+    if counts[0].item() == 0:
         raise DataError(
             f"step {step + 1}: no row of the batch has two usable modalities ({len(batch['bad'])} bad sample(s) "
             "here); its loss would be 0. Check the manifest (paths are relative to the CSV's folder) or raise "

@@ -706,6 +706,25 @@ def test_one_ctrl_c_delivered_twice_is_one_request_and_a_later_one_interrupts():
             time.sleep(1)  # the handler runs in this thread at the next bytecode; never reached
 
 
+def test_ddp_a_bad_sample_on_one_rank_stops_every_rank(tmp_path, synth):
+    """on_bad_sample=error with the broken row in one process's half of the batch: that rank raises its message and
+    the other, told through the step's first all_reduce, raises too, instead of waiting there for a peer that left."""
+    lines = (synth / "train.csv").read_text().splitlines()  # one batch of every row: 1 bad in 48 passes the start
+    lines[3] = "images/nope.png," + lines[3].split(",", 1)[1]
+    manifest = synth / "broken_on_one_rank.csv"  # beside the files: its paths are relative to its folder
+    manifest.write_text("\n".join(lines) + "\n")
+    try:
+        config = _config(synth, tmp_path / "run", data=str(manifest), on_bad_sample="error", batch_size=len(lines) - 1)
+        outcomes = _run_ddp_training(tmp_path, config, "none")
+    finally:
+        manifest.unlink()
+    messages = sorted(outcomes[rank]["outcome"] for rank in range(2))
+    assert messages[0].startswith("DataError: bad sample: ") and "nope.png: no such file" in messages[0], outcomes
+    expected = "DataError: step 1: another process stopped on a bad sample (on_bad_sample=error); its error names it"
+    assert messages[1] == expected, outcomes
+    assert outcomes[0]["steps"] == outcomes[1]["steps"] == []
+
+
 def test_ddp_a_batch_that_does_not_split_over_processes_and_micro_batches_is_refused(tmp_path, synth):
     """batch 8 on 2 processes in 8 micro-batches: 4 rows per process cannot fill 8 micro-batches (4 would be empty).
     Every rank refuses at start-up, naming the three numbers and a batch size that works."""
