@@ -16,7 +16,6 @@ patchy) and no Python branch on the input length.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -108,6 +107,8 @@ class LogMelFrontend(nn.Module):
             raise ValueError(f"std={std} must be > 0 (it divides the features)")
         self.sample_rate, self.n_mels, self.num_frames = sample_rate, n_mels, num_frames
         self.mean, self.std = float(mean), float(std)
+        # a padding frame is 0 in the log domain, so this after normalisation: what SpecAugment masks with
+        self.padding_value = (0.0 - self.mean) / (2.0 * self.std)
         self.frame_length, self.hop_length, self.fft_length = kaldi_frame_sizes(sample_rate)
         self.n_freq = self.fft_length // 2 + 1
         # samples read by the first num_frames frames: the waveform is padded/cropped to exactly this many
@@ -128,9 +129,11 @@ class LogMelFrontend(nn.Module):
         if lengths is None:
             lengths = torch.full(waveform.shape[:1], waveform.shape[-1], dtype=torch.int64, device=waveform.device)
         lengths = lengths.to(torch.int64).clamp(max=self.num_samples)[:, None]  # [B, 1]
-        # autocast would run the conv in bf16/fp16 and bury quiet bins under rounding noise: keep float32
-        with torch.autocast(device_type=waveform.device.type, enabled=False), _true_float32(waveform.device):
-            wave = waveform.to(torch.float32)
+        # autocast would run the conv in bf16/fp16 and bury quiet bins under rounding noise: autocast off, and the
+        # spectrum in spectrum_dtype (float32 on CPU and in export, float64 on CUDA: no TF32 there)
+        dtype = spectrum_dtype(waveform.device)
+        with torch.autocast(device_type=waveform.device.type, enabled=False):
+            wave = waveform.to(dtype)
             # pad then crop to exactly the samples num_frames frames read: the frame count is static, short clips
             # (even T < frame_length) never under-run the conv, and long clips cost no more than a full one
             wave = F.pad(wave, (0, self.num_samples))[:, : self.num_samples]  # [B, num_samples]
@@ -140,12 +143,13 @@ class LogMelFrontend(nn.Module):
             # the clip's mean (over its real samples only) first, which keeps that leak at the level of the
             # signal's own rounding
             wave = torch.where(is_sample, wave, 0.0)
-            mean = wave.sum(dim=-1, keepdim=True) / lengths.clamp(min=1).to(torch.float32)
+            mean = wave.sum(dim=-1, keepdim=True) / lengths.clamp(min=1).to(dtype)
             wave = torch.where(is_sample, wave - mean, 0.0)
-            spectrum = F.conv1d(wave[:, None, :], self.dft_kernel, stride=self.hop_length)  # [B, 2 * n_freq, frames]
+            kernel, mel_filters = self.dft_kernel.to(dtype), self.mel_filters.to(dtype)  # no-ops in float32
+            spectrum = F.conv1d(wave[:, None, :], kernel, stride=self.hop_length)  # [B, 2 * n_freq, frames]
             real, imag = spectrum.split(self.n_freq, dim=1)
             power = (real.square() + imag.square()).transpose(1, 2)  # [B, num_frames, n_freq]
-            log_mel = torch.log(torch.clamp(power @ self.mel_filters, min=MEL_FLOOR))  # [B, num_frames, n_mels]
+            log_mel = torch.log(torch.clamp(power @ mel_filters, min=MEL_FLOOR)).to(torch.float32)  # [B, frames, mels]
             # kaldi snip-edges: a frame that runs past the row's real samples is not a frame; AST pads the log-mel
             # with 0 there (frames past the end of the tensor would read zeros instead: the same rule covers them)
             is_real_frame = self.frame_ends <= lengths  # [B, num_frames]
@@ -153,24 +157,18 @@ class LogMelFrontend(nn.Module):
             return (log_mel - self.mean) / (2.0 * self.std)
 
 
-def _true_float32(device: torch.device):
-    """cuDNN runs float32 convolutions in TF32 by default on Ampere and newer, and ``set_float32_matmul_precision``
-    lets matmuls do the same: 10 mantissa bits would move quiet bins between GPU training and the float32 ONNX
-    runtime. Force IEEE float32 for the front end on CUDA (restored afterwards); nothing to do on CPU or in export."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return _cuda_ieee_float32()
+def spectrum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the front end's DFT convolution and mel matmul on ``device``.
 
-
-@contextlib.contextmanager
-def _cuda_ieee_float32():
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = cudnn.allow_tf32, matmul.allow_tf32
-    cudnn.allow_tf32, matmul.allow_tf32 = False, False
-    try:
-        yield
-    finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = saved
+    On CUDA, cuDNN runs float32 convolutions in TF32 by default (Ampere and newer) and matmuls follow
+    ``set_float32_matmul_precision``: 10 mantissa bits would move quiet bins between GPU training and the float32
+    ONNX runtime. float64 has no TF32 mode, so CUDA runs these two ops in float64 and the result matches the float32
+    CPU path to float32 rounding, whatever the process's TF32 settings, without touching them: switching the global
+    flags inside a forward changed them for every other thread, and on torch >= 2.9 reading the legacy
+    ``allow_tf32`` flags raises once anything in the process used the ``fp32_precision`` API. The cost is small
+    beside the towers (one conv and one matmul per clip), on GPUs with slow float64 too. CPU and export (traced on
+    CPU) keep float32, the arithmetic of the runtime's graph."""
+    return torch.float64 if device.type == "cuda" else torch.float32
 
 
 def check_clip_geometry(sample_rate: int, clip_seconds: float, num_frames: int) -> None:

@@ -22,13 +22,18 @@ AUDIO_INTRA_SCALE = 1 / 0.07
 
 class SpecAugment(nn.Module):
     """``freq_masks`` bands of up to ``freq_width`` mel bins and ``time_masks`` spans of up to ``time_width`` frames
-    set to 0 (the normalised log-mel's padding value), drawn per row. Only a row's real frames (``frames`` [B]) are
-    masked in time, so a short clip is never masked where it has no sound."""
+    set to ``fill``, drawn per row. Only a row's real frames (``frames`` [B]) are masked in time, so a short clip is
+    never masked where it has no sound.
 
-    def __init__(self, freq_masks: int = 2, freq_width: int = 24, time_masks: int = 2, time_width: int = 48):
+    ``fill`` is the value the front end gives padding frames, so a masked cell reads as silence-padding does:
+    ``LogMelFrontend.padding_value``, i.e. ``(0 - mean) / (2 * std)`` after AST's normalisation (+0.467 with AudioSet's
+    constants), not 0 (which is the log-mel's mean, a loud-ish frame)."""
+
+    def __init__(self, freq_masks: int, freq_width: int, time_masks: int, time_width: int, fill: float):
         super().__init__()
         self.freq_masks, self.freq_width = freq_masks, freq_width
         self.time_masks, self.time_width = time_masks, time_width
+        self.fill = float(fill)
 
     def forward(self, log_mel: Tensor, frames: Tensor | None = None, generator: torch.Generator | None = None):
         """log_mel: [B, T, M] -> [B, T, M] with masks; ``frames``: [B] real frames per row (None: all T)."""
@@ -48,7 +53,7 @@ class SpecAugment(nn.Module):
                 start = (_uniform(batch, generator, log_mel.device) * (limit - size + 1)).floor()  # [B]
                 inside = (index >= start[:, None]) & (index < (start + size)[:, None])  # [B, axis_len]
                 keep &= ~(inside[:, None, :] if index is mel_index else inside[:, :, None])
-        return torch.where(keep, log_mel, torch.zeros((), dtype=log_mel.dtype, device=log_mel.device))
+        return torch.where(keep, log_mel, torch.full((), self.fill, dtype=log_mel.dtype, device=log_mel.device))
 
 
 def _uniform(batch: int, generator, device) -> Tensor:

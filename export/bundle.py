@@ -5,8 +5,10 @@ attention; export the three towers with ``torch.onnx.export(dynamo=True)`` (:mod
 if asked (:mod:`.fp16`); save, check (``onnx.checker`` full check, no STFT/DFT, external data inside the bundle)
 and verify against PyTorch in onnxruntime (:mod:`.verify`); build and verify TensorRT engines for ``trt``; write
 Triton configs for ``triton``; copy ``tokenizer.json``; write ``manifest.json`` with the sha256 of every file
-and read it back. Everything happens in a temporary sibling folder that is renamed into place at the end, so a
-failed or interrupted export leaves nothing behind (and ``--force`` replaces the old bundle only then).
+and read it back. Everything happens in a temporary sibling folder swapped into place at the end by
+``core.atomic_folder`` (the checkpoints' writer), so a failed export leaves nothing behind, ``--force`` replaces the
+old bundle only then, and what a killed one leaves (a temp folder, the old bundle renamed aside) is put right by
+the next export before it looks at ``out``.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from __future__ import annotations
 import contextlib
 import platform as platform_module
 import shutil
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
+from synergy.core.atomic_folder import DiskFullError, atomic_folder, recover_folder
 from synergy.export.errors import ExportError
 from synergy.export.tensorrt_engines import BatchProfile
 from synergy.runtime.bundle import load_manifest, sha256_file, write_manifest
@@ -85,30 +87,30 @@ def export_bundle(
 
     model, tokenizer, checkpoint_hashes = _load(checkpoint)
     evaluation = _evaluation_set(model, eval_data)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    # the one atomic folder writer, shared with checkpoints: a temp sibling, fsynced, swapped in by two renames,
+    # with the recovery a kill between them needs; it holds a lock on out's parent for the whole export, so a
+    # temp folder found there by another writer is a dead one's and goes
     try:
-        manifest, report = _write_bundle(
-            tmp,
-            model=model,
-            tokenizer=tokenizer,
-            checkpoint=checkpoint,
-            checkpoint_hashes=checkpoint_hashes,
-            fmt=fmt,
-            precision=precision,
-            opset=opset,
-            evaluation=evaluation,
-            external_data=external_data,
-            batch=batch,
-            triton_platform=triton_platform,
-            trt=trt,
-            capability=capability,
-            started=started,
-        )
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_folder(out) as tmp:
+            manifest, report = _write_bundle(
+                tmp,
+                model=model,
+                tokenizer=tokenizer,
+                checkpoint=checkpoint,
+                checkpoint_hashes=checkpoint_hashes,
+                fmt=fmt,
+                precision=precision,
+                opset=opset,
+                evaluation=evaluation,
+                external_data=external_data,
+                batch=batch,
+                triton_platform=triton_platform,
+                trt=trt,
+                capability=capability,
+                started=started,
+            )
+    except DiskFullError as error:
+        raise ExportError(f"{error.strerror}; free some space and export again") from error
     sizes = ", ".join(f"{name} ({_size(out / name)})" for name in sorted(manifest.files))
     return f"{report}\nwrote {out}: {sizes}\nexported in {time.perf_counter() - started:.1f} s"
 
@@ -131,10 +133,16 @@ def _check_arguments(fmt: str, precision: str, opset: int, triton_platform: str)
 
 def check_output(checkpoint: Path, out: Path, force: bool) -> None:
     """Raise ``ExportError`` unless ``out`` may receive the bundle: apart from the checkpoint, and new, or a bundle
-    replaced with ``force``. Imports no torch: ``synergy export`` calls it before loading anything."""
+    replaced with ``force``. Imports no torch: ``synergy export`` calls it before loading anything.
+
+    First it finishes what a killed export left (:func:`~synergy.core.atomic_folder.recover_folder`): the previous
+    bundle back from ``.out.old`` when the kill fell between the swap's two renames, dead temp folders removed; so
+    the checks below see the bundle a user last had."""
     source, target = checkpoint.resolve(), out.resolve()
     if target == source or target in source.parents or source in target.parents:
         raise ExportError(f"--out {out} overlaps the checkpoint folder {checkpoint}; write the bundle elsewhere")
+    if out.parent.is_dir():
+        recover_folder(out)
     if not out.exists():
         return
     if not out.is_dir():
@@ -371,14 +379,6 @@ def _manifest(tmp: Path, tower_files: dict, specs: dict, verifications, extra: d
             "export_seconds": round(time.perf_counter() - job["started"], 2),
         },
     )
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """fsync the new bundle (files and folders), then swap it in: the old bundle (``--force``) goes only once the new
-    one is whole. The one atomic folder writer, shared with checkpoints."""
-    from synergy.core.atomic_folder import replace_folder
-
-    replace_folder(tmp, out)
 
 
 def _size(path: Path) -> str:

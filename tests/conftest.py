@@ -10,6 +10,9 @@ Triton reads TRITON_INTERPRET once, when a kernel is defined, so a process runs 
   teardown, with tracebacks) are replayed here under their own node ids, so -x, -ra, --junitxml and the exit status
   see them as if they had run in this process; a test without a report from its child fails with the child's output.
 - `requires_cuda` tests skip with the reason where torch sees no CUDA device.
+- Under CI (the environment variable CI set, as CI services and .ci/run set it) a skip is a failure unless its reason
+  names hardware this machine lacks (ALLOWED_SKIP_REASONS): a missing extra skips whole test files, and a green run
+  that tested nothing of the server must not pass as a test of it.
 """
 
 import json
@@ -34,6 +37,12 @@ REPORTS_PATH = os.environ.pop(REPORTS_ENV, None)
 _config: pytest.Config | None = None
 _children: list["_InterpretedChild"] = []
 _child_of: dict[str, "_InterpretedChild"] = {}
+# skip reasons that CI accepts: hardware (or its SDK) a CPU machine cannot have; any other skip fails a CI run. The
+# ffmpeg CLI is a system binary pip cannot install (the runtime decodes with PyAV; the CLI is only the reference its
+# rotation tests compare against)
+ALLOWED_SKIP_REASONS = ("CUDA", "GPU", "TensorRT", "the ffmpeg CLI is not installed")
+_skips: list[tuple[str, str]] = []  # (node id, reason) of every skipped test and collected-then-skipped file
+_unexpected_skips: list[tuple[str, str]] = []
 
 
 def _cuda_available() -> bool:
@@ -128,7 +137,48 @@ def pytest_runtest_protocol(item, nextitem):
     return True
 
 
+# --- under CI: a skip needs an allowed reason -----------------------------------------------------------------------
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def skip_reason(report) -> str:
+    """A skipped report's reason: pytest keeps (path, line, "Skipped: <reason>") for skips."""
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def unexpected_skips(skips: list[tuple[str, str]], allowed=ALLOWED_SKIP_REASONS) -> list[tuple[str, str]]:
+    return [(nodeid, reason) for nodeid, reason in skips if not any(word in reason for word in allowed)]
+
+
+def pytest_collectreport(report):
+    if report.skipped:  # a module-level importorskip: the whole file
+        _skips.append((report.nodeid, skip_reason(report)))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    if not in_ci() or REPORTS_PATH:  # a child's skips are replayed, and judged, in its parent
+        return
+    _unexpected_skips.extend(unexpected_skips(_skips))
+    if _unexpected_skips and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter):
+    if _unexpected_skips:
+        terminalreporter.section("skips CI does not accept", sep="=", red=True, bold=True)
+        for nodeid, reason in _unexpected_skips:
+            terminalreporter.write_line(f"{nodeid}: {reason}")
+        terminalreporter.write_line(
+            f"{len(_unexpected_skips)} skip(s) for a reason other than {', '.join(ALLOWED_SKIP_REASONS)}: under CI "
+            "(CI is set) they fail the run. Install what they name (make install takes every extra: pip install -e "
+            "'.[export,dev]'), or fix the test."
+        )
     if _children:
         n = sum(len(child.nodeids) for child in _children)
         terminalreporter.write_line(
@@ -144,10 +194,12 @@ def pytest_unconfigure(config):
             child.process.wait()
 
 
-# --- in a child: write every report where the parent reads it -----------------------------------------------------
+# --- every report: skips noted (for CI); in a child, also written where the parent reads them -------------------------
 
 
 def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _skips.append((report.nodeid, skip_reason(report)))
     if REPORTS_PATH and _config is not None:
         data = _config.hook.pytest_report_to_serializable(config=_config, report=report)
         with open(REPORTS_PATH, "a") as out:

@@ -84,3 +84,77 @@ def test_child_failures_and_environment_reach_the_parent(tmp_path):
     assert len(failed) == 1 and failed[0].split(" - ")[0].endswith("test_mini.py::test_fails_in_the_child"), output
     assert "wrong arithmetic, reported from the child" in output, output
     assert re.search(r"2 interpreted kernel tests ran in [12] child process\(es\)", output), output
+
+
+SKIPPING_SUITE = {
+    "test_hardware.py": """
+import pytest
+
+
+@pytest.mark.skip(reason="requires an NVIDIA GPU with CUDA; none is visible to torch on this machine")
+def test_on_a_gpu():
+    pass
+
+
+def test_with_tensorrt():
+    pytest.skip("needs the TensorRT Python package (pip install 'synergy[tensorrt]')")
+
+
+@pytest.mark.xfail(reason="a known bug, not a skip")
+def test_known_bug():
+    assert False
+
+
+def test_runs():
+    pass
+""",
+    "test_extra.py": """
+import pytest
+
+pytest.importorskip("a_module_nobody_installed", reason="synergy[serve] is not installed")
+
+
+def test_the_server():
+    pass
+""",
+    "test_other.py": """
+import pytest
+
+
+def test_skipped_for_a_reason_ci_does_not_accept():
+    pytest.skip("flaky on Tuesdays")
+""",
+}
+
+
+def _run_skipping_suite(tmp_path, ci: str | None):
+    suite = tmp_path / "suite"
+    suite.mkdir(exist_ok=True)
+    (suite / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    for name, text in SKIPPING_SUITE.items():
+        (suite / name).write_text(text)
+    (suite / "pytest.ini").write_text("[pytest]\n")
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    if ci is not None:
+        env["CI"] = ci
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "--rootdir", str(suite)]
+    command += ["-c", str(suite / "pytest.ini"), str(suite)]
+    return subprocess.run(command, cwd=suite, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_under_ci_a_skip_for_a_missing_extra_fails_the_run(tmp_path):
+    """CI=true: the file skipped for a missing extra and the test skipped for another reason fail the run, each named
+    with its reason; the GPU and TensorRT skips (and an xfail) do not. Without CI the same suite passes."""
+    result = _run_skipping_suite(tmp_path, "true")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    section = output.split("skips CI does not accept", 1)[1]
+    assert "test_extra.py: synergy[serve] is not installed" in section, output
+    assert "test_other.py::test_skipped_for_a_reason_ci_does_not_accept: flaky on Tuesdays" in section, output
+    assert "2 skip(s) for a reason other than CUDA, GPU, TensorRT" in section, output
+    assert "test_on_a_gpu" not in section and "test_with_tensorrt" not in section and "known_bug" not in section
+    for ci in (None, "false"):
+        result = _run_skipping_suite(tmp_path, ci)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        assert "skips CI does not accept" not in output and "1 passed, 4 skipped, 1 xfailed" in output, output

@@ -116,16 +116,24 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | tup
     return config
 
 
-def check_train_config(config: TrainConfig) -> None:
-    """Ranges and choices; the types were checked where the values came in."""
+def check_train_config(config: TrainConfig, world: int = 1) -> None:
+    """Ranges and choices; the types were checked where the values came in. ``world``: the number of processes
+    (torchrun's WORLD_SIZE; 1 without it): each takes ``batch_size / world`` rows per step, in ``accumulation``
+    micro-batches."""
     if not config.data:
         raise ConfigError(NO_DATA)
     if config.text_mode not in ("prompt", "caption", "mixed"):
         raise ConfigError(f"text_mode={config.text_mode!r}: choose prompt, caption or mixed")
     if config.on_bad_sample not in ("skip", "error"):
         raise ConfigError(f"on_bad_sample={config.on_bad_sample!r}: choose skip or error")
-    if config.batch_size < 1 or config.accumulation < 1 or config.batch_size % config.accumulation:
-        raise ConfigError(f"batch_size {config.batch_size} must be a positive multiple of accumulation")
+    if config.batch_size < 1 or config.accumulation < 1 or config.batch_size % (world * config.accumulation):
+        # every process needs whole, non-empty micro-batches of one size: the DDP ranks run the same collectives
+        unit = world * max(1, config.accumulation)
+        raise ConfigError(
+            f"batch_size {config.batch_size} must be a positive multiple of processes {world} x accumulation "
+            f"{config.accumulation} = {unit} (each process splits its batch_size / {world} rows into "
+            f"{config.accumulation} micro-batches); use batch_size={max(unit, config.batch_size // unit * unit)}"
+        )
     for key in ("steps", "save_every"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key}={getattr(config, key)}: must be at least 1")

@@ -52,7 +52,7 @@ from synergy.train.seeds import stable_seed
 MODALITIES = ("image", "text", "audio")
 LOG_EVERY_S = 30.0  # off a terminal, one progress line this often: a bar's \r updates would fill a log file
 RATE_WINDOW = 20  # steps behind samples/s: the recent speed, not a lifetime average with evaluations and saves in it
-# the other ranks wait in a barrier while rank 0 evaluates or saves; NCCL's default 10 minutes is too short for that
+# the other ranks wait in a collective while rank 0 evaluates or saves; NCCL's default 10 minutes is too short for that
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
 
 
@@ -61,8 +61,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
     schedule and randomness as an uninterrupted run); ``force``: replace an existing checkpoint; without either, an
     existing checkpoint is an error. With ``val_data``, the run ends with an evaluation, written to ``<out>/eval.json``
     (the report `synergy eval` writes)."""
-    check_train_config(config)
     process = start_process()
+    check_train_config(config, process.world)  # on every rank alike: the batch must split over the processes
     out = Path(config.out)
     checkpoint = out / "checkpoint"
     rows = read_manifest(config.data)
@@ -100,37 +100,45 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
             "step": step,
             "bad_samples": bad_total,
         }
-        if process.rank == 0:
-            save_checkpoint(checkpoint, model, tokenizer, train_state)
-        barrier(process)
+        on_rank_zero(lambda: save_checkpoint(checkpoint, model, tokenizer, train_state), process, "checkpoint save")
 
     model.train()
     tick = time.perf_counter()
     with StopOnInterrupt() as stop:
         for batch in loader:
             _check_batch(batch, step, config, log, process)
-            record = update(ddp, model, batch, optimizer, scheduler, step, config, process, autocast)
+            record = update(ddp, model, batch, optimizer, scheduler, step, config, process, autocast, stop)
             step = record["step"]
             bad_total += record.pop("bad")
+            stopping = record.pop("stop")  # agreed by every rank in the step's all_reduce: all stop at this step
             record["bad_samples"] = bad_total
             seconds, samples = time.perf_counter() - tick, len(batch["labels"]) * process.world
             final = step == config.steps
+            # save before evaluating: an evaluation that fails loses no training
+            if step % config.save_every == 0 or final:
+                save()
+                saved = step
             result = None
             if config.val_data and (final or (config.eval_every and step % config.eval_every == 0)):
-                result = evaluate_on_rank_zero(model, tokenizer, config.val_data, process)
+                try:
+                    result = evaluate_on_rank_zero(model, tokenizer, config.val_data, process, step)
+                except Exception:  # raised on every rank together (the failure is shared): same collectives
+                    log.step(record, seconds, samples)
+                    if step > saved:
+                        save()
+                    log.message(f"the evaluation at step {step} failed; {checkpoint} holds step {step}")
+                    log.close()
+                    raise
                 if result is not None:
                     record["val"] = result["zero_shot"]
                     log.message(f"step {step}: val zero-shot top-1 {_zero_shot_line(result)}")
             log.step(record, seconds, samples)
-            if step % config.save_every == 0 or final:
-                save()
-                saved = step
             if final and result is not None:
                 report = {Path(config.val_data).stem: result}
                 write_report(report, out / "eval.json")
                 log.message(f"evaluation of the final model on {config.val_data}:\n{format_report(report)}")
                 log.message(f"report: {out / 'eval.json'}")
-            if stop.requested and not final:  # Ctrl-C: keep what was trained since the last save, then stop
+            if stopping and not final:  # Ctrl-C: keep what was trained since the last save, then stop
                 if step > saved:
                     save()
                 log.message(f"interrupted at step {step}; {checkpoint} holds step {step}")
@@ -182,6 +190,38 @@ def barrier(process: Process) -> None:
         dist.barrier()
 
 
+class RankZeroFailed(RuntimeError):
+    """Raised on the other ranks when work that only rank 0 does failed (rank 0 raises the work's own error)."""
+
+
+def on_rank_zero(work, process: Process, what: str):
+    """``work()`` on rank 0 -> its result there (None on the other ranks). The others wait in one all_reduce that
+    carries whether it failed, so every rank runs the same collectives in the same order and a failure raises on
+    every rank at once, instead of leaving the others in a barrier until the process group's timeout (60 minutes;
+    STYLE rule 19). KeyboardInterrupt and the like are not caught: they end the process, and gloo/NCCL then fail the
+    others' wait."""
+    result, error = None, None
+    if process.rank == 0:
+        try:
+            result = work()
+        except Exception as caught:  # shared below, then raised
+            error = caught
+    if any_rank(error is not None, process):
+        if error is not None:
+            raise error
+        raise RankZeroFailed(f"rank 0's {what} failed; its error is in rank 0's output")
+    return result
+
+
+def any_rank(flag: bool, process: Process) -> bool:
+    """Whether ``flag`` is true on any rank; a collective: every rank must call it at the same point."""
+    if process.world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=process.device)
+    dist.all_reduce(value)
+    return value.item() > 0
+
+
 # ---------------------------------------------------------------------------------------- the model and its state
 
 
@@ -197,9 +237,8 @@ def build_tokenizer(model: SynergyModel, rows):
 def model_and_state(config: TrainConfig, rows, checkpoint: Path, resume: bool, force: bool, process: Process):
     """-> (model, tokenizer, train state or None). Resuming loads all three from ``checkpoint``, after putting back
     the last complete checkpoint if a save was killed; a fresh run refuses to replace a checkpoint unless forced."""
-    if process.rank == 0:
-        recover_checkpoint(checkpoint)
-    barrier(process)  # no rank reads the checkpoint while rank 0 may still be renaming it back
+    # no rank reads the checkpoint while rank 0 may still be renaming it back
+    on_rank_zero(lambda: recover_checkpoint(checkpoint), process, f"recovery of {checkpoint}")
     if resume:
         if not checkpoint.is_dir():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}; start without --resume")
@@ -265,16 +304,22 @@ def _loader(config: TrainConfig, dataset: ManifestDataset, tokenizer, start_step
 
 def _check_batch(batch, step: int, config: TrainConfig, log: RunLog, process: Process) -> None:
     """Bad samples are reported (or stop the run); a global batch in which no row has two usable modalities stops
-    the run, since its loss would be a silent 0."""
-    if batch["bad"] and config.on_bad_sample == "error":
+    the run, since its loss would be a silent 0. Every rank decides from the same all_reduce, so a bad sample on one
+    rank stops them all here, none left waiting in the step's collectives."""
+    stop_here = bool(batch["bad"]) and config.on_bad_sample == "error"
+    usable = sum(batch[f"{m}_mask"].long() for m in MODALITIES) >= 2  # [b]: the row gives the loss a pair
+    counts = torch.stack([usable.sum(), torch.tensor(int(stop_here))]).to(process.device)  # [usable rows, stops]
+    if process.world > 1:
+        dist.all_reduce(counts)  # another rank's rows are negatives here too: only the global count matters
+    if stop_here:
         raise DataError(f"bad sample: {batch['bad'][0]} (use --set on_bad_sample=skip to skip such rows)")
+    if counts[1].item() > 0:
+        raise DataError(
+            f"step {step + 1}: another process stopped on a bad sample (on_bad_sample=error); its error names it"
+        )
     for message in batch["bad"]:
         log.message(f"skipping bad sample: {message}")
-    usable = sum(batch[f"{m}_mask"].long() for m in MODALITIES) >= 2  # [b]: the row gives the loss a pair
-    count = usable.sum().to(process.device)
-    if process.world > 1:
-        dist.all_reduce(count)  # another rank's rows are negatives here too: only the global count matters
-    if count.item() == 0:
+    if counts[0].item() == 0:
         raise DataError(
             f"step {step + 1}: no row of the batch has two usable modalities ({len(batch['bad'])} bad sample(s) "
             "here); its loss would be 0. Check the manifest (paths are relative to the CSV's folder) or raise "
@@ -353,7 +398,8 @@ def audio_copies(model, inputs, log_mel: torch.Tensor | None = None) -> torch.Te
     these clips when the forward already computed it (:func:`kept_log_mel`); None runs the front end here."""
     encoder = getattr(model, "module", model)  # DDP: the same parameters, their gradients reduced with the rest
     a = encoder.config.audio
-    augment = SpecAugment(1, max(1, a.n_mels * 48 // 128), 1, max(1, a.num_frames * 192 // 1024))
+    masks = (1, max(1, a.n_mels * 48 // 128), 1, max(1, a.num_frames * 192 // 1024))
+    augment = SpecAugment(*masks, fill=encoder.audio_frontend.padding_value)
     if log_mel is None:
         return encoder.encode_audio(inputs[3], inputs[4], augment=augment)
     # encode_audio's augmented path after its front end (the same masks from the same draws; a test holds them equal)
@@ -424,9 +470,12 @@ def train_step(
     return loss.detach()
 
 
-def update(ddp, model, batch, optimizer, scheduler, step: int, config: TrainConfig, process: Process, autocast):
+def update(
+    ddp, model, batch, optimizer, scheduler, step: int, config: TrainConfig, process: Process, autocast, stop=None
+):
     """Step ``step`` -> ``step + 1`` on one global batch: forward, backward, clip, AdamW, schedule. -> the step's
-    metrics record (with ``bad``, the bad samples of the batch over all ranks)."""
+    metrics record (with ``bad``, the bad samples of the batch over all ranks, and ``stop``: whether any rank's
+    ``stop`` (a :class:`StopOnInterrupt`) was requested by the time of the step's all_reduce)."""
     # dropout draws from a generator seeded by (seed, step, rank): an exact resume needs no saved RNG state
     torch.manual_seed(stable_seed(config.seed, step, process.rank))
     optimizer.zero_grad(set_to_none=True)
@@ -436,7 +485,9 @@ def update(ddp, model, batch, optimizer, scheduler, step: int, config: TrainConf
     scheduler.step()
     with torch.no_grad():
         model.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
-    loss, bad = _reduce(loss, len(batch["bad"]), process)
+    # the flag is read once, here, and only the reduced value is used: a Ctrl-C that lands on one rank after its
+    # reduce counts at the next step on every rank, so no rank stops a step before another (mismatched collectives)
+    loss, bad, stopping = _reduce(loss, len(batch["bad"]), stop is not None and stop.requested, process)
     return {
         "step": step + 1,
         "loss": round(loss, 5),
@@ -444,30 +495,45 @@ def update(ddp, model, batch, optimizer, scheduler, step: int, config: TrainConf
         "grad_norm": round(float(grad_norm), 4),
         "logit_scales": [round(s, 3) for s in model.logit_scales().tolist()],
         "bad": bad,
+        "stop": stopping,
     }
 
 
-def _reduce(loss: torch.Tensor, bad: int, process: Process) -> tuple[float, int]:
-    """(the full-batch loss, bad samples over all ranks): one all_reduce carries both."""
+def _reduce(loss: torch.Tensor, bad: int, stop: bool, process: Process) -> tuple[float, int, bool]:
+    """(the full-batch loss, bad samples over all ranks, whether any rank asked to stop): one all_reduce carries
+    the three (sums; a stop count above 0 is a stop)."""
     if process.world == 1:
-        return loss.item(), bad
-    stats = torch.stack([loss.float(), torch.tensor(float(bad), device=loss.device)])
+        return loss.item(), bad, stop
+    counts = torch.tensor([float(bad), float(stop)], device=loss.device)
+    stats = torch.cat([loss.float().reshape(1), counts])  # [3]
     dist.all_reduce(stats)
-    return stats[0].item(), int(stats[1].item())
+    return stats[0].item(), int(stats[1].item()), stats[2].item() > 0
 
 
 class StopOnInterrupt:
     """Ctrl-C (SIGINT) asks the loop to stop at the end of the current step, so the checkpoint saved then is never
     torn between an optimizer update and the step count; a second Ctrl-C interrupts at once. Off the main thread
-    (where no handler can be installed) Ctrl-C keeps its default."""
+    (where no handler can be installed) Ctrl-C keeps its default.
+
+    One press can arrive twice: under torchrun the terminal signals every worker, and torchrun's agent, on its own
+    SIGINT, sends each worker SIGINT again (then SIGKILL after 30 s). A SIGINT within ``SAME_PRESS_S`` of the first
+    is that echo, not a second press."""
+
+    SAME_PRESS_S = 2.0
 
     def __init__(self):
-        self.requested, self.previous = False, None
+        self.first, self.previous = None, None  # first: time.monotonic() of the first SIGINT
+
+    @property
+    def requested(self) -> bool:
+        return self.first is not None
 
     def _handle(self, signum, frame):
-        if self.requested:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        elif now - self.first > self.SAME_PRESS_S:
             raise KeyboardInterrupt
-        self.requested = True
 
     def __enter__(self) -> StopOnInterrupt:
         if threading.current_thread() is threading.main_thread():
@@ -594,12 +660,11 @@ class RunLog:
 # ------------------------------------------------------------------------------------------------- the evaluation
 
 
-def evaluate_on_rank_zero(model: SynergyModel, tokenizer, val_data: str, process: Process) -> dict | None:
-    """Rank 0 evaluates the unwrapped model (no DDP collectives inside); the other ranks wait for it in a barrier,
-    not inside the next step's all_gather, so every rank runs the same collectives in the same order."""
-    result = evaluate(model, tokenizer, val_data) if process.rank == 0 else None
-    barrier(process)
-    return result
+def evaluate_on_rank_zero(model: SynergyModel, tokenizer, val_data: str, process: Process, step: int) -> dict | None:
+    """Rank 0 evaluates the unwrapped model (no DDP collectives inside) while the other ranks wait for it in
+    :func:`on_rank_zero`'s all_reduce, not inside the next step's all_gather; a failure raises on every rank."""
+    what = f"evaluation of {val_data} at step {step}"
+    return on_rank_zero(lambda: evaluate(model, tokenizer, val_data), process, what)
 
 
 def _zero_shot_line(result: dict) -> str:

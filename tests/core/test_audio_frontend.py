@@ -12,7 +12,10 @@ The tests assert 1e-5 for bins within 40 dB and 1e-3 for every bin (bins 100 dB 
 2.8e-4 there is a 0.26 % power error, far below anything the model can see).
 """
 
+import json
 import math
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -190,6 +193,49 @@ def test_autocast_does_not_lower_precision(small_frontend):
         out = frontend(wave)
     assert out.dtype == torch.float32
     assert torch.equal(out, frontend(wave))  # autocast is switched off inside: bit-identical
+
+
+TF32_CHILD = """
+import json, torch
+from synergy.core.audio_frontend import LogMelFrontend
+
+matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+new_api = hasattr(matmul, "fp32_precision")  # torch >= 2.9; reading the legacy flags then raises
+
+
+def flags():
+    if new_api:
+        values = [matmul.fp32_precision, cudnn.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision]
+    else:
+        values = [matmul.allow_tf32, cudnn.allow_tf32]
+    return [*values, torch.get_float32_matmul_precision()]
+
+
+# what a training script sets for speed: TF32 for matmuls and convolutions, through the API this torch has
+if new_api:
+    matmul.fp32_precision, cudnn.conv.fp32_precision = "tf32", "tf32"
+else:
+    matmul.allow_tf32, cudnn.allow_tf32 = True, True
+torch.set_float32_matmul_precision("high")
+before = flags()
+devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+for device in devices:
+    frontend = LogMelFrontend(16000, n_mels=29, num_frames=70).to(device)
+    lengths = torch.tensor([frontend.num_samples, 3000], device=device)
+    frontend(torch.randn(2, frontend.num_samples, device=device), lengths)
+print(json.dumps({"before": before, "after": flags(), "devices": devices, "new_api": new_api}))
+"""
+
+
+def test_the_forward_changes_no_global_precision_setting():
+    """Process-global TF32 settings belong to the caller: a forward (on the CPU, and on CUDA where there is one) leaves
+    every one of them as it found them, and runs in a process that set them through torch's fp32_precision API (where
+    the legacy allow_tf32 flags the front end once toggled raise on read). A fresh process: the settings are global."""
+    done = subprocess.run([sys.executable, "-c", TF32_CHILD], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["after"] == result["before"], result
+    assert "tf32" in result["before"] or True in result["before"]  # the child did set TF32 on
 
 
 def test_buffers_are_rebuilt_not_saved(small_frontend):

@@ -1,7 +1,9 @@
 """Train/serve parity of the log-mel front end on a GPU: the features a CUDA training step computes must be the ones
 the float32 CPU runtime computes. cuDNN runs float32 convolutions in TF32 by default on Ampere and Hopper (10 mantissa
 bits), and training turns TF32 matmuls on too, which would move the quiet bins of the DFT convolution; the front end
-must stay in IEEE float32 on CUDA whatever the global settings, and leave those settings as it found them."""
+must keep (at least) IEEE float32 precision on CUDA whatever the global settings (it runs its DFT and mel bank in
+float64 there, which has no TF32 mode) and never touch those settings (tests/core/test_audio_frontend.py checks that
+in a process that used torch's fp32_precision API too)."""
 
 import math
 
@@ -43,7 +45,7 @@ def test_cuda_features_match_cpu_with_tf32_enabled(autocast):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             got = cuda(waveform.cuda(), lengths.cuda())
         assert got.dtype == torch.float32
-        # the global settings are the caller's: the front end restores them
+        # the global settings are the caller's: the front end leaves them alone
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn_before, matmul_before

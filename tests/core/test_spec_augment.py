@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from synergy.core.audio_frontend import LogMelFrontend
 from synergy.core.model import create_model
 from synergy.core.spec_augment import AUDIO_INTRA_SCALE, SpecAugment, audio_intra_loss
 from synergy.kernels.contrastive import trimodal_contrastive_loss
@@ -16,8 +17,8 @@ from synergy.kernels.contrastive import trimodal_contrastive_loss
 def test_spec_augment_masks_bands_and_spans_only_inside_real_frames():
     log_mel = torch.randn(7, 70, 29) + 5.0  # no zeros of its own
     frames = torch.tensor([70, 70, 40, 10, 1, 0, 55])
-    out = SpecAugment(2, 6, 2, 9)(log_mel, frames, torch.Generator().manual_seed(0))
-    masked = out == 0
+    out = SpecAugment(2, 6, 2, 9, fill=0.467)(log_mel, frames, torch.Generator().manual_seed(0))
+    masked = out == 0.467
     assert masked.any()
     # a frequency mask is a whole band (every frame of those bins), a time mask a whole span of frames
     freq = masked.all(1)  # [B, mels]
@@ -28,6 +29,26 @@ def test_spec_augment_masks_bands_and_spans_only_inside_real_frames():
         assert not time_masked[frames[row] :].any()  # never past the row's real frames
         assert freq[row].sum() <= 12 and time_masked.sum() <= 18
     torch.testing.assert_close(out[~masked], log_mel[~masked])
+
+
+def test_masks_hold_the_value_the_front_end_gives_padding():
+    """A masked cell reads as a padding frame does: the front end's own output past a short clip's end, +0.467 with
+    AST's AudioSet normalisation (0 would be the normalised mean, a loud-ish frame, not silence)."""
+    frontend = LogMelFrontend(16_000, n_mels=29, num_frames=70)  # AST's default mean and std
+    wave = torch.randn(2, frontend.num_samples, generator=torch.Generator().manual_seed(0)) * 0.1
+    lengths = torch.tensor([frontend.num_samples, 3000])
+    log_mel = frontend(wave, lengths)  # [2, 70, 29]
+    real = int((frontend.frame_ends <= 3000).sum())
+    padding = log_mel[1, real:]  # the short clip's padding frames, as the front end computes them
+    assert padding.numel() > 0 and torch.all(padding == padding[0, 0])
+    assert frontend.padding_value == pytest.approx(padding[0, 0].item(), abs=1e-6)
+    assert frontend.padding_value == pytest.approx(4.2677393 / (2 * 4.5689974))
+    frames = (frontend.frame_ends[None, :] <= lengths[:, None]).sum(-1)
+    augment = SpecAugment(2, 9, 2, 9, fill=frontend.padding_value)
+    out = augment(log_mel, frames, torch.Generator().manual_seed(1))
+    changed = out != log_mel
+    assert changed.any()
+    torch.testing.assert_close(out[changed], torch.full_like(out[changed], padding[0, 0].item()), atol=1e-6, rtol=0)
 
 
 def test_audio_intra_loss_matches_a_reference_nt_xent():
@@ -52,7 +73,7 @@ def test_encode_audio_with_augment_changes_only_the_copy():
     wave, lengths = torch.randn(3, 8000) * 0.1, torch.tensor([8000, 5000, 800])
     plain = model.encode_audio(wave, lengths)
     torch.manual_seed(0)
-    copy = model.encode_audio(wave, lengths, augment=SpecAugment(1, 9, 1, 9))
+    copy = model.encode_audio(wave, lengths, augment=SpecAugment(1, 9, 1, 9, model.audio_frontend.padding_value))
     torch.testing.assert_close(model.encode_audio(wave, lengths), plain)
     assert not torch.allclose(copy, plain) and torch.allclose(copy.norm(dim=-1), torch.ones(3))
 

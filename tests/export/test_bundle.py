@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from synergy.export import ExportError, export_bundle
 from synergy.export import verify as verify_module
+from synergy.export.bundle import check_output
 from synergy.export.graphs import FORBIDDEN_OPS
 from synergy.runtime.bundle import load_manifest
 from synergy.runtime.manifest import FORMAT_VERSION, PAIRS, BundleError
@@ -284,6 +285,43 @@ def test_failed_verification_leaves_the_old_bundle_and_no_temp_folder(checkpoint
         export_bundle(checkpoint, out, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert _leftovers(tmp_path) == ["bundle"]
+
+
+def _killed_export(exports, tmp_path, swap_done: bool):
+    """The folders SIGKILL leaves in ``tmp_path`` when it stops an export to ``tmp_path / "bundle"``: a dead writer's
+    half-written temp folder and the previous bundle renamed aside to ``.bundle.old``; ``swap_done``: the kill fell
+    after the new bundle was in place (only the old one's removal cut short), else between the swap's two renames
+    (no ``bundle`` at all). -> the previous bundle's files."""
+    previous = exports["fp32"][0]
+    shutil.copytree(previous, tmp_path / ".bundle.old")
+    if swap_done:
+        shutil.copytree(exports["fp16"][0], tmp_path / "bundle")
+    dead = tmp_path / ".bundle.k1ll3d.tmp"
+    dead.mkdir()
+    (dead / "image.onnx").write_bytes(b"half an onnx graph")
+    return {p.name: p.read_bytes() for p in previous.iterdir()}
+
+
+def test_an_export_killed_between_the_renames_is_put_back_by_the_next_one(checkpoint, exports, tmp_path):
+    """No bundle, the previous one as .bundle.old: the next export (and the CLI's check before torch loads) first
+    puts the previous bundle back, so it refuses without --force as for any bundle, and the dead temp folder goes."""
+    previous = _killed_export(exports, tmp_path, swap_done=False)
+    with pytest.raises(ExportError, match="already exists; pass --force"):
+        check_output(checkpoint, tmp_path / "bundle", force=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "bundle").iterdir()} == previous
+    assert _leftovers(tmp_path) == ["bundle"]
+    assert load_manifest(tmp_path / "bundle", verify=True).towers["image"].file == "image.onnx"
+
+
+def test_an_export_after_a_killed_one_leaves_only_its_bundle(checkpoint, exports, tmp_path):
+    """Both kill points, then ``export --force``: one whole new bundle and nothing else in the folder."""
+    for swap_done in (False, True):
+        _killed_export(exports, tmp_path, swap_done)
+        export_bundle(checkpoint, tmp_path / "bundle", force=True)
+        assert _leftovers(tmp_path) == ["bundle"], swap_done
+        manifest = load_manifest(tmp_path / "bundle", verify=True)
+        assert manifest.towers["image"].file == "image.onnx" and manifest.precision == "fp32"
+        shutil.rmtree(tmp_path / "bundle")
 
 
 def test_force_replaces_a_bundle(checkpoint, tmp_path):
