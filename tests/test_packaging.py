@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,8 @@ def fresh_venv(tmp_path_factory) -> Path:
     )
     wheels = sorted(work.glob("synergy_clip-*.whl"))
     assert len(wheels) == 1, f"expected one synergy_clip wheel, got {[w.name for w in work.iterdir()]}"
+    presets = {Path(n).name for n in zipfile.ZipFile(wheels[0]).namelist() if n.startswith("synergy/core/presets/")}
+    assert presets == {p.name for p in (ROOT / "core/presets").glob("*.json")}, presets  # the factory's data
     venv = work / "venv"
     _run([sys.executable, "-m", "venv", str(venv)])
     _run([str(venv / "bin/python"), "-m", "pip", "install", "-q", f"{wheels[0]}[serve]"])
