@@ -12,13 +12,13 @@ process may serve several bundles, each a ``Service`` with its own runtime and b
     (both also take multipart/form-data: files in ``input`` / ``audio`` / ``image``, labels as a file or fields)
     GET  /v1/models  /v1/models/NAME  /healthz  /readyz  /metrics
 
-Back-pressure: an item is queued only if the modality's queue has room (never a wait inside the event loop); a
-request that does not fit is answered 503 with ``Retry-After`` and its queued items are cancelled. Errors are JSON,
+Back-pressure: an item is queued only if the modality's queue has room (never a wait inside the event loop); a request
+that does not fit is answered 503 with ``Retry-After`` and its queued items are cancelled. Errors are JSON,
 ``{"error": {"type": ..., "message": ...}}``: 400 malformed JSON / base64 / fields, 401 no or a wrong API key
-(auth.py), 404 unknown path or model, 405, 413 body,
-item count, label count or work (audio seconds, image pixels) over the limit, 415 content type, 503 queue full, 504
-the request's timeout; a client that hangs up is logged as 499 in one line. A bad item (an undecodable file) is not a
-request error: it gets ``{"index": i, "error": ...}`` and the other items are answered.
+(auth.py), 404 unknown path or model, 405, 413 body, item count, label count or work (audio seconds, image pixels)
+over the limit, 415 content type, 503 queue full, 504 the request's timeout; a client that hangs up is logged as 499
+in one line. A bad item (an undecodable file) is not a request error: it gets ``{"index": i, "error": ...}`` and the
+other items are answered.
 
 Bounded work: every request is bounded before work is spent on it (body bytes, JSON values, items, labels, audio
 seconds and pixels from the files' headers: ``budget.py``), and its work, label prompts included (``labels.py``),
@@ -126,15 +126,31 @@ class Service:
 
     def _describe_metrics(self) -> None:
         m = self.metrics
-        m.describe("synergy_requests_total", "counter", "HTTP requests by endpoint and status code.")
+        m.describe(
+            "synergy_requests_total", "counter", "HTTP requests by endpoint, model (once named) and status code."
+        )
         m.describe("synergy_request_errors_total", "counter", "Requests answered 4xx/5xx, by endpoint and error type.")
-        m.describe("synergy_item_errors_total", "counter", "Items that could not be embedded, by modality and type.")
-        m.describe("synergy_items_total", "counter", "Items embedded (ok or failed), by modality.")
-        m.describe("synergy_queue_depth", "gauge", "Items waiting for a batch, by modality.")
-        m.describe("synergy_label_cache_entries", "gauge", "Label embeddings in the cache.")
-        m.describe("synergy_batch_size", "histogram", "Items per model call, by modality.", BATCH_SIZE_BUCKETS)
-        m.describe("synergy_batch_seconds", "histogram", "Decode + model time per batch.", LATENCY_BUCKETS)
-        m.describe("synergy_request_seconds", "histogram", "Request latency, by endpoint.", LATENCY_BUCKETS)
+        m.describe(
+            "synergy_item_errors_total", "counter", "Items that could not be embedded, by model, modality and type."
+        )
+        m.describe("synergy_items_total", "counter", "Items embedded (ok or failed), by model and modality.")
+        m.describe("synergy_queue_depth", "gauge", "Items waiting for a batch, by model and modality.")
+        m.describe("synergy_label_cache_entries", "gauge", "Label embeddings in the cache, by model.")
+        m.describe(
+            "synergy_batch_size", "histogram", "Items per model call, by model and modality.", BATCH_SIZE_BUCKETS
+        )
+        m.describe(
+            "synergy_batch_seconds",
+            "histogram",
+            "Decode + model time per batch, by model and modality.",
+            LATENCY_BUCKETS,
+        )
+        m.describe(
+            "synergy_request_seconds",
+            "histogram",
+            "Request latency, by endpoint (and model, once the request names one).",
+            LATENCY_BUCKETS,
+        )
         for modality in self.modalities:
             m.set("synergy_queue_depth", 0, modality=modality, model=self.name)
 

@@ -23,7 +23,7 @@ from .problems import Problem, problem_response
 # health check) that mostly carry no secret, and they tell only whether the process is up and its towers loaded (the
 # /readyz body names the models, nothing more). /metrics needs the key unless --metrics-public: it shows the models
 # and their traffic. Prometheus itself can send a key (scrape_config `authorization: {credentials: KEY}`), but many
-# scrapers and sidecars cannot, so the flag opens it for them (then keep the port off the public side of the proxy).
+# scrapers and sidecars cannot, so the flag opens it for them (then let the proxy in front not pass /metrics on).
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
