@@ -7,11 +7,19 @@ import sys
 
 import click
 
-from .options import EXIT_OK, EXIT_SOME_FAILED, UsageProblem, bundle_option
+from .options import DEFAULT_BUNDLE, EXIT_OK, EXIT_SOME_FAILED, UsageProblem, bundle_option, removed_model_option
 
 
 @click.command("serve")
-@bundle_option()
+@click.option(
+    "--bundle",
+    "bundles",
+    multiple=True,
+    metavar="[NAME=]DIR",
+    help="Bundle folder from `synergy export`; repeatable: NAME=DIR serves it as model NAME (requests pick one by "
+    f"their 'model' field), a bare DIR is named after its folder.  [default: {DEFAULT_BUNDLE}]",
+)
+@removed_model_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port; 0 picks a free one (printed).")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1), help="Items per model call.")
@@ -52,8 +60,27 @@ from .options import EXIT_OK, EXIT_SOME_FAILED, UsageProblem, bundle_option
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "onnxruntime", "tensorrt"]))
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--drain-seconds", default=30.0, show_default=True, type=float, help="SIGTERM: time to finish requests.")
+@click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    envvar="SYNERGY_API_KEY",
+    show_envvar=True,
+    help="Require 'Authorization: Bearer KEY' on every route but /healthz and /readyz; repeatable (any one key is "
+    "accepted; the variable, which keeps keys out of `ps`, holds them separated by spaces). No TLS: put a proxy in "
+    "front for that.",
+)
+@click.option(
+    "--metrics-public", is_flag=True, help="With --api-key: let /metrics be scraped without a key (keep it internal)."
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    help="A browser origin allowed to call the server (CORS), e.g. https://app.example.com; repeatable; '*' any.",
+)
 def serve_command(
-    bundle,
+    bundles,
     host,
     port,
     max_batch,
@@ -72,8 +99,12 @@ def serve_command(
     backend,
     device,
     drain_seconds,
+    api_keys,
+    metrics_public,
+    cors_origins,
 ):
-    """Serve a bundle over HTTP: /v1/embeddings, /v1/classify, /healthz, /readyz, /metrics (needs synergy-clip[serve]).
+    """Serve bundles over HTTP: /v1/embeddings, /v1/classify, /v1/models, /healthz, /readyz, /metrics (needs
+    synergy-clip[serve]).
 
     Requests from all clients are micro-batched together; a full queue is answered 503 with Retry-After. SIGTERM
     finishes the requests in flight, then exits 0. Exit 2: usage or bundle error."""
@@ -98,7 +129,7 @@ def serve_command(
             read_timeout_s=read_timeout,
         )
         code = serve(
-            bundle,
+            bundles or (DEFAULT_BUNDLE,),
             host,
             port,
             limits,
@@ -107,6 +138,9 @@ def serve_command(
             backend,
             device,
             drain_seconds,
+            api_keys=api_keys,
+            cors_origins=cors_origins,
+            metrics_public=metrics_public,
         )
     except (BundleError, InferUsageError, MissingExtra) as error:
         raise UsageProblem(str(error)) from error

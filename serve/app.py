@@ -1,21 +1,24 @@
 """``synergy serve``: the runtime over HTTP, micro-batched across clients.
 
 Starlette (routing, requests, multipart) on uvicorn (the ASGI server: HTTP/1.1 keep-alive, SIGTERM drain). Every
-embedding item, whichever request it came in, goes into one ``MicroBatcher`` per modality (``max_batch``,
-``max_wait_ms``, a bounded queue), so 64 clients sending one clip each make a few batches, not 64 model calls.
+embedding item, whichever request it came in, goes into one ``MicroBatcher`` per modality of its model (``max_batch``,
+``max_wait_ms``, a bounded queue), so 64 clients sending one clip each make a few batches, not 64 model calls. One
+process may serve several bundles, each a ``Service`` with its own runtime and batchers, picked by the request's
+``model`` field (routing.py); API keys and CORS wrap the app (auth.py).
 
     POST /v1/embeddings  {"modality": "audio", "input": [b64, ...]}   -> {"data": [{"index", "embedding"}], ...}
                          {"model": NAME, "input": "text" | [...]}   (OpenAI's shape, see openai_api.py; text default)
-    POST /v1/classify    {"labels": [...] | "NAME", "audio": [b64...], "image": [b64...], "top_k": 5}
+    POST /v1/classify    {"labels": [...] | "NAME", "audio": [b64...], "image": [b64...], "top_k": 5, "model": M}
     (both also take multipart/form-data: files in ``input`` / ``audio`` / ``image``, labels as a file or fields)
     GET  /v1/models  /v1/models/NAME  /healthz  /readyz  /metrics
 
-Back-pressure: an item is queued only if the modality's queue has room (never a wait inside the event loop); a
-request that does not fit is answered 503 with ``Retry-After`` and its queued items are cancelled. Errors are JSON,
-``{"error": {"type": ..., "message": ...}}``: 400 malformed JSON / base64 / fields, 404 unknown path, 405, 413 body,
-item count, label count or work (audio seconds, image pixels) over the limit, 415 content type, 503 queue full, 504
-the request's timeout; a client that hangs up is logged as 499 in one line. A bad item (an undecodable file) is not a
-request error: it gets ``{"index": i, "error": ...}`` and the other items are answered.
+Back-pressure: an item is queued only if the modality's queue has room (never a wait inside the event loop); a request
+that does not fit is answered 503 with ``Retry-After`` and its queued items are cancelled. Errors are JSON,
+``{"error": {"type": ..., "message": ...}}``: 400 malformed JSON / base64 / fields, 401 no or a wrong API key
+(auth.py), 404 unknown path or model, 405, 413 body, item count, label count or work (audio seconds, image pixels)
+over the limit, 415 content type, 503 queue full, 504 the request's timeout; a client that hangs up is logged as 499
+in one line. A bad item (an undecodable file) is not a request error: it gets ``{"index": i, "error": ...}`` and the
+other items are answered.
 
 Bounded work: every request is bounded before work is spent on it (body bytes, JSON values, items, labels, audio
 seconds and pixels from the files' headers: ``budget.py``), and its work, label prompts included (``labels.py``),
@@ -54,6 +57,8 @@ from .budget import request_work
 from .labels import LabelCache, control_character, mean_embeddings, prompts_of
 from .metrics import BATCH_SIZE_BUCKETS, CONTENT_TYPE, LATENCY_BUCKETS, Metrics
 from .openai_api import embedding_options, embeddings_body, encode_vector, model_card, models_body
+from .problems import Problem, problem_response
+from .routing import Models
 
 logger = logging.getLogger("synergy.serve")
 JSON_TYPES = ("application/json", "", "text/plain", "application/x-www-form-urlencoded")  # curl -d sends the last
@@ -83,14 +88,6 @@ class ServeLimits:
             )
 
 
-class Problem(Exception):
-    """A request error: answered as ``{"error": {"type", "message"}}`` with ``status``."""
-
-    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.message, self.headers = status, kind, message, headers or {}
-
-
 @dataclass(frozen=True)
 class Embedded:
     """One item's embedding and the batch that computed it (times from ``time.perf_counter``)."""
@@ -101,26 +98,24 @@ class Embedded:
     batch_size: int
 
 
-def problem_response(problem: Problem) -> JSONResponse:
-    body = {"error": {"type": problem.kind, "message": problem.message}}
-    return JSONResponse(body, status_code=problem.status, headers=problem.headers)
-
-
 def item_error(index: int, error: BaseException) -> dict:
     message = error.problem if isinstance(error, InputError) else str(error)
     return {"index": index, "error": {"type": type(error).__name__, "message": f"input[{index}]: {message}"}}
 
 
 class Service:
-    """The runtime, one micro-batcher per tower, the labels files the server was started with, and metrics."""
+    """One served model: its runtime, one micro-batcher per tower, its label cache, and its series in the metrics
+    the models share (labelled ``model="NAME"``)."""
 
-    def __init__(self, runtime: Runtime, limits: ServeLimits, name: str, labels_files: dict[str, Path]):
+    def __init__(
+        self, runtime: Runtime, limits: ServeLimits, name: str, labels_files: dict[str, Path], metrics: Metrics
+    ):
         self.runtime = runtime
         self.limits = limits
         self.name = name
         self.labels_files = labels_files
         self.modalities = tuple(runtime.manifest.towers)
-        self.metrics = Metrics()
+        self.metrics = metrics
         self.label_cache = LabelCache(limits.label_cache)
         self.ready = threading.Event()
         self.draining = False
@@ -131,17 +126,33 @@ class Service:
 
     def _describe_metrics(self) -> None:
         m = self.metrics
-        m.describe("synergy_requests_total", "counter", "HTTP requests by endpoint and status code.")
+        m.describe(
+            "synergy_requests_total", "counter", "HTTP requests by endpoint, model (once named) and status code."
+        )
         m.describe("synergy_request_errors_total", "counter", "Requests answered 4xx/5xx, by endpoint and error type.")
-        m.describe("synergy_item_errors_total", "counter", "Items that could not be embedded, by modality and type.")
-        m.describe("synergy_items_total", "counter", "Items embedded (ok or failed), by modality.")
-        m.describe("synergy_queue_depth", "gauge", "Items waiting for a batch, by modality.")
-        m.describe("synergy_label_cache_entries", "gauge", "Label embeddings in the cache.")
-        m.describe("synergy_batch_size", "histogram", "Items per model call, by modality.", BATCH_SIZE_BUCKETS)
-        m.describe("synergy_batch_seconds", "histogram", "Decode + model time per batch.", LATENCY_BUCKETS)
-        m.describe("synergy_request_seconds", "histogram", "Request latency, by endpoint.", LATENCY_BUCKETS)
+        m.describe(
+            "synergy_item_errors_total", "counter", "Items that could not be embedded, by model, modality and type."
+        )
+        m.describe("synergy_items_total", "counter", "Items embedded (ok or failed), by model and modality.")
+        m.describe("synergy_queue_depth", "gauge", "Items waiting for a batch, by model and modality.")
+        m.describe("synergy_label_cache_entries", "gauge", "Label embeddings in the cache, by model.")
+        m.describe(
+            "synergy_batch_size", "histogram", "Items per model call, by model and modality.", BATCH_SIZE_BUCKETS
+        )
+        m.describe(
+            "synergy_batch_seconds",
+            "histogram",
+            "Decode + model time per batch, by model and modality.",
+            LATENCY_BUCKETS,
+        )
+        m.describe(
+            "synergy_request_seconds",
+            "histogram",
+            "Request latency, by endpoint (and model, once the request names one).",
+            LATENCY_BUCKETS,
+        )
         for modality in self.modalities:
-            m.set("synergy_queue_depth", 0, modality=modality)
+            m.set("synergy_queue_depth", 0, modality=modality, model=self.name)
 
     # --------------------------------------------------------------------------------------------- lifecycle
 
@@ -154,19 +165,19 @@ class Service:
                 max_wait_ms=limits.max_wait_ms,
                 max_queue=limits.max_queue,
                 sub_batch=None if modality == "text" else limits.cancel_every,  # a text item is one short row
-                name=f"synergy-serve-{modality}",
+                name=f"synergy-serve-{self.name}-{modality}",
             )
 
         def load() -> None:  # /healthz answers at once; /readyz once every tower is loaded
             try:
                 self.runtime.load()
             except Exception as error:  # reported by /readyz (and the log); requests report their own errors
-                logger.exception("loading the towers failed")
+                logger.exception("loading the towers of %r failed", self.name)
                 self.load_error = f"{type(error).__name__}: {error}"
                 return
             self.ready.set()
 
-        threading.Thread(target=load, name="synergy-serve-load", daemon=True).start()
+        threading.Thread(target=load, name=f"synergy-serve-load-{self.name}", daemon=True).start()
 
     def stop(self) -> None:
         """After uvicorn has finished the in-flight requests: run what is still queued, then free the towers."""
@@ -181,15 +192,16 @@ class Service:
             self._count_queue(modality)
             result = self.runtime.embed_batch(modality, items)
             finished = time.perf_counter()
-            self.metrics.observe("synergy_batch_size", len(items), modality=modality)
-            self.metrics.observe("synergy_batch_seconds", finished - started, modality=modality)
-            self.metrics.inc("synergy_items_total", len(items), modality=modality)
+            labels = {"modality": modality, "model": self.name}
+            self.metrics.observe("synergy_batch_size", len(items), **labels)
+            self.metrics.observe("synergy_batch_seconds", finished - started, **labels)
+            self.metrics.inc("synergy_items_total", len(items), **labels)
             out = []
             for vector, error in zip(result.vectors, result.errors):
                 if error is None:
                     out.append(Embedded(vector, started, finished, len(items)))
                 else:
-                    self.metrics.inc("synergy_item_errors_total", modality=modality, type=type(error).__name__)
+                    self.metrics.inc("synergy_item_errors_total", **labels, type=type(error).__name__)
                     out.append(error)
             return out
 
@@ -203,7 +215,7 @@ class Service:
 
     def _count_queue(self, modality: str) -> None:
         """The gauge is read from the batcher: live items only (a withdrawn item leaves the queue at once)."""
-        self.metrics.set("synergy_queue_depth", len(self.batchers[modality]), modality=modality)
+        self.metrics.set("synergy_queue_depth", len(self.batchers[modality]), modality=modality, model=self.name)
 
     def submit_all(self, modality: str, items: list) -> list:
         """Queue every item or none: on a full queue the items already queued are cancelled and 503 is raised."""
@@ -321,7 +333,7 @@ class Service:
                     embedded.append(result.vector)
             fresh = dict(zip(missing, mean_embeddings(np.stack(embedded), offsets)))
             self.label_cache.put(fresh)
-            self.metrics.set("synergy_label_cache_entries", len(self.label_cache))
+            self.metrics.set("synergy_label_cache_entries", len(self.label_cache), model=self.name)
             vectors.update(fresh)
         return np.stack([vectors[label] for label in labels])
 
@@ -488,12 +500,13 @@ def server_timing(timings: dict) -> str:
 # -------------------------------------------------------------------------------------------------- endpoints
 
 
-def create_app(service: Service) -> Starlette:
-    limits = service.limits
+def create_app(models: Models, limits: ServeLimits) -> Starlette:
+    metrics = models.metrics
 
     def endpoint(name: str, handler):
         async def wrapped(request: Request) -> Response:
             started = time.perf_counter()
+            request.state.model = None  # set by ``pick`` once the request names a served model
             try:
                 response = await handler(request)
             except ClientDisconnect:  # hung up mid-body (or closed for reading too slowly): not a server error
@@ -502,23 +515,33 @@ def create_app(service: Service) -> Starlette:
                 if problem.status == 499:
                     response = client_gone(request, name, "while its request was worked on")
                 else:
-                    service.metrics.inc("synergy_request_errors_total", endpoint=name, type=problem.kind)
+                    metrics.inc("synergy_request_errors_total", **metric_labels(request, name), type=problem.kind)
                     response = problem_response(problem)
             except Exception as error:  # a bug or a backend failure: JSON like every other error, and logged
                 logger.exception("%s %s failed", request.method, request.url.path)
-                service.metrics.inc("synergy_request_errors_total", endpoint=name, type=type(error).__name__)
+                metrics.inc("synergy_request_errors_total", **metric_labels(request, name), type=type(error).__name__)
                 response = problem_response(Problem(500, type(error).__name__, str(error) or "internal error"))
-            service.metrics.inc("synergy_requests_total", endpoint=name, code=str(response.status_code))
-            service.metrics.observe("synergy_request_seconds", time.perf_counter() - started, endpoint=name)
+            metrics.inc("synergy_requests_total", **metric_labels(request, name), code=str(response.status_code))
+            metrics.observe("synergy_request_seconds", time.perf_counter() - started, **metric_labels(request, name))
             return response
 
         return wrapped
+
+    def metric_labels(request: Request, name: str) -> dict:
+        """A request's metric labels: its endpoint, and its model once known (not for /healthz or a 404 model)."""
+        model = request.state.model
+        return {"endpoint": name} if model is None else {"endpoint": name, "model": model}
+
+    def pick(request: Request, asked) -> Service:
+        service = models.pick(asked)
+        request.state.model = service.name
+        return service
 
     def client_gone(request: Request, name: str, when: str) -> Response:
         """nginx's 499: logged in one line and counted; the answer goes nowhere."""
         client = f"{request.client[0]}:{request.client[1]}" if request.client else "a client"
         logger.warning("499 %s %s: %s closed the connection %s", request.method, request.url.path, client, when)
-        service.metrics.inc("synergy_request_errors_total", endpoint=name, type="ClientClosedRequest")
+        metrics.inc("synergy_request_errors_total", **metric_labels(request, name), type="ClientClosedRequest")
         return Response(status_code=499)
 
     def check_count(count: int) -> None:
@@ -533,6 +556,7 @@ def create_app(service: Service) -> Starlette:
         fields = await read_fields(request, limits)
         multipart = fields.pop("multipart", False)
         fields = {k: v[0] if multipart and k != "input" and len(v) == 1 else v for k, v in fields.items()}
+        service = pick(request, fields.get("model"))
         dim = service.runtime.manifest.embed_dim
         options = embedding_options(fields, service.name, dim, Problem)
         modality = fields.get("modality", "text")  # OpenAI's clients send text without one
@@ -563,6 +587,10 @@ def create_app(service: Service) -> Starlette:
         started = time.perf_counter()
         fields = await read_fields(request, limits)
         multipart = fields.pop("multipart", False)
+        asked = fields.get("model")
+        if multipart and isinstance(asked, list) and len(asked) == 1:  # a form field
+            asked = asked[0]
+        service = pick(request, asked)
         labels_value = fields.get("labels")
         if multipart and isinstance(labels_value, list):  # a labels file upload, a file name, or one label per field
             if len(labels_value) == 1 and isinstance(labels_value[0], bytes):
@@ -615,29 +643,26 @@ def create_app(service: Service) -> Starlette:
         body = {"data": data, "model": service.name, "labels": len(labels)}
         return JSONResponse(body, headers={"Server-Timing": server_timing(timings)})
 
-    async def models(request: Request) -> Response:
-        return JSONResponse(models_body(service.name, service.started))
+    async def list_models(request: Request) -> Response:
+        return JSONResponse(models_body([(service.name, service.started) for service in models]))
 
     async def model(request: Request) -> Response:
-        name = request.path_params["name"]
-        if name != service.name:
-            raise Problem(404, "ModelNotFound", f"no model named {name!r}; this server serves {service.name!r}")
+        service = pick(request, request.path_params["name"])
         return JSONResponse(model_card(service.name, service.started))
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        if service.draining:
-            raise Problem(503, "ShuttingDown", "the server is shutting down")
-        if service.load_error:
-            raise Problem(503, "LoadFailed", f"the towers could not be loaded: {service.load_error}")
-        if not service.ready.is_set():
-            raise Problem(503, "NotReady", "loading the towers", {"Retry-After": "1"})
-        return JSONResponse({"status": "ready", "model": service.name, "towers": list(service.modalities)})
+        problem = models.unready()
+        if problem is not None:
+            raise problem
+        return JSONResponse(
+            {"status": "ready", "models": {service.name: list(service.modalities) for service in models}}
+        )
 
-    async def metrics(request: Request) -> Response:
-        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+    async def render_metrics(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     async def http_error(request: Request, error: HTTPException) -> Response:
         kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(error.status_code, "HTTPError")
@@ -647,17 +672,17 @@ def create_app(service: Service) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app):
-        service.start()
+        models.start()
         yield
-        await run_in_threadpool(service.stop)
+        await run_in_threadpool(models.stop)
 
     routes = [
         Route("/v1/embeddings", endpoint("embeddings", embeddings), methods=["POST"]),
         Route("/v1/classify", endpoint("classify", classify), methods=["POST"]),
-        Route("/v1/models", endpoint("models", models), methods=["GET"]),
+        Route("/v1/models", endpoint("models", list_models), methods=["GET"]),
         Route("/v1/models/{name:path}", endpoint("models", model), methods=["GET"]),
         Route("/healthz", endpoint("healthz", healthz), methods=["GET"]),
         Route("/readyz", endpoint("readyz", readyz), methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
+        Route("/metrics", render_metrics, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})

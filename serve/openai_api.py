@@ -5,10 +5,11 @@
     client.embeddings.create(model="demo", input=[b64], extra_body={"modality": "audio"})  # audio / image: our field
     client.models.list()
 
-Request: ``input`` a string or a list of strings (token-id lists are refused: the server tokenizes); ``model`` the
-served model's name (another one is a 404 naming it); ``encoding_format`` "float" (default) or "base64" (the
-float32 vector's little-endian bytes, which the client asks for by default and decodes); ``dimensions`` only the
-model's own size, since these models were not trained to be cut shorter (Matryoshka), and vLLM refuses the same way.
+Request: ``input`` a string or a list of strings (token-id lists are refused: the server tokenizes); ``model`` a served
+model's name (routing.py: another one is a 404 naming the served ones; optional while one is served);
+``encoding_format`` "float" (default) or "base64" (the float32 vector's little-endian bytes, which the client asks for
+by default and decodes); ``dimensions`` only the model's own size, since these models were not trained to be cut shorter
+(Matryoshka), and vLLM refuses the same way.
 Response: ``object: "list"``, items with ``object: "embedding"``, ``model``, ``usage`` (text: tokens after the
 model's truncation; audio and images: 0), plus our ``dim``.
 """
@@ -29,10 +30,8 @@ class EmbeddingOptions:
 
 
 def embedding_options(fields: dict, model: str, dim: int, problem) -> EmbeddingOptions:
-    """The request's OpenAI fields, checked. ``problem(status, kind, message)`` builds the error to raise."""
-    asked = fields.get("model")
-    if asked is not None and asked != model:
-        raise problem(404, "ModelNotFound", f"no model named {asked!r}; this server serves {model!r}")
+    """The request's OpenAI fields but ``model`` (routing.py picked the model), checked. ``problem(status, kind,
+    message)`` builds the error to raise."""
     encoding = fields.get("encoding_format", "float")
     if encoding not in ENCODINGS:
         raise problem(400, "BadRequest", f"encoding_format must be one of {list(ENCODINGS)}, got {encoding!r}")
@@ -64,8 +63,9 @@ def embeddings_body(data: list[dict], model: str, dim: int, tokens: int) -> dict
     return {"object": "list", "data": data, "model": model, "dim": dim, "usage": usage}
 
 
-def models_body(model: str, created: int) -> dict:
-    return {"object": "list", "data": [model_card(model, created)]}
+def models_body(models: list[tuple[str, int]]) -> dict:
+    """``models``: (name, created) of each served model."""
+    return {"object": "list", "data": [model_card(name, created) for name, created in models]}
 
 
 def model_card(model: str, created: int) -> dict:

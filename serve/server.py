@@ -1,5 +1,5 @@
-"""Run the HTTP server: open the bundle, bind the socket, hand both to uvicorn (the click command in ``cli.py`` is a
-thin wrapper around ``serve``).
+"""Run the HTTP server: open the bundles, bind the socket, hand both to uvicorn (the click command in
+``cli/serve.py`` is a thin wrapper around ``serve``).
 
 The socket is bound here, before uvicorn starts, so ``--port 0`` picks a free port and the line
 ``synergy serve: listening on http://HOST:PORT`` (stderr) says which. uvicorn installs the SIGTERM/SIGINT handlers:
@@ -18,6 +18,9 @@ from synergy.runtime import InferUsageError, Runtime
 
 from . import require
 from .app import ServeLimits, Service, create_app
+from .auth import check_keys, guard
+from .metrics import Metrics
+from .routing import Models, bundles_by_name
 
 
 def labels_by_name(files) -> dict[str, Path]:
@@ -34,7 +37,7 @@ def labels_by_name(files) -> dict[str, Path]:
 
 
 def serve(
-    bundle: str,
+    bundles: str | tuple[str, ...],
     host: str = "127.0.0.1",
     port: int = 8000,
     limits: ServeLimits | None = None,
@@ -44,12 +47,28 @@ def serve(
     device: str = "cpu",
     drain_seconds: float = 30.0,
     log_level: str = "warning",
+    api_keys: tuple[str, ...] = (),
+    cors_origins: tuple[str, ...] = (),
+    metrics_public: bool = False,
 ) -> int:
+    """``bundles``: ``--bundle`` values, ``PATH`` or ``NAME=PATH`` (routing.py); ``api_keys``: the Bearer tokens
+    accepted (none: no key needed); ``cors_origins``: the browser origins allowed (auth.py)."""
     uvicorn = require("uvicorn", "serve")
     limits = limits or ServeLimits()
     labels_files = labels_by_name(labels)
-    runtime = Runtime.open(bundle, backend=backend, device=device, threads=threads, batch_size=limits.max_batch)
-    service = Service(runtime, limits, Path(bundle).absolute().name, labels_files)
+    named = bundles_by_name((bundles,) if isinstance(bundles, str) else bundles)
+    api_keys = check_keys(api_keys)
+    metrics = Metrics()
+    services = {}
+    try:
+        for name, bundle in named.items():
+            runtime = Runtime.open(bundle, backend=backend, device=device, threads=threads, batch_size=limits.max_batch)
+            services[name] = Service(runtime, limits, name, labels_files, metrics)
+    except BaseException:
+        for service in services.values():
+            service.runtime.close()
+        raise
+    models = Models(services, metrics)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -60,7 +79,7 @@ def serve(
     from .connections import HEADER_LIMIT, bounded_h11, limit_headers  # imports uvicorn: after ``require``
 
     config = uvicorn.Config(
-        limit_headers(create_app(service)),
+        limit_headers(guard(create_app(models, limits), metrics, api_keys, cors_origins, metrics_public)),
         http=bounded_h11(limits.read_timeout_s),  # h11, not httptools: see connections.py
         h11_max_incomplete_event_size=HEADER_LIMIT,
         log_level=log_level,
@@ -75,7 +94,9 @@ def serve(
     # handlers catch that second delivery, so a drained server exits 0 instead of dying by the signal
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda number, frame: stopped_by.append(number))
-    print(f"synergy serve: listening on http://{host}:{bound} (bundle {bundle})", file=sys.stderr, flush=True)
+    served = ", ".join(f"{name}={path}" for name, path in named.items())
+    access = ", API key required" if api_keys else ""  # never the key itself
+    print(f"synergy serve: listening on http://{host}:{bound} (bundles {served}{access})", file=sys.stderr, flush=True)
     server.run(sockets=[sock])
     print("synergy serve: stopped", file=sys.stderr, flush=True)
     return 0

@@ -121,9 +121,10 @@ def _export(module, args: tuple, path: Path, names: list[str], dynamic: dict) ->
     program.save(str(path))
 
 
-def build_bundle(folder: Path) -> dict:
-    """Write a bundle into ``folder``; returns the torch towers and the tokenizer for comparisons."""
-    torch.manual_seed(0)
+def build_bundle(folder: Path, seed: int = 0) -> dict:
+    """Write a bundle into ``folder``; returns the torch towers and the tokenizer for comparisons. Another ``seed``
+    gives other weights (the same shapes and tokenizer): a second model."""
+    torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     tokenizer.save(str(folder / "tokenizer.json"))

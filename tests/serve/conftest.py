@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,13 +59,19 @@ def image_bytes(width: int, height: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-class Server:
-    """A ``synergy serve`` child process on a free port (``--port 0``; the port is read from its first line)."""
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')  # a Prometheus label pair, escapes included
 
-    def __init__(self, bundle: Path, *options: str, labels: Path | None = None):
-        command = [sys.executable, "-m", "synergy.cli", "serve", "--bundle", str(bundle), "--port", "0"]
+
+class Server:
+    """A ``synergy serve`` child process on a free port (``--port 0``; the port is read from its first line).
+    ``bundle``: a folder, or a list of ``--bundle`` values (``NAME=DIR``) to serve several; ``env``: variables added
+    to the child's environment."""
+
+    def __init__(self, bundle: Path | list[str], *options: str, labels: Path | None = None, env: dict | None = None):
+        bundles = [bundle] if isinstance(bundle, (str, Path)) else bundle
+        command = [sys.executable, "-m", "synergy.cli", "serve", *(f"--bundle={b}" for b in bundles), "--port", "0"]
         command += ["--threads", "1", *options, *(["--labels", str(labels)] if labels else [])]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         line = self.process.stderr.readline()
         if "listening on http://" not in line:
@@ -80,9 +87,17 @@ class Server:
                 raise RuntimeError("the server did not become ready")
             time.sleep(0.05)
 
-    def request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None, timeout=60):
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        timeout=60,
+        headers: dict | None = None,
+    ):
         """-> (status, headers, parsed JSON or text)."""
-        headers = {"Content-Type": content_type} if content_type else {}
+        headers = {**({"Content-Type": content_type} if content_type else {}), **(headers or {})}
         request = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -92,12 +107,12 @@ class Server:
         kind = headers.get("content-type", "")
         return status, headers, json.loads(raw) if kind.startswith("application/json") else raw.decode()
 
-    def post(self, path: str, payload) -> tuple:
-        return self.request("POST", path, json.dumps(payload).encode(), "application/json")
+    def post(self, path: str, payload, headers: dict | None = None) -> tuple:
+        return self.request("POST", path, json.dumps(payload).encode(), "application/json", headers=headers)
 
-    def get(self, path: str) -> tuple:
+    def get(self, path: str, headers: dict | None = None) -> tuple:
         try:
-            return self.request("GET", path, timeout=5)
+            return self.request("GET", path, timeout=5, headers=headers)
         except OSError:
             return 0, {}, None
 
@@ -121,9 +136,17 @@ class Server:
         host, port = self.url.split("//")[1].rsplit(":", 1)
         return host, int(port)
 
-    def metric(self, line_start: str) -> float:
-        text = self.get("/metrics")[2]
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+    def metric(self, selector: str, headers: dict | None = None) -> float:
+        """The sum of the series ``name{label="value",...}`` selects: its name, and at least its labels (so
+        ``synergy_items_total{modality="audio"}`` adds up every model's audio items)."""
+        name, _, wanted = selector.partition("{")
+        wanted = set(LABEL.findall(wanted))
+        total = 0.0
+        for line in self.get("/metrics", headers)[2].splitlines():
+            series, _, value = line.rpartition(" ")
+            if not line.startswith("#") and series.partition("{")[0] == name and wanted <= set(LABEL.findall(series)):
+                total += float(value)
+        return total
 
     def stop(self) -> int:
         if self.process.poll() is None:

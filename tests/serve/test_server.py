@@ -197,15 +197,17 @@ def test_malformed_requests_get_4xx_json_and_the_server_keeps_answering(server, 
 def test_health_readiness_and_metrics(server):
     assert server.get("/healthz")[:1] == (200,)
     status, _, ready = server.get("/readyz")
-    assert status == 200 and sorted(ready["towers"]) == ["audio", "image", "text"]
+    assert status == 200 and list(ready["models"]) == ["tiny"]
+    assert sorted(ready["models"]["tiny"]) == ["audio", "image", "text"]
     server.post("/v1/embeddings", {"modality": "text", "input": ["dog"]})
     status, headers, text = server.get("/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
     for name in (
-        'synergy_requests_total{code="200",endpoint="embeddings"}',
-        'synergy_batch_size_bucket{modality="text",le="+Inf"}',
-        'synergy_request_seconds_count{endpoint="embeddings"}',
-        'synergy_queue_depth{modality="audio"} 0',
+        'synergy_requests_total{code="200",endpoint="embeddings",model="tiny"}',  # each model's series apart
+        'synergy_batch_size_bucket{modality="text",model="tiny",le="+Inf"}',
+        'synergy_request_seconds_count{endpoint="embeddings",model="tiny"}',
+        'synergy_requests_total{code="200",endpoint="healthz"}',  # no model: the route serves none
+        'synergy_queue_depth{modality="audio",model="tiny"} 0',
         "# TYPE synergy_request_seconds histogram",
     ):
         assert name in text, name
