@@ -68,6 +68,12 @@ NOT_RUN = {  # README command -> why this test does not run it
     "curl -s localhost:8000/v1/embeddings -F modality=audio -F input=@data/synth/audio/val/red_circle_0000.wav": (
         "needs the server above; tests/serve/test_server.py sends the same multipart form"
     ),
+    "SYNERGY_API_KEY=change-me synergy serve --bundle small=runs/train/bundle --port 8000 --cors-origin "
+    "https://app.example.com": "a server runs until it is stopped; tests/serve/test_auth.py starts one with keys from "
+    "SYNERGY_API_KEY and a CORS origin",
+    'curl -s http://127.0.0.1:8000/v1/embeddings -H "Authorization: Bearer change-me" -H "Content-Type: '
+    'application/json" -d \'{"model": "small", "input": ["the sound of a red circle"]}\'': "needs the server above; "
+    "tests/serve/test_auth.py sends Bearer keys",
     "curl -s localhost:8000/v1/classify -F labels=labels -F audio=@data/synth/audio/val/red_circle_0000.wav "
     "-F top_k=3": "needs the server above; tests/serve/test_server.py sends the same multipart form",
 }
