@@ -97,7 +97,7 @@ def test_on_a_gpu():
 
 
 def test_with_tensorrt():
-    pytest.skip("needs the TensorRT Python package (pip install 'synergy[tensorrt]')")
+    pytest.skip("needs the TensorRT Python package (pip install 'synergy-clip[tensorrt]')")
 
 
 @pytest.mark.xfail(reason="a known bug, not a skip")

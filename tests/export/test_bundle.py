@@ -341,7 +341,7 @@ def test_trt_without_tensorrt_names_the_extra(checkpoint, tmp_path):
         pytest.skip("TensorRT is installed here; this checks the message shown without it")
     except ImportError:
         pass
-    with pytest.raises(ExportError, match=r"pip install 'synergy\[tensorrt\]'"):
+    with pytest.raises(ExportError, match=r"pip install 'synergy-clip\[tensorrt\]'"):
         export_bundle(checkpoint, tmp_path / "out", fmt="trt")
     assert _leftovers(tmp_path) == []
 

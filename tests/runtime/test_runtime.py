@@ -299,7 +299,7 @@ def test_backend_and_device_errors(tiny_bundle):
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        with pytest.raises(BackendError, match=r"pip install 'synergy\[tensorrt\]'"):
+        with pytest.raises(BackendError, match=r"pip install 'synergy-clip\[tensorrt\]'"):
             Runtime.open(folder, backend="tensorrt", device="cuda")
 
 
