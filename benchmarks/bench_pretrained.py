@@ -113,6 +113,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    measured_on = environment(args.threads)  # first: the commit is the one the runs start from
     work = Path(args.work) / ("quick" if args.quick else "full")
     data = prepare_data(work / "data", setup)
     minilm = prepare_minilm(work / "minilm")
@@ -131,7 +132,7 @@ def main(argv=None) -> None:
     result = {
         "benchmark": "bench_pretrained",
         "quick": args.quick,
-        "environment": environment(args.threads),
+        "environment": measured_on,
         "setup": setup_record(setup, classes),
         "unseen_phrasings": UNSEEN_PHRASINGS,
         "side_by_side": {tower: {"runs": runs, "summary": summarise(runs)} for tower, runs in side.items()},
