@@ -10,6 +10,7 @@ are refused with the new one named.
 
     cli/options.py   the shared checks, exit codes and options
     cli/presets.py   synergy presets
+    cli/towers.py    synergy towers list | minilm
     cli/data.py      synergy data synth | from-videos
     cli/train.py     synergy train, synergy eval
     cli/export.py    synergy export
@@ -28,6 +29,7 @@ from .infer import infer_command
 from .mmr import mmr_group
 from .presets import presets_command
 from .serve import embed_command, search_command, serve_command
+from .towers import towers_group
 from .train import eval_command, train_command
 
 
@@ -48,6 +50,7 @@ def main():
 
 for command in (
     presets_command,
+    towers_group,
     data_group,
     train_command,
     eval_command,

@@ -7,13 +7,15 @@ the path and manifest line: the collate function masks them out and the trainer 
 
 Decoding and preprocessing are the runtime's (``synergy.runtime``: audio, image, windows, tokenizing), so training,
 ``synergy eval`` and ``synergy infer`` see the same input for the same file; training adds only a random crop of
-long audio and a random resized crop of images.
+long audio and a random resized crop of images, and not even those for a locked tower's modality (its features are
+cached per distinct input, and an input that changes every epoch would never hit the cache).
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,18 +103,23 @@ class ManifestDataset(torch.utils.data.Dataset):
     """Items are ``(row index, augmentation seed)`` pairs, so augmentation is a pure function of the sampler's
     output: a resumed run and a DDP rank see exactly the samples an uninterrupted single process would.
     ``augment_seed=None`` means evaluation: no augmentation, first template, and long audio cut into every
-    window (as the runtime cuts it); training takes one random clip of long audio."""
+    window (as the runtime cuts it); training takes one random clip of long audio.
 
-    def __init__(self, rows, *, image_size, mean, std, sample_rate, clip_seconds, text_mode, templates):
+    ``unaugmented``: modalities that training feeds as evaluation does (a locked tower's): images resized, not
+    cropped at random, the frame of a video at its middle, and long audio's first window (the runtime's first),
+    not a random one. Text keeps its random prompt template: a handful of templates is a handful of cache entries."""
+
+    def __init__(self, rows, *, image_size, mean, std, sample_rate, clip_seconds, text_mode, templates, unaugmented=()):
         if text_mode not in ("prompt", "caption", "mixed"):
             raise DataError(f"text_mode {text_mode!r}: choose prompt, caption or mixed")
         self.rows = rows
+        self.unaugmented = frozenset(unaugmented)
         self.image_size, self.mean, self.std = image_size, mean, std
         self.sample_rate, self.clip_samples = sample_rate, round(clip_seconds * sample_rate)
         self.text_mode, self.templates = text_mode, tuple(templates)
 
     @classmethod
-    def for_model(cls, rows, model_config, text_mode: str = "caption") -> ManifestDataset:
+    def for_model(cls, rows, model_config, text_mode: str = "caption", unaugmented=()) -> ManifestDataset:
         """The dataset a model's own preprocessing asks for (image size and statistics, sample rate, clip, prompts):
         the one constructor training, evaluation and MMR share."""
         return cls(
@@ -124,6 +131,7 @@ class ManifestDataset(torch.utils.data.Dataset):
             clip_seconds=model_config.audio.clip_seconds,
             text_mode=text_mode,
             templates=model_config.prompt_templates,
+            unaugmented=unaugmented,
         )
 
     def __len__(self) -> int:
@@ -140,7 +148,7 @@ class ManifestDataset(torch.utils.data.Dataset):
 
     def _image(self, path: Path, rng) -> np.ndarray:
         """-> [3, size, size] float32."""
-        if rng is None:
+        if rng is None or "image" in self.unaugmented:
             return preprocess_image(load_image(path, name=str(path)), self.image_size, self.mean, self.std)
         return normalise_pixels(random_resized_crop(path, self.image_size, rng), self.mean, self.std)
 
@@ -150,6 +158,8 @@ class ManifestDataset(torch.utils.data.Dataset):
         wave = load_audio(path, self.sample_rate, name=str(path)) if wave is None else wave
         if rng is None:
             spans = window_spans(wave.shape[0], self.clip_samples)
+        elif "audio" in self.unaugmented:
+            spans = window_spans(wave.shape[0], self.clip_samples)[:1]
         else:
             start = int(rng.integers(0, max(0, wave.shape[0] - self.clip_samples) + 1))
             spans = [(start, min(wave.shape[0], start + self.clip_samples))]
@@ -161,13 +171,14 @@ class ManifestDataset(torch.utils.data.Dataset):
         randomly cropped, and a random audio crop; evaluation: the runtime's uniform frames (``frames``
         [F, 3, S, S], pooled by the evaluator as ``Runtime.embed_video`` pools them) and every audio window."""
         need_image, need_audio = row.image is None, row.audio is None
+        position = 0.5 if "image" in self.unaugmented else rng.random() if rng is not None else None
         video = load_video(
             row.video,
             self.sample_rate,
             name=str(row.video),
             frames=need_image,
             audio=need_audio,
-            positions=[rng.random()] if rng is not None else None,
+            positions=[position] if rng is not None else None,
             frame_transform=None if rng is not None else self._frame,
         )
         out = {}
@@ -175,6 +186,8 @@ class ManifestDataset(torch.utils.data.Dataset):
             if rng is None:
                 out["frames"] = np.stack(video.frames)  # [F, 3, S, S]
                 out["image"] = out["frames"][0]
+            elif "image" in self.unaugmented:
+                out["image"] = self._frame(Image.fromarray(video.frames[0]))
             else:
                 crop = random_resized_crop(Image.fromarray(video.frames[0]), self.image_size, rng)
                 out["image"] = normalise_pixels(crop, self.mean, self.std)
@@ -262,13 +275,38 @@ class Collate:
         return batch
 
 
+def batch_for_rows(batch_size: int, rows: int, multiple: int = 1) -> int:
+    """The global batch a manifest of ``rows`` rows can fill: ``batch_size``, or, when it holds fewer rows, the
+    largest multiple of ``multiple`` (processes x micro-batches) up to ``rows``, with a warning. A batch larger than
+    the data would hold some rows twice, and each copy would be the other's negative: the loss would push a row
+    away from itself."""
+    if rows >= batch_size:
+        return batch_size
+    fitted = rows // multiple * multiple
+    if fitted == 0:
+        raise DataError(
+            f"the manifest has {rows} row(s), fewer than the {multiple} processes x micro-batches; add rows or "
+            "lower accumulation (or the number of processes)"
+        )
+    warnings.warn(
+        f"the manifest has {rows} rows, fewer than batch_size {batch_size}: training on batches of {fitted} "
+        f"(every row once per batch; a row repeated in a batch would be its own negative). With so few rows, lock "
+        "pretrained towers (lock=...) and expect little from towers trained from scratch",
+        stacklevel=2,
+    )
+    return fitted
+
+
 class EpochBatches(torch.utils.data.Sampler):
     """Global batches of ``(row, augmentation seed)`` from a per-epoch permutation seeded by ``(seed, epoch)``,
-    starting at ``start_step``; a DDP rank takes its contiguous slice of each global batch."""
+    starting at ``start_step``; a DDP rank takes its contiguous slice of each global batch. ``batch_size`` is at most
+    ``n`` (:func:`batch_for_rows`), so no batch holds a row twice."""
 
     def __init__(self, n: int, batch_size: int, seed: int, start_step: int, total_steps: int, rank=0, world=1):
         if batch_size % world:
             raise DataError(f"batch_size {batch_size} must be divisible by the number of processes ({world})")
+        if batch_size > n:
+            raise DataError(f"batch_size {batch_size} exceeds the {n} rows; fit it with batch_for_rows")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.start_step, self.total_steps, self.rank, self.world = start_step, total_steps, rank, world
         self.per_epoch = max(1, n // batch_size)  # drop the ragged tail: every step sees a full batch
@@ -282,7 +320,5 @@ class EpochBatches(torch.utils.data.Sampler):
             epoch, position = divmod(step, self.per_epoch)
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
             batch = order[position * self.batch_size : (position + 1) * self.batch_size].tolist()
-            if len(batch) < self.batch_size:  # fewer rows than one batch: wrap around
-                batch = (batch * (self.batch_size // max(1, len(batch)) + 1))[: self.batch_size]
             mine = batch[self.rank * local : (self.rank + 1) * local]
             yield [(i, stable_seed(self.seed, step, slot + self.rank * local)) for slot, i in enumerate(mine)]

@@ -4,8 +4,9 @@ A locked tower's parameters take no gradient and it stays in eval mode (no dropo
 says, so its pooled features are a function of its input alone. They are computed once per distinct input and kept
 for the run: a run over N items costs one tower pass per item, then only the projections train. The cache key is
 the input itself (a digest of the token ids without padding, of the pixels, of the log-mel), not the row number,
-because a row's input can change between epochs (prompt templates in ``mixed`` text mode, random image crops):
-equal inputs share an entry, a new crop is a new entry. Each entry is computed alone, at its own length, so its value
+because a row's input can change between epochs (prompt templates, captions in ``mixed`` text mode): equal inputs
+share an entry. Training feeds a locked tower's modality without random crops (``train/data.py``), so an image or a
+clip is one entry for the whole run. Each entry is computed alone, at its own length, so its value
 does not depend on which batch first met it: a resumed run, whose cache starts empty, gets the same features
 bit for bit, and so the same weights.
 
@@ -48,12 +49,6 @@ def lock_towers(model, lock: tuple[str, ...], unlock_last_layers: dict, resumed:
                 parameter.requires_grad_(True)
             continue
         _stay_in_eval(tower)
-        if name == "image":  # say so rather than let a LiT run crawl: each new crop is a new single-row pass
-            warnings.warn(
-                "lock: training crops images at random (train/data.py), so the locked image tower meets new inputs "
-                "every epoch and its cache saves no pass; its features are computed row by row",
-                stacklevel=2,
-            )
         features = f"{name}_features"
         setattr(model, features, CachedFeatures(getattr(model, features), name))
     model.locked = wanted

@@ -43,7 +43,7 @@ from synergy.core.tokenizer import load_pretrained_tokenizer, train_tokenizer
 from synergy.kernels.contrastive import gather_features, trimodal_contrastive_loss
 from synergy.runtime.prompts import fill_prompt
 from synergy.train.config import TrainConfig, check_train_config
-from synergy.train.data import Collate, DataError, EpochBatches, ManifestDataset, read_manifest
+from synergy.train.data import Collate, DataError, EpochBatches, ManifestDataset, batch_for_rows, read_manifest
 from synergy.train.evaluate import evaluate, format_report, write_report
 from synergy.train.locked_features import lock_towers
 from synergy.train.manifest_check import ManifestCheck, check_manifest
@@ -284,14 +284,15 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 
 def _dataset(config: TrainConfig, model: SynergyModel, rows) -> ManifestDataset:
-    return ManifestDataset.for_model(rows, model.config, text_mode=config.text_mode)
+    # a locked tower sees evaluation's input (no random crops), so its feature cache hits from the second epoch on
+    fixed = [name for name, unlocked in model.locked.items() if not unlocked]
+    return ManifestDataset.for_model(rows, model.config, text_mode=config.text_mode, unaugmented=fixed)
 
 
 def _loader(config: TrainConfig, dataset: ManifestDataset, tokenizer, start_step: int, process: Process):
     """Batches from ``start_step`` on: a pure function of (seed, step), so a resumed run sees what it would have."""
-    sampler = EpochBatches(
-        len(dataset), config.batch_size, config.seed, start_step, config.steps, process.rank, process.world
-    )
+    batch_size = batch_for_rows(config.batch_size, len(dataset), process.world * config.accumulation)
+    sampler = EpochBatches(len(dataset), batch_size, config.seed, start_step, config.steps, process.rank, process.world)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,

@@ -189,11 +189,43 @@ def test_cached_features_equal_the_towers_own_and_repeat_inputs_are_not_recomput
     pixels = torch.randn(3, 3, 30, 30, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         direct = model.image_features(pixels)
-    with pytest.warns(UserWarning, match="crops images at random"):
-        assert lock_towers(model, ("image", "audio"), {}, resumed=False) == {"image": 0, "audio": 0}
+    assert lock_towers(model, ("image", "audio"), {}, resumed=False) == {"image": 0, "audio": 0}
     model.train()
     assert not model.image_tower.training and not model.audio_tower.training and model.text_tower.training
     assert not any(p.requires_grad for p in model.image_tower.parameters())
     cached = model.image_features(torch.cat([pixels, pixels[:1]]))  # the 4th row repeats the 1st
     torch.testing.assert_close(cached[:3], direct, atol=1e-5, rtol=1e-5)
     assert torch.equal(cached[3], cached[0]) and model.image_features.forward_calls == 3
+
+
+def test_a_locked_image_tower_sees_evaluations_input_and_runs_once_per_row_over_two_epochs(tmp_path, synth):
+    """No random crops for a locked image tower (they would make every epoch's input new and the cache useless):
+    two epochs over ROWS rows cost ROWS single-row passes of the tower, counted with a forward hook."""
+    import synergy.train.loop as loop
+    from synergy.train.data import ManifestDataset
+
+    calls, real = [], loop.lock_towers
+
+    def lock_and_count(model, *args, **kwargs):
+        model.image_tower.register_forward_hook(
+            lambda m, args, kw, out: calls.append(kw["pixel_values"].shape[0]), with_kwargs=True
+        )
+        return real(model, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "lock_towers", lock_and_count)
+        config = TrainConfig(
+            model="tiny", data=str(synth / "train.csv"), out=str(tmp_path / "run"), text_mode="caption",
+            batch_size=BATCH, steps=2 * ROWS // BATCH, warmup_steps=1, workers=0, save_every=100, seed=3,
+            lock=("image",),
+        )  # fmt: skip
+        loop.train(config, progress=False)
+    assert calls == [1] * ROWS
+
+    model = _initial_model(config)
+    rows = read_manifest(synth / "train.csv")
+    fixed = ManifestDataset.for_model(rows, model.config, unaugmented=("image",))
+    cropped = ManifestDataset.for_model(rows, model.config)
+    evaluation = fixed[0]["image"]  # no augmentation seed: evaluation's preprocessing
+    assert (fixed[(0, 11)]["image"] == evaluation).all() and (fixed[(0, 12)]["image"] == evaluation).all()
+    assert not (cropped[(0, 11)]["image"] == evaluation).all()
