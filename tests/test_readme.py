@@ -37,6 +37,8 @@ SHRINK = {  # README command -> arguments appended to run it at test size
     ],
     "synergy train --config train.json": TINY_TRAINING,
     "synergy train --config mine.json": [*TINY_TRAINING[:4], "--set", "batch_size=3", "--set", "warmup_steps=1"],
+    "synergy train --config mine.json --set model.text.pretrained=towers/minilm --set lock=text --set "
+    "out=runs/mine-lit": [*TINY_TRAINING[:4], "--set", "batch_size=3", "--set", "warmup_steps=1"],
     "synergy train --set data=data/clips/train_videos.csv --set out=runs/video --set audio_intra_weight=0.1": [
         *TINY_TRAINING
     ],
@@ -175,7 +177,7 @@ def test_every_readme_command_and_python_block_runs(tmp_path):
     demo = [c for c in commands if "runs/demo" in c]  # after the walkthrough has made what they read
     outputs = {}
     for command in walkthrough:
-        if command == "synergy train --config mine.json":
+        if command == "synergy train --config mine.json":  # the first of the own-data commands
             _materialise_own_data(tmp_path, files["my_data/train.csv"])
         outputs[command] = _run(" ".join([command, *SHRINK.get(command, [])]), tmp_path, env)
 
@@ -190,6 +192,8 @@ def test_every_readme_command_and_python_block_runs(tmp_path):
     assert "--fuse: 16 audio+image pair(s) by file stem" in fused.stderr
     assert fused.stderr.strip().splitlines()[-1].startswith("synergy infer: 16 inputs, 16 ok, 0 failed in ")
     assert (tmp_path / "runs/mine/checkpoint/model.safetensors").is_file()
+    lit = json.loads((tmp_path / "runs/mine-lit/checkpoint/config.json").read_text())
+    assert lit["locked"] == {"text": 0} and (tmp_path / "towers/minilm/model.safetensors").is_file(), lit.get("locked")
 
     (tmp_path / "runs/demo").mkdir()
     for name, target in DEMO_LINKS.items():
