@@ -17,10 +17,11 @@ from pathlib import Path
 from synergy.runtime import InferUsageError, Runtime
 
 from . import require
-from .app import ServeLimits, Service, create_app
+from .app import ServeLimits, create_app
 from .auth import check_keys, guard
 from .metrics import Metrics
 from .routing import Models, bundles_by_name
+from .service import Service
 
 
 def labels_by_name(files) -> dict[str, Path]:
