@@ -25,6 +25,10 @@ seconds and pixels from the files' headers: ``budget.py``), and its work, label 
 runs in the batchers under its own timeout. When the request times out or its client hangs up, its items are
 withdrawn: queued ones leave the queue, and a batch in progress skips them at its next sub-batch (``cancel_every``
 items for audio and images), so nobody's tower keeps working for a caller that has gone.
+
+The rooms: this file holds the limits and the route table; ``requests.py`` reads a request (body, fields, items),
+``endpoints.py`` answers it (one handler per path, and the wrapper that times, counts and maps errors), and
+``service.py`` runs one model (its runtime, batchers, label cache and work checks).
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ __all__ = ["ServeLimits", "Service", "create_app"]  # Service: its home is servi
 
 @dataclass(frozen=True)
 class ServeLimits:
+    """The server's bounds: its batches and queues, and what one request may ask (``synergy serve --max-*``)."""
+
     max_batch: int = 32  # items per model call
     max_wait_ms: float = 5.0  # how long a batch waits to fill after its first item
     max_queue: int = 256  # items waiting per modality; beyond it: 503
