@@ -2,7 +2,7 @@
 and the rules for a request's ``model`` field (OpenAI's): absent, the only model, or 400 when several are served;
 unknown, 404 naming the served ones.
 
-Each model is a ``Service`` of its own (app.py): its runtime, its micro-batchers and its ``model="..."`` metric
+Each model is a ``Service`` of its own (service.py): its runtime, its micro-batchers and its ``model="..."`` metric
 series, so a busy model fills its own queues, not the others'.
 """
 
@@ -18,8 +18,8 @@ from synergy.runtime import InferUsageError
 from .metrics import Metrics
 from .problems import Problem
 
-if TYPE_CHECKING:  # app.py imports this module
-    from .app import Service
+if TYPE_CHECKING:  # for the annotations only: the rules here need no runtime, batchers or starlette
+    from .service import Service
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*")  # a model id as clients send it: "tiny", "org/model-v2"
 

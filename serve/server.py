@@ -17,10 +17,11 @@ from pathlib import Path
 from synergy.runtime import InferUsageError, Runtime
 
 from . import require
-from .app import ServeLimits, Service, create_app
+from .app import ServeLimits, create_app
 from .auth import check_keys, guard
 from .metrics import Metrics
 from .routing import Models, bundles_by_name
+from .service import Service
 
 
 def labels_by_name(files) -> dict[str, Path]:
@@ -59,22 +60,8 @@ def serve(
     named = bundles_by_name((bundles,) if isinstance(bundles, str) else bundles)
     api_keys = check_keys(api_keys)
     metrics = Metrics()
-    services = {}
-    try:
-        for name, bundle in named.items():
-            runtime = Runtime.open(bundle, backend=backend, device=device, threads=threads, batch_size=limits.max_batch)
-            services[name] = Service(runtime, limits, name, labels_files, metrics)
-    except BaseException:
-        for service in services.values():
-            service.runtime.close()
-        raise
-    models = Models(services, metrics)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as error:
-        raise InferUsageError(f"cannot listen on {host}:{port}: {error.strerror}; choose another --port") from error
+    models = open_models(named, limits, labels_files, metrics, backend=backend, device=device, threads=threads)
+    sock = bind(host, port)
     bound = sock.getsockname()[1]
     from .connections import HEADER_LIMIT, bounded_h11, limit_headers  # imports uvicorn: after ``require``
 
@@ -100,3 +87,36 @@ def serve(
     server.run(sockets=[sock])
     print("synergy serve: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def open_models(
+    named: dict[str, str],
+    limits: ServeLimits,
+    labels_files: dict[str, Path],
+    metrics: Metrics,
+    backend: str,
+    device: str,
+    threads: int | None,
+) -> Models:
+    """Open every bundle ({name: path}) as a ``Service``; if one cannot be opened, the ones opened are closed."""
+    services = {}
+    try:
+        for name, bundle in named.items():
+            runtime = Runtime.open(bundle, backend=backend, device=device, threads=threads, batch_size=limits.max_batch)
+            services[name] = Service(runtime, limits, name, labels_files, metrics)
+    except BaseException:
+        for service in services.values():
+            service.runtime.close()
+        raise
+    return Models(services, metrics)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before uvicorn starts (``--port 0``: a free port, read back by the caller)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        raise InferUsageError(f"cannot listen on {host}:{port}: {error.strerror}; choose another --port") from error
+    return sock
