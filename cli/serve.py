@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .options import EXIT_OK, EXIT_SOME_FAILED, UsageProblem, bundle_option
+from .options import BACKEND_CHOICES, EXIT_OK, EXIT_SOME_FAILED, UsageProblem, bundle_option
 
 
 @click.command("serve")
@@ -40,7 +40,7 @@ from .options import EXIT_OK, EXIT_SOME_FAILED, UsageProblem, bundle_option
     help='A labels file requests may name by its stem ({"labels": "animals"} for animals.txt); repeatable.',
 )
 @click.option("--threads", default=None, type=int, help="onnxruntime threads per tower (default: onnxruntime's).")
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "onnxruntime", "tensorrt"]))
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKEND_CHOICES))
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--drain-seconds", default=30.0, show_default=True, type=float, help="SIGTERM: time to finish requests.")
 def serve_command(

@@ -2,7 +2,8 @@
 
 ``BACKENDS`` maps each backend's name to how it checks this machine (``check(device)``: a ``BackendError`` naming
 what to install) and how it loads one tower (``load(TowerSource)`` -> an object with ``run(feeds) -> [B, D]``).
-The engines are ``onnxruntime_backend.py`` and ``tensorrt_backend.py``, imported on first use. ``Towers`` holds one
+The engines are ``onnxruntime_backend.py``, ``openvino_backend.py`` (CPU; f32 or bf16 inside the graph) and
+``tensorrt_backend.py``, imported on first use. ``Towers`` holds one
 open bundle's per-bundle caches: the towers loaded so far (each on first use, probed once at the largest input the
 manifest allows) and the tokenizer.
 """
@@ -87,8 +88,25 @@ def _load_tensorrt(source: TowerSource):
     return TensorRTTower(source.path, source.spec, source.device, source.data)  # the bytes that were hashed
 
 
+def _check_openvino(device: str) -> None:
+    from .openvino_backend import check_device
+
+    check_device(device)
+
+
+def _openvino_loader(precision: str) -> Callable[[TowerSource], object]:
+    def load(source: TowerSource):
+        from .openvino_backend import OpenVINOTower
+
+        return OpenVINOTower(source.path, source.spec, source.data, source.external_data, source.threads, precision)
+
+    return load
+
+
 BACKENDS: dict[str, Backend] = {
     "onnxruntime": Backend(runs_engines=False, check=_check_onnxruntime, load=_load_onnxruntime),
+    "openvino": Backend(runs_engines=False, check=_check_openvino, load=_openvino_loader("f32")),
+    "openvino-bf16": Backend(runs_engines=False, check=_check_openvino, load=_openvino_loader("bf16")),
     "tensorrt": Backend(runs_engines=True, check=_check_tensorrt, load=_load_tensorrt),
 }
 BACKEND_CHOICES = ("auto", *BACKENDS)
