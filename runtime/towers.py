@@ -10,6 +10,7 @@ manifest allows) and the tokenizer.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,22 @@ from .manifest import BundleError, Manifest, TowerSpec
 from .text import load_tokenizer
 
 DEVICES = ("cpu", "cuda")
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on: the default thread count of every engine. A second
+    hyper-thread of a core adds no matmul throughput, and the engines' own defaults count the whole machine's cores,
+    not the ones a container or ``taskset`` grants (so they oversubscribe there)."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in allowed:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            package = (topology / "physical_package_id").read_text().strip()
+            cores.add((package, (topology / "core_id").read_text().strip()))
+        except OSError:  # no sysfs topology (macOS, Windows, some sandboxes): count logical CPUs
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
 
 
 @dataclass(frozen=True)
@@ -194,7 +211,7 @@ class Towers:
                 data,
                 weights,
                 self.device,
-                self.threads,
+                self.threads or (physical_cores() if self.device == "cpu" else None),
                 self.batch_size,
                 largest[modality],
                 m.files.get(rel, ""),

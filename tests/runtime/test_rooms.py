@@ -116,3 +116,21 @@ def test_runtime_facade_stays_small():
     lines = (PACKAGE / "runtime" / "runtime.py").read_text(encoding="utf-8").count("\n")
     assert lines < 320, lines
     assert Runtime.open.__doc__ and Runtime.classify.__doc__
+
+
+def test_default_threads_are_the_physical_cores_this_process_may_use(tiny_bundle):
+    from synergy.runtime.towers import physical_cores
+
+    assert 1 <= physical_cores() <= os.cpu_count()
+    with Runtime.open(tiny_bundle[0]) as runtime:
+        runtime.embed_text(["dog"])
+        session = runtime._towers.get("text").session
+        assert session.get_session_options().intra_op_num_threads == physical_cores()
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no sched_setaffinity here: the restricted case needs it")
+    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+    code += "from synergy.runtime.towers import physical_cores; print(physical_cores())"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(PACKAGE.parent)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert result.stdout.strip() == "1", result.stderr  # a taskset / container grant, not the machine's cores
