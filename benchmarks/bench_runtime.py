@@ -27,6 +27,7 @@ throughput   one audio-tower call on a batch of clips, per configuration:
                              this CPU, precision hint f32, latency hint
                openvino-bf16 the same with the bf16 precision hint (`--backend openvino-bf16`): bfloat16 matmuls on
                              AVX-512 BF16 / AMX
+               openvino-int8 the ort-int8 graph on the OpenVINO backend (`--backend openvino` on an int8 bundle)
              Configurations are interleaved: --rounds rounds of A B C (each configuration, each batch), so drift of
              the machine (other processes, thermal or boost clocks) falls on every configuration alike. Each round
              opens a fresh onnxruntime session (one at a time: a session's arena grows to its largest batch, GBs
@@ -66,7 +67,8 @@ from provenance import git_commit  # benchmarks/provenance.py: this folder is on
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-CONFIGS = ["torch", "torch-bf16", "ort", "ort-fused", "ort-int8", "ort-opset23", "openvino-f32", "openvino-bf16"]
+CONFIGS = ["torch", "torch-bf16", "ort", "ort-fused", "ort-int8", "ort-opset23",
+           "openvino-f32", "openvino-bf16", "openvino-int8"]  # fmt: skip
 MODELS = ["small", "base-audio", "tiny-audio"]
 # /proc/cpuinfo flags that decide which onnxruntime / oneDNN kernels run (int8 dot products, bf16, AMX tiles)
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
@@ -344,11 +346,12 @@ def throughput(name: str, args, workdir: Path) -> dict:
         if config == "ort-fused":
             path = workdir / f"{name}-fused.onnx"
             notes["fused_ops"] = fuse_transformer(graph, path, audio.heads, audio.width)
-        if config == "ort-int8":
+        if config in ("ort-int8", "openvino-int8"):
             from synergy.export.quantize import DEFAULT_METHOD, quantize_int8, weight_matmuls
 
             path = workdir / f"{name}-int8.onnx"
-            save_graph(quantize_int8(exported.model, exported.fp32_nodes), path)
+            if not path.exists():  # one int8 graph for both engines
+                save_graph(quantize_int8(exported.model, exported.fp32_nodes), path)
             notes["int8_method"] = DEFAULT_METHOD
             notes["int8_matmuls"] = len(weight_matmuls(exported.model, exported.fp32_nodes))
         return path, notes
@@ -358,7 +361,7 @@ def throughput(name: str, args, workdir: Path) -> dict:
         if path is None:
             return torch_bf16_run if config == "torch-bf16" else torch_run
         if config.startswith("openvino"):
-            return openvino_runner(path, exported, args.threads, config.removeprefix("openvino-"))
+            return openvino_runner(path, exported, args.threads, "bf16" if config == "openvino-bf16" else "f32")
         session = ort_session(path, device, args.threads)
         return lambda batch: session.run(None, ort_feeds(session, batch))[0]
 
