@@ -13,7 +13,8 @@ int8 per output channel (symmetric). What stays float32, because the accuracy ga
 - the patch / DFT convolutions and the embedding lookups (not ``MatMul``).
 
 Two methods (``METHODS``): "dynamic" (``quantize_dynamic``: each activation is quantized at run time from its own
-range; onnxruntime fuses it into ``DynamicQuantizeMatMul``) and "static" (``quantize_static``, QDQ format: fixed
+range; onnxruntime fuses each into ``DynamicQuantizeMatMul`` or, where q, k and v share one quantized input,
+``MatMulIntegerToFloat``) and "static" (``quantize_static``, QDQ format: fixed
 activation scales calibrated on rows of the evaluation set, uint8 activations x int8 weights). Measured on the
 ``small`` preset's audio tower (random weights, 2-core Xeon with AVX-512 VNNI and AMX, shared with other jobs),
 batch 8, 9 interleaved rounds, 64 built-in clips against PyTorch fp32: dynamic min cosine 0.99948 and 1.12x the fp32

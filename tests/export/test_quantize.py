@@ -133,6 +133,17 @@ def test_quantized_graph_runs_close_to_float32_and_leaves_the_input_alone(audio_
     assert cosine.min() > 0.99, cosine
 
 
+def test_onnxruntime_fuses_the_dynamic_int8_matmuls(audio_graph, tmp_path):
+    """What the quantize module's docstring promises: onnxruntime runs the int8 MatMuls as fused kernels."""
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(quantize_int8(audio_graph.model, audio_graph.fp32_nodes).SerializeToString(), options)
+    ops = [n.op_type for n in onnx.load_model(tmp_path / "optimized.onnx").graph.node]
+    fused = ops.count("DynamicQuantizeMatMul") + ops.count("MatMulIntegerToFloat")
+    assert fused == len(weight_matmuls(audio_graph.model, audio_graph.fp32_nodes)) and "MatMulInteger" not in ops
+
+
 def test_static_needs_calibration_and_methods_are_checked(audio_graph):
     with pytest.raises(ValueError, match="calibration feeds"):
         quantize_int8(audio_graph.model, audio_graph.fp32_nodes, "static")
