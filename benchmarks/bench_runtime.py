@@ -3,6 +3,8 @@
     python benchmarks/bench_runtime.py                                   # after `make demo`: small + base audio, CPU
     python benchmarks/bench_runtime.py --skip-base --batches 1 8 --budget 5   # quicker
     python benchmarks/bench_runtime.py --models base-audio --configs torch ort ort-opset23 --batches 8 --skip-cold
+    python benchmarks/bench_runtime.py --models base-audio --batches 8 --rounds 3 --skip-cold \
+        --out benchmarks/results/runtime-cpu-base-speed.json             # every engine and precision side by side
     python benchmarks/bench_runtime.py --models tiny-audio --skip-cold --budget 1   # smoke run, seconds, no demo
     python benchmarks/bench_runtime.py --device cuda                     # GPU: torch eager vs ORT CUDA EP
 
@@ -13,12 +15,19 @@ cold start   `synergy infer --audio x.wav --labels labels.txt --bundle BUNDLE` a
              peak RSS (the child's ru_maxrss). One warm-up run each (page cache), then the median of --cold-runs.
 throughput   one audio-tower call on a batch of clips, per configuration:
                torch         the PyTorch model, eager, no_grad (the export source)
+               torch-bf16    the same under torch.autocast("cpu", torch.bfloat16): the one line a torch user adds
                ort           the exported graph, onnxruntime's defaults (graph optimisation level ALL)
                ort-fused     the graph after onnxruntime.transformers' optimizer (attention / LayerNorm / GELU fusions)
-               ort-int8      ort-fused with dynamic int8 quantisation of MatMul weights; the log-mel front end stays
-                             fp32 (its DFT and mel matrices are the signal path, not learnt weights)
+               ort-int8      the int8 graph `synergy export --precision int8` writes (export.quantize.quantize_int8
+                             on the same fp32 graph: dynamic, per-channel weights of the transformer layers' MatMuls;
+                             front end, attention scores, norms and head fp32), on onnxruntime's defaults
                ort-opset23   the graph exported at opset 23 (`synergy export --opset 23`): attention is ONNX's own
                              Attention op, which onnxruntime runs fused; the other graphs are opset 18
+               openvino-f32  the fp32 graph on the runtime's OpenVINO backend (`--backend openvino`): compiled for
+                             this CPU, precision hint f32, latency hint
+               openvino-bf16 the same with the bf16 precision hint (`--backend openvino-bf16`): bfloat16 matmuls on
+                             AVX-512 BF16 / AMX
+               openvino-int8 the ort-int8 graph on the OpenVINO backend (`--backend openvino` on an int8 bundle)
              Configurations are interleaved: --rounds rounds of A B C (each configuration, each batch), so drift of
              the machine (other processes, thermal or boost clocks) falls on every configuration alike. Each round
              opens a fresh onnxruntime session (one at a time: a session's arena grows to its largest batch, GBs
@@ -26,8 +35,9 @@ throughput   one audio-tower call on a batch of clips, per configuration:
              --budget / --rounds seconds (at least --min-reps). Reported per (configuration, batch): p50 and p99
              over all calls, the median of each round, their spread ((max - min) / median), and the speed-up
              against torch eager *within each round* (its min, median and max over rounds), which is the number to
-             quote: both sides of each ratio ran minutes apart at most. Accuracy of each configuration against torch
-             on an evaluation set: cosine of the embeddings (mean and min) and zero-shot top-1 agreement.
+             quote: both sides of each ratio ran minutes apart at most (the same against torch-bf16 when it runs).
+             Accuracy of each configuration against torch on an evaluation set: cosine of the embeddings (mean and
+             min) and zero-shot top-1 agreement.
              Models: `small` = the demo checkpoint (its val clips, zero-shot over its classes with the prompt
              ensemble); `base-audio` = the `base` preset's AST geometry (12 x 768, 10.24 s clips, 852 tokens) with
              random weights; `tiny-audio` = the `tiny` preset, random weights (a smoke run of this script). Random
@@ -57,7 +67,8 @@ from provenance import git_commit  # benchmarks/provenance.py: this folder is on
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-CONFIGS = ["torch", "ort", "ort-fused", "ort-int8", "ort-opset23"]
+CONFIGS = ["torch", "torch-bf16", "ort", "ort-fused", "ort-int8", "ort-opset23",
+           "openvino-f32", "openvino-bf16", "openvino-int8"]  # fmt: skip
 MODELS = ["small", "base-audio", "tiny-audio"]
 # /proc/cpuinfo flags that decide which onnxruntime / oneDNN kernels run (int8 dot products, bf16, AMX tiles)
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
@@ -195,16 +206,16 @@ def fuse_transformer(source: Path, target: Path, heads: int, width: int) -> dict
     return {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
 
 
-def quantize_int8(source: Path, target: Path, keep_fp32: set[str]) -> int:
-    """Dynamic int8 quantisation of MatMul weights; the log-mel front end's nodes stay fp32. -> nodes kept."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def openvino_runner(path: Path, exported, threads: int, precision: str):
+    """-> run(batch) -> [B, D] on the runtime's OpenVINO backend (the bytes of ``path``, as the runtime reads them)."""
+    from synergy.runtime.manifest import TowerSpec
+    from synergy.runtime.openvino_backend import OpenVINOTower
 
-    present = {node.name for node in onnx.load(str(source), load_external_data=False).graph.node}
-    excluded = sorted(keep_fp32 & present)
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     nodes_to_exclude=excluded, per_channel=True)  # fmt: skip
-    return len(excluded)
+    spec = TowerSpec(path.name, exported.inputs, exported.outputs)
+    tower = OpenVINOTower(path, spec, path.read_bytes(), {}, threads, precision)
+    return lambda batch: tower.run(
+        {"waveform": batch, "waveform_lengths": np.full(len(batch), batch.shape[1], np.int64)}
+    )
 
 
 def ort_feeds(session, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -319,27 +330,38 @@ def throughput(name: str, args, workdir: Path) -> dict:
             out = model.encode_audio(torch.from_numpy(batch).to(device))
         return out.float().cpu().numpy()
 
+    def torch_bf16_run(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+            out = model.encode_audio(torch.from_numpy(batch).to(device))
+        return out.float().cpu().numpy()
+
     def prepare(config: str) -> tuple[Path | None, dict]:
         """Write the configuration's graph once -> (its path, or None for torch; notes)."""
-        if config == "torch":
+        if config.startswith("torch"):
             return None, {}
         notes, path = {}, graph
         if config == "ort-opset23":
             path = workdir / f"{name}-audio-opset23.onnx"
             save_graph(export_tower_graphs(model, opset=23)["audio"].model, path)
-        if config in ("ort-fused", "ort-int8"):
+        if config == "ort-fused":
             path = workdir / f"{name}-fused.onnx"
-            if not path.exists():  # ort-int8 quantises the fused graph
-                notes["fused_ops"] = fuse_transformer(graph, path, audio.heads, audio.width)
-        if config == "ort-int8":
-            source, path = path, workdir / f"{name}-int8.onnx"
-            notes["fp32_frontend_nodes"] = quantize_int8(source, path, set(exported.fp32_nodes))
+            notes["fused_ops"] = fuse_transformer(graph, path, audio.heads, audio.width)
+        if config in ("ort-int8", "openvino-int8"):
+            from synergy.export.quantize import DEFAULT_METHOD, quantize_int8, weight_matmuls
+
+            path = workdir / f"{name}-int8.onnx"
+            if not path.exists():  # one int8 graph for both engines
+                save_graph(quantize_int8(exported.model, exported.fp32_nodes), path)
+            notes["int8_method"] = DEFAULT_METHOD
+            notes["int8_matmuls"] = len(weight_matmuls(exported.model, exported.fp32_nodes))
         return path, notes
 
-    def open_runner(path: Path | None):
+    def open_runner(config: str, path: Path | None):
         """-> run(batch) -> [B, D]. A fresh session per round; the caller drops it before opening the next."""
         if path is None:
-            return torch_run
+            return torch_bf16_run if config == "torch-bf16" else torch_run
+        if config.startswith("openvino"):
+            return openvino_runner(path, exported, args.threads, "bf16" if config == "openvino-bf16" else "f32")
         session = ort_session(path, device, args.threads)
         return lambda batch: session.run(None, ort_feeds(session, batch))[0]
 
@@ -350,7 +372,7 @@ def throughput(name: str, args, workdir: Path) -> dict:
         t0 = time.perf_counter()
         graphs[config], notes[config] = prepare(config)
         notes[config]["prepare_seconds"] = round(time.perf_counter() - t0, 1)
-        run = open_runner(graphs[config])
+        run = open_runner(config, graphs[config])
         out = reference if config == "torch" else in_batches(run, waves, 8)
         del run  # frees the session and its arena
         cos = cosine(out, reference)
@@ -367,7 +389,7 @@ def throughput(name: str, args, workdir: Path) -> dict:
     max_reps = max(args.min_reps, args.max_reps // max(1, args.rounds))
     for round_index in range(args.rounds):
         for config in args.configs:
-            run = open_runner(graphs[config])
+            run = open_runner(config, graphs[config])
             for batch in args.batches:
                 feed = np.ascontiguousarray(np.resize(waves, (batch, waves.shape[1])))  # repeats clips past the set
                 calls = latency(lambda run=run, feed=feed: run(feed), budget, args.min_reps, max_reps)
@@ -381,10 +403,10 @@ def throughput(name: str, args, workdir: Path) -> dict:
         for batch in args.batches:
             every = [t for calls in times[config][batch] for t in calls]
             per_round = [statistics.median(calls) for calls in times[config][batch]]
-            torch_rounds = times.get("torch", {}).get(batch)
-            ratios = (
-                [statistics.median(t) / m for t, m in zip(torch_rounds, per_round)] if torch_rounds else []
-            )  # torch's time / this configuration's time, round by round
+            ratios, ratios_bf16 = (
+                [statistics.median(t) / m for t, m in zip(times[peer][batch], per_round)] if peer in times else []
+                for peer in ("torch", "torch-bf16")
+            )  # the peer's time / this configuration's time, round by round
             p50 = float(np.percentile(every, 50))
             row = {"model": name, "config": config, "batch": batch, "p50_ms": 1e3 * p50,
                    "p99_ms": 1e3 * float(np.percentile(every, 99)), "items_per_s": batch / p50, "reps": len(every),
@@ -393,15 +415,23 @@ def throughput(name: str, args, workdir: Path) -> dict:
                    "speedup_vs_torch": statistics.median(ratios) if ratios else None,
                    "speedup_vs_torch_min": min(ratios) if ratios else None,
                    "speedup_vs_torch_max": max(ratios) if ratios else None,
+                   "speedup_vs_torch_bf16": statistics.median(ratios_bf16) if ratios_bf16 else None,
+                   "speedup_vs_torch_bf16_min": min(ratios_bf16) if ratios_bf16 else None,
+                   "speedup_vs_torch_bf16_max": max(ratios_bf16) if ratios_bf16 else None,
                    **accuracy[config], **notes[config]}  # fmt: skip
             rows.append(row)
-    print(f"\n  {'config':<11} {'batch':>5} {'p50 ms':>10} {'clips/s':>9} {'spread':>7} {'vs torch (min-max)':>20}"
-          f" {'cos min':>8} {'agree':>6}")  # fmt: skip
+    print(f"\n  {'config':<13} {'batch':>5} {'p50 ms':>10} {'clips/s':>9} {'spread':>7} {'vs torch (min-max)':>20}"
+          f" {'vs torch-bf16 (min-max)':>24} {'cos min':>8} {'agree':>6}")  # fmt: skip
+
+    def speed(row, key):
+        if row[key] is None:
+            return "-"
+        return f"{row[key]:.2f}x ({row[key + '_min']:.2f}-{row[key + '_max']:.2f})"
+
     for row in rows:
-        speed = (f"{row['speedup_vs_torch']:.2f}x ({row['speedup_vs_torch_min']:.2f}-{row['speedup_vs_torch_max']:.2f})"
-                 if row["speedup_vs_torch"] is not None else "-")  # fmt: skip
-        print(f"  {row['config']:<11} {row['batch']:>5} {row['p50_ms']:>10.1f} {row['items_per_s']:>9.1f} "
-              f"{100 * row['round_spread']:>6.1f}% {speed:>20} {row['cosine_min']:>8.5f} "
+        print(f"  {row['config']:<13} {row['batch']:>5} {row['p50_ms']:>10.1f} {row['items_per_s']:>9.1f} "
+              f"{100 * row['round_spread']:>6.1f}% {speed(row, 'speedup_vs_torch'):>20} "
+              f"{speed(row, 'speedup_vs_torch_bf16'):>24} {row['cosine_min']:>8.5f} "
               f"{100 * row['zero_shot_agreement']:>5.1f}%")  # fmt: skip
     return {"rows": rows, "labels": label_note, "clip_seconds": audio.clip_seconds, "rounds": args.rounds,
             "order": "interleaved: each round runs every configuration, in --configs order",
@@ -418,6 +448,12 @@ def environment(device: str, threads: int) -> dict:
     torch.set_num_threads(threads)  # before reading the settings back: what every torch measurement then uses
     env = {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
            "commit": git_commit(), "cpu": cpu_description()}  # fmt: skip
+    try:
+        import openvino
+
+        env["openvino"] = openvino.__version__
+    except ImportError:
+        env["openvino"] = None
     env["threads"] = {
         "requested (--threads)": threads,  # torch.set_num_threads and onnxruntime intra_op_num_threads
         "onnxruntime_inter_op": 1,

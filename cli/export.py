@@ -13,13 +13,31 @@ from .options import UsageProblem, check_checkpoint, check_csv, removed_checkpoi
 @click.option("--checkpoint", "checkpoint_dir", help="Checkpoint folder from `synergy train`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
 @click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx", "trt", "triton"]))
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
+@click.option(
+    "--precision",
+    default="fp32",
+    show_default=True,
+    type=click.Choice(["fp32", "fp16", "int8"]),
+    help="int8: the transformer layers' weight MatMuls quantized (onnxruntime), refused below the accuracy gate.",
+)
 @click.option("--opset", default=None, type=int, help="ONNX opset, >= 18 (default: 18).")
 @click.option("--force", is_flag=True, help="Replace an existing --out bundle.")
 @click.option(
     "--data",
     default=None,
     help="Manifest CSV (e.g. the synthetic val.csv) for the zero-shot agreement check (default: a built-in set).",
+)
+@click.option(
+    "--min-cosine",
+    default=None,
+    type=click.FloatRange(-1.0, 1.0),
+    help="Accuracy gate: least cosine to PyTorch fp32 of any item (default: fp32 0.9999, fp16 0.999, int8 0.99).",
+)
+@click.option(
+    "--min-agreement",
+    default=None,
+    type=click.FloatRange(0.0, 1.0),
+    help="Accuracy gate: least zero-shot top-1 agreement with PyTorch fp32, 0..1 (default: fp16 and int8 0.99).",
 )
 @click.option("--external-data", is_flag=True, help="Keep weights in <graph>.onnx.data files (automatic above 1 GiB).")
 @click.option("--min-batch", default=1, show_default=True, type=int, help="TensorRT profile: smallest batch.")
@@ -47,6 +65,8 @@ def export_command(
     opt_batch,
     max_batch,
     triton_platform,
+    min_cosine,
+    min_agreement,
 ):
     """Export a checkpoint to a verified bundle (ONNX graphs, TensorRT engines or a Triton model repository)."""
     checkpoint = check_checkpoint(checkpoint_dir)
@@ -72,6 +92,8 @@ def export_command(
             external_data=True if external_data else None,
             batch=BatchProfile(min_batch, opt_batch, max_batch),
             triton_platform=triton_platform,
+            min_cosine=min_cosine,
+            min_agreement=min_agreement,
         )
     except ExportError as error:
         raise UsageProblem(str(error)) from error

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import click
 
-from .options import DEFAULT_BUNDLE, UsageProblem, bundle_option
+from .options import BACKEND_CHOICES, DEFAULT_BUNDLE, UsageProblem, bundle_option
 
 
 @click.command("infer")
@@ -38,7 +38,7 @@ from .options import DEFAULT_BUNDLE, UsageProblem, bundle_option
 @click.option("--out", "out_path", help="Write JSON lines to this file instead of printing each result.")
 @click.option("--top-k", default=5, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout instead of a table.")
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "onnxruntime", "tensorrt"]))
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKEND_CHOICES))
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option(

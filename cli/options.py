@@ -11,6 +11,9 @@ import click
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_BUNDLE = "runs/demo/bundle"  # where `make demo` writes its bundle
+# the runtime's backend registry (synergy.runtime.towers.BACKEND_CHOICES) spelt out: importing it here would load
+# numpy and tokenizers for every command; tests/runtime/test_openvino.py keeps the two equal
+BACKEND_CHOICES = ("auto", "onnxruntime", "openvino", "openvino-bf16", "tensorrt")
 
 
 class UsageProblem(click.ClickException):

@@ -7,7 +7,15 @@ import sys
 
 import click
 
-from .options import DEFAULT_BUNDLE, EXIT_OK, EXIT_SOME_FAILED, UsageProblem, bundle_option, removed_model_option
+from .options import (
+    BACKEND_CHOICES,
+    DEFAULT_BUNDLE,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    UsageProblem,
+    bundle_option,
+    removed_model_option,
+)
 
 
 @click.command("serve")
@@ -57,7 +65,7 @@ from .options import DEFAULT_BUNDLE, EXIT_OK, EXIT_SOME_FAILED, UsageProblem, bu
     "--read-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.01), help="Request send time."
 )
 @click.option("--threads", default=None, type=int, help="onnxruntime threads per tower (default: onnxruntime's).")
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "onnxruntime", "tensorrt"]))
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKEND_CHOICES))
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--drain-seconds", default=30.0, show_default=True, type=float, help="SIGTERM: time to finish requests.")
 @click.option(

@@ -2,8 +2,9 @@
 
 Steps: check the arguments and the output folder (before anything slow); load the checkpoint with SDPA
 attention; export the three towers with ``torch.onnx.export(dynamo=True)`` (:mod:`.graphs`); convert to float16
-if asked (:mod:`.fp16`); save, check (``onnx.checker`` full check, no STFT/DFT, external data inside the bundle)
-and verify against PyTorch in onnxruntime (:mod:`.verify`); build and verify TensorRT engines for ``trt``; write
+if asked (:mod:`.fp16`) or quantize to int8 (:mod:`.quantize`); save, check (``onnx.checker`` full check, no
+STFT/DFT, external data inside the bundle) and verify against PyTorch in onnxruntime (:mod:`.verify`: for fp16 and
+int8 an accuracy gate, min cosine and zero-shot top-1 agreement); build and verify TensorRT engines for ``trt``; write
 Triton configs for ``triton``; copy ``tokenizer.json``; write ``manifest.json`` with the sha256 of every file
 and read it back. Everything happens in a temporary sibling folder swapped into place at the end by
 ``core.atomic_folder`` (the checkpoints' writer), so a failed export leaves nothing behind, ``--force`` replaces the
@@ -36,7 +37,7 @@ from synergy.runtime.manifest import (
 )
 
 FORMATS = ("onnx", "trt", "triton")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 TRITON_PLATFORMS = ("onnxruntime", "tensorrt")
 MODALITIES = ("image", "text", "audio")
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -55,16 +56,21 @@ def export_bundle(
     external_data: bool | None = None,
     batch: BatchProfile | None = None,
     triton_platform: str = "onnxruntime",
+    min_cosine: float | None = None,
+    min_agreement: float | None = None,
 ) -> str:
     """Export ``checkpoint`` (a folder from ``synergy train``) to the bundle folder ``out``; return the report.
 
     ``fmt``: "onnx" (image/text/audio.onnx), "trt" (TensorRT engines ``*.plan`` + their ONNX sources; needs
     TensorRT and a GPU) or "triton" (a Triton model repository, ``triton_platform`` "onnxruntime" or "tensorrt").
     ``precision``: "fp32" or "fp16" (mixed: LayerNorm, softmax, reductions and the audio front end stay fp32;
-    inputs and outputs stay float32). ``opset``: ONNX opset (>= 18; default 18). ``force``: replace an existing
+    inputs and outputs stay float32) or "int8" (the transformer layers' weight MatMuls; see :mod:`.quantize`;
+    onnxruntime only). ``opset``: ONNX opset (>= 18; default 18). ``force``: replace an existing
     bundle at ``out``. ``eval_data``: a Synergy-CLIP CSV for the zero-shot agreement check (default: a built-in
     seeded set). ``external_data``: weights in ``<graph>.onnx.data`` side files (None: only above 1 GiB).
     ``batch``: min/opt/max batch of TensorRT profiles and Triton's max_batch_size / preferred batch.
+    ``min_cosine`` / ``min_agreement``: the accuracy gate's thresholds (None: the precision's defaults, see
+    :mod:`.verify`; int8: 0.99 and 99%).
 
     Raises ``ExportError`` (nothing written) for a bad checkpoint, bad arguments, an existing ``out`` without
     ``force``, a graph that fails its checks, or a verification that misses its thresholds.
@@ -75,6 +81,9 @@ def export_bundle(
     opset = DEFAULT_OPSET if opset is None else opset
     batch = batch or BatchProfile()
     _check_arguments(fmt, precision, opset, triton_platform)
+    from synergy.export.verify import gate_thresholds
+
+    thresholds = gate_thresholds(precision, min_cosine, min_agreement)
     checkpoint, out = Path(checkpoint), Path(out)
     check_output(checkpoint, out, force)
     engines = fmt == "trt" or (fmt == "triton" and triton_platform == "tensorrt")
@@ -108,6 +117,7 @@ def export_bundle(
                 trt=trt,
                 capability=capability,
                 started=started,
+                thresholds=thresholds,
             )
     except DiskFullError as error:
         raise ExportError(f"{error.strerror}; free some space and export again") from error
@@ -129,6 +139,8 @@ def _check_arguments(fmt: str, precision: str, opset: int, triton_platform: str)
         raise ExportError(f"opset {opset!r} is not supported; the torch.export-based exporter needs >= {MIN_OPSET}")
     if triton_platform not in TRITON_PLATFORMS:
         raise ExportError(f"unknown Triton platform {triton_platform!r}; choose one of {', '.join(TRITON_PLATFORMS)}")
+    if precision == "int8" and (fmt == "trt" or (fmt == "triton" and triton_platform == "tensorrt")):
+        raise ExportError("int8 bundles run on onnxruntime; export --precision int8 with --format onnx (or triton)")
 
 
 def check_output(checkpoint: Path, out: Path, force: bool) -> None:
@@ -168,16 +180,17 @@ def _load(checkpoint: Path):
 
 
 def _evaluation_set(model, eval_data):
-    from synergy.export.verify import builtin_evaluation_set, read_evaluation_set
+    from synergy.export.verify import builtin_evaluation_set, combine_evaluation_sets, read_evaluation_set
 
     config = model.config
     size = model.image_tower.config.image_size
     clip = round(config.audio.clip_seconds * config.audio.sample_rate)
     args = (size, config.image.mean, config.image.std, config.audio.sample_rate, clip)
+    builtin = builtin_evaluation_set(*args)
     if eval_data is None:
-        return builtin_evaluation_set(*args)
+        return builtin
     try:
-        return read_evaluation_set(eval_data, *args)
+        return combine_evaluation_sets(builtin, read_evaluation_set(eval_data, *args))
     except ValueError as error:
         raise ExportError(str(error)) from error
 
@@ -188,6 +201,7 @@ def _evaluation_set(model, eval_data):
 def _write_bundle(tmp: Path, **job) -> tuple[Manifest, str]:
     from synergy.export import graphs as graph_io
     from synergy.export.fp16 import convert_to_float16
+    from synergy.export.quantize import DEFAULT_METHOD, quantize_int8
 
     model, fmt, precision, trt = job["model"], job["fmt"], job["precision"], job["trt"]
     triton = fmt == "triton"
@@ -212,6 +226,11 @@ def _write_bundle(tmp: Path, **job) -> tuple[Manifest, str]:
                 proto = convert_to_float16(proto, keep_fp32=graph.fp32_nodes)
             except ValueError as error:
                 raise ExportError(f"float16 conversion of the {modality} graph failed: {error}") from error
+        elif onnx_precision == "int8":
+            try:
+                proto = quantize_int8(proto, keep_fp32=graph.fp32_nodes)
+            except ValueError as error:
+                raise ExportError(f"int8 quantization of the {modality} graph failed: {error}") from error
         external = job["external_data"]
         if triton:
             rel = _triton_onnx_file(modality, platform, external, proto)
@@ -230,6 +249,8 @@ def _write_bundle(tmp: Path, **job) -> tuple[Manifest, str]:
     verifications = [_verify_onnx(tmp, onnx_files, onnx_precision, job)]
     tower_files = dict(onnx_files)
     extra = {}
+    if onnx_precision == "int8":
+        extra["int8"] = {"method": DEFAULT_METHOD, "weights": "int8 per channel, symmetric", "kept_fp32": _KEPT_FP32}
     if trt is not None:
         tower_files, extra["tensorrt"] = _build_engines(tmp, onnx_files, specs, job)
         verifications.append(_verify_engines(tmp, tower_files, specs, job))
@@ -263,6 +284,9 @@ def _write_bundle(tmp: Path, **job) -> tuple[Manifest, str]:
     return manifest, report
 
 
+_KEPT_FP32 = "audio front end, attention score/value MatMuls, softmax, LayerNorm, final projection + L2 norm"
+
+
 def _triton_onnx_file(modality: str, platform: str, external: bool | None, proto) -> str:
     from synergy.export.graphs import EXTERNAL_DATA_BYTES
     from synergy.export.triton_repository import model_file, model_name
@@ -287,7 +311,10 @@ def _verify_onnx(tmp: Path, files: dict, precision: str, job):
         session = onnxruntime.InferenceSession(str(tmp / rel), options, providers=["CPUExecutionProvider"])
         runners[modality] = lambda feeds, s=session: s.run(["embedding"], feeds)[0]
     target = f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider, {precision} graphs"
-    return verify_towers(job["model"], job["tokenizer"], runners, job["evaluation"], precision, target)
+    thresholds = job["thresholds"] if precision == job["precision"] else None  # TensorRT 10 fp16: an fp32 graph
+    return verify_towers(
+        job["model"], job["tokenizer"], runners, job["evaluation"], precision, target, thresholds=thresholds
+    )
 
 
 def _build_engines(tmp: Path, onnx_files: dict, specs: dict, job) -> tuple[dict, dict]:
@@ -331,7 +358,14 @@ def _verify_engines(tmp: Path, files: dict, specs: dict, job):
     try:  # the profile caps the batch; the runtime's tower splits larger batches, so 17 still runs
         runners = {modality: tower.run for modality, tower in towers.items()}
         return verify_towers(
-            job["model"], job["tokenizer"], runners, job["evaluation"], job["precision"], target, audio_lengths=()
+            job["model"],
+            job["tokenizer"],
+            runners,
+            job["evaluation"],
+            job["precision"],
+            target,
+            audio_lengths=(),
+            thresholds=job["thresholds"],
         )
     finally:
         for tower in towers.values():

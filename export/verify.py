@@ -8,24 +8,27 @@ absolute error and the smallest cosine between the two embeddings of an item. Ac
 agreement, i.e. how often the exported model picks the same label as PyTorch for an image or a sound, the labels
 being embedded from the prompt templates by each side's own text tower.
 
-Thresholds (from the export issue): fp32 max abs error <= 1e-4 and cosine >= 0.9999; fp16 cosine >= 0.999 and
-top-1 agreement >= 99%. Agreement is gated on the *decided* queries: those whose PyTorch top-1 label beats the
-runner-up by >= 1e-3 in cosine. A query PyTorch itself decides by less is a tie at float rounding level, and
-which side of it fp16 lands on says nothing about the export (an untrained model maps every prompt to almost the
-same vector: margins of 1e-6..1e-4, so a perfect fp16 graph "disagrees" on a few percent). The raw agreement over
-all queries is reported beside it; with fewer than 16 decided queries the gate cannot be applied, and the report
-says so.
+Thresholds (from the export issues): fp32 max abs error <= 1e-4 and cosine >= 0.9999; fp16 cosine >= 0.999 and
+top-1 agreement >= 99%; int8 cosine >= 0.99 and top-1 agreement >= 99% (the accuracy gate of a lossy precision: an
+int8 bundle below it is refused with its numbers). ``synergy export --min-cosine / --min-agreement`` override the
+precision's defaults; the manifest records the thresholds applied and what was measured. Agreement is gated on
+the *decided* queries: those whose PyTorch top-1 label beats the runner-up by >= 1e-3 in cosine. A query PyTorch
+itself decides by less is a tie at float rounding level, and which side of it fp16 lands on says nothing about the
+export (an untrained model maps every prompt to almost the same vector: margins of 1e-6..1e-4, so a perfect fp16
+graph "disagrees" on a few percent). The raw agreement over all queries is reported beside it; with fewer than 16
+decided queries the gate cannot be applied, and the report says so.
 
-The evaluation set is either a Synergy-CLIP CSV (``img_path, wav_path, label, caption``; e.g. the synthetic val
-split), decoded the way the runtime decodes, or a built-in one: seeded pictures (smooth colour fields with a
-shape) and sounds (harmonic tones with an envelope, over noise) and a fixed list of labels.
+The evaluation set is a built-in one: seeded pictures (smooth colour fields with a shape) and sounds (harmonic tones
+with an envelope, over noise) and a fixed list of labels; with a Synergy-CLIP CSV (``img_path, wav_path, label,
+caption``; e.g. the synthetic val split, decoded the way the runtime decodes) its rows join the built-in items and
+its labels replace the built-in ones (:func:`combine_evaluation_sets`).
 """
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +66,21 @@ class Thresholds:
     min_agreement: float | None
 
 
-THRESHOLDS = {"fp32": Thresholds(1e-4, 0.9999, None), "fp16": Thresholds(None, 0.999, 0.99)}
+THRESHOLDS = {
+    "fp32": Thresholds(1e-4, 0.9999, None),
+    "fp16": Thresholds(None, 0.999, 0.99),
+    "int8": Thresholds(None, 0.99, 0.99),
+}
+
+
+def gate_thresholds(precision: str, min_cosine: float | None = None, min_agreement: float | None = None) -> Thresholds:
+    """The precision's thresholds with the caller's min cosine / min top-1 agreement in place of the defaults."""
+    limits = THRESHOLDS[precision]
+    return replace(
+        limits,
+        min_cosine=limits.min_cosine if min_cosine is None else min_cosine,
+        min_agreement=limits.min_agreement if min_agreement is None else min_agreement,
+    )
 
 
 @dataclass(frozen=True)
@@ -96,10 +113,11 @@ class Verification:
     decided_queries: int
     labels: int
     evaluation_set: str
-    thresholds: Thresholds = field(init=False)
+    thresholds: Thresholds | None = None  # None: the precision's defaults (THRESHOLDS)
 
     def __post_init__(self):
-        self.thresholds = THRESHOLDS[self.precision]
+        if self.thresholds is None:
+            self.thresholds = THRESHOLDS[self.precision]
 
     def failures(self) -> list[str]:
         limits, failed = self.thresholds, []
@@ -127,6 +145,7 @@ class Verification:
             "passed": not self.failures(),
             "thresholds": asdict(self.thresholds),
             "towers": {k: asdict(v) for k, v in self.towers.items()},
+            "min_cosine": min(v.min_cosine for v in self.towers.values()),
             "zero_shot_top1_agreement": self.agreement,
             "zero_shot_queries": self.queries,
             "zero_shot_top1_agreement_decided": None if self.decided_queries == 0 else self.decided_agreement,
@@ -253,6 +272,18 @@ def read_evaluation_set(
     return EvaluationSet(images, waveforms, labels, source, np.asarray(lengths, np.int64))
 
 
+def combine_evaluation_sets(builtin: EvaluationSet, data: EvaluationSet) -> EvaluationSet:
+    """The built-in items followed by a CSV's rows, ranked against the CSV's labels (the labels the model was
+    trained on): the gate sees both the fixed items every export shares and the user's own data."""
+    return EvaluationSet(
+        images=np.concatenate([builtin.images, data.images]),
+        waveforms=np.concatenate([builtin.waveforms, data.waveforms]),
+        labels=data.labels,
+        source=f"{builtin.source}; {data.source}; labels of {data.source.split(':')[0]}",
+        waveform_lengths=np.concatenate([builtin.waveform_lengths, data.waveform_lengths]),
+    )
+
+
 # ------------------------------------------------------------------------------------------------ verification
 
 
@@ -328,11 +359,13 @@ def verify_towers(
     precision: str,
     target: str,
     audio_lengths: tuple[float, ...] = (0.6, 1.3),
+    thresholds: Thresholds | None = None,
 ) -> Verification:
     """Run ``evaluation`` through the exported towers (``runners``) and PyTorch; see the module docstring.
 
     ``audio_lengths``: extra waveform lengths, in clips, run through the audio tower besides one clip (none for
-    TensorRT engines, whose profile holds one clip: the runtime cuts audio into clips)."""
+    TensorRT engines, whose profile holds one clip: the runtime cuts audio into clips). ``thresholds``: the gate
+    (None: the precision's defaults)."""
     model = model.eval()
     config = model.config
 
@@ -409,4 +442,5 @@ def verify_towers(
         decided_queries=int(decided.sum()),
         labels=len(evaluation.labels),
         evaluation_set=evaluation.source,
+        thresholds=thresholds,
     )

@@ -82,8 +82,9 @@ class Runtime:
         ``backend``: "onnxruntime" (ONNX graphs; on ``device="cuda"`` through the TensorRT EP, then the CUDA EP),
         "tensorrt" (the bundle's ``*.plan`` engines, natively), or "auto" (the engines of a TensorRT bundle on
         ``device="cuda"``, else onnxruntime, on the engines' ONNX sources where the bundle has only engines).
-        ``threads``: CPU threads per session (None: onnxruntime's default). Towers are loaded on first use, so a
-        call that needs only audio and text never loads the image graph.
+        "openvino" / "openvino-bf16" (CPU, the optional extra). ``threads``: CPU threads per session (None: the
+        physical cores this process may use). Towers are loaded on first use, so a call that needs only audio and
+        text never loads the image graph.
         """
         check_choice(backend, device)
         if batch_size < 1:

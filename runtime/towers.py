@@ -2,7 +2,8 @@
 
 ``BACKENDS`` maps each backend's name to how it checks this machine (``check(device)``: a ``BackendError`` naming
 what to install) and how it loads one tower (``load(TowerSource)`` -> an object with ``run(feeds) -> [B, D]``).
-The engines are ``onnxruntime_backend.py`` and ``tensorrt_backend.py``, imported on first use. ``Towers`` holds one
+The engines are ``onnxruntime_backend.py``, ``openvino_backend.py`` (CPU; f32 or bf16 inside the graph) and
+``tensorrt_backend.py``, imported on first use. ``Towers`` holds one
 open bundle's per-bundle caches: the towers loaded so far (each on first use, probed once at the largest input the
 manifest allows) and the tokenizer.
 """
@@ -10,6 +11,7 @@ manifest allows) and the tokenizer.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +33,22 @@ from .manifest import BundleError, Manifest, TowerSpec
 from .text import load_tokenizer
 
 DEVICES = ("cpu", "cuda")
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on: the default thread count of every engine. A second
+    hyper-thread of a core adds no matmul throughput, and the engines' own defaults count the whole machine's cores,
+    not the ones a container or ``taskset`` grants (so they oversubscribe there)."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in allowed:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            package = (topology / "physical_package_id").read_text().strip()
+            cores.add((package, (topology / "core_id").read_text().strip()))
+        except OSError:  # no sysfs topology (macOS, Windows, some sandboxes): count logical CPUs
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
 
 
 @dataclass(frozen=True)
@@ -96,8 +114,25 @@ def _load_tensorrt(source: TowerSource):
     return TensorRTTower(source.path, source.spec, source.device, source.data)  # the bytes that were hashed
 
 
+def _check_openvino(device: str) -> None:
+    from .openvino_backend import check_device
+
+    check_device(device)
+
+
+def _openvino_loader(precision: str) -> Callable[[TowerSource], object]:
+    def load(source: TowerSource):
+        from .openvino_backend import OpenVINOTower
+
+        return OpenVINOTower(source.path, source.spec, source.data, source.external_data, source.threads, precision)
+
+    return load
+
+
 BACKENDS: dict[str, Backend] = {
     "onnxruntime": Backend(runs_engines=False, check=_check_onnxruntime, load=_load_onnxruntime),
+    "openvino": Backend(runs_engines=False, check=_check_openvino, load=_openvino_loader("f32")),
+    "openvino-bf16": Backend(runs_engines=False, check=_check_openvino, load=_openvino_loader("bf16")),
     "tensorrt": Backend(runs_engines=True, check=_check_tensorrt, load=_load_tensorrt),
 }
 BACKEND_CHOICES = ("auto", *BACKENDS)
@@ -191,7 +226,15 @@ class Towers:
         key = self.graph_key(rel, data, weights)
         spec = m.towers[modality]
         return TowerSource(
-            path, spec, data, weights, self.device, self.threads, self.batch_size, largest[modality], key
+            path,
+            spec,
+            data,
+            weights,
+            self.device,
+            self.threads or (physical_cores() if self.device == "cpu" else None),
+            self.batch_size,
+            largest[modality],
+            key,
         )
 
     def graph_key(self, rel: str, data: bytes, weights: dict[str, bytes]) -> str:

@@ -240,7 +240,8 @@ def _leftovers(folder):
     ("kwargs", "message"),
     [
         (dict(fmt="tflite"), "unknown format 'tflite'"),
-        (dict(precision="int8"), "unknown precision 'int8'"),
+        (dict(precision="int4"), "unknown precision 'int4'"),
+        (dict(precision="int8", fmt="trt"), "int8 bundles run on onnxruntime"),
         (dict(opset=11), "opset 11"),
         (dict(fmt="triton", triton_platform="pytorch"), "unknown Triton platform"),
     ],

@@ -58,7 +58,9 @@ def test_each_runtime_module_opens_with_one_line_and_imports_only_the_floor(modu
     doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
     assert doc and doc.splitlines()[0].strip().endswith((".", ":")) and len(doc.splitlines()[0]) <= 120, doc
     third_party = {name.split(".")[0] for name in _imports(path)} - set(sys.stdlib_module_names) - {"synergy"}
-    lazy = {"tensorrt", "cuda"} if module == "tensorrt_backend" else {"av"} if module == "video" else set()
+    lazy = {"tensorrt_backend": {"tensorrt", "cuda"}, "openvino_backend": {"openvino"}, "video": {"av"}}.get(
+        module, set()
+    )
     assert third_party <= FLOOR | lazy, f"runtime/{module}.py imports {sorted(third_party - FLOOR - lazy)}"
 
 
@@ -70,9 +72,12 @@ def test_serve_imports_only_public_runtime_modules():
 
 
 def test_backend_registry_names_and_checks():
-    assert set(BACKENDS) == {"onnxruntime", "tensorrt"}
+    assert set(BACKENDS) == {"onnxruntime", "openvino", "openvino-bf16", "tensorrt"}
     assert BACKENDS["tensorrt"].runs_engines and not BACKENDS["onnxruntime"].runs_engines
-    with pytest.raises(BackendError, match=r"backend 'vulkan' is not one of \('auto', 'onnxruntime', 'tensorrt'\)"):
+    with pytest.raises(
+        BackendError,
+        match=r"backend 'vulkan' is not one of \('auto', 'onnxruntime', 'openvino', 'openvino-bf16', 'tensorrt'\)",
+    ):
         check_choice("vulkan", "cpu")
     with pytest.raises(BackendError, match=r"device 'tpu' is not one of"):
         check_choice("auto", "tpu")
@@ -111,3 +116,21 @@ def test_runtime_facade_stays_small():
     lines = (PACKAGE / "runtime" / "runtime.py").read_text(encoding="utf-8").count("\n")
     assert lines < 320, lines
     assert Runtime.open.__doc__ and Runtime.classify.__doc__
+
+
+def test_default_threads_are_the_physical_cores_this_process_may_use(tiny_bundle):
+    from synergy.runtime.towers import physical_cores
+
+    assert 1 <= physical_cores() <= os.cpu_count()
+    with Runtime.open(tiny_bundle[0]) as runtime:
+        runtime.embed_text(["dog"])
+        session = runtime._towers.get("text").session
+        assert session.get_session_options().intra_op_num_threads == physical_cores()
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no sched_setaffinity here: the restricted case needs it")
+    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+    code += "from synergy.runtime.towers import physical_cores; print(physical_cores())"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(PACKAGE.parent)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert result.stdout.strip() == "1", result.stderr  # a taskset / container grant, not the machine's cores

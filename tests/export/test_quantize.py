@@ -1,0 +1,233 @@
+"""int8 export: which nodes are quantized, and the accuracy gate that passes a normal model and refuses a fragile one
+(weights with outliers, so per-channel int8 rounds the rest of each row away) with its numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from click.testing import CliRunner
+
+from synergy.core.checkpoint import load_checkpoint, save_checkpoint
+from synergy.export import ExportError, export_bundle
+from synergy.export.graphs import export_tower_graphs
+from synergy.export.quantize import METHODS, quantize_int8, weight_matmuls
+from synergy.export.verify import (
+    THRESHOLDS,
+    builtin_evaluation_set,
+    combine_evaluation_sets,
+    gate_thresholds,
+)
+from synergy.runtime.bundle import load_manifest
+
+
+def _one_thread(function):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return function()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def int8_export(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "bundle"
+    return out, _one_thread(lambda: export_bundle(checkpoint, out, precision="int8"))
+
+
+@pytest.fixture(scope="module")
+def fragile_checkpoint(checkpoint, tmp_path_factory):
+    """The tiny checkpoint with one outlier per output channel in every transformer-layer Linear: 200x the row's
+    largest weight. Per-channel int8 then rounds the other weights of a row to 0 or +-1, and the embeddings move
+    (min cosines far below 0.99); float32 still computes them exactly."""
+    model, tokenizer = load_checkpoint(checkpoint, attn_implementation="sdpa")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not name.endswith("_projection"):  # the towers' layers
+                weight = module.weight  # [out, in]
+                weight[:, 0] = 200 * weight.abs().max(dim=1).values
+    return save_checkpoint(tmp_path_factory.mktemp("fragile") / "checkpoint", model.eval(), tokenizer)
+
+
+def _session(data: bytes):
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+# -------------------------------------------------------------------------------------------- the graph pass
+
+
+@pytest.fixture(scope="module")
+def audio_graph(reference_model):
+    model, _ = reference_model
+    return _one_thread(lambda: export_tower_graphs(model, 18)["audio"])
+
+
+def test_only_transformer_weight_matmuls_are_quantized(audio_graph):
+    graph = audio_graph.model.graph
+    chosen = set(weight_matmuls(audio_graph.model, audio_graph.fp32_nodes))
+    by_name = {n.name: n for n in graph.node}
+    weights = {t.name for t in graph.initializer}
+    assert chosen and all(by_name[n].op_type == "MatMul" and by_name[n].input[1] in weights for n in chosen)
+    assert not chosen & audio_graph.fp32_nodes  # the front end's mel matrix stays float32
+    front_end_matmuls = {n for n in audio_graph.fp32_nodes if by_name[n].op_type == "MatMul"}
+    assert front_end_matmuls  # ... and there is one, so the line above tests something
+    # attention's q @ k.T and p @ v multiply activations: not chosen
+    activation_matmuls = {n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] not in weights}
+    assert activation_matmuls and not chosen & activation_matmuls
+    # 2 layers x (q, k, v, out, fc1, fc2)
+    assert len(chosen) == 12
+
+
+def test_the_head_stays_float32_even_as_a_matmul():
+    """A graph whose last linear map is a MatMul (not the exporter's Gemm): the walk back from the output keeps it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), n) for n in ("w1", "w2"))
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="layer"),
+        helper.make_node("Relu", ["h"], ["r"], name="act"),
+        helper.make_node("MatMul", ["r", "w2"], ["p"], name="projection"),
+        helper.make_node("LpNormalization", ["p"], ["y"], name="norm", axis=-1, p=2),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])],
+        [w1, w2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert weight_matmuls(model) == ["layer"]
+    assert weight_matmuls(model, keep_fp32={"layer"}) == []
+    with pytest.raises(ValueError, match="nothing to quantize"):
+        quantize_int8(model, keep_fp32={"layer"})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_quantized_graph_runs_close_to_float32_and_leaves_the_input_alone(audio_graph, method):
+    rng = np.random.default_rng(1)
+    feeds = {"waveform": (0.1 * rng.standard_normal((4, 8000))).astype(np.float32)}
+    feeds["waveform_lengths"] = np.array([8000, 6000, 8000, 3000], np.int64)
+    before = audio_graph.model.SerializeToString()
+    quantized = quantize_int8(audio_graph.model, audio_graph.fp32_nodes, method, calibration=[feeds])
+    assert audio_graph.model.SerializeToString() == before  # the exporter caches its graphs: no edit in place
+    onnx.checker.check_model(quantized, full_check=True)
+    ops = {n.op_type for n in quantized.graph.node}
+    assert ({"MatMulInteger", "DynamicQuantizeLinear"} if method == "dynamic" else {"QuantizeLinear"}) <= ops
+    assert {"Conv", "Softmax", "LayerNormalization"} <= ops  # front end, attention and norms: float
+    # the head: the projection's weight stays float32 in a float MatMul or Gemm (dynamic rewrites Gemm as MatMul)
+    head = [t for t in quantized.graph.initializer if t.name.startswith("model.audio_projection.weight")]
+    assert [t.data_type for t in head] == [onnx.TensorProto.FLOAT]
+    readers = {n.op_type for n in quantized.graph.node if head[0].name in n.input}
+    assert readers and readers <= {"MatMul", "Gemm"}
+    want = _session(audio_graph.model.SerializeToString()).run(["embedding"], feeds)[0]
+    got = _session(quantized.SerializeToString()).run(["embedding"], feeds)[0]
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() > 0.99, cosine
+
+
+def test_onnxruntime_fuses_the_dynamic_int8_matmuls(audio_graph, tmp_path):
+    """What the quantize module's docstring promises: onnxruntime runs the int8 MatMuls as fused kernels."""
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(quantize_int8(audio_graph.model, audio_graph.fp32_nodes).SerializeToString(), options)
+    ops = [n.op_type for n in onnx.load_model(tmp_path / "optimized.onnx").graph.node]
+    fused = ops.count("DynamicQuantizeMatMul") + ops.count("MatMulIntegerToFloat")
+    assert fused == len(weight_matmuls(audio_graph.model, audio_graph.fp32_nodes)) and "MatMulInteger" not in ops
+
+
+def test_static_needs_calibration_and_methods_are_checked(audio_graph):
+    with pytest.raises(ValueError, match="calibration feeds"):
+        quantize_int8(audio_graph.model, audio_graph.fp32_nodes, "static")
+    with pytest.raises(ValueError, match="unknown int8 method 'int4'"):
+        quantize_int8(audio_graph.model, audio_graph.fp32_nodes, "int4")
+
+
+# ---------------------------------------------------------------------------------------------------- the gate
+
+
+def test_gate_thresholds_default_per_precision_and_take_overrides():
+    assert gate_thresholds("int8") == THRESHOLDS["int8"]
+    assert (THRESHOLDS["int8"].min_cosine, THRESHOLDS["int8"].min_agreement) == (0.99, 0.99)
+    custom = gate_thresholds("int8", min_cosine=0.5, min_agreement=0.8)
+    assert (custom.min_cosine, custom.min_agreement, custom.max_abs_error) == (0.5, 0.8, None)
+    assert gate_thresholds("fp32", min_agreement=0.9).max_abs_error == THRESHOLDS["fp32"].max_abs_error
+
+
+def test_data_rows_join_the_builtin_items():
+    args = (30, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 16000, 8000)
+    builtin, other = builtin_evaluation_set(*args), builtin_evaluation_set(*args, count=5, seed=1)
+    other = type(other)(
+        other.images, other.waveforms, ("a", "b"), "val.csv: 5 pictures, 5 sounds", other.waveform_lengths
+    )
+    both = combine_evaluation_sets(builtin, other)
+    assert both.images.shape[0] == both.waveforms.shape[0] == both.waveform_lengths.shape[0] == 69
+    assert np.array_equal(both.images[64:], other.images) and both.labels == ("a", "b")
+    assert "built-in set" in both.source and "val.csv" in both.source
+
+
+def test_int8_bundle_passes_the_gate_and_records_it(int8_export, reference_model):
+    out, report = int8_export
+    assert "int8 graphs" in report and "passed" in report and "FAILED" not in report
+    manifest = load_manifest(out, verify=True)
+    assert manifest.precision == "int8" and {t.precision for t in manifest.towers.values()} == {"int8"}
+    assert manifest.extra["int8"]["method"] == "dynamic"
+    (verification,) = manifest.extra["verification"]
+    assert verification["passed"] and verification["precision"] == "int8"
+    assert verification["thresholds"]["min_cosine"] == 0.99 and verification["thresholds"]["min_agreement"] == 0.99
+    assert 0.99 <= verification["min_cosine"] < 1.0  # measured, and int8 is not exact
+    assert verification["min_cosine"] == min(t["min_cosine"] for t in verification["towers"].values())
+    for modality in ("image", "text", "audio"):
+        ops = {n.op_type for n in onnx.load_model(out / f"{modality}.onnx").graph.node}
+        assert "MatMulInteger" in ops, modality
+
+
+def test_runtime_runs_the_int8_bundle(int8_export, reference_model):
+    from synergy.runtime import Runtime
+
+    model, _ = reference_model
+    out, _ = int8_export
+    rng = np.random.default_rng(2)
+    waves = (0.1 * rng.standard_normal((3, 8000))).astype(np.float32)
+    with Runtime.open(out, threads=1) as runtime:
+        got = runtime.embed_audio([(wave, 16000) for wave in waves])
+    with torch.no_grad():
+        want = model.encode_audio(torch.from_numpy(waves), torch.full((3,), 8000)).numpy()
+    assert ((got * want).sum(1) >= 0.99).all()
+
+
+def test_gate_refuses_a_fragile_int8_export_with_its_numbers(fragile_checkpoint, tmp_path):
+    out = tmp_path / "bundle"
+    with pytest.raises(ExportError) as caught:
+        _one_thread(lambda: export_bundle(fragile_checkpoint, out, precision="int8"))
+    message = str(caught.value)
+    assert "verification failed, nothing written" in message
+    assert "FAILED:" in message and "min cosine" in message and "< 0.99" in message
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    # the same graphs pass when the caller lowers the bar, and the manifest says what was measured
+    report = _one_thread(
+        lambda: export_bundle(fragile_checkpoint, out, precision="int8", min_cosine=-1.0, min_agreement=0.0)
+    )
+    verification = load_manifest(out).extra["verification"][0]
+    assert verification["thresholds"]["min_cosine"] == -1.0 and "passed" in report
+    assert verification["min_cosine"] < 0.99  # the number the default gate refused
+
+
+def test_cli_refuses_a_fragile_int8_export(fragile_checkpoint, tmp_path):
+    from synergy.cli import main
+
+    out = tmp_path / "bundle"
+    args = ["export", "--checkpoint", str(fragile_checkpoint), "--out", str(out), "--precision", "int8"]
+    result = _one_thread(lambda: CliRunner().invoke(main, args))
+    assert result.exit_code != 0 and "min cosine" in result.output and "< 0.99" in result.output
+    assert "Traceback" not in result.output and not out.exists()
+    result = CliRunner().invoke(main, [*args, "--min-cosine", "1.5"])
+    assert result.exit_code == 2 and "--min-cosine" in result.output

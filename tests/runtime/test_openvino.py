@@ -1,0 +1,89 @@
+"""The OpenVINO backend on the tiny bundle: the same embeddings as onnxruntime (f32 to float rounding, bf16 close),
+the checks it makes when it loads, and the CLI's backend choices, which spell out the registry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from synergy.runtime import Runtime
+from synergy.runtime.errors import BackendError
+from synergy.runtime.towers import BACKEND_CHOICES, BACKENDS
+
+from .conftest import LABELS, SAMPLE_RATE, picture, tone
+
+openvino = pytest.importorskip("openvino", reason="the openvino extra is not installed: pip install '.[openvino]'")
+
+
+def _inputs():
+    audio = [(tone(seconds, freq=freq), SAMPLE_RATE) for seconds, freq in ((0.5, 440.0), (0.2, 880.0), (1.3, 300.0))]
+    images = [picture(40 + 7 * seed, 37 + 3 * seed, seed) for seed in range(3)]
+    texts = ["a dog barking in the rain", "piano", "the sound of a small bird"]
+    return audio, images, texts
+
+
+def _embeddings(bundle, backend: str) -> dict[str, np.ndarray]:
+    audio, images, texts = _inputs()
+    with Runtime.open(bundle, backend=backend, threads=1, batch_size=2) as runtime:
+        return {
+            "audio": runtime.embed_audio(audio),
+            "image": runtime.embed_image(images),
+            "text": runtime.embed_text(texts),
+        }
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_bundle):
+    return _embeddings(tiny_bundle[0], "onnxruntime")
+
+
+@pytest.mark.parametrize(("backend", "least_cosine"), [("openvino", 0.9999), ("openvino-bf16", 0.999)])
+def test_openvino_matches_onnxruntime(tiny_bundle, reference, backend, least_cosine):
+    got = _embeddings(tiny_bundle[0], backend)
+    for modality, want in reference.items():
+        assert got[modality].shape == want.shape and got[modality].dtype == np.float32
+        cosine = _min_cosine(got[modality], want)
+        print(f"{backend} {modality}: min cosine {cosine:.7f}")  # the bf16 number the report quotes (pytest -s)
+        assert cosine >= least_cosine, (modality, cosine)
+    if backend == "openvino":
+        for modality, want in reference.items():
+            np.testing.assert_allclose(got[modality], want, atol=1e-5)
+
+
+def test_zero_shot_answers_agree(tiny_bundle):
+    audio, _, _ = _inputs()
+    answers = {}
+    for backend in ("onnxruntime", "openvino"):
+        with Runtime.open(tiny_bundle[0], backend=backend, threads=1) as runtime:
+            answers[backend] = [p.top[0].label for p in runtime.classify(list(LABELS), audio=audio, top_k=1)]
+    assert answers["openvino"] == answers["onnxruntime"]
+
+
+def test_openvino_names_what_it_runs_and_refuses_cuda(tiny_bundle):
+    with Runtime.open(tiny_bundle[0], backend="openvino-bf16", threads=1) as runtime:
+        runtime.embed_text(["dog"])
+        assert runtime.backend == "openvino-bf16"
+        (names,) = runtime.providers.values()
+        assert names[0].startswith("OpenVINO ") and names[0].endswith("CPU (bf16)")
+    with pytest.raises(BackendError, match="device='cpu'"):
+        BACKENDS["openvino"].check("cuda")
+
+
+def test_a_graph_with_external_weights_is_refused_with_what_to_do(tiny_bundle):
+    from synergy.runtime.manifest import TowerSpec
+    from synergy.runtime.openvino_backend import OpenVINOTower
+
+    graph = (tiny_bundle[0] / "text.onnx").read_bytes()
+    spec = TowerSpec("text.onnx", (), ())
+    with pytest.raises(BackendError, match="re-export without --external-data"):
+        OpenVINOTower(tiny_bundle[0] / "text.onnx", spec, graph, {"text.onnx.data": b"x"}, 1, "f32")
+
+
+def test_cli_backend_choices_are_the_registry():
+    from synergy.cli.options import BACKEND_CHOICES as CLI_CHOICES
+
+    assert CLI_CHOICES == BACKEND_CHOICES
