@@ -18,6 +18,7 @@ import contextlib
 import platform as platform_module
 import shutil
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -101,8 +102,7 @@ def export_bundle(
     # temp folder found there by another writer is a dead one's and goes
     try:
         with atomic_folder(out) as tmp:
-            manifest, report = _write_bundle(
-                tmp,
+            job = ExportJob(
                 model=model,
                 tokenizer=tokenizer,
                 checkpoint=checkpoint,
@@ -119,6 +119,7 @@ def export_bundle(
                 started=started,
                 thresholds=thresholds,
             )
+            manifest, report = _write_bundle(tmp, job)
     except DiskFullError as error:
         raise ExportError(f"{error.strerror}; free some space and export again") from error
     sizes = ", ".join(f"{name} ({_size(out / name)})" for name in sorted(manifest.files))
@@ -198,90 +199,138 @@ def _evaluation_set(model, eval_data):
 # ------------------------------------------------------------------------------------------------------ write
 
 
-def _write_bundle(tmp: Path, **job) -> tuple[Manifest, str]:
-    from synergy.export import graphs as graph_io
-    from synergy.export.fp16 import convert_to_float16
-    from synergy.export.quantize import DEFAULT_METHOD, quantize_int8
+@dataclass(frozen=True)
+class ExportJob:
+    """What one export was asked for and what it loaded: everything the steps below read."""
 
-    model, fmt, precision, trt = job["model"], job["fmt"], job["precision"], job["trt"]
-    triton = fmt == "triton"
-    platform = job["triton_platform"] if triton else ("tensorrt" if fmt == "trt" else "onnxruntime")
-    cache_key = (job["checkpoint_hashes"]["model.safetensors"], job["checkpoint_hashes"]["config.json"])
-    try:
-        graphs = graph_io.export_tower_graphs(model, job["opset"], cache_key)
-    except Exception as error:  # torch.export / translation errors: long, but the first lines say which op
-        raise ExportError(f"ONNX export failed: {type(error).__name__}: {str(error)[:2000]}") from error
+    model: object  # SynergyModel, in eval mode with SDPA attention
+    tokenizer: object
+    checkpoint: Path
+    checkpoint_hashes: dict  # file name -> sha256
+    fmt: str  # onnx | trt | triton
+    precision: str  # fp32 | fp16 | int8
+    opset: int
+    evaluation: object  # the verification set (verify.EvaluationSet)
+    external_data: bool | None
+    batch: BatchProfile
+    triton_platform: str
+    trt: object | None  # the tensorrt module when engines are built
+    capability: str | None  # the GPU's compute capability, with engines
+    started: float  # time.perf_counter() at the start
+    thresholds: object  # the accuracy gate's (verify.gate_thresholds)
 
-    # the ONNX graphs: what onnxruntime runs (onnx, triton+onnxruntime) or what TensorRT builds from
-    from synergy.export.tensorrt_engines import tensorrt_major
+    @property
+    def triton(self) -> bool:
+        return self.fmt == "triton"
 
-    weakly_typed_fp16 = trt is not None and precision == "fp16" and tensorrt_major(trt) < 11
-    onnx_precision = "fp32" if weakly_typed_fp16 else precision  # TensorRT 10 builds fp16 from the fp32 graph
-    onnx_files, specs = {}, {}
-    for modality in MODALITIES:
-        graph = graphs[modality]
-        proto = graph.model
-        if onnx_precision == "fp16":
-            try:
-                proto = convert_to_float16(proto, keep_fp32=graph.fp32_nodes)
-            except ValueError as error:
-                raise ExportError(f"float16 conversion of the {modality} graph failed: {error}") from error
-        elif onnx_precision == "int8":
-            try:
-                proto = quantize_int8(proto, keep_fp32=graph.fp32_nodes)
-            except ValueError as error:
-                raise ExportError(f"int8 quantization of the {modality} graph failed: {error}") from error
-        external = job["external_data"]
-        if triton:
-            rel = _triton_onnx_file(modality, platform, external, proto)
-        else:
-            rel = f"{modality}.onnx"
-        path = tmp / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        graph_io.save_graph(proto, path, external)
-        try:
-            graph_io.check_graph(path, tmp, graph.inputs, graph.outputs)
-        except Exception as error:  # ValueError from our checks, ValidationError from onnx.checker
-            raise ExportError(f"{rel} failed its checks: {error}") from error
-        onnx_files[modality] = rel
-        specs[modality] = graph
+    @property
+    def platform(self) -> str:
+        """What runs the graphs: onnxruntime or tensorrt."""
+        if self.triton:
+            return self.triton_platform
+        return "tensorrt" if self.fmt == "trt" else "onnxruntime"
 
+
+def _write_bundle(tmp: Path, job: ExportJob) -> tuple[Manifest, str]:
+    """The bundle's files into ``tmp``: graphs, checked and verified; engines; Triton configs; the tokenizer; the
+    manifest, read back. -> (manifest, the verification report)."""
+    onnx_precision, onnx_files, specs = _write_graphs(tmp, job)
     verifications = [_verify_onnx(tmp, onnx_files, onnx_precision, job)]
     tower_files = dict(onnx_files)
     extra = {}
     if onnx_precision == "int8":
+        from synergy.export.quantize import DEFAULT_METHOD
+
         extra["int8"] = {"method": DEFAULT_METHOD, "weights": "int8 per channel, symmetric", "kept_fp32": _KEPT_FP32}
-    if trt is not None:
+    if job.trt is not None:
         tower_files, extra["tensorrt"] = _build_engines(tmp, onnx_files, specs, job)
         verifications.append(_verify_engines(tmp, tower_files, specs, job))
-    if triton:
-        from synergy.export.triton_repository import model_name, write_model_config
-
-        for modality in MODALITIES:
-            write_model_config(tmp, modality, platform, specs[modality].inputs, specs[modality].outputs, job["batch"])
-        extra["triton"] = {
-            "platform": platform,
-            "models": {m: model_name(m) for m in MODALITIES},
-            "max_batch_size": job["batch"].max,
-            "preferred_batch_size": job["batch"].opt,
-        }
-    header = f"exported {job['checkpoint']} as {fmt} ({precision}, opset {job['opset']}, {EXPORTER})" + (
-        f", Triton platform {platform}" if triton else ""
+    if job.triton:
+        extra["triton"] = _write_triton_configs(tmp, specs, job)
+    header = f"exported {job.checkpoint} as {job.fmt} ({job.precision}, opset {job.opset}, {EXPORTER})" + (
+        f", Triton platform {job.platform}" if job.triton else ""
     )
     report = "\n".join([header, *(v.format() for v in verifications)])
     failures = [f for v in verifications for f in v.failures()]
     if failures:
         raise ExportError(f"verification failed, nothing written:\n{report}")
 
-    shutil.copyfile(job["checkpoint"] / "tokenizer.json", tmp / "tokenizer.json")
+    shutil.copyfile(job.checkpoint / "tokenizer.json", tmp / "tokenizer.json")
     extra["report"] = report
-    manifest = _manifest(tmp, tower_files, specs, verifications, extra, job, platform)
+    manifest = _manifest(tmp, tower_files, specs, verifications, extra, job, job.platform)
     write_manifest(tmp, manifest)
     try:
         load_manifest(tmp, verify=True)  # the runtime's reader: schema and every sha256
     except BundleError as error:
         raise ExportError(f"the bundle does not read back: {error}") from error
     return manifest, report
+
+
+def _write_graphs(tmp: Path, job: ExportJob) -> tuple[str, dict, dict]:
+    """The three towers' ONNX graphs, in the asked precision, saved and checked: what onnxruntime runs (onnx,
+    triton+onnxruntime) or what TensorRT builds from. -> (the graphs' precision, {modality: file}, {modality:
+    exported graph})."""
+    from synergy.export import graphs as graph_io
+    from synergy.export.tensorrt_engines import tensorrt_major
+
+    cache_key = (job.checkpoint_hashes["model.safetensors"], job.checkpoint_hashes["config.json"])
+    try:
+        graphs = graph_io.export_tower_graphs(job.model, job.opset, cache_key)
+    except Exception as error:  # torch.export / translation errors: long, but the first lines say which op
+        raise ExportError(f"ONNX export failed: {type(error).__name__}: {str(error)[:2000]}") from error
+    weakly_typed_fp16 = job.trt is not None and job.precision == "fp16" and tensorrt_major(job.trt) < 11
+    onnx_precision = "fp32" if weakly_typed_fp16 else job.precision  # TensorRT 10 builds fp16 from the fp32 graph
+    onnx_files, specs = {}, {}
+    for modality in MODALITIES:
+        graph = graphs[modality]
+        proto = _in_precision(graph.model, graph.fp32_nodes, onnx_precision, modality)
+        if job.triton:
+            rel = _triton_onnx_file(modality, job.platform, job.external_data, proto)
+        else:
+            rel = f"{modality}.onnx"
+        path = tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        graph_io.save_graph(proto, path, job.external_data)
+        try:
+            graph_io.check_graph(path, tmp, graph.inputs, graph.outputs)
+        except Exception as error:  # ValueError from our checks, ValidationError from onnx.checker
+            raise ExportError(f"{rel} failed its checks: {error}") from error
+        onnx_files[modality] = rel
+        specs[modality] = graph
+    return onnx_precision, onnx_files, specs
+
+
+def _in_precision(proto, fp32_nodes, precision: str, modality: str):
+    """An fp32 graph converted to fp16 or quantized to int8, keeping ``fp32_nodes`` in float32."""
+    if precision == "fp16":
+        from synergy.export.fp16 import convert_to_float16
+
+        try:
+            return convert_to_float16(proto, keep_fp32=fp32_nodes)
+        except ValueError as error:
+            raise ExportError(f"float16 conversion of the {modality} graph failed: {error}") from error
+    if precision == "int8":
+        from synergy.export.quantize import quantize_int8
+
+        try:
+            return quantize_int8(proto, keep_fp32=fp32_nodes)
+        except ValueError as error:
+            raise ExportError(f"int8 quantization of the {modality} graph failed: {error}") from error
+    return proto
+
+
+def _write_triton_configs(tmp: Path, specs: dict, job: ExportJob) -> dict:
+    """A ``config.pbtxt`` per tower of the Triton repository; -> the manifest's ``triton`` entry."""
+    from synergy.export.triton_repository import model_name, write_model_config
+
+    for modality in MODALITIES:
+        write_model_config(tmp, modality, job.platform, specs[modality].inputs, specs[modality].outputs, job.batch)
+    return {
+        "platform": job.platform,
+        "models": {m: model_name(m) for m in MODALITIES},
+        "max_batch_size": job.batch.max,
+        "preferred_batch_size": job.batch.opt,
+    }
 
 
 _KEPT_FP32 = "audio front end, attention score/value MatMuls, softmax, LayerNorm, final projection + L2 norm"
@@ -297,7 +346,7 @@ def _triton_onnx_file(modality: str, platform: str, external: bool | None, proto
     return model_file(modality, platform, is_external)
 
 
-def _verify_onnx(tmp: Path, files: dict, precision: str, job):
+def _verify_onnx(tmp: Path, files: dict, precision: str, job: ExportJob):
     import onnxruntime
     import torch
 
@@ -311,37 +360,35 @@ def _verify_onnx(tmp: Path, files: dict, precision: str, job):
         session = onnxruntime.InferenceSession(str(tmp / rel), options, providers=["CPUExecutionProvider"])
         runners[modality] = lambda feeds, s=session: s.run(["embedding"], feeds)[0]
     target = f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider, {precision} graphs"
-    thresholds = job["thresholds"] if precision == job["precision"] else None  # TensorRT 10 fp16: an fp32 graph
-    return verify_towers(
-        job["model"], job["tokenizer"], runners, job["evaluation"], precision, target, thresholds=thresholds
-    )
+    thresholds = job.thresholds if precision == job.precision else None  # TensorRT 10 fp16: an fp32 graph
+    return verify_towers(job.model, job.tokenizer, runners, job.evaluation, precision, target, thresholds=thresholds)
 
 
-def _build_engines(tmp: Path, onnx_files: dict, specs: dict, job) -> tuple[dict, dict]:
+def _build_engines(tmp: Path, onnx_files: dict, specs: dict, job: ExportJob) -> tuple[dict, dict]:
     from synergy.export.tensorrt_engines import build_engine, input_profiles
 
-    trt, model = job["trt"], job["model"]
+    trt, model = job.trt, job.model
     config = model.config
     clip = round(config.audio.clip_seconds * config.audio.sample_rate)
     files, info = {}, {}
     for modality, rel in onnx_files.items():
         plan = (tmp / rel).with_suffix(".plan")
-        profiles = input_profiles(specs[modality].inputs, job["batch"], config.text.max_length, clip)
+        profiles = input_profiles(specs[modality].inputs, job.batch, config.text.max_length, clip)
         info[modality] = build_engine(
             trt,
             tmp / rel,
             plan,
             onnx_sha256=sha256_file(tmp / rel),
-            precision=job["precision"],
+            precision=job.precision,
             profiles=profiles,
             fp32_nodes=specs[modality].fp32_nodes,
-            capability=job["capability"],
+            capability=job.capability,
         )
         files[modality] = plan.relative_to(tmp).as_posix()
     return files, info
 
 
-def _verify_engines(tmp: Path, files: dict, specs: dict, job):
+def _verify_engines(tmp: Path, files: dict, specs: dict, job: ExportJob):
     from synergy.export.verify import verify_towers
     from synergy.runtime.errors import BackendError
     from synergy.runtime.tensorrt_backend import TensorRTTower
@@ -349,31 +396,33 @@ def _verify_engines(tmp: Path, files: dict, specs: dict, job):
     towers = {}
     try:
         for modality, rel in files.items():
-            spec = TowerSpec(rel, specs[modality].inputs, specs[modality].outputs, job["precision"])
+            spec = TowerSpec(rel, specs[modality].inputs, specs[modality].outputs, job.precision)
             towers[modality] = TensorRTTower(tmp / rel, spec, "cuda")
     except BackendError as error:
         raise ExportError(f"cannot run the engines to verify them: {error}") from error
-    trt = job["trt"]
-    target = f"TensorRT {trt.__version__} engines ({job['precision']}, compute capability {job['capability']})"
+    trt = job.trt
+    target = f"TensorRT {trt.__version__} engines ({job.precision}, compute capability {job.capability})"
     try:  # the profile caps the batch; the runtime's tower splits larger batches, so 17 still runs
         runners = {modality: tower.run for modality, tower in towers.items()}
         return verify_towers(
-            job["model"],
-            job["tokenizer"],
+            job.model,
+            job.tokenizer,
             runners,
-            job["evaluation"],
-            job["precision"],
+            job.evaluation,
+            job.precision,
             target,
             audio_lengths=(),
-            thresholds=job["thresholds"],
+            thresholds=job.thresholds,
         )
     finally:
         for tower in towers.values():
             tower.close()
 
 
-def _manifest(tmp: Path, tower_files: dict, specs: dict, verifications, extra: dict, job, platform) -> Manifest:
-    model = job["model"]
+def _manifest(
+    tmp: Path, tower_files: dict, specs: dict, verifications, extra: dict, job: ExportJob, platform: str
+) -> Manifest:
+    model = job.model
     config = model.config
     scales = model.logit_scales().detach().tolist()
     files = {
@@ -385,32 +434,32 @@ def _manifest(tmp: Path, tower_files: dict, specs: dict, verifications, extra: d
     for library in ("synergy", *LIBRARIES):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[library] = metadata.version(library)
-    if job["trt"] is not None:
-        versions["tensorrt"] = job["trt"].__version__
+    if job.trt is not None:
+        versions["tensorrt"] = job.trt.__version__
     backend = "tensorrt" if all(Path(f).suffix == ".plan" for f in tower_files.values()) else "onnx"
     return Manifest(
         embed_dim=config.embed_dim,
         logit_scales=dict(zip(PAIRS, (float(s) for s in scales))),
-        towers={m: TowerSpec(tower_files[m], specs[m].inputs, specs[m].outputs, job["precision"]) for m in MODALITIES},
+        towers={m: TowerSpec(tower_files[m], specs[m].inputs, specs[m].outputs, job.precision) for m in MODALITIES},
         image=ImagePreprocessing(
             model.image_tower.config.image_size, tuple(config.image.mean), tuple(config.image.std)
         ),
         audio=AudioPreprocessing(config.audio.sample_rate, config.audio.clip_seconds),
         text=TextPreprocessing(config.text.max_length, tuple(config.prompt_templates)),
         backend=backend,
-        precision=job["precision"],
+        precision=job.precision,
         tokenizer="tokenizer.json",
         files=files,
         versions=versions,
         extra={
             **extra,
-            "format": job["fmt"],
+            "format": job.fmt,
             "exporter": EXPORTER,
-            "opset": job["opset"],
-            "checkpoint": {"path": str(job["checkpoint"]), "sha256": job["checkpoint_hashes"]},
+            "opset": job.opset,
+            "checkpoint": {"path": str(job.checkpoint), "sha256": job.checkpoint_hashes},
             "verification": [v.to_dict() for v in verifications],
             "audio_front_end_fp32_nodes": len(specs["audio"].fp32_nodes),
-            "export_seconds": round(time.perf_counter() - job["started"], 2),
+            "export_seconds": round(time.perf_counter() - job.started, 2),
         },
     )
 
