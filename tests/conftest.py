@@ -9,6 +9,8 @@ Triton reads TRITON_INTERPRET once, when a kernel is defined, so a process runs 
   TRITON_INTERPRET=1 as soon as collection ends, side by side with the rest of the suite. Their reports (setup, call,
   teardown, with tracebacks) are replayed here under their own node ids, so -x, -ra, --junitxml and the exit status
   see them as if they had run in this process; a test without a report from its child fails with the child's output.
+- Tests marked `isolated` (native libraries that must not share the suite's process: OpenVINO's runtime brings its
+  own threading and allocator libraries beside torch's) run the same way in a child pytest, on every machine.
 - `requires_cuda` tests skip with the reason where torch sees no CUDA device.
 - Under CI (the environment variable CI set, as CI services and .ci/run set it) a skip is a failure unless its reason
   names hardware this machine lacks (ALLOWED_SKIP_REASONS): a missing extra skips whole test files, and a green run
@@ -67,13 +69,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 class _InterpretedChild:
-    """One `python -m pytest <node ids>` with TRITON_INTERPRET=1 and no visible GPU, writing its reports to a file."""
+    """One `python -m pytest <node ids>` writing its reports to a file: for interpreted tests with TRITON_INTERPRET=1
+    and no visible GPU (``interpreted``), for isolated ones in this process's environment."""
 
-    def __init__(self, config: pytest.Config, nodeids: list[str], workdir: Path, index: int):
+    def __init__(self, config: pytest.Config, nodeids: list[str], workdir: Path, index: int, interpreted: bool = True):
         self.nodeids = nodeids
+        self.isolated = not interpreted
         self.reports_path = workdir / f"reports-{index}.jsonl"
         self.log_path = workdir / f"output-{index}.txt"
-        env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", **{REPORTS_ENV: str(self.reports_path)})
+        kernels = {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""} if interpreted else {}
+        env = dict(os.environ, **kernels, **{REPORTS_ENV: str(self.reports_path)})
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(config.rootpath)]
         if config.inipath is not None:
             command += ["-c", str(config.inipath)]
@@ -98,18 +103,25 @@ class _InterpretedChild:
 
 
 def pytest_collection_finish(session):
-    if INTERPRETED_HERE or REPORTS_PATH or session.config.option.collectonly:
+    if REPORTS_PATH or session.config.option.collectonly:
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="synergy-children-"))
+    isolated = [item.nodeid for item in session.items if item.get_closest_marker("isolated")]
+    if isolated:  # one child for all of them, started now, side by side with the rest of the suite
+        _start_child(session.config, isolated, workdir, 0, interpreted=False)
+    if INTERPRETED_HERE:
         return
     routed = [item.nodeid for item in session.items if item.get_closest_marker("interpreted")]
-    if not routed:
-        return
-    workdir = Path(tempfile.mkdtemp(prefix="synergy-interpreted-"))
     # interpreted tests are single-threaded numpy: a few children use a many-core GPU host; one on a small machine
-    n_children = max(1, min(4, (os.cpu_count() or 2) // 4, len(routed)))
+    n_children = max(1, min(4, (os.cpu_count() or 2) // 4, len(routed))) if routed else 0
     for index in range(n_children):
-        child = _InterpretedChild(session.config, routed[index::n_children], workdir, index)
-        _children.append(child)
-        _child_of.update(dict.fromkeys(child.nodeids, child))
+        _start_child(session.config, routed[index::n_children], workdir, index + 1, interpreted=True)
+
+
+def _start_child(config: pytest.Config, nodeids: list[str], workdir: Path, index: int, interpreted: bool) -> None:
+    child = _InterpretedChild(config, nodeids, workdir, index, interpreted)
+    _children.append(child)
+    _child_of.update(dict.fromkeys(child.nodeids, child))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -125,7 +137,8 @@ def pytest_runtest_protocol(item, nextitem):
             hook.pytest_runtest_logreport(report=config.hook.pytest_report_from_serializable(config=config, data=data))
     else:
         longrepr = (
-            f"this interpreted test ran in a child pytest (TRITON_INTERPRET=1), which exited with status "
+            f"this test ran in a child pytest ({'isolated' if child.isolated else 'TRITON_INTERPRET=1'}), which exited "
+            f"with status "
             f"{child.process.returncode} without a report for it; the end of its output:\n{child.output_tail()}"
         )
         report = pytest.TestReport(
@@ -178,10 +191,15 @@ def pytest_terminal_summary(terminalreporter):
             "(CI is set) they fail the run. Install what they name (make install takes every extra: pip install -e "
             "'.[export,dev]'), or fix the test."
         )
-    if _children:
-        n = sum(len(child.nodeids) for child in _children)
+    isolated = [child for child in _children if child.isolated]
+    interpreted = [child for child in _children if not child.isolated]
+    if isolated:
+        n = sum(len(child.nodeids) for child in isolated)
+        terminalreporter.write_line(f"{n} isolated tests ran in a child process (native libraries kept apart)")
+    if interpreted:
+        n = sum(len(child.nodeids) for child in interpreted)
         terminalreporter.write_line(
-            f"{n} interpreted kernel tests ran in {len(_children)} child process(es) with TRITON_INTERPRET=1 "
+            f"{n} interpreted kernel tests ran in {len(interpreted)} child process(es) with TRITON_INTERPRET=1 "
             "(this process compiles triton for the GPU)"
         )
 
