@@ -2,6 +2,7 @@
 
     python benchmarks/bench_unseen_voices.py                  # 3 seeds at the setup below, CPU
     python benchmarks/bench_unseen_voices.py --quick          # CI-size smoke run, under a minute
+    python benchmarks/bench_unseen_voices.py --merge a.json b.json --out all.json   # one table of several runs
 
 The data is ``synergy.train.datasets.spoken`` (single spoken words from espeak-ng voices, 0.4-1 s at 22.05 kHz, with
 pictures of the words): train on 6 speakers, evaluate zero-shot among the 12 words on ``val`` (the same speakers) and
@@ -65,8 +66,19 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default=None, help="model preset (default: the setup's, with its overrides)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
                         help="a model override on top of the setup's, e.g. audio.layers=3 (repeatable)")  # fmt: skip
+    parser.add_argument("--label", default=None, help="a name for this code and setting in merged tables")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine result files (of several commits and "
+                        "settings) into --out and print their table; nothing is trained")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.merge:
+        merged = merge([json.loads(Path(path).read_text()) for path in args.merge])
+        out = Path(args.out) if args.out else RESULT
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(merged, indent=2) + "\n")
+        print(merged_table(merged))
+        print(f"wrote {out}")
+        return
     setup = dict(QUICK if args.quick else FULL)
     if args.seeds:
         setup["seeds"] = tuple(args.seeds)
@@ -87,6 +99,9 @@ def main(argv=None) -> None:
     runs = [train_and_evaluate(data, work / f"seed{seed}", setup, seed) for seed in setup["seeds"]]
     result = {
         "quick": args.quick,
+        "label": args.label,
+        "command": f"PYTHONPATH={os.environ.get('PYTHONPATH', '')} python benchmarks/{Path(__file__).name} "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "environment": measured_on,
         "setup": {**setup, "data_folder": str(data), "words": _labels(data)},
         "runs": runs,
@@ -203,6 +218,39 @@ def table(result: dict) -> str:
     lines.append(
         "| mean (min-max) | " + " | ".join(f"{m['mean']:.1f} ({m['min']:.1f}-{m['max']:.1f})" for m in means) + " |"
     )
+    return "\n".join(lines)
+
+
+def merge(results: list[dict]) -> dict:
+    """Several result files -> one: each file's runs grouped by the code that ran (commit) and the model overrides,
+    with each group's mean and range; every file's command and environment kept."""
+    groups: dict[str, dict] = {}
+    for result in results:
+        setup = result["setup"]
+        key = result.get("label") or f"{(result['environment']['commit'] or '?')[:7]} {setup['model_overrides']}"
+        group = groups.setdefault(key, {"commit": result["environment"]["commit"], "preset": setup["preset"],
+                                        "model_overrides": setup["model_overrides"], "steps": setup["steps"],
+                                        "runs": [], "commands": []})  # fmt: skip
+        group["runs"] += result["runs"]
+        group["commands"].append(result.get("command"))
+    for group in groups.values():
+        group["runs"].sort(key=lambda run: run["seed"])
+        group["summary"] = summarise(group["runs"])
+    return {"groups": groups, "sources": [{"command": r.get("command"), "environment": r["environment"]}
+                                          for r in results]}  # fmt: skip
+
+
+def merged_table(merged: dict) -> str:
+    lines = ["| code (commit, overrides) | seed | heard: audio | unseen: audio | heard: image | unseen: image |",
+             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for key, group in merged["groups"].items():
+        for run in group["runs"]:
+            cells = [run["val"]["audio"], run["unseen"]["audio"], run["val"]["image"], run["unseen"]["image"]]
+            lines.append(f"| {key} | {run['seed']} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+        s = group["summary"]
+        means = [s["val"]["audio"], s["unseen"]["audio"], s["val"]["image"], s["unseen"]["image"]]
+        lines.append(f"| {key} | mean (min-max) | " + " | ".join(
+            f"{m['mean']:.1f} ({m['min']:.1f}-{m['max']:.1f})" for m in means) + " |")  # fmt: skip
     return "\n".join(lines)
 
 
