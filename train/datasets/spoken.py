@@ -42,6 +42,7 @@ TRAIN_SPEAKERS = ("en-us+m1", "en-gb+f2", "en-gb-scotland+m3", "en-029+f4", "en-
 UNSEEN_SPEAKERS = ("en-gb-x-gbclan+m7", "en-us-nyc+f3", "en-gb-x-gbcwmd+m2")
 TRAIN_SPEEDS = (130, 160, 190)  # words per minute
 UNSEEN_SPEEDS = (145, 175)
+MAX_SPEED = 400  # words per minute: past this espeak-ng speech stops sounding like speech
 PITCH_RANGE = (35, 65)  # espeak-ng -p, drawn per clip
 CAPTION_TEMPLATES = ("the spoken word {}.", "someone saying {}.", "the word {} written down.", "{}, said aloud.")
 SAMPLE_RATE = 22_050  # espeak-ng's own rate: written as it comes
@@ -141,6 +142,8 @@ def speak(espeak: str, word: str, speaker: str, speed: int, pitch: int) -> np.nd
         wave = wave[max(0, loud[0] - margin) : loud[-1] + margin]
         if len(wave) <= MAX_SECONDS * rate:
             break
+        if speed >= MAX_SPEED:
+            raise SpokenError(f"{word!r} by {speaker} lasts {len(wave) / rate:.2f} s even at {speed} words/min")
         speed += 20  # a slow speaker's long word: faster until it fits, as a real speaker in a hurry would
     short = int(MIN_SECONDS * rate) - len(wave)
     return np.pad(wave, (short // 2, short - short // 2)) if short > 0 else wave
