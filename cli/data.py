@@ -1,4 +1,4 @@
-"""`synergy data synth` and `synergy data from-videos`: the commands that write data sets (manifests + files)."""
+"""`synergy data synth`, `synergy data spoken` and `synergy data from-videos`: the commands that write data sets."""
 
 from __future__ import annotations
 
@@ -51,6 +51,26 @@ def synth_command(out, seed, train_per_class, val_per_class, heldout_per_class, 
         counts = {"train": videos_per_class, "val": max(1, videos_per_class // 4), "heldout": 1}
         written = synthesize_videos(out, seed=seed, per_class=counts)
         click.echo(f"  videos       {', '.join(p.name for p in written.values())} (MP4, H.264 + AAC)")
+
+
+@data_group.command("spoken")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write PNG/WAV/CSV files into.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--train-per-word", default=8, show_default=True, type=int, help="Clips per word and training speaker.")
+@click.option("--val-per-word", default=2, show_default=True, type=int, help="Clips per word and training speaker.")
+@click.option("--unseen-per-word", default=4, show_default=True, type=int, help="Clips per word and held-out speaker.")
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty --out.")
+def spoken_command(out, seed, train_per_word, val_per_word, unseen_per_word, overwrite):
+    """Write spoken words (espeak-ng voices and speeds, 22.05 kHz WAV) paired with pictures of the words: train.csv,
+    val.csv (voices heard in training) and unseen.csv (speakers never heard). Needs espeak-ng on PATH."""
+    from synergy.train.datasets.spoken import SpokenError, synthesize_spoken
+
+    try:
+        summary = synthesize_spoken(out, seed=seed, train_per_word=train_per_word, val_per_word=val_per_word,
+                                    unseen_per_word=unseen_per_word, overwrite=overwrite)  # fmt: skip
+    except (FileExistsError, ValueError, SpokenError) as error:
+        raise UsageProblem(str(error)) from error
+    click.echo(summary)
 
 
 @data_group.command("from-videos")

@@ -28,6 +28,10 @@ PREEMPHASIS = 0.97
 LOW_FREQUENCY_HZ = 20.0
 # float32 machine epsilon: kaldi's (and the extractor's) floor before the log
 MEL_FLOOR = 1.192092955078125e-07
+# what a frame past a row's real samples holds in the log domain, by ``padding``: "ast" is 0, as AST's extractor pads
+# (pretrained towers need it); "silence" is what a silent frame gives (the floor), so a short clip padded to the
+# tower's frames reads as the clip followed by silence, with no edge where the real samples end
+PADDING_LOG_MEL = {"ast": 0.0, "silence": math.log(MEL_FLOOR)}
 
 
 def kaldi_mel_filters(sample_rate: int, fft_length: int, n_mels: int) -> torch.Tensor:
@@ -79,7 +83,8 @@ class LogMelFrontend(nn.Module):
     float32 rounding (see tests/core/test_audio_frontend.py for the measured tolerance). Frame sizes follow kaldi
     (25 ms / 10 ms); the extractor's numpy path hard-codes 400 / 160 / 512, so the two agree at 16 kHz only.
 
-    Clips shorter than ``num_frames`` frames are zero-padded in the log domain (as AST does) and longer ones are
+    Clips shorter than ``num_frames`` frames are padded in the log domain, with 0 (``padding="ast"``, as AST does)
+    or with the log-mel of silence (``padding="silence"``, for towers trained from scratch), and longer ones are
     cropped; a clip shorter than one frame (length < ``frame_length``, including 0) gives all padding (the
     runtime and the data loader refuse such clips before they get here).
 
@@ -97,8 +102,11 @@ class LogMelFrontend(nn.Module):
         num_frames: int = 1024,
         mean: float = -4.2677393,
         std: float = 4.5689974,
+        padding: str = "ast",
     ):
         super().__init__()
+        if padding not in PADDING_LOG_MEL:
+            raise ValueError(f"padding={padding!r}: choose {' or '.join(PADDING_LOG_MEL)}")
         if sample_rate < 200:
             raise ValueError(f"sample_rate={sample_rate} Hz gives frames under 5 samples; expected >= 200 Hz")
         if n_mels < 1 or num_frames < 1:
@@ -107,8 +115,9 @@ class LogMelFrontend(nn.Module):
             raise ValueError(f"std={std} must be > 0 (it divides the features)")
         self.sample_rate, self.n_mels, self.num_frames = sample_rate, n_mels, num_frames
         self.mean, self.std = float(mean), float(std)
-        # a padding frame is 0 in the log domain, so this after normalisation: what SpecAugment masks with
-        self.padding_value = (0.0 - self.mean) / (2.0 * self.std)
+        # a padding frame's log-mel, and the same after normalisation: what SpecAugment masks with
+        self.padding, self.padding_log_mel = padding, PADDING_LOG_MEL[padding]
+        self.padding_value = (self.padding_log_mel - self.mean) / (2.0 * self.std)
         self.frame_length, self.hop_length, self.fft_length = kaldi_frame_sizes(sample_rate)
         self.n_freq = self.fft_length // 2 + 1
         # samples read by the first num_frames frames: the waveform is padded/cropped to exactly this many
@@ -153,7 +162,7 @@ class LogMelFrontend(nn.Module):
             # kaldi snip-edges: a frame that runs past the row's real samples is not a frame; AST pads the log-mel
             # with 0 there (frames past the end of the tensor would read zeros instead: the same rule covers them)
             is_real_frame = self.frame_ends <= lengths  # [B, num_frames]
-            log_mel = torch.where(is_real_frame[:, :, None], log_mel, 0.0)
+            log_mel = torch.where(is_real_frame[:, :, None], log_mel, self.padding_log_mel)
             return (log_mel - self.mean) / (2.0 * self.std)
 
 

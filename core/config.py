@@ -71,6 +71,7 @@ class AudioTowerConfig:
     mlp_dim: int = 3072
     mean: float = -4.2677393  # AudioSet statistics of AST's feature extractor
     std: float = 4.5689974
+    padding: str = "ast"  # frames past a clip's end: "ast" (log-mel 0, AST's; pretrained towers) or "silence"
     pretrained: str | None = None
 
 

@@ -41,7 +41,7 @@ class SynergyModel(nn.Module):
         self.audio_tower, audio_width = build_audio_tower(config.audio, attn, hf.get("audio"))
         a = config.audio
         check_clip_geometry(a.sample_rate, a.clip_seconds, a.num_frames)
-        self.audio_frontend = LogMelFrontend(a.sample_rate, a.n_mels, a.num_frames, a.mean, a.std)
+        self.audio_frontend = LogMelFrontend(a.sample_rate, a.n_mels, a.num_frames, a.mean, a.std, a.padding)
         self.image_projection = nn.Linear(image_width, config.embed_dim, bias=False)
         self.text_projection = nn.Linear(text_width, config.embed_dim, bias=False)
         self.audio_projection = nn.Linear(audio_width, config.embed_dim, bias=False)

@@ -250,12 +250,38 @@ def test_rejects_unusable_arguments():
         LogMelFrontend(std=0.0)
     with pytest.raises(ValueError, match="num_frames"):
         LogMelFrontend(num_frames=0)
+    with pytest.raises(ValueError, match="choose ast or silence"):
+        LogMelFrontend(padding="zeros")
 
 
-def test_onnx_export_dynamic_batch_and_time(tmp_path, small_frontend):
+def test_silence_padding_reads_as_the_clip_followed_by_silence(small_frontend):
+    """padding="silence" (towers trained from scratch): frames past a row's real samples hold the log-mel a silent
+    frame has, the value a zero tail gives when it is counted as real samples, and SpecAugment's fill follows;
+    every real frame is the same as with AST's padding, and AST's stays 0 in the log domain."""
+    silence = LogMelFrontend(SAMPLE_RATE, n_mels=37, num_frames=59, padding="silence").eval()
+    wave = torch.from_numpy(_signal("noise", 9_680, seed=4))[None].repeat(2, 1)  # [2, T], T = 59 frames' samples
+    wave[1, 3_000:] = 0.0
+    lengths = torch.tensor([9_680, 3_000])
+    out, ast_out = silence(wave, lengths), small_frontend(wave, lengths)
+    real = int((silence.frame_ends <= 3_000).sum())  # 17 frames
+    floor = (math.log(1.192092955078125e-07) - silence.mean) / (2 * silence.std)
+    assert silence.padding_value == pytest.approx(floor) and small_frontend.padding_value == pytest.approx(
+        (0.0 - small_frontend.mean) / (2 * small_frontend.std)
+    )
+    np.testing.assert_allclose(out[1, real:].numpy(), floor, rtol=1e-6)
+    np.testing.assert_allclose(ast_out[1, real:].numpy(), small_frontend.padding_value, rtol=1e-6)
+    torch.testing.assert_close(out[1, :real], ast_out[1, :real])
+    torch.testing.assert_close(out[0], ast_out[0])  # a full row has no padding: the choice changes nothing
+    # the zero tail counted as real samples: the same floor, past the frames that straddle the clip's end
+    whole = silence(wave[1:])[0]
+    np.testing.assert_allclose(whole[real + 2 :].numpy(), floor, rtol=1e-6)
+
+
+@pytest.mark.parametrize("padding", ["ast", "silence"])
+def test_onnx_export_dynamic_batch_and_time(tmp_path, padding):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    frontend = small_frontend
+    frontend = LogMelFrontend(SAMPLE_RATE, n_mels=37, num_frames=59, padding=padding).eval()
     example = torch.from_numpy(np.stack([_signal("noise", 9_999, seed=4)] * 2))
     batch, time = torch.export.Dim("batch"), torch.export.Dim("time")
     path = tmp_path / "frontend.onnx"
