@@ -61,8 +61,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
     schedule and randomness as an uninterrupted run); ``force``: replace an existing checkpoint; without either, an
     existing checkpoint is an error. With ``val_data``, the run ends with an evaluation, written to ``<out>/eval.json``
     (the report `synergy eval` writes)."""
+    # on every rank alike, and before the process group exists: a refused config stops each rank on its own, never
+    # one rank while another still waits at the rendezvous (it saw "connection reset by peer" instead of the error)
+    check_train_config(config, int(os.environ.get("WORLD_SIZE", "1")))
     process = start_process()
-    check_train_config(config, process.world)  # on every rank alike: the batch must split over the processes
     out = Path(config.out)
     checkpoint = out / "checkpoint"
     rows = read_manifest(config.data)
