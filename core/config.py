@@ -71,7 +71,10 @@ class AudioTowerConfig:
     mlp_dim: int = 3072
     mean: float = -4.2677393  # AudioSet statistics of AST's feature extractor
     std: float = 4.5689974
-    padding: str = "ast"  # frames past a clip's end: "ast" (log-mel 0, AST's; pretrained towers) or "silence"
+    # frames past a clip's end: "ast" (log-mel 0, as AST's extractor pads) or "silence" (the log-mel of silence);
+    # None (the default) settles to "ast" for a pretrained tower (exact parity with transformers' AST pipeline) and
+    # "silence" for one trained from scratch (issue 24: log-0 padding cost 7 points on unseen speakers)
+    padding: str | None = None
     pretrained: str | None = None
 
 

@@ -179,6 +179,8 @@ def test_towers_load_from_local_pretrained_folders(tmp_path):
     save_checkpoint(tmp_path / "ckpt", model, _tokenizer())
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["towers"]["text"]["model_type"] == "roberta"
+    # a pretrained AST pads as transformers' extractor does (log-mel 0), and the checkpoint records it
+    assert model.config.audio.padding == config["synergy"]["audio"]["padding"] == "ast"
     for name in ("vision", "text", "audio"):
         for file in (tmp_path / name).iterdir():
             file.unlink()
@@ -186,6 +188,31 @@ def test_towers_load_from_local_pretrained_folders(tmp_path):
     batch = _batch(model)
     for a, b in zip(model(*batch), loaded.eval()(*batch)):
         torch.testing.assert_close(a, b)
+
+
+def test_audio_padding_settles_by_tower_origin_and_checkpoints_keep_theirs(tmp_path):
+    """Left open, a scratch tower pads with the log-mel of silence (issue 24); an explicit choice wins, and a
+    checkpoint written when "ast" was the default for every tower loads with "ast" (it recorded it)."""
+    scratch = create_model("tiny").eval()
+    assert scratch.config.audio.padding == "silence"
+    assert scratch.audio_frontend.padding == "silence"
+    assert create_model("tiny", **{"audio.padding": "ast"}).audio_frontend.padding == "ast"
+    with pytest.raises(ValueError, match="padding='zeros'"):
+        create_model("tiny", **{"audio.padding": "zeros"})
+    save_checkpoint(tmp_path / "ckpt", create_model("tiny", **{"audio.padding": "ast"}), _tokenizer())
+    config_path = tmp_path / "ckpt" / "config.json"
+    assert json.loads(config_path.read_text())["synergy"]["audio"]["padding"] == "ast"
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.audio_frontend.padding == "ast"
+    # the two paddings give different embeddings for a short clip (the choice reaches the graph's input)
+    wave = torch.randn(1, 4000) * 0.1
+    lengths = torch.tensor([4000])
+    torch.manual_seed(0)
+    a = create_model("tiny", **{"audio.padding": "ast"}).eval()
+    torch.manual_seed(0)
+    b = create_model("tiny").eval()
+    with torch.no_grad():
+        assert not torch.allclose(a.encode_audio(wave, lengths), b.encode_audio(wave, lengths), atol=1e-4)
 
 
 def test_missing_pretrained_folder_says_what_to_do(tmp_path):
