@@ -27,7 +27,7 @@ from .prompts import check_template, fill_prompt
 from .runtime import Runtime
 from .search import SearchHit, cosine_top_k, fuse_embeddings, l2_normalise
 from .video_embedding import VideoEmbeddings
-from .zeroshot import LabelScore, Prediction
+from .zeroshot import LabelCache, LabelScore, Prediction, mean_embeddings, prompts_of
 
 __all__ = [
     "FORMAT_VERSION",
@@ -37,6 +37,7 @@ __all__ = [
     "EmbedResult",
     "InferUsageError",
     "InputError",
+    "LabelCache",
     "LabelScore",
     "LabelsError",
     "Manifest",
@@ -56,5 +57,7 @@ __all__ = [
     "fuse_embeddings",
     "l2_normalise",
     "load_manifest",
+    "mean_embeddings",
+    "prompts_of",
     "read_labels",
 ]

@@ -49,34 +49,43 @@ class Prediction:
 
 class LabelCache:
     """Label -> its [D] embedding for one bundle, at most ``max_labels`` kept (least recently used dropped first).
-    Thread-safe; embedding runs outside the lock, so two threads may embed the same new label once each."""
+    Thread-safe. ``embeddings`` embeds what is missing with a blocking ``embed_text`` (the library); the server
+    embeds through its micro-batcher itself and uses ``get`` / ``put``. Embedding runs outside the lock, so two
+    threads may embed the same new label once each."""
 
     def __init__(self, max_labels: int = DEFAULT_MAX_LABELS):
         self.max_labels = max_labels
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
+    def get(self, labels: Sequence[str]) -> dict[str, np.ndarray]:
+        """The cached ones among ``labels``, each marked as just used."""
+        with self._lock:
+            found = {label: self._vectors[label] for label in labels if label in self._vectors}
+            for label in found:
+                self._vectors.move_to_end(label)
+        return found
+
+    def put(self, vectors: dict[str, np.ndarray]) -> None:
+        with self._lock:
+            for label, vector in vectors.items():
+                self._vectors[label] = vector
+                self._vectors.move_to_end(label)
+            while len(self._vectors) > self.max_labels:
+                self._vectors.popitem(last=False)
+
     def embeddings(
         self, labels: Sequence[str], templates: Sequence[str], embed_text: Callable[[list[str]], np.ndarray]
     ) -> np.ndarray:
         """Cleaned labels -> [K, D]: per label, the normalised mean of its prompt ensemble (``embed_text``: strings
         -> [N, D]), from the cache where it holds them."""
-        with self._lock:
-            found = {label: self._vectors[label] for label in labels if label in self._vectors}
-            for label in found:
-                self._vectors.move_to_end(label)
+        found = self.get(labels)
         missing = [label for label in labels if label not in found]
         if missing:
-            prompts = [label_prompts(label, templates) for label in missing]
-            flat = embed_text([p for group in prompts for p in group])  # [sum P, D]
-            offsets = np.cumsum([0] + [len(group) for group in prompts])
-            means = np.stack([flat[offsets[i] : offsets[i + 1]].mean(axis=0) for i in range(len(missing))])
-            found.update(zip(missing, l2_normalise(means).astype(np.float32)))
-            with self._lock:
-                for label in missing:
-                    self._vectors[label] = found[label]
-                while len(self._vectors) > self.max_labels:
-                    self._vectors.popitem(last=False)
+            prompts, offsets = prompts_of(missing, templates)
+            fresh = dict(zip(missing, mean_embeddings(embed_text(prompts), offsets)))
+            self.put(fresh)
+            found.update(fresh)
         return np.stack([found[label] for label in labels])
 
     def __iter__(self) -> Iterator[str]:
@@ -85,6 +94,18 @@ class LabelCache:
 
     def __len__(self) -> int:
         return len(self._vectors)
+
+
+def prompts_of(labels: Sequence[str], templates: Sequence[str]) -> tuple[list[str], list[int]]:
+    """-> (every label's prompts, flat), offsets [len(labels) + 1] into them."""
+    groups = [label_prompts(label, templates) for label in labels]
+    return [p for group in groups for p in group], np.cumsum([0] + [len(g) for g in groups]).tolist()
+
+
+def mean_embeddings(vectors: np.ndarray, offsets: Sequence[int]) -> np.ndarray:
+    """Prompt embeddings [P, D] -> per label, the normalised mean of its prompts' [K, D]."""
+    means = np.stack([vectors[offsets[i] : offsets[i + 1]].mean(axis=0) for i in range(len(offsets) - 1)])
+    return l2_normalise(means).astype(np.float32)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

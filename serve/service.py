@@ -15,10 +15,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from synergy.runtime import BatcherFull, InputError, LabelsError, MicroBatcher, Runtime, read_labels
+from synergy.runtime import (
+    BatcherFull,
+    InputError,
+    LabelCache,
+    LabelsError,
+    MicroBatcher,
+    Runtime,
+    mean_embeddings,
+    prompts_of,
+    read_labels,
+)
 
 from .budget import request_work
-from .labels import LabelCache, control_character, mean_embeddings, prompts_of
+from .labels import control_character
 from .metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS, Metrics
 from .problems import Problem
 from .requests import check_label_count
