@@ -224,9 +224,19 @@ def table(result: dict) -> str:
 
 def merge(results: list[dict]) -> dict:
     """Several result files -> one: each file's runs grouped by the code that ran (commit) and the model overrides,
-    with each group's mean and range; every file's command and environment kept."""
+    with each group's mean and range; every file's command and environment kept. A file that is itself a merge
+    keeps its groups (so a new group is added to a committed table by merging the two)."""
     groups: dict[str, dict] = {}
+    sources = []
     for result in results:
+        if "groups" in result:  # an earlier merge: its groups and sources as they are
+            clash = sorted(set(result["groups"]) & set(groups))
+            if clash:
+                raise SystemExit(f"--merge: the group(s) {clash} appear in more than one merged file; relabel one")
+            groups.update(result["groups"])
+            sources += result["sources"]
+            continue
+        sources.append({"command": result.get("command"), "environment": result["environment"]})
         setup = result["setup"]
         key = result.get("label") or f"{(result['environment']['commit'] or '?')[:7]} {setup['model_overrides']}"
         group = groups.setdefault(key, {"commit": result["environment"]["commit"], "preset": setup["preset"],
@@ -237,8 +247,7 @@ def merge(results: list[dict]) -> dict:
     for group in groups.values():
         group["runs"].sort(key=lambda run: run["seed"])
         group["summary"] = summarise(group["runs"])
-    return {"groups": groups, "sources": [{"command": r.get("command"), "environment": r["environment"]}
-                                          for r in results]}  # fmt: skip
+    return {"groups": groups, "sources": sources}
 
 
 def merged_table(merged: dict) -> str:
