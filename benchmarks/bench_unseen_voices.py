@@ -67,6 +67,8 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default=None, help="model preset (default: the setup's, with its overrides)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
                         help="a model override on top of the setup's, e.g. audio.layers=3 (repeatable)")  # fmt: skip
+    parser.add_argument("--train", dest="train_overrides", action="append", default=[], metavar="KEY=JSON",
+                        help="a training setting, e.g. audio_speed_perturb=0.1 (repeatable)")  # fmt: skip
     parser.add_argument("--label", default=None, help="a name for this code and setting in merged tables")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine result files (of several commits and "
@@ -88,6 +90,8 @@ def main(argv=None) -> None:
     if args.preset:
         setup["preset"], setup["model_overrides"] = args.preset, {}
     setup["model_overrides"] = {**setup["model_overrides"], **dict(_override(item) for item in args.overrides)}
+    if args.train_overrides:  # recorded only when given, so older code (without the key) runs the plain setup
+        setup["train_overrides"] = dict(_override(item) for item in args.train_overrides)
     out = Path(args.out) if args.out else (Path(args.work) / "quick.json" if args.quick else RESULT)
 
     import torch
@@ -180,6 +184,7 @@ def train_and_evaluate(data: Path, folder: Path, setup: dict, seed: int) -> dict
         lr=setup["lr"],
         seed=seed,
         save_every=setup["steps"],
+        **setup.get("train_overrides", {}),
     )
     started = time.perf_counter()
     checkpoint = train(config, progress=False)
@@ -238,9 +243,11 @@ def merge(results: list[dict]) -> dict:
             continue
         sources.append({"command": result.get("command"), "environment": result["environment"]})
         setup = result["setup"]
-        key = result.get("label") or f"{(result['environment']['commit'] or '?')[:7]} {setup['model_overrides']}"
+        settings = {**setup["model_overrides"], **setup.get("train_overrides", {})}
+        key = result.get("label") or f"{(result['environment']['commit'] or '?')[:7]} {settings}"
         group = groups.setdefault(key, {"commit": result["environment"]["commit"], "preset": setup["preset"],
                                         "model_overrides": setup["model_overrides"], "steps": setup["steps"],
+                                        "train_overrides": setup.get("train_overrides", {}),
                                         "runs": [], "commands": []})  # fmt: skip
         group["runs"] += result["runs"]
         group["commands"].append(result.get("command"))

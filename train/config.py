@@ -43,6 +43,9 @@ class TrainConfig:
     on_bad_sample: str = "skip"  # skip | error
     # CLIP4VLA's intra-audio contrast: + weight x NT-Xent(clip, its SpecAugment copy) at scale 1/0.07; 0: off
     audio_intra_weight: float = 0.0
+    # speed perturbation (Kaldi's recipe for unseen speakers): each training clip is resampled by a factor drawn from
+    # U(1 - r, 1 + r), which moves pitch and tempo together as another voice or speaking rate would; 0: off
+    audio_speed_perturb: float = 0.0
     # LiT: towers frozen in eval mode, their features computed once per input (synergy.train.locked_features);
     # `--set lock=text,image`. unlock_last_layers {"text": 2}: a locked tower's last 2 layers train (no cache then)
     lock: tuple[str, ...] = ()
@@ -140,6 +143,10 @@ def check_train_config(config: TrainConfig, world: int = 1) -> None:
     for key in ("eval_every", "warmup_steps", "workers", "audio_intra_weight"):
         if getattr(config, key) < 0:
             raise ConfigError(f"{key}={getattr(config, key)}: must be 0 or more")
+    if not 0 <= config.audio_speed_perturb < 0.5:
+        raise ConfigError(
+            f"audio_speed_perturb={config.audio_speed_perturb}: must be in [0, 0.5) (0.1 resamples clips by 0.9-1.1x)"
+        )
     _check_lock(config)
     model = load_config(config.model, **config.model_overrides)  # the preset and the model.* overrides, types included
     for template in model.prompt_templates:  # filled by prompts.fill_prompt in training, export and the runtime

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soxr
 import torch
 from PIL import Image
 from tokenizers import Tokenizer
@@ -107,9 +108,25 @@ class ManifestDataset(torch.utils.data.Dataset):
 
     ``unaugmented``: modalities that training feeds as evaluation does (a locked tower's): images resized, not
     cropped at random, the frame of a video at its middle, and long audio's first window (the runtime's first),
-    not a random one. Text keeps its random prompt template: a handful of templates is a handful of cache entries."""
+    not a random one. Text keeps its random prompt template: a handful of templates is a handful of cache entries.
 
-    def __init__(self, rows, *, image_size, mean, std, sample_rate, clip_seconds, text_mode, templates, unaugmented=()):
+    ``speed_perturb`` r > 0: training resamples each (augmented) clip by a factor from U(1 - r, 1 + r) before the crop
+    (``TrainConfig.audio_speed_perturb``)."""
+
+    def __init__(
+        self,
+        rows,
+        *,
+        image_size,
+        mean,
+        std,
+        sample_rate,
+        clip_seconds,
+        text_mode,
+        templates,
+        unaugmented=(),
+        speed_perturb: float = 0.0,
+    ):
         if text_mode not in ("prompt", "caption", "mixed"):
             raise DataError(f"text_mode {text_mode!r}: choose prompt, caption or mixed")
         self.rows = rows
@@ -117,9 +134,12 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.image_size, self.mean, self.std = image_size, mean, std
         self.sample_rate, self.clip_samples = sample_rate, round(clip_seconds * sample_rate)
         self.text_mode, self.templates = text_mode, tuple(templates)
+        self.speed_perturb = speed_perturb
 
     @classmethod
-    def for_model(cls, rows, model_config, text_mode: str = "caption", unaugmented=()) -> ManifestDataset:
+    def for_model(
+        cls, rows, model_config, text_mode: str = "caption", unaugmented=(), speed_perturb: float = 0.0
+    ) -> ManifestDataset:
         """The dataset a model's own preprocessing asks for (image size and statistics, sample rate, clip, prompts):
         the one constructor training, evaluation and MMR share."""
         return cls(
@@ -132,6 +152,7 @@ class ManifestDataset(torch.utils.data.Dataset):
             text_mode=text_mode,
             templates=model_config.prompt_templates,
             unaugmented=unaugmented,
+            speed_perturb=speed_perturb,
         )
 
     def __len__(self) -> int:
@@ -161,6 +182,9 @@ class ManifestDataset(torch.utils.data.Dataset):
         elif "audio" in self.unaugmented:
             spans = window_spans(wave.shape[0], self.clip_samples)[:1]
         else:
+            if self.speed_perturb:
+                factor = rng.uniform(1 - self.speed_perturb, 1 + self.speed_perturb)
+                wave = speed_perturbed(wave, self.sample_rate, factor)
             start = int(rng.integers(0, max(0, wave.shape[0] - self.clip_samples) + 1))
             spans = [(start, min(wave.shape[0], start + self.clip_samples))]
         cut = [cut_window(wave, span, self.clip_samples) for span in spans]
@@ -221,6 +245,12 @@ class ManifestDataset(torch.utils.data.Dataset):
             sample["image"] = sample["audio"] = sample["frames"] = None
         sample["text"] = self._text(row, rng if rng is not None else np.random.default_rng(0))
         return sample
+
+
+def speed_perturbed(wave: np.ndarray, sample_rate: int, factor: float) -> np.ndarray:
+    """``wave`` played ``factor`` times faster (pitch and tempo together): read as if sampled at ``factor x
+    sample_rate`` and resampled back to ``sample_rate`` with the runtime's resampler (soxr HQ)."""
+    return soxr.resample(wave, sample_rate * factor, sample_rate, quality="HQ").astype(np.float32)
 
 
 class Collate:

@@ -288,7 +288,9 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 def _dataset(config: TrainConfig, model: SynergyModel, rows) -> ManifestDataset:
     # a locked tower sees evaluation's input (no random crops), so its feature cache hits from the second epoch on
     fixed = [name for name, unlocked in model.locked.items() if not unlocked]
-    return ManifestDataset.for_model(rows, model.config, text_mode=config.text_mode, unaugmented=fixed)
+    return ManifestDataset.for_model(
+        rows, model.config, text_mode=config.text_mode, unaugmented=fixed, speed_perturb=config.audio_speed_perturb
+    )
 
 
 def _loader(config: TrainConfig, dataset: ManifestDataset, tokenizer, start_step: int, process: Process):

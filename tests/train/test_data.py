@@ -11,7 +11,7 @@ from synergy.train.data import Collate, ManifestDataset, read_manifest
 RATE = 16_000
 
 
-def _dataset(csv, clip_seconds=0.5):
+def _dataset(csv, clip_seconds=0.5, speed_perturb=0.0):
     return ManifestDataset(
         read_manifest(csv),
         image_size=30,
@@ -21,6 +21,7 @@ def _dataset(csv, clip_seconds=0.5):
         clip_seconds=clip_seconds,
         text_mode="prompt",
         templates=("a {}.",),
+        speed_perturb=speed_perturb,
     )
 
 
@@ -74,6 +75,28 @@ def test_evaluation_windows_equal_the_runtime_and_training_takes_one_clip(tmp_pa
     batch = collate([dataset[0], dataset[0]])
     assert batch["waveform"].shape == (2 * len(lengths), 8_000)
     assert batch["audio_owner"].tolist() == [0] * len(lengths) + [1] * len(lengths)
+
+
+def test_speed_perturbation_moves_pitch_and_length_in_training_only(tmp_path):
+    """A 440 Hz tone of 0.3 s: training with audio_speed_perturb=0.2 plays it 0.8-1.2x as fast (so 367-550 Hz and
+    0.25-0.375 s), each augmentation seed its own factor and the same factor again; evaluation is untouched."""
+    _write(tmp_path / "tone.wav", 0.3)
+    (tmp_path / "m.csv").write_text("img_path,wav_path,label,caption\n,tone.wav,tone,\n")
+    plain, perturbed = _dataset(tmp_path / "m.csv"), _dataset(tmp_path / "m.csv", speed_perturb=0.2)
+    np.testing.assert_array_equal(perturbed[0]["audio"][0], plain[0]["audio"][0])  # evaluation: no perturbation
+    np.testing.assert_array_equal(plain[(0, 3)]["audio"][0], plain[0]["audio"][0])  # off: training clip unchanged
+    pitches = set()
+    for seed in range(6):
+        windows, lengths = perturbed[(0, seed)]["audio"]
+        np.testing.assert_array_equal(perturbed[(0, seed)]["audio"][0], windows)  # a pure function of the seed
+        n = int(lengths[0])
+        factor = 0.3 * RATE / n
+        assert 0.8 - 0.01 <= factor <= 1.2 + 0.01
+        spectrum = np.abs(np.fft.rfft(windows[0, :n] * np.hanning(n)))
+        peak = np.argmax(spectrum) * RATE / n
+        assert abs(peak - 440 * factor) < 2 * RATE / n, (peak, factor)
+        pitches.add(round(peak))
+    assert len(pitches) > 3
 
 
 def _tokenizer():

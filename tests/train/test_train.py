@@ -775,6 +775,7 @@ def test_train_config_overrides(tmp_path):
     config = load_train_config(tmp_path / "c.json", ["lr=0.01", "model.audio.layers=1", "val_data=none"])
     assert (config.steps, config.lr, config.model_overrides, config.val_data) == (5, 0.01, {"audio.layers": 1}, None)
     assert load_train_config(None, ["data=t.csv", "val_data="]).val_data is None  # empty clears an optional field
+    assert load_train_config(None, ["data=t.csv", "audio_speed_perturb=0.1"]).audio_speed_perturb == 0.1
     with pytest.raises(ValueError, match="unknown key"):
         load_train_config(None, ["data=t.csv", "learning_rate=1"])
     with pytest.raises(ValueError, match="on_bad_sample"):
@@ -791,6 +792,7 @@ def test_train_config_overrides(tmp_path):
         ({}, ["model.audio.clip_seconds=x"], "audio: clip_seconds: expected float, got str 'x'"),
         ({}, ["steps=ten"], "steps=ten: expected int, got 'ten'"),
         ({}, ["save_every=0"], "save_every=0: must be at least 1"),
+        ({}, ["audio_speed_perturb=0.5"], "audio_speed_perturb=0.5: must be in [0, 0.5)"),
         ({"steps": "10"}, [], "steps: expected int, got str '10'"),
         ({"lr": [0.1]}, [], "lr: expected float, got list"),
         ({"val_data": 3}, [], "val_data: expected str or null, got int 3"),
