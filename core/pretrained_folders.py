@@ -87,3 +87,39 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class WheelFile:
+    """A weights file shipped as it is inside an installed distribution (not zipped); checked against ``sha256``.
+    ``archive`` is its path inside the distribution (named as in :class:`WheelFolder`, so :func:`archive_path` finds
+    both); ``licence_file`` the distribution's licence, copied beside the weights; ``licence`` its SPDX name."""
+
+    distribution: str
+    archive: str
+    sha256: str
+    licence_file: str
+    licence: str
+
+
+# aisfx 0.1.2: the ISMIR 2022 sound-effects CNN (synergy.core.aisfx). Its LICENSE is Creative Commons Attribution 4.0
+# ("Copyright (c) 2022 A.B. Ma and A. Lerch"); the wheel's classifier says MIT, the licence file wins
+AISFX = WheelFile(
+    distribution="aisfx",
+    archive="aisfx/models/checkpoint.pth",
+    sha256="499ea75909c932a2f94c35fa722fa4fabc5bcb7e84917209cc5f7402627b7eb5",
+    licence_file="aisfx-0.1.2.dist-info/licenses/LICENSE",
+    licence="CC-BY-4.0",
+)
+
+
+def checked_file(spec: WheelFile) -> Path:
+    """The spec's file inside its installed distribution, its sha256 checked (``ValueError`` if it differs)."""
+    path = archive_path(spec)
+    actual = _sha256(path)
+    if actual != spec.sha256:
+        raise ValueError(
+            f"{path} has sha256 {actual}, expected {spec.sha256}; the installed {spec.distribution} is not the pinned "
+            f"release: reinstall it with `pip install --no-deps --force-reinstall {spec.distribution}`"
+        )
+    return path
