@@ -76,6 +76,8 @@ class AisfxModel(PreTrainedModel):
     config_class = AisfxConfig
     base_model_prefix = "aisfx"
     main_input_name = "input_values"
+    # a CNN has no attention: whatever implementation the model's other towers use is fine here
+    _supports_sdpa = _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = True
 
     def __init__(self, config: AisfxConfig):
         super().__init__(config)
