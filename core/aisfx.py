@@ -19,9 +19,7 @@ The CNN is a transformers ``PreTrainedModel`` registered as model type "aisfx", 
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -36,7 +34,7 @@ MODEL_TYPE = "aisfx"
 
 class AisfxConfig(PreTrainedConfig):
     """The CNN and its front end. ``hidden_size``: channels of the last block (the embedding width); the blocks have
-    hidden_size / 8, / 4, / 2, / 1. ``licence`` and ``source``: where the weights come from, carried into bundles."""
+    hidden_size / 8, / 4, / 2, / 1."""
 
     model_type = MODEL_TYPE
     sample_rate: int = 44_100
@@ -46,8 +44,8 @@ class AisfxConfig(PreTrainedConfig):
     block_frames: int = 100  # aisfx's EMB_BLOCK_LENGTH: one embedding per 100 frames (2.32 s)
     spectrogram_max: float = 9.457798957824707  # aisfx's spec_norm='original' maximum (its minimum is 0)
     hidden_size: int = 512
-    licence: str | None = None
-    source: str | None = None
+    # {"weights", "source", "sha256", "licence", "text"}: core.pretrained_folders.weights_licence, into bundles
+    weights_licence: dict | None = None
 
 
 class ConvBlock(nn.Module):
@@ -191,37 +189,36 @@ class AisfxSpectrogram(nn.Module):
             return torch.log10(1e4 * bands + 1.0) / self.spectrogram_max
 
 
-def read_aisfx_checkpoint(path) -> dict[str, torch.Tensor]:
-    """aisfx's ``checkpoint.pth`` (a pickled ``(state_dict, datasets)`` pair) -> the CNN's state dict, keys as
-    :class:`AisfxModel` names them. ``weights_only=True``: the only globals allowed are the numpy scalar and dtype
-    types its dataset table (library -> (index, classes)) pickles."""
+def read_aisfx_checkpoint() -> dict[str, torch.Tensor]:
+    """The installed aisfx wheel's ``checkpoint.pth`` (a pickled ``(state_dict, datasets)`` pair; sha256 checked
+    first) -> the CNN's state dict, keys as :class:`AisfxModel` names them. ``weights_only=True``, and the only
+    globals allowed are the numpy scalar and dtype types its dataset table (library -> (index, classes)) pickles."""
     import numpy
     from numpy._core import multiarray
+
+    from synergy.core.pretrained_folders import AISFX, load_wheel_weights
 
     # the file pickles numpy 1.x's path to the scalar constructor; numpy 2 moved it to numpy._core
     allowed = [(multiarray.scalar, "numpy.core.multiarray.scalar"), numpy.dtype, numpy.dtypes.Int64DType]
     with torch.serialization.safe_globals(allowed):
-        state, _datasets = torch.load(path, map_location="cpu", weights_only=True)
+        state, _datasets = load_wheel_weights(AISFX)
     prefix = "embedding_net."  # CrossNet's CNN; its fc.* classifier heads are not the embedding
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def extract_aisfx_folder(out) -> Path:
-    """``out``: a ``save_pretrained`` folder of the aisfx CNN (config.json, model.safetensors, LICENSE), made from
-    the installed ``aisfx`` wheel's checkpoint after its sha256 is checked; ``model.audio.pretrained`` takes it."""
-    import shutil
-
+    """``out``: a ``save_pretrained`` folder of the aisfx CNN (config.json, model.safetensors, LICENSE) made from
+    the installed ``aisfx`` wheel's checkpoint; ``model.audio.pretrained`` takes it. Its config carries the weights'
+    provenance and licence (``weights_licence``), which checkpoints keep and bundles list under ``licences``."""
     from synergy.core.atomic_folder import atomic_folder
-    from synergy.core.pretrained_folders import AISFX, archive_path, checked_file
+    from synergy.core.pretrained_folders import AISFX, weights_licence
 
-    checkpoint = checked_file(AISFX)
-    source = f"PyPI {AISFX.distribution} {metadata.version(AISFX.distribution)}, {AISFX.archive} sha256 {AISFX.sha256}"
-    model = AisfxModel(AisfxConfig(licence=AISFX.licence, source=source))
-    model.load_state_dict(read_aisfx_checkpoint(checkpoint), strict=True)  # every weight of the CNN, nothing else
-    licence = archive_path(dataclasses.replace(AISFX, archive=AISFX.licence_file))
+    licence = weights_licence(AISFX)
+    model = AisfxModel(AisfxConfig(weights_licence=licence))
+    model.load_state_dict(read_aisfx_checkpoint(), strict=True)  # every weight of the CNN, nothing else
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
-        shutil.copyfile(licence, tmp / "LICENSE")
+        (tmp / "LICENSE").write_text(licence["text"])
     return out

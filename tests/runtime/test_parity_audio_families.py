@@ -232,14 +232,13 @@ def test_aisfx_matches_its_own_pipeline_with_the_real_weights(aisfx_bundle, tmp_
     from aisfx.preprocessing import blocking, spectrogram_normalize
 
     from synergy.core.aisfx import read_aisfx_checkpoint
-    from synergy.core.pretrained_folders import AISFX, checked_file
 
     model, runtime = aisfx_bundle
     assert model.audio_family == "aisfx" and model.config.audio.sample_rate == 44_100
     paths, resampled = _files(tmp_path, AISFX_CASES, 44_100)
     got = runtime.embed_audio(paths)
     network = EmbeddingNet("max", 3, 1, 64)  # aisfx.inference.load_bestModel's
-    network.load_state_dict(read_aisfx_checkpoint(checked_file(AISFX)), strict=True)
+    network.load_state_dict(read_aisfx_checkpoint(), strict=True)
     network.eval()
     first_blocks = []
     for wave in resampled:
