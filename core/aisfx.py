@@ -213,9 +213,10 @@ def extract_aisfx_folder(out) -> Path:
     from synergy.core.atomic_folder import atomic_folder
     from synergy.core.pretrained_folders import AISFX, weights_licence
 
+    state = read_aisfx_checkpoint()  # first: a missing wheel is a FileNotFoundError that names the pip command
     licence = weights_licence(AISFX)
     model = AisfxModel(AisfxConfig(weights_licence=licence))
-    model.load_state_dict(read_aisfx_checkpoint(), strict=True)  # every weight of the CNN, nothing else
+    model.load_state_dict(state, strict=True)  # every weight of the CNN, nothing else
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(out) as tmp:
