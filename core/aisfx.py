@@ -29,6 +29,8 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedMode
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from synergy.core.audio_frontend import spectrum_dtype
+
 MODEL_TYPE = "aisfx"
 
 
@@ -150,8 +152,9 @@ class AisfxSpectrogram(nn.Module):
     A clip is read up to ``block_frames * hop_length`` samples (the samples of the block's frames; ``clip_seconds``
     of an aisfx tower is that long); samples past a row's length are zeroed, so a frame past Essentia's last one
     reads only zeros and gives exactly 0, the value aisfx pads a short block with. Framing, window and DFT are one
-    strided ``conv1d`` (no STFT op in the graph), in float32 like the ONNX runtime; the matrices are buffers
-    rebuilt from the arguments, never saved."""
+    strided ``conv1d`` (no STFT op in the graph), in float32 like the ONNX runtime (float64 on CUDA:
+    :func:`synergy.core.audio_frontend.spectrum_dtype`); the matrices are buffers rebuilt from the arguments, never
+    saved."""
 
     def __init__(
         self,
@@ -178,15 +181,18 @@ class AisfxSpectrogram(nn.Module):
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if lengths is None:
             lengths = torch.full(waveform.shape[:1], waveform.shape[-1], dtype=torch.int64, device=waveform.device)
+        # as the AST front end: no autocast, and float64 on CUDA, where float32 convolutions and matmuls run in TF32
+        dtype = spectrum_dtype(waveform.device)
         with torch.autocast(device_type=waveform.device.type, enabled=False):
-            wave = F.pad(waveform.float(), (0, self.num_samples))[:, : self.num_samples]  # [B, num_samples]
+            wave = F.pad(waveform.to(dtype), (0, self.num_samples))[:, : self.num_samples]  # [B, num_samples]
             wave = torch.where(self.sample_index < lengths.to(torch.int64)[:, None], wave, 0.0)
             wave = F.pad(wave, (self.left_pad, self.right_pad))
-            spectrum = F.conv1d(wave[:, None, :], self.dft_kernel, stride=self.hop_length)  # [B, 2 * n_freq, frames]
+            kernel = self.dft_kernel.to(dtype)  # [2 * n_freq, 1, frame_length]
+            spectrum = F.conv1d(wave[:, None, :], kernel, stride=self.hop_length)  # [B, 2 * n_freq, frames]
             real, imag = spectrum.split(self.n_freq, dim=1)
             power = (real.square() + imag.square()).transpose(1, 2)  # [B, frames, n_freq]
-            bands = power @ self.mel_filters  # [B, frames, n_mels]
-            return torch.log10(1e4 * bands + 1.0) / self.spectrogram_max
+            bands = power @ self.mel_filters.to(dtype)  # [B, frames, n_mels]
+            return (torch.log10(1e4 * bands + 1.0) / self.spectrogram_max).to(torch.float32)
 
 
 def read_aisfx_checkpoint() -> dict[str, torch.Tensor]:

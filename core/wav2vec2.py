@@ -1,5 +1,4 @@
-"""wav2vec2 and HuBERT audio towers: their feature extractor's normalisation in the graph, and mean pooling that
-padding cannot reach.
+"""wav2vec2 and HuBERT audio towers: their feature extractor's normalisation in the graph, padding-blind pooling.
 
 Their processor, transformers' ``Wav2Vec2FeatureExtractor``, takes the raw waveform at the model's rate (16 kHz) and,
 when ``do_normalize``, gives each clip zero mean and unit variance over its own samples:
