@@ -2,7 +2,7 @@
 ``EmbeddingNet`` with the wheel's real weights, the pinned and safely loaded checkpoint, and the folder that
 ``synergy towers aisfx`` writes going through a checkpoint.
 
-The Essentia spectrograms in tests/core/data were written by Essentia 2.1b6 (in a separate environment: it is AGPL
+The Essentia spectrograms in tests/core/golden were written by Essentia 2.1b6 (in a separate environment: it is AGPL
 and no dependency of Synergy) with aisfx's own streaming network (FrameCutter, Windowing, Spectrum, MelBands,
 shift-scale log) fed the samples of :func:`golden_signal` through a VectorInput.
 """
@@ -21,7 +21,7 @@ import torch
 from synergy.core.aisfx import AisfxModel, AisfxSpectrogram, extract_aisfx_folder, read_aisfx_checkpoint
 from synergy.core.pretrained_folders import AISFX, load_wheel_weights
 
-ESSENTIA_GOLDEN = Path(__file__).parent / "data" / "aisfx_essentia_spectrograms.npz"
+ESSENTIA_GOLDEN = Path(__file__).parent / "golden" / "aisfx_essentia_spectrograms.npz"
 SPECTROGRAM_MAX = 9.457798957824707  # aisfx's spec_norm='original'
 
 

@@ -8,7 +8,7 @@ pipeline -> the same tower weights -> the checkpoint's projection -> L2 norm.
   ``last_hidden_state`` mean-pooled (wav2vec2 "group" norm without an attention mask, HuBERT "layer" norm with one).
 - aisfx: the real weights of PyPI's aisfx wheel (``synergy towers aisfx``); the reference is Essentia's spectrogram
   (ported to numpy below from aisfx's ``spectrogram_essentia.py`` and Essentia's FrameCutter / Windowing / Spectrum /
-  MelBands sources, and checked here against Essentia's own output, tests/core/data) -> aisfx's own
+  MelBands sources, and checked here against Essentia's own output, tests/core/golden) -> aisfx's own
   ``spectrogram_normalize`` and ``blocking`` -> aisfx's own ``EmbeddingNet`` with the checkpoint's weights, first block.
 
 Audio at several rates: the runtime resamples with soxr, so the references take the same soxr HQ resampling of the
@@ -193,7 +193,7 @@ def essentia_spectrogram(wave: np.ndarray) -> np.ndarray:
     return np.log10(1e4 * (power @ filters) + 1.0)
 
 
-ESSENTIA_GOLDEN = Path(__file__).parents[1] / "core" / "data" / "aisfx_essentia_spectrograms.npz"
+ESSENTIA_GOLDEN = Path(__file__).parents[1] / "core" / "golden" / "aisfx_essentia_spectrograms.npz"
 
 
 def golden_signal(length: int, seed: int) -> np.ndarray:
@@ -205,7 +205,7 @@ def golden_signal(length: int, seed: int) -> np.ndarray:
 
 def test_the_numpy_port_matches_essentia_itself():
     """The reference above against the output of aisfx's own Essentia network (Essentia 2.1b6, fed the same
-    samples through a VectorInput), saved in tests/core/data: Essentia is AGPL and not a dependency of Synergy."""
+    samples through a VectorInput), saved in tests/core/golden: Essentia is AGPL and not a dependency of Synergy."""
     for name, want in np.load(ESSENTIA_GOLDEN).items():
         _, length, seed = name.split("_")
         got = essentia_spectrogram(golden_signal(int(length), int(seed)))
