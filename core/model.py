@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from synergy.core.audio_families import family_of, pooled_audio_features, resolve_audio_folder, waveform_frontend
 from synergy.core.audio_frontend import LogMelFrontend, check_clip_geometry
 from synergy.core.config import ConfigError, SynergyConfig, load_config
 from synergy.core.text_folder import POOLINGS, read_text_folder
@@ -30,7 +31,10 @@ class SynergyModel(nn.Module):
         pretrained folders; None builds from ``config`` (from scratch or from the local pretrained folders)."""
         super().__init__()
         hf = hf_configs or {}
-        config = _resolve_audio(_resolve_text(config, from_folder="text" not in hf))
+        config = _resolve_text(config, from_folder="text" not in hf)
+        if "audio" not in hf:  # a pretrained audio folder's rate and front-end settings (core.audio_families)
+            config = dataclasses.replace(config, audio=resolve_audio_folder(config.audio))
+        config = _resolve_audio(config)
         # with the text pooling and length and the audio padding actually used, so that checkpoints record them
         self.config = config
         # towers training locked (LiT, synergy.train.locked_features): {tower: unlocked last layers}; checkpoints
@@ -40,9 +44,13 @@ class SynergyModel(nn.Module):
         self.image_tower, image_width = build_image_tower(config.image, attn, hf.get("image"))
         self.text_tower, text_width = build_text_tower(config.text, attn, hf.get("text"))
         self.audio_tower, audio_width = build_audio_tower(config.audio, attn, hf.get("audio"))
+        self.audio_family = family_of(self.audio_tower.config.model_type, "audio tower")
         a = config.audio
-        check_clip_geometry(a.sample_rate, a.clip_seconds, a.num_frames)
-        self.audio_frontend = LogMelFrontend(a.sample_rate, a.n_mels, a.num_frames, a.mean, a.std, a.padding)
+        if self.audio_family == "ast":
+            check_clip_geometry(a.sample_rate, a.clip_seconds, a.num_frames)
+            self.audio_frontend = LogMelFrontend(a.sample_rate, a.n_mels, a.num_frames, a.mean, a.std, a.padding)
+        else:  # wav2vec2 / HuBERT's normalisation or aisfx's mel block
+            self.audio_frontend = waveform_frontend(a, self.audio_tower)
         self.image_projection = nn.Linear(image_width, config.embed_dim, bias=False)
         self.text_projection = nn.Linear(text_width, config.embed_dim, bias=False)
         self.audio_projection = nn.Linear(audio_width, config.embed_dim, bias=False)
@@ -64,12 +72,16 @@ class SynergyModel(nn.Module):
         samples per row (None: every row is T long) -> [B, D]. A clip gives the same embedding alone or padded.
         ``augment``: a ``core.spec_augment.SpecAugment`` applied to the log-mel (training's intra-audio contrast)."""
         features = self.audio_frontend(waveform, waveform_lengths)  # [B, frames, mels], float32 (quiet bins need it)
+        if augment is not None and self.audio_family != "ast":
+            raise ValueError(f"SpecAugment (audio_intra_weight) needs AST's log-mel; this tower is {self.audio_family}")
         if augment is not None:
             frames = None
             if waveform_lengths is not None:
                 frames = (self.audio_frontend.frame_ends[None, :] <= waveform_lengths[:, None]).sum(-1)  # [B]
             features = augment(features, frames)
-        return F.normalize(self.audio_projection(self.audio_features(features)), dim=-1)
+        if waveform_lengths is None:  # explicit, so that a locked tower's cache sees one input per row
+            waveform_lengths = torch.full(waveform.shape[:1], waveform.shape[-1], device=waveform.device)
+        return F.normalize(self.audio_projection(self.audio_features(features, waveform_lengths)), dim=-1)
 
     # The towers' pooled outputs before the projections: what missing-modality reconstruction
     # (synergy.core.reconstruction) fuses, and the one place each tower's pooling is written.
@@ -88,10 +100,12 @@ class SynergyModel(nn.Module):
         # the clamp is sentence-transformers' own: an all-padding row gives zeros, not NaN
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
-    def audio_features(self, log_mel: Tensor) -> Tensor:
-        """log_mel: [B, frames, mels] normalised (``audio_frontend``'s output) -> pooled [B, audio width]."""
+    def audio_features(self, log_mel: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """log_mel: ``audio_frontend``'s output (AST: the normalised log-mel [B, frames, mels]; wav2vec2 / HuBERT:
+        the normalised waveform [B, T']; aisfx: its mel block); lengths: [B] real samples per row (None: all) ->
+        pooled [B, audio width], as the family pools (:func:`synergy.core.audio_families.pooled_audio_features`)."""
         log_mel = log_mel.to(self.audio_projection.weight.dtype)  # a half-precision tower gets half features
-        return self.audio_tower(input_values=log_mel).pooler_output
+        return pooled_audio_features(self.audio_family, self.audio_tower, log_mel, lengths)
 
     def logit_scales(self) -> Tensor:
         """[3] exp'd scales for (image-text, text-audio, audio-image), clamped at 100 as in CLIP."""

@@ -14,6 +14,8 @@ from pathlib import Path
 from torch import nn
 from transformers import ASTConfig, AutoConfig, AutoModel, CLIPVisionConfig, CLIPVisionModel, RobertaConfig
 
+from synergy.core import aisfx  # noqa: F401 - registers the aisfx CNN with AutoConfig / AutoModel
+from synergy.core.audio_families import family_of
 from synergy.core.config import AudioTowerConfig, ImageTowerConfig, TextTowerConfig
 
 
@@ -130,11 +132,16 @@ def build_text_tower(cfg: TextTowerConfig, attn_implementation: str, hf_config: 
 
 
 def build_audio_tower(cfg: AudioTowerConfig, attn_implementation: str, hf_config: dict | None = None):
+    """An audio tower of a supported family (:mod:`synergy.core.audio_families`): from the checkpoint's
+    ``hf_config``, from the local folder ``cfg.pretrained`` (AST, wav2vec2 / HuBERT, the aisfx CNN; config.json's
+    model_type picks) or, from scratch, an AST of ``cfg``'s sizes."""
     attn = _attention(attn_implementation)
     if hf_config is not None:
         model = AutoModel.from_config(_config_from_dict(hf_config, attn))
     elif cfg.pretrained:
-        model = _from_folder(AutoModel, _pretrained_folder(cfg.pretrained, "audio"), "audio", attn_implementation=attn)
+        folder = _pretrained_folder(cfg.pretrained, "audio")
+        family_of(AutoConfig.from_pretrained(folder).model_type, f"audio tower {folder}/config.json")
+        model = _from_folder(AutoModel, folder, "audio", attn_implementation=attn)
     else:
         config = ASTConfig(
             hidden_size=cfg.width,
@@ -149,10 +156,15 @@ def build_audio_tower(cfg: AudioTowerConfig, attn_implementation: str, hf_config
         )
         config._attn_implementation = attn
         model = AutoModel.from_config(config)
-    if model.config.num_mel_bins != cfg.n_mels or model.config.max_length != cfg.num_frames:
+    family = family_of(model.config.model_type, "audio tower")
+    if family == "ast" and (model.config.num_mel_bins != cfg.n_mels or model.config.max_length != cfg.num_frames):
         raise ValueError(
             f"audio tower expects {model.config.num_mel_bins} mels x {model.config.max_length} frames but the config "
             f"says n_mels={cfg.n_mels}, num_frames={cfg.num_frames}; set them to the tower's values"
+        )
+    if family == "wav2vec2" and getattr(model.config, "add_adapter", False):
+        raise ValueError(
+            "audio tower: a wav2vec2 adapter (add_adapter=true) changes the frame count; use the model without it"
         )
     return model, model.config.hidden_size
 
