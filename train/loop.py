@@ -36,7 +36,7 @@ from synergy.core.checkpoint import (
     recover_checkpoint,
     save_checkpoint,
 )
-from synergy.core.config import load_config
+from synergy.core.config import ConfigError, load_config
 from synergy.core.model import LOGIT_SCALE_MAX, SynergyModel
 from synergy.core.spec_augment import SpecAugment, audio_intra_loss
 from synergy.core.tokenizer import load_pretrained_tokenizer, train_tokenizer
@@ -69,6 +69,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
     checkpoint = out / "checkpoint"
     rows = read_manifest(config.data)
     model, tokenizer, state = model_and_state(config, rows, checkpoint, resume, force, process)
+    check_audio_intra(config, model)
     lock_towers(model, config.lock, config.unlock_last_layers, resumed=state is not None)  # before the optimizer
     dataset = _dataset(config, model, rows)
     checks = [check_manifest(config.data, dataset)]  # before any step: wrong paths stop the run here, counted
@@ -257,6 +258,16 @@ def model_and_state(config: TrainConfig, rows, checkpoint: Path, resume: bool, f
     torch.manual_seed(config.seed)  # the initial weights are a function of the seed
     model = SynergyModel(load_config(config.model, **config.model_overrides))
     return model, build_tokenizer(model, rows), None
+
+
+def check_audio_intra(config: TrainConfig, model: SynergyModel) -> None:
+    """``audio_intra_weight`` masks the log-mel (SpecAugment), which only AST's front end has: with a wav2vec2 /
+    HuBERT or aisfx tower it is refused before any step, naming the tower's family."""
+    if config.audio_intra_weight and model.audio_family != "ast":
+        raise ConfigError(
+            f"audio_intra_weight={config.audio_intra_weight}: its SpecAugment copies need AST's log-mel front end, "
+            f"and this audio tower is {model.audio_family}; set audio_intra_weight=0"
+        )
 
 
 def _optimizer(model: SynergyModel, config: TrainConfig) -> torch.optim.AdamW:

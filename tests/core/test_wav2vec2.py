@@ -109,3 +109,15 @@ def test_folders_that_cannot_run_say_what_to_do(folder, tmp_path):
     (tmp_path / "whisper" / "config.json").write_text(json.dumps({"model_type": "whisper"}))
     with pytest.raises(ValueError, match=r"model_type 'whisper' is not an audio family.*'aisfx'.*'wav2vec2'"):
         create_model("tiny", **{"audio.pretrained": str(tmp_path / "whisper")})
+
+
+def test_the_intra_audio_contrast_is_refused_for_a_tower_without_a_log_mel(folder):
+    from synergy.core.config import ConfigError
+    from synergy.train.config import TrainConfig
+    from synergy.train.loop import check_audio_intra
+
+    model = create_model("tiny", **{"audio.pretrained": str(folder)})
+    check_audio_intra(TrainConfig(data="x.csv"), model)
+    with pytest.raises(ConfigError, match="this audio tower is wav2vec2; set audio_intra_weight=0"):
+        check_audio_intra(TrainConfig(data="x.csv", audio_intra_weight=0.5), model)
+    check_audio_intra(TrainConfig(data="x.csv", audio_intra_weight=0.5), create_model("tiny"))
