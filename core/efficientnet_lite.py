@@ -27,7 +27,6 @@ import json
 import math
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, PretrainedConfig
@@ -136,7 +135,7 @@ class EfficientNetLite(nn.Module):
     def __init__(self, config: EfficientNetLiteConfig, num_classes: int = 0):
         super().__init__()
         if config.hidden_size != WIDTH:
-            raise ValueError(f"EfficientNet-Lite0's pooled feature has {WIDTH} channels, config says {config.hidden_size}")
+            raise ValueError(f"EfficientNet-Lite0 pools {WIDTH} channels; the config says {config.hidden_size}")
         self.config = config
         size = config.image_size
         self._conv_stem = SamePaddingConv2d(3, 32, 3, 2, size)

@@ -155,7 +155,9 @@ def _resolve_image(config: SynergyConfig, from_folder: bool) -> SynergyConfig:
             rescale_factor=folder.rescale_factor,
             pooling=image.pooling or folder.pooling,
         )
-    image = dataclasses.replace(image, pooling=image.pooling or "pooler", resize_size=image.resize_size or image.image_size)
+    image = dataclasses.replace(
+        image, pooling=image.pooling or "pooler", resize_size=image.resize_size or image.image_size
+    )
     problems = []
     if image.pooling not in IMAGE_POOLINGS:
         problems.append(f"pooling={image.pooling!r} (choose {' or '.join(IMAGE_POOLINGS)}, or null: the folder's own)")

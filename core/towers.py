@@ -54,10 +54,11 @@ def _pretrained_folder(path: str, tower: str) -> Path:
     return folder
 
 
-def _from_folder(model_class, folder: Path, tower: str, **kwargs):
+def _from_folder(model_class, folder: Path, tower: str, unused_ok: tuple[str, ...] = ("pooler.",), **kwargs):
     """``model_class.from_pretrained(folder)`` with transformers' load report replaced by a warning that names only
     what matters: weights the model lacks in the folder (they start random) and folder weights it does not use,
-    apart from the pooler that text towers leave out on purpose (all-MiniLM-L6-v2 ships one)."""
+    apart from those starting with ``unused_ok``: the pooler that text towers leave out on purpose (all-MiniLM-L6-v2
+    ships one), the text half of a whole CLIP or SigLIP folder."""
     # a filter, not a higher level: transformers runs a tensor-parallel plan check (and its warnings) when the
     # level of this logger is WARNING or above
     report = logging.getLogger("transformers.modeling_utils")
@@ -69,7 +70,7 @@ def _from_folder(model_class, folder: Path, tower: str, **kwargs):
     finally:
         report.removeFilter(drop_report)
     missing = sorted(info["missing_keys"])
-    unused = sorted(k for k in info["unexpected_keys"] if not k.startswith("pooler."))
+    unused = sorted(k for k in info["unexpected_keys"] if not k.startswith(unused_ok))
     if missing or unused:
         warnings.warn(
             f"{tower} tower from {folder}: weights missing from the folder (they start random): {missing[:8]}; "
@@ -104,7 +105,9 @@ def build_image_tower(cfg: ImageTowerConfig, attn_implementation: str, hf_config
                 "dinov2": Dinov2Model,
             }[family]
             extra = pooler if family == "vit" else {}
-            model = _from_folder(model_class, folder, "image", attn_implementation=attn, **extra)
+            model = _from_folder(
+                model_class, folder, "image", (*_OTHER_HALF, "pooler."), attn_implementation=attn, **extra
+            )
     else:
         config = CLIPVisionConfig(
             image_size=cfg.image_size,
@@ -118,6 +121,10 @@ def build_image_tower(cfg: ImageTowerConfig, attn_implementation: str, hf_config
         config._attn_implementation = attn
         model = CLIPVisionModel(config)
     return model, model.config.hidden_size
+
+
+# a whole CLIP or SigLIP folder: what its vision tower leaves (and, for a ViT pooled on its class token, the pooler)
+_OTHER_HALF = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")
 
 
 def _efficientnet_from_folder(folder: Path) -> EfficientNetLite:

@@ -115,7 +115,8 @@ class Manifest:
             )
         if version < MIN_FORMAT_VERSION:
             raise BundleError(
-                f"bundle format version {version} is older than this runtime reads ({MIN_FORMAT_VERSION}): its audio graph "
+                f"bundle format version {version} is older than this runtime reads ({MIN_FORMAT_VERSION}): its audio "
+                "graph "
                 "pads short clips as samples instead of in the log-mel domain, which gives wrong embeddings; "
                 "re-export it from its checkpoint: synergy export --checkpoint CHECKPOINT --out NEW_BUNDLE"
             )
