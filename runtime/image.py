@@ -140,7 +140,7 @@ RESAMPLE = {
 def resized_size(width: int, height: int, spec: ImagePreprocessing) -> tuple[int, int]:
     """(width, height) after ``spec``'s resize: the shortest edge to ``resize_size`` with the long edge
     ``int(side * long / short)`` as transformers computes it, or exactly ``resize_size`` square."""
-    side = spec.resize_size or spec.size
+    side = spec.resize_size
     if spec.resize == "exact":
         return side, side
     if width <= height:

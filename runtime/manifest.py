@@ -65,6 +65,10 @@ class ImagePreprocessing:
     resample: str = "bicubic"
     rescale_factor: float = 1 / 255
 
+    def __post_init__(self):
+        if self.resize_size is None:
+            object.__setattr__(self, "resize_size", self.size)
+
 
 @dataclass(frozen=True)
 class AudioPreprocessing:
