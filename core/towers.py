@@ -80,6 +80,10 @@ def _from_folder(model_class, folder: Path, tower: str, unused_ok: tuple[str, ..
     return model
 
 
+# a whole CLIP or SigLIP folder: what its vision tower leaves (and, for a ViT pooled on its class token, the pooler)
+_OTHER_HALF = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")
+
+
 def build_image_tower(cfg: ImageTowerConfig, attn_implementation: str, hf_config: dict | None = None):
     """An image tower: from the checkpoint's ``hf_config`` (its model type names the family), from the local folder
     ``cfg.pretrained`` (the family from its config.json, :mod:`synergy.core.image_folder`) or, from scratch, a CLIP
@@ -121,10 +125,6 @@ def build_image_tower(cfg: ImageTowerConfig, attn_implementation: str, hf_config
         config._attn_implementation = attn
         model = CLIPVisionModel(config)
     return model, model.config.hidden_size
-
-
-# a whole CLIP or SigLIP folder: what its vision tower leaves (and, for a ViT pooled on its class token, the pooler)
-_OTHER_HALF = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")
 
 
 def _efficientnet_from_folder(folder: Path) -> EfficientNetLite:

@@ -15,6 +15,7 @@ runtime takes for every family (transparency composited onto white).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,6 +188,8 @@ def test_efficientnet_trains_locked_exports_and_the_runtime_agrees_with_torch(
     licence = manifest["licences"]["image"]
     assert licence["sha256"] == EFFICIENTNET_LITE0.sha256 and licence["licence"] == "Apache-2.0"
     assert "Apache License, Version 2.0" in licence["text"] and EFFICIENTNET_LITE0.distribution in licence["source"]
+    skimage = pytest.importorskip("skimage", reason="scikit-image (the dev extra) ships the sample photos")
+    image_files = [*image_files, Path(skimage.__file__).parent / "data" / "chelsea.png"]  # a real 451 x 300 photo
     with Runtime.open(bundle, threads=1, batch_size=4) as runtime:
         got = runtime.embed_image(image_files)
     # the reference: transformers' Bit processor reading the folder's preprocessor_config.json, then the folder's
