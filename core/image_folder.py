@@ -4,11 +4,11 @@ A ``save_pretrained`` folder's ``config.json`` names the model type, and so the 
 (a whole CLIP or SigLIP folder gives its vision half), ViT, DINOv2, or EfficientNet-Lite0 (the folder
 ``synergy towers efficientnet-lite0`` writes). Its ``preprocessor_config.json`` is read by the family's own
 transformers image processor (the PIL one: the default needs torchvision), so legacy spellings (``size: 224``) mean
-what transformers makes of them; a folder without one gets that processor's defaults. The answer is the resize
-(shortest edge, or exact height x width), the resampling filter, the center crop, the rescale factor and the
-mean/std that the runtime (``runtime/image.py``) then applies; processors it cannot express are refused here, when
-the model is built, rather than embedded wrongly. Read once; the checkpoint records the answer, so a checkpoint needs
-no folder.
+what transformers makes of them; a folder without one gets that processor's defaults at the tower's size (CLIP,
+SigLIP, ViT; DINOv2's has none of its own). The answer is the resize (shortest edge, or exact height x width), the
+resampling filter, the center crop, the rescale factor and the mean/std that the runtime (``runtime/image.py``) then
+applies; processors it cannot express are refused here, when the model is built, rather than embedded wrongly. Read
+once; the checkpoint records the answer, so a checkpoint needs no folder.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def read_image_folder(folder: str | Path) -> ImageFolder:
     """The family, preprocessing and pooling of the pretrained image tower in ``folder`` (with a config.json)."""
     folder = Path(folder)
     family = image_family(folder)
-    processor = _processor(family, folder)
     size = _tower_image_size(family, folder)
+    processor = _processor(family, folder, size)
     resize, resize_size, output = _resize(processor, folder)
     # DINOv2 interpolates its position embeddings to any input (its processor crops 224 for a 518 config); the
     # others take only the size they were built for
@@ -88,8 +88,10 @@ def image_family(folder: Path) -> str:
     return FAMILIES[model_type]
 
 
-def _processor(family: str, folder: Path):
-    """The family's transformers image processor, from the folder's preprocessor_config.json or its defaults."""
+def _processor(family: str, folder: Path, size: int):
+    """The family's transformers image processor, from the folder's preprocessor_config.json; without one, its
+    defaults at the tower's ``size`` (what Synergy did for CLIP folders before it read processors: a CLIP ViT-L/14
+    at 336 px is resized and cropped to 336)."""
     import transformers
 
     name = {"clip": "CLIP", "siglip": "Siglip", "vit": "ViT"}.get(family, "Bit")  # DINOv2, EfficientNet: Bit's
@@ -101,7 +103,17 @@ def _processor(family: str, folder: Path):
         return processor_class.from_pretrained(folder)
     if family == "efficientnet-lite0":
         raise ValueError(f"{folder} has no preprocessor_config.json; rewrite it: synergy towers efficientnet-lite0")
-    return processor_class()
+    if family == "dinov2":  # Bit's defaults (224 / 224, CLIP's statistics) are not DINOv2's (256 / 224, ImageNet's)
+        raise ValueError(
+            f"{folder} has no preprocessor_config.json, and DINOv2's processor has no defaults of its own; save it "
+            "into the folder: AutoImageProcessor.from_pretrained('facebook/dinov2-small').save_pretrained(DIR)"
+        )
+    at_size = {
+        "clip": {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}},
+        "siglip": {"size": {"height": size, "width": size}},
+        "vit": {"size": {"height": size, "width": size}},
+    }
+    return processor_class(**at_size.get(family, {}))
 
 
 def _resize(processor, folder: Path) -> tuple[str, int, int]:

@@ -16,16 +16,32 @@ from synergy.core.model import create_model
 from synergy.core.tokenizer import train_tokenizer
 
 
-def test_a_folder_without_preprocessor_config_gets_its_familys_processor_defaults(image_folder_writer, tmp_path):
-    folder = image_folder_writer(tmp_path / "siglip", "siglip")
+def test_a_folder_without_preprocessor_config_gets_its_familys_defaults_at_the_towers_size(
+    image_folder_writer, tmp_path
+):
+    """As CLIP folders always worked (a model saved without its processor): the family's processor defaults, sized
+    to the tower (here 32 and 40 px, where the defaults say 224)."""
+    for family, expected in [
+        ("clip", ("clip", 32, "shortest_edge", 32, "bicubic", (0.48145466, 0.4578275, 0.40821073))),
+        ("siglip", ("siglip", 40, "exact", 40, "bicubic", (0.5, 0.5, 0.5))),
+        ("vit", ("vit", 24, "exact", 24, "bilinear", (0.5, 0.5, 0.5))),
+    ]:
+        folder = image_folder_writer(tmp_path / family, family)
+        (folder / "preprocessor_config.json").unlink()
+        says = read_image_folder(folder)
+        assert (says.family, says.image_size, says.resize, says.resize_size, says.resample, says.mean) == expected
+    folder = image_folder_writer(tmp_path / "dinov2", "dinov2")  # Bit's defaults are not DINOv2's: no guessing
     (folder / "preprocessor_config.json").unlink()
-    with pytest.raises(ValueError, match=r"processor gives 224 x 224 pixels but the tower takes 40 x 40"):
-        read_image_folder(folder)  # SigLIP's default processor is 224 px, this tower 40
-    config = json.loads((folder / "config.json").read_text())
-    config["vision_config"]["image_size"] = 224
-    (folder / "config.json").write_text(json.dumps(config))
-    says = read_image_folder(folder)
-    assert (says.family, says.resize, says.resize_size, says.mean) == ("siglip", "exact", 224, (0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match=r"no preprocessor_config.json.*AutoImageProcessor.from_pretrained"):
+        read_image_folder(folder)
+
+
+def test_a_processor_that_does_not_fit_the_tower_is_refused(image_folder_writer, tmp_path):
+    folder = image_folder_writer(tmp_path / "siglip", "siglip")
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**processor, "size": {"height": 48, "width": 48}}))
+    with pytest.raises(ConfigError, match=r"processor gives 48 x 48 pixels but the tower takes 40 x 40"):
+        create_model("tiny", **{"image.pretrained": str(folder)})
 
 
 def test_an_unknown_model_type_names_the_supported_families(tmp_path, bert_folder_writer):
