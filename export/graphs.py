@@ -81,7 +81,7 @@ class TowerGraph:
 
 def tower_specs(model: SynergyModel) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]:
     """modality -> (inputs, outputs) as the manifest lists them; strings name the dynamic dims."""
-    size = model.image_tower.config.image_size
+    size = model.config.image.image_size  # the processor's output (DINOv2's differs from its config's)
     output = (TensorSpec(OUTPUT_NAME, "float32", ("batch", model.config.embed_dim)),)
     return {
         "image": ((TensorSpec("pixel_values", "float32", ("batch", 3, size, size)),), output),
@@ -107,7 +107,7 @@ def example_inputs(model: SynergyModel) -> dict[str, tuple[Tensor, ...]]:
     row, so the export traces the masking paths rather than the no-padding shortcuts."""
     config = model.config
     generator = torch.Generator().manual_seed(0)
-    size = model.image_tower.config.image_size
+    size = model.config.image.image_size  # the processor's output (DINOv2's differs from its config's)
     length = config.text.max_length
     vocab = model.text_tower.config.vocab_size
     ids = torch.randint(4, vocab, (2, length), generator=generator)

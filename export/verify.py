@@ -236,13 +236,24 @@ def builtin_evaluation_set(
 
 
 def read_evaluation_set(
-    csv_path: str | Path, image_size: int, mean, std, sample_rate: int, clip_samples: int, limit: int = 128
+    csv_path: str | Path,
+    image_size: int,
+    mean,
+    std,
+    sample_rate: int,
+    clip_samples: int,
+    limit: int = 128,
+    image_preprocessing=None,
 ) -> EvaluationSet:
-    """Up to ``limit`` pictures and sounds of a Synergy-CLIP CSV, decoded as the runtime decodes them; labels are
-    the CSV's distinct labels. Raises ``ValueError`` naming what is wrong with the file."""
+    """Up to ``limit`` pictures and sounds of a Synergy-CLIP CSV, decoded as the runtime decodes them (images as
+    ``image_preprocessing`` says: the model's ``ImagePreprocessing``; None: CLIP's at ``image_size``, ``mean``,
+    ``std``); labels are the CSV's distinct labels. Raises ``ValueError`` naming what is wrong with the file."""
     from synergy.runtime.audio import cut_window, load_audio, window_spans
     from synergy.runtime.errors import InputError
-    from synergy.runtime.image import load_image, preprocess_image
+    from synergy.runtime.image import load_image, preprocess_with
+    from synergy.runtime.manifest import ImagePreprocessing
+
+    image_preprocessing = image_preprocessing or ImagePreprocessing(image_size, tuple(mean), tuple(std))
 
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -256,7 +267,7 @@ def read_evaluation_set(
         for row in rows:
             if row["img_path"] and len(images) < limit:
                 picture = load_image(csv_path.parent / row["img_path"])
-                images.append(preprocess_image(picture, image_size, mean, std))
+                images.append(preprocess_with(picture, image_preprocessing))
             if row["wav_path"] and len(waveforms) < limit:
                 wave = load_audio(csv_path.parent / row["wav_path"], sample_rate)
                 window, length = cut_window(wave, window_spans(wave.shape[0], clip_samples)[0], clip_samples)

@@ -15,7 +15,7 @@ import numpy as np
 
 from .audio import cut_window, describe_audio, load_audio, window_spans
 from .errors import InferUsageError, InputError
-from .image import describe_image, load_image, preprocess_image
+from .image import describe_image, load_image, preprocess_with
 from .manifest import BundleError, Manifest
 from .search import l2_normalise
 from .text import check_text, tokenize
@@ -60,7 +60,6 @@ def decode(
     """items -> (model-ready values or None, errors or None, display names). Audio: (waveform [T], window
     spans); image: [3, S, S]; text: the string."""
     decoded, errors, sources = [], [], []
-    size, mean, std = manifest.image.size, manifest.image.mean, manifest.image.std
     rate = manifest.audio.sample_rate
     clip = round(manifest.audio.clip_seconds * rate)
     for index, item in enumerate(items):
@@ -71,7 +70,7 @@ def decode(
                 value = (wave, window_spans(wave.shape[0], clip, audio_overlap))
             elif modality == "image":
                 name = describe_image(item, index)
-                value = preprocess_image(load_image(item, name=name), size, mean, std)
+                value = preprocess_with(load_image(item, name=name), manifest.image)
             else:
                 name = item if isinstance(item, str) and len(item) <= 60 else f"<text #{index}>"
                 value = check_text(item, name)

@@ -1,9 +1,12 @@
-"""Images in: decode (Pillow), convert to RGB, resize + center crop, normalise — the CLIP image processor's steps.
+"""Images in: decode (Pillow), convert to RGB, resize + center crop, normalise — the tower family's image processor.
 
-The same steps as ``transformers.CLIPImageProcessor`` (tested against it): transparency is composited onto white,
-the shortest edge is resized to ``size`` (bicubic, the long edge floored), center crop ``size`` x ``size``, /255,
-subtract the mean, divide by the std. EXIF orientation is not applied, as transformers does not. Training and
-evaluation call these functions too (training swaps the resize + center crop for its random resized crop).
+The steps of transformers' image processors (tested against each: CLIP, SigLIP, ViT, and Bit's for DINOv2 and
+EfficientNet-Lite0), as the bundle manifest's ``ImagePreprocessing`` says them: transparency is composited onto
+white; the image is resized, either its shortest edge to ``resize_size`` (the long edge floored: CLIP, DINOv2) or to
+exactly ``resize_size`` x ``resize_size`` (SigLIP, ViT), with the Pillow filter ``resample``; a center crop of
+``size`` x ``size`` (a no-op after an exact resize to ``size``); x ``rescale_factor``; minus the mean, over the std.
+EXIF orientation is not applied, as transformers does not. Training and evaluation call these functions too (training
+swaps the resize + center crop for its random resized crop).
 
 Where this differs from transformers, on purpose:
 
@@ -11,11 +14,12 @@ Where this differs from transformers, on purpose:
   0..65535 to 0..255 (``round(v / 257)``); float images (``F``) are read as 0..1. Transformers converts them with
   Pillow's ``convert``, which clips every value above 255: a 16-bit photo becomes almost all white.
 - Work and memory are bounded by the output size. When the resized image would be over ``MAX_RESIZE_AREA`` times
-  the crop (an aspect ratio beyond 32:1; below it an image is at most 7168 x 224 pixels before the crop), only the
-  part that survives the center crop is resampled (Pillow's ``resize(box=...)``: the filter still reads across the
-  crop's edges; pixels agree with resize-then-crop to a few levels, not exactly, Pillow's rounding differs). A
-  100000 x 1 PNG (370 bytes) would otherwise be resized to 6,400,000 x 64 pixels (7.5 GiB as float). Ordinary
-  images take transformers' exact path.
+  the crop (a shortest-edge resize of an aspect ratio beyond 32:1; below it an image is at most 7168 x 224 pixels
+  before a 224 crop), only the part that survives the center crop is resampled (Pillow's ``resize(box=...)``: the
+  filter still reads across the crop's edges; pixels agree with resize-then-crop to a few levels, not exactly,
+  Pillow's rounding differs). A 100000 x 1 PNG (370 bytes) would otherwise be resized to 6,400,000 x 64 pixels
+  (7.5 GiB as float). An exact resize is bounded by its own output (``resize_size`` squared). Ordinary images take
+  transformers' exact path.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import UnsupportedImage
 from .files import open_input
+from .manifest import ImagePreprocessing
 
 MAX_RESIZE_AREA = 32  # resized area / crop area above which only the crop is resampled (aspect > 32:1)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -122,41 +127,57 @@ def _high_depth_to_l(image: Image.Image, name: str) -> Image.Image:
     return result
 
 
-def resize_shortest_edge(image: Image.Image, size: int) -> Image.Image:
-    """Shortest edge to ``size`` (bicubic), the long edge ``int(size * long / short)`` as transformers computes it."""
-    width, height = image.size
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+def resized_size(width: int, height: int, spec: ImagePreprocessing) -> tuple[int, int]:
+    """(width, height) after ``spec``'s resize: the shortest edge to ``resize_size`` with the long edge
+    ``int(side * long / short)`` as transformers computes it, or exactly ``resize_size`` square."""
+    side = spec.resize_size
+    if spec.resize == "exact":
+        return side, side
     if width <= height:
-        new_width, new_height = size, int(size * height / width)
-    else:
-        new_width, new_height = int(size * width / height), size
-    if (new_width, new_height) == (width, height):
-        return image
-    return image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+        return side, int(side * height / width)
+    return int(side * width / height), side
 
 
-def normalise_pixels(image: Image.Image, mean, std) -> np.ndarray:
-    """RGB image [H, W] -> [3, H, W] float32: /255, (x - mean) / std."""
-    pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # [H, W, 3]
+def normalise_pixels(image: Image.Image, mean, std, rescale_factor: float = 1 / 255) -> np.ndarray:
+    """RGB image [H, W] -> [3, H, W] float32: x ``rescale_factor``, (x - mean) / std."""
+    pixels = np.asarray(image, dtype=np.float32) * np.float32(rescale_factor)  # [H, W, 3]
     pixels = (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
-def preprocess_image(image: Image.Image, size: int, mean, std) -> np.ndarray:
-    """RGB image -> pixel_values [3, size, size] float32: shortest edge to ``size``, center crop, normalise.
+def preprocess_image(image: Image.Image, size: int, mean, std, **options) -> np.ndarray:
+    """RGB image -> pixel_values [3, size, size] float32. ``options``: the other fields of ``ImagePreprocessing``
+    (resize, resize_size, resample, rescale_factor); without them, CLIP's processor."""
+    return preprocess_with(image, ImagePreprocessing(size, tuple(mean), tuple(std), **options))
 
-    The crop is taken in the source's coordinates and only it is resampled (see the module docstring): the
-    resized size and crop offsets are transformers', mapped back by the resize's scale per axis."""
+
+def preprocess_with(image: Image.Image, spec: ImagePreprocessing) -> np.ndarray:
+    """RGB image -> pixel_values [3, size, size] float32: resize, center crop, rescale, normalise, as ``spec`` (a
+    bundle manifest's, or a model config's ``ImageTowerConfig.preprocessing()``) says.
+
+    When the resize would be over ``MAX_RESIZE_AREA`` crops, the crop is taken in the source's coordinates and only
+    it is resampled (see the module docstring): the resized size and crop offsets are transformers', mapped back by
+    the resize's scale per axis."""
+    size, resample = spec.size, RESAMPLE[spec.resample]
     width, height = image.size
-    if width <= height:
-        new_width, new_height = size, int(size * height / width)
-    else:
-        new_width, new_height = int(size * width / height), size
+    new_width, new_height = resized_size(width, height, spec)
     top, left = (new_height - size) // 2, (new_width - size) // 2
     if new_width * new_height <= MAX_RESIZE_AREA * size * size:
-        resized = resize_shortest_edge(image, size)
+        unchanged = (new_width, new_height) == (width, height)
+        resized = image if unchanged else image.resize((new_width, new_height), resample)
         cropped = resized.crop((left, top, left + size, top + size))
     else:
         scale_x, scale_y = width / new_width, height / new_height
         box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
-        cropped = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
-    return normalise_pixels(cropped, mean, std)
+        cropped = image.resize((size, size), resample, box=box)
+    return normalise_pixels(cropped, spec.mean, spec.std, spec.rescale_factor)

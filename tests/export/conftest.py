@@ -93,3 +93,31 @@ def exports(checkpoint, tmp_path_factory):
     }
     with single_thread():
         return {name: (root / name, export_bundle(checkpoint, root / name, **job)) for name, job in jobs.items()}
+
+
+# --- helpers of the tower-family parity tests (text and image) -------------------------------------------------------
+
+
+def export_model(root, model, tokenizer):
+    """``model`` saved as a checkpoint under ``root`` and exported (fp32 ONNX, verified) -> the bundle folder."""
+    save_checkpoint(root / "checkpoint", model, tokenizer)
+    export_bundle(root / "checkpoint", root / "bundle")
+    return root / "bundle"
+
+
+def cosines(a, b):
+    """Row-wise cosine of two [N, D] arrays, in float64 (so that 1 - cosine resolves below float32's 6e-8)."""
+    a, b = a.astype("float64"), b.astype("float64")
+    return (a * b).sum(-1) / (((a * a).sum(-1) * (b * b).sum(-1)) ** 0.5)
+
+
+@pytest.fixture(scope="session")
+def model_exporter():
+    """:func:`export_model`, for fixtures of any scope (test modules do not import conftest)."""
+    return export_model
+
+
+@pytest.fixture(scope="session")
+def cosine():
+    """:func:`cosines`."""
+    return cosines

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from synergy.core.checkpoint import load_checkpoint, save_checkpoint
+from synergy.core.checkpoint import load_checkpoint
 from synergy.core.model import create_model
 from synergy.core.tokenizer import load_pretrained_tokenizer
 from synergy.export import export_bundle
@@ -51,27 +50,17 @@ def _mean_pooled(folder, projection, texts, max_length):
         return pooled, F.normalize(projection(pooled), dim=-1).numpy()
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-
-
-def _export(root, model, tokenizer):
-    save_checkpoint(root / "checkpoint", model, tokenizer)
-    export_bundle(root / "checkpoint", root / "bundle")
-    return root / "bundle"
-
-
 @pytest.fixture(scope="module")
-def bert_bundle(tmp_path_factory, bert_folder_writer):
+def bert_bundle(tmp_path_factory, bert_folder_writer, model_exporter):
     root = tmp_path_factory.mktemp("bert")
     folder = bert_folder_writer(root / "folder", pooling="mean")
     torch.manual_seed(0)
     model = create_model("tiny", **{"text.pretrained": str(folder)}).eval()
     tokenizer = load_pretrained_tokenizer(folder, model.config.text.max_length, model.text_tower.config.pad_token_id)
-    return folder, model, _export(root, model, tokenizer)
+    return folder, model, model_exporter(root, model, tokenizer)
 
 
-def test_a_mean_pooled_bert_folder_exports_and_the_runtime_matches_transformers(bert_bundle):
+def test_a_mean_pooled_bert_folder_exports_and_the_runtime_matches_transformers(bert_bundle, cosine):
     folder, model, bundle = bert_bundle
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["text"]["max_length"] == 29  # the folder's sentence_bert_config.json, not the preset's 13
@@ -79,7 +68,7 @@ def test_a_mean_pooled_bert_folder_exports_and_the_runtime_matches_transformers(
     assert bundled.get_vocab() == Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab()
     got = Runtime.open(bundle, threads=1, batch_size=3).embed_text(TEXTS)  # batches of 3 mix lengths
     _, want = _mean_pooled(folder, model.text_projection, TEXTS, 29)
-    cosines = _cosines(got, want)
+    cosines = cosine(got, want)
     print(f"\nBERT (mean pooling) runtime vs transformers: worst cosine {cosines.min():.7f}")
     assert cosines.min() >= MIN_COSINE, cosines
 
@@ -141,7 +130,7 @@ def minilm_run(tmp_path_factory, minilm_folder):
     return checkpoint, root / "bundle"
 
 
-def test_minilm_trains_locked_exports_and_the_runtime_agrees_with_torch(minilm_run, minilm_folder):
+def test_minilm_trains_locked_exports_and_the_runtime_agrees_with_torch(minilm_run, minilm_folder, cosine):
     checkpoint, bundle = minilm_run
     model, tokenizer = load_checkpoint(checkpoint)
     assert json.loads((bundle / "manifest.json").read_text())["text"]["max_length"] == 256
@@ -152,12 +141,12 @@ def test_minilm_trains_locked_exports_and_the_runtime_agrees_with_torch(minilm_r
     ids, mask = torch.tensor([e.ids for e in encodings]), torch.tensor([e.attention_mask for e in encodings])
     with torch.no_grad():
         want = model.encode_text(ids, mask).numpy()
-    cosines = _cosines(got, want)
+    cosines = cosine(got, want)
     print(f"\nMiniLM (trained 3 steps) runtime vs torch: worst cosine {cosines.min():.7f}")
     assert cosines.min() >= MIN_COSINE, cosines
     # locked, the tower is still all-MiniLM-L6-v2: the bundle embeds as sentence-transformers' definition, computed
     # from the folder with transformers, through the trained projection
     _, reference = _mean_pooled(minilm_folder, model.text_projection, TEXTS, 256)
-    cosines = _cosines(got, reference)
+    cosines = cosine(got, reference)
     print(f"MiniLM bundle vs sentence-transformers' mean pooling (transformers): worst cosine {cosines.min():.7f}")
     assert cosines.min() >= MIN_COSINE, cosines

@@ -212,7 +212,17 @@ def _limited(body: str, limit: int = 768 << 20) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
-def test_thin_image_bomb_is_bounded_by_the_output_size(tmp_path):
+# every resize mode a bundle can ask for: CLIP's (shortest edge = crop), DINOv2's and EfficientNet-Lite0's (shortest
+# edge 256, crop 224), SigLIP's and ViT's (exact, no crop)
+RESIZE_OPTIONS = [
+    {},
+    {"resize": "shortest_edge", "resize_size": 256, "resample": "bicubic"},
+    {"resize": "exact", "resize_size": 224, "resample": "bilinear"},
+]
+
+
+@pytest.mark.parametrize("options", RESIZE_OPTIONS, ids=["clip", "shortest-edge-256", "exact"])
+def test_thin_image_bomb_is_bounded_by_the_output_size(tmp_path, options):
     """A 100000 x 1 PNG (under 400 bytes) was resized to 6,400,000 x 64 float pixels (7.5 GiB) before the crop."""
     buffer = io.BytesIO()
     Image.new("L", (100_000, 1), 128).save(buffer, "PNG")
@@ -222,7 +232,7 @@ def test_thin_image_bomb_is_bounded_by_the_output_size(tmp_path):
         f"""
         from synergy.runtime.image import load_image, preprocess_image
         for path in [{str(tmp_path / "thin.png")!r}] * 3:
-            pixels = preprocess_image(load_image(path), 224, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+            pixels = preprocess_image(load_image(path), 224, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), **{options!r})
             assert pixels.shape == (3, 224, 224), pixels.shape
         """
     )

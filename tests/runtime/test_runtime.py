@@ -256,6 +256,24 @@ def test_bundle_from_a_newer_format(bundle_copy):
         Runtime.open(bundle_copy)
 
 
+def test_a_version_2_bundle_reads_as_clips_image_preprocessing(bundle_copy, tmp_path):
+    """Version 2 wrote the image's size, mean and std only (every such bundle was CLIP-preprocessed): it still opens
+    and embeds as it did; a version-3 bundle spells the same preprocessing out."""
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    assert manifest["format_version"] == 3
+    image = manifest["image"]
+    assert (image["resize"], image["resize_size"], image["resample"]) == ("shortest_edge", image["size"], "bicubic")
+    picture(45, 70, seed=3).save(tmp_path / "x.png")
+    with Runtime.open(bundle_copy) as runtime:
+        want = runtime.embed_image([tmp_path / "x.png"])
+    manifest["format_version"] = 2
+    manifest["image"] = {key: image[key] for key in ("size", "mean", "std")}
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with Runtime.open(bundle_copy) as runtime:
+        assert runtime.manifest.image.resize == "shortest_edge" and runtime.manifest.image.resize_size == image["size"]
+        np.testing.assert_array_equal(runtime.embed_image([tmp_path / "x.png"]), want)
+
+
 def test_bundle_from_an_older_format_is_refused_with_the_reexport_command(bundle_copy):
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["format_version"] = 1  # its audio graph took a waveform only: short clips padded as samples

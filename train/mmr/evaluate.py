@@ -204,7 +204,7 @@ def write_mmr_report(result: dict, path: str | Path) -> None:
 def reconstruct_files(run: MMRRun, image=None, audio=None, text: str | None = None):
     """Two of (image path, audio path, text) -> (target, output): pixels [3, S, S] in [0, 1] | a waveform | text."""
     from synergy.runtime.audio import cut_window, load_audio, window_spans
-    from synergy.runtime.image import load_image, preprocess_image
+    from synergy.runtime.image import load_image, preprocess_with
 
     given = {"image": image, "audio": audio, "text": text}
     present = [m for m, v in given.items() if v is not None]
@@ -214,9 +214,7 @@ def reconstruct_files(run: MMRRun, image=None, audio=None, text: str | None = No
     model, config = run.model, run.model.config
     features = {}
     if image is not None:
-        pixels = preprocess_image(
-            load_image(image, name=str(image)), config.image.image_size, config.image.mean, config.image.std
-        )
+        pixels = preprocess_with(load_image(image, name=str(image)), config.image.preprocessing())
         features["image"] = model.image_features(torch.from_numpy(pixels)[None])
     if audio is not None:
         wave = load_audio(audio, config.audio.sample_rate, name=str(audio))
