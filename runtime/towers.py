@@ -167,9 +167,9 @@ def runs_best_on_openvino(manifest: Manifest) -> bool:
     """Whether "auto" runs this bundle on OpenVINO: a static (QDQ) int8 bundle of single-file graphs, with the openvino
     extra installed (looked up, not imported: `synergy infer` on other bundles does not pay for it). OpenVINO runs the
     QDQ MatMuls as int8 kernels and, with the bf16 hint, the rest in bfloat16: on the base audio tower it was the
-    fastest engine measured, 2.4x onnxruntime on the dynamic int8 graph at the same min cosine to PyTorch fp32 (0.9988
-    vs 0.9991; docs/runtime.md). onnxruntime runs QDQ no faster than fp32, and fp32 / fp16 bundles keep the
-    precision they were verified at on onnxruntime."""
+    fastest engine measured, 2-3x onnxruntime on the dynamic int8 graph at about the same min cosine to PyTorch fp32
+    (0.9988 vs 0.9991; docs/runtime.md). onnxruntime runs QDQ no faster than fp32, and fp32 / fp16 bundles keep the
+    precision they were verified at (the bf16 hint would lower it) on onnxruntime."""
     int8 = manifest.extra.get("int8")
     if manifest.precision != "int8" or not isinstance(int8, dict) or int8.get("method") != "static":
         return False
