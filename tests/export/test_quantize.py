@@ -313,6 +313,11 @@ def test_quantize_option_is_checked(checkpoint, tmp_path):
         export_bundle(checkpoint, tmp_path / "b", precision="fp32", int8_method="static")
     with pytest.raises(ExportError, match="--quantize 'int4'"):
         export_bundle(checkpoint, tmp_path / "b", precision="int8", int8_method="int4")
+    from synergy.cli import main
+
+    args = ["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), "--quantize", "static"]
+    result = CliRunner().invoke(main, args)  # refused before anything loads: fp32 has nothing to quantize
+    assert result.exit_code == 2 and "--precision int8" in result.output and not (tmp_path / "b").exists()
 
 
 # ---------------------------------------------------------------------------------------- a trained model
