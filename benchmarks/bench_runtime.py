@@ -2,7 +2,7 @@
 
     python benchmarks/bench_runtime.py                                   # after `make demo`: small + base audio, CPU
     python benchmarks/bench_runtime.py --skip-base --batches 1 8 --budget 5   # quicker
-    python benchmarks/bench_runtime.py --models base-audio --configs torch ort ort-opset23 --batches 8 --skip-cold
+    python benchmarks/bench_runtime.py --models base-audio --configs torch ort-opset18 ort --batches 8 --skip-cold
     python benchmarks/bench_runtime.py --models base-audio --batches 8 --rounds 3 --skip-cold \
         --out benchmarks/results/runtime-cpu-base-speed.json             # every engine and precision side by side
     python benchmarks/bench_runtime.py --models tiny-audio --skip-cold --budget 1   # smoke run, seconds, no demo
@@ -16,18 +16,23 @@ cold start   `synergy infer --audio x.wav --labels labels.txt --bundle BUNDLE` a
 throughput   one audio-tower call on a batch of clips, per configuration:
                torch         the PyTorch model, eager, no_grad (the export source)
                torch-bf16    the same under torch.autocast("cpu", torch.bfloat16): the one line a torch user adds
-               ort           the exported graph, onnxruntime's defaults (graph optimisation level ALL)
-               ort-fused     the graph after onnxruntime.transformers' optimizer (attention / LayerNorm / GELU fusions)
-               ort-int8      the int8 graph `synergy export --precision int8` writes (export.quantize.quantize_int8
-                             on the same fp32 graph: dynamic, per-channel weights of the transformer layers' MatMuls;
-                             front end, attention scores, norms and head fp32), on onnxruntime's defaults
-               ort-opset23   the graph exported at opset 23 (`synergy export --opset 23`): attention is ONNX's own
-                             Attention op, which onnxruntime runs fused; the other graphs are opset 18
+               ort           the graph `synergy export` writes (opset 23: attention is ONNX's Attention op, which
+                             onnxruntime runs fused), on the runtime's onnxruntime session settings
+               ort-opset18   the same tower exported at opset 18 (what TensorRT / Triton bundles get): attention as
+                             MatMul + Softmax with its NaN guard, which onnxruntime does not fuse
+               ort-fused     the opset-18 graph after onnxruntime.transformers' optimizer (its "vit" fusions)
+               ort-int8-dynamic  `synergy export --precision int8 --quantize dynamic` (export.quantize.quantize_int8:
+                             per-channel int8 weights of the transformer layers' MatMuls, activations quantized at run
+                             time; front end, attention, norms and head fp32) on onnxruntime
+               ort-int8-static   `--quantize static`: the same MatMuls as QDQ with activation scales calibrated on
+                             8 other synthetic clips (the export calibrates on its verification set), on onnxruntime
                openvino-f32  the fp32 graph on the runtime's OpenVINO backend (`--backend openvino`): compiled for
                              this CPU, precision hint f32, latency hint
                openvino-bf16 the same with the bf16 precision hint (`--backend openvino-bf16`): bfloat16 matmuls on
                              AVX-512 BF16 / AMX
-               openvino-int8 the ort-int8 graph on the OpenVINO backend (`--backend openvino` on an int8 bundle)
+               openvino-int8 the ort-int8-static (QDQ) graph on the OpenVINO backend (`--backend openvino` on a static
+                             int8 bundle): OpenVINO runs the QDQ MatMuls as int8 (VNNI / AMX) kernels
+               openvino-int8-bf16  the same with the bf16 hint: what is not int8 runs in bfloat16
              Configurations are interleaved: --rounds rounds of A B C (each configuration, each batch), so drift of
              the machine (other processes, thermal or boost clocks) falls on every configuration alike. Each round
              opens a fresh onnxruntime session (one at a time: a session's arena grows to its largest batch, GBs
@@ -67,8 +72,9 @@ from provenance import git_commit  # benchmarks/provenance.py: this folder is on
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-CONFIGS = ["torch", "torch-bf16", "ort", "ort-fused", "ort-int8", "ort-opset23",
-           "openvino-f32", "openvino-bf16", "openvino-int8"]  # fmt: skip
+CONFIGS = ["torch", "torch-bf16", "ort", "ort-opset18", "ort-fused", "ort-int8-dynamic", "ort-int8-static",
+           "openvino-f32", "openvino-bf16", "openvino-int8", "openvino-int8-bf16"]  # fmt: skip
+OPENVINO_HINTS = {"openvino-f32": "f32", "openvino-bf16": "bf16", "openvino-int8": "f32", "openvino-int8-bf16": "bf16"}
 MODELS = ["small", "base-audio", "tiny-audio"]
 # /proc/cpuinfo flags that decide which onnxruntime / oneDNN kernels run (int8 dot products, bf16, AMX tiles)
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
@@ -247,7 +253,8 @@ def in_batches(fn, waves: np.ndarray, batch: int) -> np.ndarray:
 
 
 def small_setup(run: Path):
-    """The demo checkpoint, its bundle's audio graph, its val clips and its classes' label embeddings."""
+    """The demo checkpoint, its val clips, its classes' label embeddings, and 8 train clips (static int8's
+    calibration)."""
     import torch
 
     from synergy.core.checkpoint import load_checkpoint
@@ -262,11 +269,15 @@ def small_setup(run: Path):
     labels = classes["train_classes"] + classes["heldout_classes"]
     rate = model.config.audio.sample_rate
     clip = round(model.config.audio.clip_seconds * rate)
-    waves = [load_audio(str(row.audio), rate) for row in read_manifest(data / "val.csv") if row.audio]
-    waves = np.stack([np.pad(w[:clip], (0, max(0, clip - len(w)))) for w in waves]).astype(np.float32)
+
+    def clips(split: str, limit: int | None = None) -> np.ndarray:
+        waves = [load_audio(str(row.audio), rate) for row in read_manifest(data / f"{split}.csv") if row.audio]
+        return np.stack([np.pad(w[:clip], (0, max(0, clip - len(w)))) for w in waves[:limit]]).astype(np.float32)
+
     with torch.no_grad():
         prototypes = label_embeddings(model, tokenizer, labels).numpy()
-    return model, waves, prototypes, f"{len(labels)} classes of the demo set, prompt ensemble"
+    note = f"{len(labels)} classes of the demo set, prompt ensemble"
+    return model, clips("val"), prototypes, note, clips("train", 8)
 
 
 def random_audio_model(preset: str):
@@ -301,24 +312,27 @@ def random_setup(preset: str, clips: int):
 
     waves = np.stack([synthetic_clip() for _ in range(clips)])
     references = np.stack([synthetic_clip() for _ in range(clips)])
+    calibration = np.stack([synthetic_clip() for _ in range(8)])  # static int8's activation ranges
     with torch.no_grad():
         prototypes = in_batches(lambda w: model.encode_audio(torch.from_numpy(w)).numpy(), references, 8)
-    return model, waves, prototypes, f"{clips} prototypes: torch embeddings of other synthetic clips"
+    return model, waves, prototypes, f"{clips} prototypes: torch embeddings of other synthetic clips", calibration
 
 
 def throughput(name: str, args, workdir: Path) -> dict:
     import torch
 
-    from synergy.export.graphs import export_tower_graphs, save_graph
+    from synergy.export.graphs import PORTABLE_OPSET, RUNTIME_OPSET, export_tower_graphs, save_graph
 
     torch.set_num_threads(args.threads)
     print(f"\n[{name}] preparing")
     if name == "small":
-        model, waves, prototypes, label_note = small_setup(args.run)
+        model, waves, prototypes, label_note, calibration_clips = small_setup(args.run)
     else:
-        model, waves, prototypes, label_note = random_setup(name.removesuffix("-audio"), args.base_clips)
-    # the exporter `synergy export` uses; in memory the graph still knows which nodes are the log-mel front end
-    exported = export_tower_graphs(model, opset=18)["audio"]
+        setup = random_setup(name.removesuffix("-audio"), args.base_clips)
+        model, waves, prototypes, label_note, calibration_clips = setup
+    # the exporter `synergy export` uses, at its default opset; in memory the graph still knows which nodes are the
+    # log-mel front end
+    exported = export_tower_graphs(model, opset=RUNTIME_OPSET)["audio"]
     graph = workdir / f"{name}-audio.onnx"
     save_graph(exported.model, graph)
     audio = model.config.audio
@@ -339,20 +353,26 @@ def throughput(name: str, args, workdir: Path) -> dict:
         """Write the configuration's graph once -> (its path, or None for torch; notes)."""
         if config.startswith("torch"):
             return None, {}
-        notes, path = {}, graph
-        if config == "ort-opset23":
-            path = workdir / f"{name}-audio-opset23.onnx"
-            save_graph(export_tower_graphs(model, opset=23)["audio"].model, path)
+        notes, path = {"opset": RUNTIME_OPSET}, graph
+        if config in ("ort-opset18", "ort-fused"):
+            notes["opset"] = PORTABLE_OPSET
+            path = workdir / f"{name}-audio-opset18.onnx"
+            if not path.exists():
+                save_graph(export_tower_graphs(model, opset=PORTABLE_OPSET)["audio"].model, path)
         if config == "ort-fused":
-            path = workdir / f"{name}-fused.onnx"
-            notes["fused_ops"] = fuse_transformer(graph, path, audio.heads, audio.width)
-        if config in ("ort-int8", "openvino-int8"):
-            from synergy.export.quantize import DEFAULT_METHOD, quantize_int8, weight_matmuls
+            fused = workdir / f"{name}-fused.onnx"
+            notes["fused_ops"] = fuse_transformer(path, fused, audio.heads, audio.width)
+            path = fused
+        if "int8" in config:
+            from synergy.export.quantize import quantize_int8, weight_matmuls
 
-            path = workdir / f"{name}-int8.onnx"
-            if not path.exists():  # one int8 graph for both engines
-                save_graph(quantize_int8(exported.model, exported.fp32_nodes), path)
-            notes["int8_method"] = DEFAULT_METHOD
+            method = "dynamic" if config == "ort-int8-dynamic" else "static"
+            path = workdir / f"{name}-int8-{method}.onnx"
+            if not path.exists():  # one static graph for both engines
+                clip = np.full(1, waves.shape[1], np.int64)
+                calibration = [{"waveform": c[None], "waveform_lengths": clip} for c in calibration_clips]
+                save_graph(quantize_int8(exported.model, exported.fp32_nodes, method, calibration), path)
+            notes["int8_method"] = method
             notes["int8_matmuls"] = len(weight_matmuls(exported.model, exported.fp32_nodes))
         return path, notes
 
@@ -361,7 +381,7 @@ def throughput(name: str, args, workdir: Path) -> dict:
         if path is None:
             return torch_bf16_run if config == "torch-bf16" else torch_run
         if config.startswith("openvino"):
-            return openvino_runner(path, exported, args.threads, "bf16" if config == "openvino-bf16" else "f32")
+            return openvino_runner(path, exported, args.threads, OPENVINO_HINTS[config])
         session = ort_session(path, device, args.threads)
         return lambda batch: session.run(None, ort_feeds(session, batch))[0]
 
@@ -394,7 +414,7 @@ def throughput(name: str, args, workdir: Path) -> dict:
                 feed = np.ascontiguousarray(np.resize(waves, (batch, waves.shape[1])))  # repeats clips past the set
                 calls = latency(lambda run=run, feed=feed: run(feed), budget, args.min_reps, max_reps)
                 times[config][batch].append(calls)
-                print(f"  round {round_index + 1}/{args.rounds}  {config:<11} batch {batch:>3}: "
+                print(f"  round {round_index + 1}/{args.rounds}  {config:<18} batch {batch:>3}: "
                       f"median {1e3 * statistics.median(calls):9.1f} ms  ({len(calls)} calls)", flush=True)  # fmt: skip
             del run
 
@@ -420,7 +440,7 @@ def throughput(name: str, args, workdir: Path) -> dict:
                    "speedup_vs_torch_bf16_max": max(ratios_bf16) if ratios_bf16 else None,
                    **accuracy[config], **notes[config]}  # fmt: skip
             rows.append(row)
-    print(f"\n  {'config':<13} {'batch':>5} {'p50 ms':>10} {'clips/s':>9} {'spread':>7} {'vs torch (min-max)':>20}"
+    print(f"\n  {'config':<18} {'batch':>5} {'p50 ms':>10} {'clips/s':>9} {'spread':>7} {'vs torch (min-max)':>20}"
           f" {'vs torch-bf16 (min-max)':>24} {'cos min':>8} {'agree':>6}")  # fmt: skip
 
     def speed(row, key):
@@ -429,7 +449,7 @@ def throughput(name: str, args, workdir: Path) -> dict:
         return f"{row[key]:.2f}x ({row[key + '_min']:.2f}-{row[key + '_max']:.2f})"
 
     for row in rows:
-        print(f"  {row['config']:<13} {row['batch']:>5} {row['p50_ms']:>10.1f} {row['items_per_s']:>9.1f} "
+        print(f"  {row['config']:<18} {row['batch']:>5} {row['p50_ms']:>10.1f} {row['items_per_s']:>9.1f} "
               f"{100 * row['round_spread']:>6.1f}% {speed(row, 'speedup_vs_torch'):>20} "
               f"{speed(row, 'speedup_vs_torch_bf16'):>24} {row['cosine_min']:>8.5f} "
               f"{100 * row['zero_shot_agreement']:>5.1f}%")  # fmt: skip

@@ -20,7 +20,20 @@ from .options import UsageProblem, check_checkpoint, check_csv, removed_checkpoi
     type=click.Choice(["fp32", "fp16", "int8"]),
     help="int8: the transformer layers' weight MatMuls quantized (onnxruntime), refused below the accuracy gate.",
 )
-@click.option("--opset", default=None, type=int, help="ONNX opset, >= 18 (default: 18).")
+@click.option(
+    "--quantize",
+    "int8_method",
+    default=None,
+    type=click.Choice(["static", "dynamic"]),
+    help="--precision int8: static QDQ (activation scales calibrated on the verification set and --data rows; "
+    "the fastest on OpenVINO) or dynamic (default: the faster on onnxruntime, and the more accurate).",
+)
+@click.option(
+    "--opset",
+    default=None,
+    type=int,
+    help="ONNX opset, >= 18 (default: 23 for --format onnx, fused attention; 18 for trt and triton).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing --out bundle.")
 @click.option(
     "--data",
@@ -67,6 +80,7 @@ def export_command(
     triton_platform,
     min_cosine,
     min_agreement,
+    int8_method,
 ):
     """Export a checkpoint to a verified bundle (ONNX graphs, TensorRT engines or a Triton model repository)."""
     checkpoint = check_checkpoint(checkpoint_dir)
@@ -94,6 +108,7 @@ def export_command(
             triton_platform=triton_platform,
             min_cosine=min_cosine,
             min_agreement=min_agreement,
+            int8_method=int8_method,
         )
     except ExportError as error:
         raise UsageProblem(str(error)) from error

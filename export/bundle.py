@@ -58,6 +58,7 @@ def export_bundle(
     triton_platform: str = "onnxruntime",
     min_cosine: float | None = None,
     min_agreement: float | None = None,
+    int8_method: str | None = None,
 ) -> str:
     """Export ``checkpoint`` (a folder from ``synergy train``) to the bundle folder ``out``; return the report.
 
@@ -65,22 +66,24 @@ def export_bundle(
     TensorRT and a GPU) or "triton" (a Triton model repository, ``triton_platform`` "onnxruntime" or "tensorrt").
     ``precision``: "fp32" or "fp16" (mixed: LayerNorm, softmax, reductions and the audio front end stay fp32;
     inputs and outputs stay float32) or "int8" (the transformer layers' weight MatMuls; see :mod:`.quantize`;
-    onnxruntime only). ``opset``: ONNX opset (>= 18; default 18). ``force``: replace an existing
+    onnxruntime only). ``opset``: ONNX opset (>= 18; default 23 for "onnx", whose Attention op onnxruntime
+    runs fused, 18 for "trt" and "triton"; :func:`.graphs.default_opset`). ``force``: replace an existing
     bundle at ``out``. ``eval_data``: a Synergy-CLIP CSV for the zero-shot agreement check (default: a built-in
     seeded set). ``external_data``: weights in ``<graph>.onnx.data`` side files (None: only above 1 GiB).
     ``batch``: min/opt/max batch of TensorRT profiles and Triton's max_batch_size / preferred batch.
     ``min_cosine`` / ``min_agreement``: the accuracy gate's thresholds (None: the precision's defaults, see
-    :mod:`.verify`; int8: 0.99 and 99%).
+    :mod:`.verify`; int8: 0.99 and 99%). ``int8_method``: "static" (QDQ, activation scales calibrated on the
+    verification set, which OpenVINO also runs in int8) or "dynamic" (None: :data:`.quantize.DEFAULT_METHOD`).
 
     Raises ``ExportError`` (nothing written) for a bad checkpoint, bad arguments, an existing ``out`` without
     ``force``, a graph that fails its checks, or a verification that misses its thresholds.
     """
     started = time.perf_counter()
-    from synergy.export.graphs import DEFAULT_OPSET
+    from synergy.export.graphs import default_opset
 
-    opset = DEFAULT_OPSET if opset is None else opset
+    opset = default_opset(fmt) if opset is None else opset
     batch = batch or BatchProfile()
-    _check_arguments(fmt, precision, opset, triton_platform)
+    _check_arguments(fmt, precision, opset, triton_platform, int8_method)
     from synergy.export.verify import gate_thresholds
 
     thresholds = gate_thresholds(precision, min_cosine, min_agreement)
@@ -117,6 +120,7 @@ def export_bundle(
                 capability=capability,
                 started=started,
                 thresholds=thresholds,
+                int8_method=int8_method,
             )
             manifest, report = _write_bundle(tmp, job)
     except DiskFullError as error:
@@ -128,8 +132,9 @@ def export_bundle(
 # ----------------------------------------------------------------------------------------------------- checks
 
 
-def _check_arguments(fmt: str, precision: str, opset: int, triton_platform: str) -> None:
+def _check_arguments(fmt: str, precision: str, opset: int, triton_platform: str, int8_method: str | None) -> None:
     from synergy.export.graphs import MIN_OPSET
+    from synergy.export.quantize import METHODS
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -139,6 +144,8 @@ def _check_arguments(fmt: str, precision: str, opset: int, triton_platform: str)
         raise ExportError(f"opset {opset!r} is not supported; the torch.export-based exporter needs >= {MIN_OPSET}")
     if triton_platform not in TRITON_PLATFORMS:
         raise ExportError(f"unknown Triton platform {triton_platform!r}; choose one of {', '.join(TRITON_PLATFORMS)}")
+    if int8_method is not None and (precision != "int8" or int8_method not in METHODS):
+        raise ExportError(f"--quantize {int8_method!r}: choose one of {', '.join(METHODS)}, with --precision int8")
     if precision == "int8" and (fmt == "trt" or (fmt == "triton" and triton_platform == "tensorrt")):
         raise ExportError("int8 bundles run on onnxruntime; export --precision int8 with --format onnx (or triton)")
 
@@ -217,6 +224,7 @@ class ExportJob:
     capability: str | None  # the GPU's compute capability, with engines
     started: float  # time.perf_counter() at the start
     thresholds: object  # the accuracy gate's (verify.gate_thresholds)
+    int8_method: str | None = None  # quantize.METHODS (None: its DEFAULT_METHOD)
 
     @property
     def triton(self) -> bool:
@@ -240,7 +248,8 @@ def _write_bundle(tmp: Path, job: ExportJob) -> tuple[Manifest, str]:
     if onnx_precision == "int8":
         from synergy.export.quantize import DEFAULT_METHOD
 
-        extra["int8"] = {"method": DEFAULT_METHOD, "weights": "int8 per channel, symmetric", "kept_fp32": _KEPT_FP32}
+        method = job.int8_method or DEFAULT_METHOD
+        extra["int8"] = {"method": method, "weights": "int8 per channel, symmetric", "kept_fp32": _KEPT_FP32}
     if job.trt is not None:
         tower_files, extra["tensorrt"] = _build_engines(tmp, onnx_files, specs, job)
         verifications.append(_verify_engines(tmp, tower_files, specs, job))
@@ -280,9 +289,17 @@ def _write_graphs(tmp: Path, job: ExportJob) -> tuple[str, dict, dict]:
     weakly_typed_fp16 = job.trt is not None and job.precision == "fp16" and tensorrt_major(job.trt) < 11
     onnx_precision = "fp32" if weakly_typed_fp16 else job.precision  # TensorRT 10 builds fp16 from the fp32 graph
     onnx_files, specs = {}, {}
+    int8, calibration = (None, {})
+    if onnx_precision == "int8":
+        from synergy.export.quantize import DEFAULT_METHOD, calibration_feeds
+
+        int8 = job.int8_method or DEFAULT_METHOD
+        if int8 == "static":  # activation ranges from the verification set (built-in items and --data rows)
+            calibration = calibration_feeds(job.evaluation, job.tokenizer, job.model.config)
     for modality in MODALITIES:
         graph = graphs[modality]
-        proto = _in_precision(graph.model, graph.fp32_nodes, onnx_precision, modality)
+        quantization = (int8, calibration.get(modality))
+        proto = _in_precision(graph.model, graph.fp32_nodes, onnx_precision, modality, quantization)
         if job.triton:
             rel = _triton_onnx_file(modality, job.platform, job.external_data, proto)
         else:
@@ -299,8 +316,9 @@ def _write_graphs(tmp: Path, job: ExportJob) -> tuple[str, dict, dict]:
     return onnx_precision, onnx_files, specs
 
 
-def _in_precision(proto, fp32_nodes, precision: str, modality: str):
-    """An fp32 graph converted to fp16 or quantized to int8, keeping ``fp32_nodes`` in float32."""
+def _in_precision(proto, fp32_nodes, precision: str, modality: str, int8=(None, None)):
+    """An fp32 graph converted to fp16 or quantized to int8, keeping ``fp32_nodes`` in float32. ``int8``: (the
+    method, None for the default; the static method's calibration feeds)."""
     if precision == "fp16":
         from synergy.export.fp16 import convert_to_float16
 
@@ -309,10 +327,11 @@ def _in_precision(proto, fp32_nodes, precision: str, modality: str):
         except ValueError as error:
             raise ExportError(f"float16 conversion of the {modality} graph failed: {error}") from error
     if precision == "int8":
-        from synergy.export.quantize import quantize_int8
+        from synergy.export.quantize import DEFAULT_METHOD, quantize_int8
 
+        method, feeds = int8
         try:
-            return quantize_int8(proto, keep_fp32=fp32_nodes)
+            return quantize_int8(proto, fp32_nodes, method or DEFAULT_METHOD, feeds or ())
         except ValueError as error:
             raise ExportError(f"int8 quantization of the {modality} graph failed: {error}") from error
     return proto

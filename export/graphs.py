@@ -33,7 +33,13 @@ from synergy.runtime.manifest import TensorSpec
 OUTPUT_NAME = "embedding"
 FORBIDDEN_OPS = frozenset({"STFT", "DFT"})  # patchy in TensorRT and some EPs: the front end is a Conv1d instead
 MIN_OPSET = 18  # the torch.export-based exporter's floor
-DEFAULT_OPSET = 18  # TensorRT 10.0+, onnxruntime >= 1.14 and Triton's ORT backend all read it
+# Two default opsets, by what reads the bundle. At 18, SDPA exports as MatMul + Softmax with the padding mask's NaN
+# guard (IsNaN + Where after Softmax): onnxruntime's CPU optimiser fuses no attention there (nor in the mask-free
+# image graph: its AttentionFusion matches BERT's exporter patterns only). At 23 it is ONNX's own Attention op, which
+# onnxruntime (>= 1.23, CPU) runs as one kernel and OpenVINO reads; the MLPs' Gelu becomes one op too (BiasGelu
+# after onnxruntime's fusions). See docs/runtime.md for what that measured.
+PORTABLE_OPSET = 18  # TensorRT 10.0+, onnxruntime >= 1.14 and Triton's ORT backend all read it
+RUNTIME_OPSET = 23  # bundles for synergy's own runtime (onnxruntime >= 1.23, OpenVINO): fused attention
 EXTERNAL_DATA_BYTES = 1 << 30  # graphs above 1 GiB keep their weights in a side file (protobuf stops at 2 GiB)
 _ONNX_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT16: "float16"}
 
@@ -77,6 +83,13 @@ class TowerGraph:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     fp32_nodes: frozenset[str] = frozenset()
+
+
+def default_opset(fmt: str) -> int:
+    """The opset a bundle of format ``fmt`` is exported at unless asked: ``RUNTIME_OPSET`` for "onnx" (read by
+    synergy's runtime), ``PORTABLE_OPSET`` for TensorRT engines ("trt") and Triton repositories ("triton"), whose
+    parsers and onnxruntime backend may predate opset 23."""
+    return RUNTIME_OPSET if fmt == "onnx" else PORTABLE_OPSET
 
 
 def tower_specs(model: SynergyModel) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]:

@@ -121,6 +121,11 @@ class OnnxRuntimeTower:
             hint = " (external weights must be listed in manifest.json's files, beside the graph)" * (
                 "xternal" in problem
             )
+            if "opset" in problem.lower() or "Attention" in problem:  # `synergy export` writes opset 23 by default
+                hint = (
+                    f" (onnxruntime {onnxruntime.__version__}; a bundle at opset 23, the export's default, needs "
+                    "onnxruntime >= 1.23: pip install -U onnxruntime, or export the bundle with --opset 18)"
+                )
             raise BundleError(f"{path}: onnxruntime cannot load this graph ({problem}){hint}; re-export it") from error
         self.providers = self.session.get_providers()
         if device == "cuda" and not set(GPU_PROVIDERS) & set(self.providers):

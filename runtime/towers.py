@@ -3,14 +3,15 @@
 ``BACKENDS`` maps each backend's name to how it checks this machine (``check(device)``: a ``BackendError`` naming
 what to install) and how it loads one tower (``load(TowerSource)`` -> an object with ``run(feeds) -> [B, D]``).
 The engines are ``onnxruntime_backend.py``, ``openvino_backend.py`` (CPU; f32 or bf16 inside the graph) and
-``tensorrt_backend.py``, imported on first use. ``Towers`` holds one
-open bundle's per-bundle caches: the towers loaded so far (each on first use, probed once at the largest input the
-manifest allows) and the tokenizer.
+``tensorrt_backend.py``, imported on first use; ``choose_backend`` resolves "auto" by what was measured fastest.
+``Towers`` holds one open bundle's per-bundle caches: the towers loaded so far (each on first use, probed once at
+the largest input the manifest allows) and the tokenizer.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import threading
 from collections.abc import Callable
@@ -146,13 +147,36 @@ def check_choice(backend: str, device: str) -> None:
 
 
 def choose_backend(backend: str, device: str, manifest: Manifest) -> str:
-    """ "auto" -> the engines of a TensorRT bundle on ``device="cuda"``, else onnxruntime; the backend checked on
-    this machine (``BackendError`` now, with the install hint, rather than on the first batch)."""
+    """ "auto" -> the engines of a TensorRT bundle on ``device="cuda"``; OpenVINO (bf16 hint) for a static int8
+    bundle on the CPU where the openvino extra is installed (:func:`runs_best_on_openvino`); else onnxruntime. The
+    backend is checked on this machine (``BackendError`` now, with the install hint, rather than on the first
+    batch)."""
     if backend == "auto":
         engines = [Path(t.file).suffix in ENGINE_SUFFIXES for t in manifest.towers.values()]
-        backend = "tensorrt" if engines and all(engines) and device == "cuda" else "onnxruntime"
+        if engines and all(engines) and device == "cuda":
+            backend = "tensorrt"
+        elif device == "cpu" and runs_best_on_openvino(manifest):
+            backend = "openvino-bf16"
+        else:
+            backend = "onnxruntime"
     BACKENDS[backend].check(device)
     return backend
+
+
+def runs_best_on_openvino(manifest: Manifest) -> bool:
+    """Whether "auto" runs this bundle on OpenVINO: a static (QDQ) int8 bundle of single-file graphs, with the openvino
+    extra installed (looked up, not imported: `synergy infer` on other bundles does not pay for it). OpenVINO runs the
+    QDQ MatMuls as int8 kernels and, with the bf16 hint, the rest in bfloat16: on the base audio tower it was the
+    fastest engine measured, 2-3x onnxruntime on the dynamic int8 graph at about the same min cosine to PyTorch fp32
+    (0.9988 vs 0.9991; docs/runtime.md). onnxruntime runs QDQ no faster than fp32, and fp32 / fp16 bundles keep the
+    precision they were verified at (the bf16 hint would lower it) on onnxruntime."""
+    int8 = manifest.extra.get("int8")
+    if manifest.precision != "int8" or not isinstance(int8, dict) or int8.get("method") != "static":
+        return False
+    graphs = [t.file for t in manifest.towers.values()]
+    if any(Path(g).suffix != ".onnx" or external_data_files(g, manifest) for g in graphs):
+        return False  # OpenVINO reads graphs from memory, one file each
+    return importlib.util.find_spec("openvino") is not None
 
 
 def first_line(error: BaseException) -> str:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import onnx
 import onnxruntime
@@ -231,3 +233,111 @@ def test_cli_refuses_a_fragile_int8_export(fragile_checkpoint, tmp_path):
     assert "Traceback" not in result.output and not out.exists()
     result = CliRunner().invoke(main, [*args, "--min-cosine", "1.5"])
     assert result.exit_code == 2 and "--min-cosine" in result.output
+
+
+# ------------------------------------------------------------------------------------------ static int8 (QDQ)
+
+
+def test_calibration_feeds_spread_over_the_verification_set(reference_model):
+    from synergy.export.quantize import calibration_feeds
+
+    model, tokenizer = reference_model
+    config = model.config
+    size, clip = model.image_tower.config.image_size, round(config.audio.clip_seconds * config.audio.sample_rate)
+    args = (size, config.image.mean, config.image.std, config.audio.sample_rate, clip)
+    evaluation = combine_evaluation_sets(builtin_evaluation_set(*args), builtin_evaluation_set(*args, count=6, seed=1))
+    feeds = calibration_feeds(evaluation, tokenizer, config, items=10)
+    assert len(feeds["image"]) == len(feeds["audio"]) == 10
+    # the last item is a --data row (they follow the 64 built-in items): the user's own data is calibrated on
+    assert np.array_equal(feeds["audio"][-1]["waveform"], evaluation.waveforms[-1:])
+    assert feeds["audio"][-1]["waveform_lengths"].dtype == np.int64
+    assert feeds["image"][0]["pixel_values"].shape == (1, 3, size, size)
+    texts = feeds["text"]
+    assert sum(len(f["input_ids"]) for f in texts) == 10 and all(f["attention_mask"].dtype == np.int64 for f in texts)
+
+
+@pytest.fixture(scope="module")
+def static_export(checkpoint, tmp_path_factory):
+    """Static int8 of the tiny checkpoint, whose zero-shot margins are small: per-tensor activation scales move ~5%
+    of its decided queries (dynamic: none), so the agreement bar is lowered here; cosines keep the default 0.99."""
+    out = tmp_path_factory.mktemp("int8-static") / "bundle"
+    return out, _one_thread(
+        lambda: export_bundle(checkpoint, out, precision="int8", int8_method="static", min_agreement=0.9)
+    )
+
+
+def test_static_int8_bundle_is_qdq_and_the_gate_measures_it(static_export):
+    out, report = static_export
+    assert "passed" in report and "FAILED" not in report
+    manifest = load_manifest(out, verify=True)
+    (verification,) = manifest.extra["verification"]
+    assert verification["thresholds"]["min_agreement"] == 0.9 and 0.99 <= verification["min_cosine"] < 1.0
+    assert manifest.extra["int8"]["method"] == "static" and manifest.extra["opset"] == 23
+    for modality in ("image", "text", "audio"):
+        ops = {n.op_type for n in onnx.load_model(out / f"{modality}.onnx").graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear", "Attention"} <= ops and "MatMulInteger" not in ops, modality
+
+
+@pytest.mark.isolated  # OpenVINO's native libraries run away from torch (tests/conftest.py)
+def test_openvino_runs_the_static_int8_bundle(static_export):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed: pip install '.[openvino]'")
+    from synergy.runtime import Runtime
+
+    out, _ = static_export
+    rng = np.random.default_rng(4)
+    clips = [((0.1 * rng.standard_normal(n)).astype(np.float32), 16000) for n in (8000, 5000, 3000)]
+    got = {}
+    for backend in ("onnxruntime", "openvino", "auto"):
+        with Runtime.open(out, backend=backend, threads=1) as runtime:
+            got[runtime.backend] = runtime.embed_audio(clips)
+    assert set(got) == {"onnxruntime", "openvino", "openvino-bf16"}  # auto: OpenVINO, bf16 hint, for static int8
+    for backend in ("openvino", "openvino-bf16"):
+        assert ((got[backend] * got["onnxruntime"]).sum(1) >= 0.999).all(), backend
+
+
+def test_auto_picks_openvino_only_for_static_int8(static_export, int8_export):
+    from dataclasses import replace
+
+    from synergy.runtime.towers import runs_best_on_openvino
+
+    static = load_manifest(static_export[0])
+    assert runs_best_on_openvino(static) == (importlib.util.find_spec("openvino") is not None)
+    assert not runs_best_on_openvino(load_manifest(int8_export[0]))  # dynamic int8: onnxruntime fuses it best
+    assert not runs_best_on_openvino(replace(static, precision="fp32", extra={}))  # fp32 keeps its verified engine
+    side_file = {**static.files, "audio.onnx.data": "0" * 64}  # OpenVINO reads single-file graphs only
+    assert not runs_best_on_openvino(replace(static, files=side_file))
+
+
+def test_quantize_option_is_checked(checkpoint, tmp_path):
+    with pytest.raises(ExportError, match="--quantize 'static'.*with --precision int8"):
+        export_bundle(checkpoint, tmp_path / "b", precision="fp32", int8_method="static")
+    with pytest.raises(ExportError, match="--quantize 'int4'"):
+        export_bundle(checkpoint, tmp_path / "b", precision="int8", int8_method="int4")
+    from synergy.cli import main
+
+    args = ["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), "--quantize", "static"]
+    result = CliRunner().invoke(main, args)  # refused before anything loads: fp32 has nothing to quantize
+    assert result.exit_code == 2 and "--precision int8" in result.output and not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------------------------------- a trained model
+
+
+@pytest.mark.slow
+def test_gate_passes_a_trained_model_on_its_own_data(tmp_path):
+    """The tiny preset trained on the synthetic set (so its zero-shot answers are decided, not float ties) exports to
+    int8 with its val rows as --data, and the gate passes with agreement gated on those decided queries."""
+    from synergy.train.config import TrainConfig
+    from synergy.train.datasets.synth import synthesize
+    from synergy.train.loop import train
+
+    data = tmp_path / "synth"
+    synthesize(data, seed=0, train_per_class=4, val_per_class=2, heldout_per_class=1, missing_rate=0.0)
+    config = TrainConfig(model="tiny", data=str(data / "train.csv"), out=str(tmp_path / "run"), batch_size=16,
+                         steps=60, lr=3e-3, warmup_steps=5, workers=0, save_every=1000, seed=0)  # fmt: skip
+    checkpoint = _one_thread(lambda: train(config, progress=False))
+    out = tmp_path / "bundle"
+    report = _one_thread(lambda: export_bundle(checkpoint, out, precision="int8", eval_data=data / "val.csv"))
+    (verification,) = load_manifest(out).extra["verification"]
+    assert verification["passed"] and verification["zero_shot_gate_applied"], report
+    assert verification["zero_shot_top1_agreement_decided"] >= 0.99 and verification["min_cosine"] >= 0.99
