@@ -263,14 +263,17 @@ def build_debian(
     for package in PACKAGES:
         shutil.copyfile(system / DOCS / package / "copyright", root / "licenses" / f"{package}.copyright")
     skipped: list = []
-    seen_bytes: set = set()  # a picture in several folders (or a file two globs match): one copy, in the first category
+    # the package ships some pictures twice: in several folders (the same bytes), or under two titles or as _01 and
+    # _02 (the same pixels): one copy each, in the first category, so no picture is both trained on and tested
+    seen_bytes: set = set()
+    seen_pixels: set = set()
     items = {}
     for index, (label, category) in enumerate(CATEGORIES.items()):
         rng = np.random.default_rng([seed, index])
         pictures = _draw(_unique(_glob(system / PICTURES, category.pictures), seen_bytes), max_per_category, rng)
         sounds = _draw(_unique(_sound_files(system, category.sounds), seen_bytes), max_per_category, rng)
         items[label] = (
-            [p for p in (_store_picture(f, root, label, skipped) for f in pictures) if p],
+            [p for p in (_store_picture(f, root, label, seen_pixels, skipped) for f in pictures) if p],
             [s for s in (_store_sound(f, root, label, skipped) for f in sounds) if s],
         )
     splits = _split(items)
@@ -342,8 +345,9 @@ def _draw(paths: list[Path], most: int, rng: np.random.Generator) -> list[Path]:
 # ------------------------------------------------------------------------------------------------ storing files
 
 
-def _store_picture(source: Path, root: Path, label: str, skipped: list) -> tuple[str, str] | None:
-    """-> (path relative to root, title) of the stored PNG, or None (and a reason in ``skipped``)."""
+def _store_picture(source: Path, root: Path, label: str, seen_pixels: set, skipped: list) -> tuple[str, str] | None:
+    """-> (path relative to root, title) of the stored PNG; None for pixels stored before, or (with a reason in
+    ``skipped``) for a picture that cannot be read or is blank."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -356,12 +360,22 @@ def _store_picture(source: Path, root: Path, label: str, skipped: list) -> tuple
     except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         skipped.append((source, f"cannot be read: {error}"))
         return None
+    digest = hashlib.sha256(repr((picture.mode, picture.size)).encode() + picture.tobytes()).hexdigest()
+    if digest in seen_pixels:
+        return None
+    seen_pixels.add(digest)
     picture.thumbnail((MAX_EDGE, MAX_EDGE), Image.Resampling.LANCZOS)
     relative = f"images/{_slug(label)}/{source.stem}.png"
+    copies = 1
+    while (root / relative).exists():  # two folders' bell.png: both kept, under two names
+        copies += 1
+        relative = f"images/{_slug(label)}/{source.stem}_{copies}.png"
     (root / relative).parent.mkdir(parents=True, exist_ok=True)
     picture.save(root / relative, optimize=False)
     try:
-        load_image(root / relative)  # the runtime's decoder, as training and `synergy infer` will read it
+        decoded = load_image(root / relative)  # the runtime's decoder, as training and `synergy infer` will read it
+        if all(low == high for low, high in decoded.getextrema()):
+            raise UnsupportedImage(str(source), "a blank picture: every pixel has one colour")
     except UnsupportedImage as error:
         (root / relative).unlink()
         skipped.append((source, str(error)))
