@@ -357,7 +357,10 @@ def _store_picture(source: Path, root: Path, label: str, seen_pixels: set, skipp
                     return None
                 image.load()
                 picture = image.convert("RGBA") if image.mode != "RGB" else image.copy()
-    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # Pillow's limit, from the header
+        skipped.append((source, f"too many pixels to decode safely: {error}"))
+        return None
+    except OSError as error:
         skipped.append((source, f"cannot be read: {error}"))
         return None
     digest = hashlib.sha256(repr((picture.mode, picture.size)).encode() + picture.tobytes()).hexdigest()
