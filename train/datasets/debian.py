@@ -23,8 +23,11 @@ category with both, the first min(pictures, sounds) of each are paired into one 
 row of its split. Captions are the category with the picture's title (its file name, up to the author) or the
 sample's name. Pictures are stored with the longest edge at most ``MAX_EDGE`` (alpha kept: the runtime composites it
 onto white); sounds are copied as they are (FLAC, Ogg Vorbis: soundfile reads both). Every file is decoded by the
-runtime's own decoders while the set is built; what fails (a 19 ms click, an oversized picture) is left out and
-listed. The same bytes for the same packages and seed. Layout::
+runtime's own decoders while the set is built; what fails (a 19 ms click, an oversized or blank picture) is left out
+and listed. The packages ship some files twice (a picture in two folders or under two titles; freedesktop's
+camera-shutter and screen-capture are one sound): each is kept once, in the first category, so no item is both trained
+on and tested (``camera`` is left with one sound, too few to split: its pictures stay, its sound goes). The same bytes
+for the same packages and seed. Layout::
 
     out/images/<label>/<name>.png   out/audio/<label>/<name>.flac|.oga
     out/train.csv  out/val.csv  out/heldout.csv   # written last (temp + rename): a CSV present = its files exist
@@ -452,14 +455,26 @@ def _rows(label: str, pictures: list, sounds: list) -> list[tuple]:
         picture = pictures[i] if i < len(pictures) else None
         sound = sounds[i] if i < len(sounds) else None
         a_label = f"{'an' if label[0] in 'aeiou' else 'a'} {label}"
+        title = _words(picture[1], label) if picture else ""
+        name = _words(sound[1], label) if sound else ""
         if picture and sound:
-            caption = f"{a_label}: a drawing of {picture[1]}, and the sound {sound[1]}."
+            drawing = f"a drawing of {title}" if title else "a drawing"
+            caption = f"{a_label}: {drawing}, and {f'the sound {name}' if name else 'its sound'}."
         elif picture:
-            caption = f"a clip-art drawing of {a_label}: {picture[1]}."
+            caption = f"a clip-art drawing of {a_label}" + (f": {title}." if title else ".")
         else:
-            caption = f"the sound of {a_label}: {sound[1]}."
+            caption = f"the sound of {a_label}" + (f": {name}." if name else ".")
         rows.append((picture[0] if picture else "", sound[0] if sound else "", label, caption))
     return rows
+
+
+HELDOUT_WORDS = re.compile(r"\b(" + "|".join(re.escape(c) for c in HELDOUT_CATEGORIES) + r")s?\b")
+
+
+def _words(words: str, label: str) -> str:
+    """A title or sample name for a caption, or nothing where a seen category's item names a held-out category (a
+    road sign titled 'horse'): that word would reach training and the category would no longer be unseen."""
+    return "" if label not in HELDOUT_CATEGORIES and HELDOUT_WORDS.search(words) else words
 
 
 def _versions(system: Path) -> dict:

@@ -6,6 +6,7 @@ pairing, the left-out files and the error that names the apt command."""
 import csv
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,11 @@ def test_captions_name_their_category_in_words(real):
             assert not any(part in caption for part in (".png", ".flac", ".oga", "/", "_")), caption
     labels = (real.root / "labels.txt").read_text(encoding="utf-8").splitlines()
     assert labels == list(debian.CATEGORIES)
+    # no training caption names a held-out category (the package has a road sign titled 'horse')
+    for r in rows(real.root / "train.csv"):
+        assert not any(re.search(rf"\b{label}", r["caption"]) for label in debian.HELDOUT_CATEGORIES), r
+    assert debian._words("horse", "road sign") == "" and debian._words("bells", "car") == ""
+    assert debian._words("horse", "horse") == "horse" and debian._words("hatchback", "car") == "hatchback"
 
 
 def test_licences_and_counts_are_recorded(real):
