@@ -235,7 +235,7 @@ class DebianSummary:
                          f"{n['trimodal']} tri-modal) in {n['categories']} categories")  # fmt: skip
         lines.append(f"  {'labels.txt':<12} {len(CATEGORIES):>5} categories; licences in licenses/")
         if self.skipped:
-            lines.append(f"  left out {len(self.skipped)} file(s) the runtime cannot decode (debian.json: skipped)")
+            lines.append(f"  left out {len(self.skipped)} unusable file(s) (debian.json: skipped)")
         return "\n".join(lines)
 
 
@@ -266,7 +266,7 @@ def build_debian(
     for package in PACKAGES:
         shutil.copyfile(system / DOCS / package / "copyright", root / "licenses" / f"{package}.copyright")
     skipped: list = []
-    # the package ships some pictures twice: in several folders (the same bytes), or under two titles or as _01 and
+    # openclipart ships some pictures twice: in several folders (the same bytes), or under two titles or as _01 and
     # _02 (the same pixels): one copy each, in the first category, so no picture is both trained on and tested
     seen_bytes: set = set()
     seen_pixels: set = set()
