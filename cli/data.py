@@ -1,4 +1,5 @@
-"""`synergy data synth`, `synergy data spoken` and `synergy data from-videos`: the commands that write data sets."""
+"""`synergy data synth`, `synergy data spoken`, `synergy data debian` and `synergy data from-videos`: the commands that
+write data sets."""
 
 from __future__ import annotations
 
@@ -69,6 +70,25 @@ def spoken_command(out, seed, train_per_word, val_per_word, unseen_per_word, ove
         summary = synthesize_spoken(out, seed=seed, train_per_word=train_per_word, val_per_word=val_per_word,
                                     unseen_per_word=unseen_per_word, overwrite=overwrite)  # fmt: skip
     except (FileExistsError, ValueError, SpokenError) as error:
+        raise UsageProblem(str(error)) from error
+    click.echo(summary)
+
+
+@data_group.command("debian")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the files.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Which items are kept and which are held out.")
+@click.option("--max-per-category", default=24, show_default=True, type=int, help="Pictures (and sounds) per category.")
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty --out.")
+def debian_command(out, seed, max_per_category, overwrite):
+    """Write a real tri-modal set from three Debian packages (openclipart-png pictures, sonic-pi-samples and
+    sound-theme-freedesktop sounds): train.csv, val.csv (items never seen in training) and heldout.csv (categories
+    never seen in training), labels.txt, the packages' licences. Needs: apt-get install openclipart-png
+    sonic-pi-samples sound-theme-freedesktop."""
+    from synergy.train.datasets.debian import DebianError, build_debian
+
+    try:
+        summary = build_debian(out, seed=seed, max_per_category=max_per_category, overwrite=overwrite)
+    except (FileExistsError, ValueError, DebianError) as error:
         raise UsageProblem(str(error)) from error
     click.echo(summary)
 
