@@ -145,6 +145,9 @@ def pytest_runtest_protocol(item, nextitem):
             item.nodeid, item.location, keywords={}, outcome="failed", longrepr=longrepr, when="call"
         )
         hook.pytest_runtest_logreport(report=report)
+    # what pytest's own teardown does with nextitem: tear down this process's fixtures the next test does not share
+    # (a module's fixtures when this was its last test), or the next module's first test finds them still set up
+    item.session._setupstate.teardown_exact(nextitem)
     hook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True
 

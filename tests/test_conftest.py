@@ -158,3 +158,45 @@ def test_under_ci_a_skip_for_a_missing_extra_fails_the_run(tmp_path):
         output = result.stdout + result.stderr
         assert result.returncode == 0, output
         assert "skips CI does not accept" not in output and "1 passed, 4 skipped, 1 xfailed" in output, output
+
+
+ISOLATED_LAST = {
+    "test_a.py": """
+import pytest
+
+
+@pytest.fixture(scope="module")
+def resource():
+    yield "open"
+
+
+def test_here(resource):
+    assert resource == "open"
+
+
+@pytest.mark.isolated
+def test_apart():
+    assert True
+""",
+    "test_b.py": """
+def test_next_module():
+    assert True
+""",
+}
+
+
+def test_a_module_whose_last_test_is_isolated_is_torn_down_before_the_next_module(tmp_path):
+    """The isolated test runs in a child; the parent must still tear down the module's fixtures after it (pytest
+    failed the next module's first test with "previous item was not torn down properly" before)."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    for name, text in ISOLATED_LAST.items():
+        (suite / name).write_text(text)
+    (suite / "pytest.ini").write_text("[pytest]\nmarkers =\n    isolated: run in a child pytest\n")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(suite)]
+    result = subprocess.run(
+        [*command, "-c", str(suite / "pytest.ini"), str(suite)], cwd=suite, capture_output=True, text=True, timeout=300
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "3 passed" in output, output
