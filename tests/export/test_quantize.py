@@ -279,6 +279,7 @@ def test_static_int8_bundle_is_qdq_and_the_gate_measures_it(static_export):
 
 
 @pytest.mark.isolated  # OpenVINO's native libraries run away from torch (tests/conftest.py)
+@pytest.mark.isolated  # OpenVINO's native libraries stay out of the suite's process (tests/conftest.py)
 def test_openvino_runs_the_static_int8_bundle(static_export):
     pytest.importorskip("openvino", reason="the openvino extra is not installed: pip install '.[openvino]'")
     from synergy.runtime import Runtime
@@ -291,8 +292,11 @@ def test_openvino_runs_the_static_int8_bundle(static_export):
         with Runtime.open(out, backend=backend, threads=1) as runtime:
             got[runtime.backend] = runtime.embed_audio(clips)
     assert set(got) == {"onnxruntime", "openvino", "openvino-bf16"}  # auto: OpenVINO, bf16 hint, for static int8
-    for backend in ("openvino", "openvino-bf16"):
-        assert ((got[backend] * got["onnxruntime"]).sum(1) >= 0.999).all(), backend
+    # OpenVINO f32 runs the same int8 graph; its bf16 hint also rounds activations to 8 mantissa bits (a CI run
+    # measured 0.99876-0.99986 on these clips), well inside the int8 gate's 0.99 against torch fp32
+    for backend, floor in (("openvino", 0.999), ("openvino-bf16", 0.995)):
+        cosines = (got[backend] * got["onnxruntime"]).sum(1)
+        assert (cosines >= floor).all(), (backend, cosines)
 
 
 def test_auto_picks_openvino_only_for_static_int8(static_export, int8_export):
