@@ -31,7 +31,6 @@ prints the table. ``--merge`` combines result files (seeds run apart) into one.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -41,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench_inputs import minilm_folder, parse_setting, read_csv, write_csv
 from provenance import ROOT, git_commit
 
 RESULT = ROOT / "benchmarks" / "results" / "all-real-cpu.json"
@@ -105,11 +105,12 @@ def main(argv=None) -> None:
     measured_on = environment(args.threads)  # first: the commit is the one the runs start from
     work = Path(args.work) / ("quick" if args.quick else "full")
     data, labels = prepare_data(work / "data", setup)
-    towers = {"text": str(prepare_minilm(work / "minilm")), "image": args.image_tower, "audio": args.audio_tower}
+    minilm = minilm_folder(work / "minilm", "bench_all_real")
+    towers = {"text": str(minilm), "image": args.image_tower, "audio": args.audio_tower}
     for name, folder in towers.items():
         if folder and not Path(folder).is_dir():
             sys.exit(f"bench_all_real: --{name}-tower {folder} is not a folder; write it with `synergy towers ...`")
-    overrides = dict(_override(item) for item in args.overrides)
+    overrides = dict(parse_setting(item, "image.image_size=224") for item in args.overrides)
     runs = {
         config: [train_and_evaluate(work, data, labels, setup, config, towers, overrides, s) for s in setup["seeds"]]
         for config in args.configs
@@ -127,16 +128,6 @@ def main(argv=None) -> None:
     out.write_text(json.dumps(result, indent=1, default=list) + "\n")
     print(table(result))
     print(f"wrote {out} in {result['seconds']:.0f} s")
-
-
-def _override(item: str) -> tuple[str, object]:
-    key, sep, value = item.partition("=")
-    if not sep:
-        raise SystemExit(f"--set {item!r}: expected KEY=JSON, e.g. image.image_size=224")
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
 
 
 # ----------------------------------------------------------------------------------------------------- the data
@@ -163,28 +154,6 @@ def prepare_data(folder: Path, setup: dict) -> tuple[Path, dict]:
         write_csv(folder / f"{split}-trimodal.csv", header, [r for r in rows if r["img_path"] and r["wav_path"]])
         labels[split] = {"image": sorted({r["label"] for r in images}), "audio": sorted({r["label"] for r in sounds})}
     return folder, labels
-
-
-def read_csv(path: Path) -> tuple[list[str], list[dict]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames), list(reader)
-
-
-def write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, header)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def prepare_minilm(folder: Path) -> Path:
-    from synergy.core.pretrained_folders import MINILM, extract_folder
-
-    try:
-        return extract_folder(MINILM, folder)
-    except FileNotFoundError as error:
-        sys.exit(f"bench_all_real: {error}")
 
 
 # ------------------------------------------------------------------------------------------------------ the runs

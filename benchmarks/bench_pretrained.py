@@ -28,16 +28,15 @@ device, versions, git commit, the exact setup, every run's numbers and the summa
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
+from bench_inputs import minilm_folder, read_csv, write_csv
 from provenance import ROOT, git_commit
 
 # chosen before any result, for every class; none of these words occurs in the synthetic set's text
@@ -116,7 +115,7 @@ def main(argv=None) -> None:
     measured_on = environment(args.threads)  # first: the commit is the one the runs start from
     work = Path(args.work) / ("quick" if args.quick else "full")
     data = prepare_data(work / "data", setup)
-    minilm = prepare_minilm(work / "minilm")
+    minilm = minilm_folder(work / "minilm", "bench_pretrained")
     classes = json.loads((data / "classes.json").read_text())
 
     def run(tower: str, per_class: int, seed: int) -> dict:
@@ -181,28 +180,6 @@ def prepare_data(folder: Path, setup: dict) -> Path:
         header, rows = read_csv(folder / f"{split}.csv")
         write_csv(folder / f"{split}-unseen.csv", header, [{**r, "label": UNSEEN_PHRASINGS[r["label"]]} for r in rows])
     return folder
-
-
-def read_csv(path: Path) -> tuple[list[str], list[dict]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames), list(reader)
-
-
-def write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, header)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def prepare_minilm(folder: Path) -> Path:
-    from synergy.core.pretrained_folders import MINILM, extract_folder
-
-    try:
-        return extract_folder(MINILM, folder)
-    except FileNotFoundError as error:
-        sys.exit(f"bench_pretrained: {error}")
 
 
 # ------------------------------------------------------------------------------------------------------ the runs

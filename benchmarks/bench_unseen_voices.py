@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench_inputs import parse_setting
 from provenance import ROOT, git_commit
 
 RESULT = ROOT / "benchmarks" / "results" / "unseen-voices.json"
@@ -89,9 +90,10 @@ def main(argv=None) -> None:
         setup["steps"] = args.steps
     if args.preset:
         setup["preset"], setup["model_overrides"] = args.preset, {}
-    setup["model_overrides"] = {**setup["model_overrides"], **dict(_override(item) for item in args.overrides)}
+    model_settings = dict(parse_setting(item, "audio.layers=3") for item in args.overrides)
+    setup["model_overrides"] = {**setup["model_overrides"], **model_settings}
     if args.train_overrides:  # recorded only when given, so older code (without the key) runs the plain setup
-        setup["train_overrides"] = dict(_override(item) for item in args.train_overrides)
+        setup["train_overrides"] = dict(parse_setting(item, "audio_speed_perturb=0.1") for item in args.train_overrides)
     out = Path(args.out) if args.out else (Path(args.work) / "quick.json" if args.quick else RESULT)
 
     import torch
@@ -117,16 +119,6 @@ def main(argv=None) -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
     print(f"wrote {out}")
-
-
-def _override(item: str) -> tuple[str, object]:
-    key, sep, value = item.partition("=")
-    if not sep:
-        raise SystemExit(f"--set {item!r}: expected KEY=JSON, e.g. audio.layers=3")
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
 
 
 def environment(threads: int) -> dict:
