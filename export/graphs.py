@@ -178,6 +178,7 @@ def export_tower_graphs(model: SynergyModel, opset: int, cache_key: tuple | None
             )
         _name_output(program.model.graph, OUTPUT_NAME)
         proto = program.model_proto
+        _drop_constant_masks(proto)
         fp32_nodes = audio_frontend_nodes(proto) if modality == "audio" else frozenset()
         _set_io_shapes(proto, inputs, outputs)
         for node in proto.graph.node:  # stack traces and FX dumps: bulky, and they hold local paths
@@ -213,6 +214,39 @@ def _name_output(graph, name: str) -> None:
         if value.name == name and value is not output:
             value.name = f"{name}_internal"
     output.name = name
+
+
+def _drop_constant_masks(proto: onnx.ModelProto) -> int:
+    """Remove the attention mask input of every ``Attention`` node whose mask is a constant "attend everywhere"
+    (all True, broadcast with ``Expand``), then the nodes that fed only it. -> masks removed.
+
+    transformers builds such a mask for towers that never pad (AST, ViT): it changes no score, but it keeps
+    OpenVINO on its masked attention path (an IsNaN + Select guard per layer) and onnxruntime on its masked
+    kernel. Only constant masks are dropped: a text tower's mask comes from its input and stays."""
+    from onnx import numpy_helper
+    from onnxscript.optimizer import remove_unused_nodes
+
+    graph = proto.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    constants = {t.name: t for t in graph.initializer}
+    constants.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute})
+    dropped = 0
+    for node in graph.node:
+        if node.op_type != "Attention" or len(node.input) < 4 or not node.input[3]:
+            continue
+        mask = producer.get(node.input[3])
+        source = mask.input[0] if mask is not None and mask.op_type == "Expand" else node.input[3]
+        tensor = constants.get(source)
+        if tensor is None or tensor.data_type != onnx.TensorProto.BOOL or not numpy_helper.to_array(tensor).all():
+            continue
+        if len(node.input) == 4:
+            del node.input[3]
+        else:
+            node.input[3] = ""  # an optional input in the middle stays, empty
+        dropped += 1
+    if dropped:
+        remove_unused_nodes(proto)
+    return dropped
 
 
 def _set_io_shapes(proto: onnx.ModelProto, inputs, outputs) -> None:

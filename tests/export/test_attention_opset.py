@@ -60,6 +60,18 @@ def test_onnxruntime_runs_one_fused_attention_per_layer(default_bundle, referenc
         assert not {"Softmax", "IsNaN"} & set(ops), (modality, dict(ops))
 
 
+def test_constant_masks_are_dropped_and_input_masks_kept(default_bundle):
+    """transformers hands the image and audio towers an all-True mask (Expand of a constant): the export drops it,
+    so OpenVINO and onnxruntime take their mask-free attention; the text tower's mask comes from its input."""
+    manifest = load_manifest(default_bundle)
+    for modality in MODALITIES:
+        graph = onnx.load_model(default_bundle / manifest.towers[modality].file).graph
+        masks = {len(n.input) > 3 and bool(n.input[3]) for n in graph.node if n.op_type == "Attention"}
+        assert masks == {modality == "text"}, (modality, masks)
+        bool_constants = [t for t in graph.initializer if t.data_type == onnx.TensorProto.BOOL]
+        assert modality == "text" or not bool_constants, (modality, [t.name for t in bool_constants])  # none left
+
+
 # not the module's last test: tests/conftest.py runs an isolated test in a child and skips its teardown here, so a
 # module ending with one leaves its fixtures set up and the next module's first test errors
 @pytest.mark.isolated  # OpenVINO's native libraries run away from torch (tests/conftest.py)
