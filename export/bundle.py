@@ -87,6 +87,7 @@ def export_bundle(
     from synergy.export.verify import gate_thresholds
 
     thresholds = gate_thresholds(precision, min_cosine, min_agreement)
+    openvino_thresholds = gate_thresholds("int8", min_cosine, min_agreement)  # bf16 lowers precision: a lossy gate
     checkpoint, out = Path(checkpoint), Path(out)
     check_output(checkpoint, out, force)
     engines = fmt == "trt" or (fmt == "triton" and triton_platform == "tensorrt")
@@ -121,6 +122,7 @@ def export_bundle(
                 started=started,
                 thresholds=thresholds,
                 int8_method=int8_method,
+                openvino_thresholds=openvino_thresholds,
             )
             manifest, report = _write_bundle(tmp, job)
     except DiskFullError as error:
@@ -225,6 +227,7 @@ class ExportJob:
     started: float  # time.perf_counter() at the start
     thresholds: object  # the accuracy gate's (verify.gate_thresholds)
     int8_method: str | None = None  # quantize.METHODS (None: its DEFAULT_METHOD)
+    openvino_thresholds: object = None  # the OpenVINO bf16 check's (int8's, or --min-cosine / --min-agreement)
 
     @property
     def triton(self) -> bool:
@@ -242,7 +245,8 @@ def _write_bundle(tmp: Path, job: ExportJob) -> tuple[Manifest, str]:
     """The bundle's files into ``tmp``: graphs, checked and verified; engines; Triton configs; the tokenizer; the
     manifest, read back. -> (manifest, the verification report)."""
     onnx_precision, onnx_files, specs = _write_graphs(tmp, job)
-    verifications = [_verify_onnx(tmp, onnx_files, onnx_precision, job)]
+    references = {}  # PyTorch's embeddings of the verification set, computed once for every engine checked
+    verifications = [_verify_onnx(tmp, onnx_files, onnx_precision, job, references)]
     tower_files = dict(onnx_files)
     extra = {}
     if onnx_precision == "int8":
@@ -262,6 +266,10 @@ def _write_bundle(tmp: Path, job: ExportJob) -> tuple[Manifest, str]:
     failures = [f for v in verifications for f in v.failures()]
     if failures:
         raise ExportError(f"verification failed, nothing written:\n{report}")
+    openvino_record, openvino_report = _check_openvino(tmp, tower_files, specs, job, references)
+    if openvino_record is not None:
+        extra["openvino_bf16"] = openvino_record
+    report = "\n".join([report, *openvino_report])
 
     shutil.copyfile(job.checkpoint / "tokenizer.json", tmp / "tokenizer.json")
     extra["report"] = report
@@ -364,7 +372,7 @@ def _triton_onnx_file(modality: str, platform: str, external: bool | None, proto
     return model_file(modality, platform, is_external)
 
 
-def _verify_onnx(tmp: Path, files: dict, precision: str, job: ExportJob):
+def _verify_onnx(tmp: Path, files: dict, precision: str, job: ExportJob, references: dict):
     import onnxruntime
     import torch
 
@@ -379,7 +387,83 @@ def _verify_onnx(tmp: Path, files: dict, precision: str, job: ExportJob):
         runners[modality] = lambda feeds, s=session: s.run(["embedding"], feeds)[0]
     target = f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider, {precision} graphs"
     thresholds = job.thresholds if precision == job.precision else None  # TensorRT 10 fp16: an fp32 graph
-    return verify_towers(job.model, job.tokenizer, runners, job.evaluation, precision, target, thresholds=thresholds)
+    return verify_towers(
+        job.model,
+        job.tokenizer,
+        runners,
+        job.evaluation,
+        precision,
+        target,
+        thresholds=thresholds,
+        references=references,
+    )
+
+
+def _check_openvino(
+    tmp: Path, files: dict, specs: dict, job: ExportJob, references: dict
+) -> tuple[dict | None, list[str]]:
+    """The written graphs verified on OpenVINO with the bf16 precision hint, the engine ``--backend auto`` picks on
+    the CPU when this check passed (``runtime.towers.runs_best_on_openvino``). Advisory: onnxruntime's gate decides
+    the export; graphs that miss the thresholds here (or that OpenVINO cannot compile or run) are recorded with
+    ``passed: false`` and the bundle runs on onnxruntime. Only single-file ONNX graphs at fp32 or int8, the ones the
+    runtime's OpenVINO backend reads and whose precision bf16 lowers (fp16 graphs keep their own gate).
+    -> (the manifest's ``openvino_bf16`` record, None when nothing was checked; the report's lines)."""
+    import importlib.util
+
+    from synergy.export.graphs import external_data_files
+
+    graphs = list(files.values())
+    if job.precision not in ("fp32", "int8") or any(Path(g).suffix != ".onnx" for g in graphs):
+        return None, []
+    skipped = None
+    if any(external_data_files(tmp / g, tmp) for g in graphs):
+        skipped = "the graphs keep their weights in side files (OpenVINO reads single-file graphs)"
+    elif importlib.util.find_spec("openvino") is None:
+        skipped = "the openvino extra is not installed (pip install 'synergy-clip[openvino]')"
+    if skipped:
+        return None, [f"OpenVINO bf16 check: not run, {skipped}; --backend auto runs onnxruntime"]
+    import torch
+
+    from synergy.export.verify import verify_towers
+    from synergy.runtime.openvino_backend import OpenVINOTower
+
+    target = f"OpenVINO {_openvino_version()} CPU, bf16 precision hint, {job.precision} graphs"
+    try:
+        runners = {}
+        for modality, rel in files.items():  # compiled once each, from the bytes just written and hashed
+            spec = TowerSpec(rel, specs[modality].inputs, specs[modality].outputs, job.precision)
+            tower = OpenVINOTower(tmp / rel, spec, (tmp / rel).read_bytes(), {}, torch.get_num_threads(), "bf16")
+            runners[modality] = tower.run
+        verification = verify_towers(
+            job.model,
+            job.tokenizer,
+            runners,
+            job.evaluation,
+            job.precision,
+            target,
+            thresholds=job.openvino_thresholds,
+            references=references,
+        )
+    except Exception as error:  # advisory: whatever OpenVINO raises is recorded, and auto keeps onnxruntime
+        problem = f"{type(error).__name__}: {str(error).strip()[:1000]}"
+        record = {"target": target, "passed": False, "error": problem}
+        return record, [f"OpenVINO bf16 check ({target}) could not run: {problem}; --backend auto keeps onnxruntime"]
+    passed = not verification.failures()
+    verdict = (
+        "passed: --backend auto runs this bundle on openvino-bf16 on the CPU"
+        if passed
+        else "not passed (it does not gate the export): --backend auto keeps onnxruntime for this bundle"
+    )
+    return {**verification.to_dict(), "passed": passed}, [verification.format(), f"  OpenVINO bf16 check {verdict}"]
+
+
+def _openvino_version() -> str:
+    try:
+        return metadata.version("openvino")
+    except metadata.PackageNotFoundError:  # an install without distribution metadata
+        import openvino
+
+        return openvino.__version__
 
 
 def _build_engines(tmp: Path, onnx_files: dict, specs: dict, job: ExportJob) -> tuple[dict, dict]:
