@@ -177,9 +177,9 @@ def runs_best_on_openvino(manifest: Manifest) -> bool:
       unchecked bf16 run could miss, so it stays on onnxruntime.
 
     Why OpenVINO bf16: on this CPU (Intel Xeon with AMX, 2 cores), base audio tower, batch 8, one interleaved run on
-    an idle machine (benchmarks/README.md, "Engines and precisions"): OpenVINO with the bf16 hint ran our plain fp32
-    graph at 6.0 clips/s, onnxruntime fp32 at 1.3 and torch bf16 autocast at 4.8, at min cosine 0.99994 to torch
-    fp32 (the static QDQ graph with the bf16 hint: 5.8 clips/s)."""
+    an idle machine (benchmarks/README.md, "Engines and precisions on the base audio tower"): OpenVINO with the bf16
+    hint ran our plain fp32 graph at 6.0 clips/s, onnxruntime fp32 at 1.3 and torch bf16 autocast at 4.8, at min
+    cosine 0.99994 to torch fp32 (the static QDQ graph with the bf16 hint: 5.8 clips/s)."""
     graphs = [t.file for t in manifest.towers.values()]
     if not graphs or any(Path(g).suffix != ".onnx" or external_data_files(g, manifest) for g in graphs):
         return False  # OpenVINO reads graphs from memory, one file each
