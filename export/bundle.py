@@ -411,18 +411,25 @@ def _check_openvino(
     """The written graphs verified on OpenVINO with the bf16 precision hint, the engine ``--backend auto`` picks on
     the CPU when this check passed (``runtime.towers.runs_best_on_openvino``). Advisory: onnxruntime's gate decides
     the export; graphs that miss the thresholds here (or that OpenVINO cannot compile or run) are recorded with
-    ``passed: false`` and the bundle runs on onnxruntime. Only single-file ONNX graphs at fp32 or int8, the ones the
-    runtime's OpenVINO backend reads and whose precision bf16 lowers (fp16 graphs keep their own gate).
+    ``passed: false`` and the bundle runs on onnxruntime. Only single-file ONNX graphs (what the runtime's OpenVINO
+    backend reads) at fp32 or static int8, the graphs OpenVINO's bf16 was measured fastest on; fp16 graphs keep their
+    own gate, dynamic int8 ones onnxruntime.
     -> (the manifest's ``openvino_bf16`` record, None when nothing was checked; the report's lines)."""
     import importlib.util
 
     from synergy.export.graphs import external_data_files
+    from synergy.export.quantize import DEFAULT_METHOD
 
     graphs = list(files.values())
     if job.precision not in ("fp32", "int8") or any(Path(g).suffix != ".onnx" for g in graphs):
         return None, []
     skipped = None
-    if any(external_data_files(tmp / g, tmp) for g in graphs):
+    if job.precision == "int8" and (job.int8_method or DEFAULT_METHOD) != "static":
+        skipped = (
+            "dynamic int8 graphs are onnxruntime's (the one run that put OpenVINO on one: a sixth of its speed on "
+            "the static QDQ graph, docs/runtime.md; export --quantize static for OpenVINO)"
+        )
+    elif any(external_data_files(tmp / g, tmp) for g in graphs):
         skipped = "the graphs keep their weights in side files (OpenVINO reads single-file graphs)"
     elif importlib.util.find_spec("openvino") is None:
         skipped = "the openvino extra is not installed (pip install 'synergy-clip[openvino]')"
