@@ -5,11 +5,12 @@ attention; export the three towers with ``torch.onnx.export(dynamo=True)`` (:mod
 if asked (:mod:`.fp16`) or quantize to int8 (:mod:`.quantize`); save, check (``onnx.checker`` full check, no
 STFT/DFT, external data inside the bundle) and verify against PyTorch in onnxruntime (:mod:`.verify`: for fp16 and
 int8 an accuracy gate, min cosine and zero-shot top-1 agreement); build and verify TensorRT engines for ``trt``; write
-Triton configs for ``triton``; copy ``tokenizer.json``; write ``manifest.json`` with the sha256 of every file
-and read it back. Everything happens in a temporary sibling folder swapped into place at the end by
-``core.atomic_folder`` (the checkpoints' writer), so a failed export leaves nothing behind, ``--force`` replaces the
-old bundle only then, and what a killed one leaves (a temp folder, the old bundle renamed aside) is put right by
-the next export before it looks at ``out``.
+Triton configs for ``triton``; where the openvino extra is installed, verify fp32 / int8 single-file graphs on OpenVINO
+with the bf16 hint too (advisory: the record that lets ``--backend auto`` run the bundle there); copy
+``tokenizer.json``; write ``manifest.json`` with the sha256 of every file and read it back. Everything happens in a
+temporary sibling folder swapped into place at the end by ``core.atomic_folder`` (the checkpoints' writer), so a
+failed export leaves nothing behind, ``--force`` replaces the old bundle only then, and what a killed one leaves (a
+temp folder, the old bundle renamed aside) is put right by the next export before it looks at ``out``.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ def export_bundle(
     :mod:`.verify`; int8: 0.99 and 99%). ``int8_method``: "static" (QDQ, activation scales calibrated on the
     verification set, which OpenVINO also runs in int8) or "dynamic" (None: :data:`.quantize.DEFAULT_METHOD`).
 
+    fp32 and int8 graphs in single files are also verified on OpenVINO with the bf16 precision hint where the
+    openvino extra is installed, against int8's gate (or ``min_cosine`` / ``min_agreement``): the manifest's
+    ``extra["openvino_bf16"]`` records it, and ``--backend auto`` runs the bundle on OpenVINO bf16 when it passed. It
+    never fails the export.
+
     Raises ``ExportError`` (nothing written) for a bad checkpoint, bad arguments, an existing ``out`` without
     ``force``, a graph that fails its checks, or a verification that misses its thresholds.
     """
@@ -87,6 +93,7 @@ def export_bundle(
     from synergy.export.verify import gate_thresholds
 
     thresholds = gate_thresholds(precision, min_cosine, min_agreement)
+    openvino_thresholds = gate_thresholds("int8", min_cosine, min_agreement)  # bf16 lowers precision: a lossy gate
     checkpoint, out = Path(checkpoint), Path(out)
     check_output(checkpoint, out, force)
     engines = fmt == "trt" or (fmt == "triton" and triton_platform == "tensorrt")
@@ -121,6 +128,7 @@ def export_bundle(
                 started=started,
                 thresholds=thresholds,
                 int8_method=int8_method,
+                openvino_thresholds=openvino_thresholds,
             )
             manifest, report = _write_bundle(tmp, job)
     except DiskFullError as error:
@@ -225,6 +233,7 @@ class ExportJob:
     started: float  # time.perf_counter() at the start
     thresholds: object  # the accuracy gate's (verify.gate_thresholds)
     int8_method: str | None = None  # quantize.METHODS (None: its DEFAULT_METHOD)
+    openvino_thresholds: object = None  # the OpenVINO bf16 check's (int8's, or --min-cosine / --min-agreement)
 
     @property
     def triton(self) -> bool:
@@ -242,7 +251,8 @@ def _write_bundle(tmp: Path, job: ExportJob) -> tuple[Manifest, str]:
     """The bundle's files into ``tmp``: graphs, checked and verified; engines; Triton configs; the tokenizer; the
     manifest, read back. -> (manifest, the verification report)."""
     onnx_precision, onnx_files, specs = _write_graphs(tmp, job)
-    verifications = [_verify_onnx(tmp, onnx_files, onnx_precision, job)]
+    references = {}  # PyTorch's embeddings of the verification set, computed once for every engine checked
+    verifications = [_verify_onnx(tmp, onnx_files, onnx_precision, job, references)]
     tower_files = dict(onnx_files)
     extra = {}
     if onnx_precision == "int8":
@@ -262,6 +272,10 @@ def _write_bundle(tmp: Path, job: ExportJob) -> tuple[Manifest, str]:
     failures = [f for v in verifications for f in v.failures()]
     if failures:
         raise ExportError(f"verification failed, nothing written:\n{report}")
+    openvino_record, openvino_report = _check_openvino(tmp, tower_files, specs, job, references)
+    if openvino_record is not None:
+        extra["openvino_bf16"] = openvino_record
+    report = "\n".join([report, *openvino_report])
 
     shutil.copyfile(job.checkpoint / "tokenizer.json", tmp / "tokenizer.json")
     extra["report"] = report
@@ -364,7 +378,7 @@ def _triton_onnx_file(modality: str, platform: str, external: bool | None, proto
     return model_file(modality, platform, is_external)
 
 
-def _verify_onnx(tmp: Path, files: dict, precision: str, job: ExportJob):
+def _verify_onnx(tmp: Path, files: dict, precision: str, job: ExportJob, references: dict):
     import onnxruntime
     import torch
 
@@ -379,7 +393,97 @@ def _verify_onnx(tmp: Path, files: dict, precision: str, job: ExportJob):
         runners[modality] = lambda feeds, s=session: s.run(["embedding"], feeds)[0]
     target = f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider, {precision} graphs"
     thresholds = job.thresholds if precision == job.precision else None  # TensorRT 10 fp16: an fp32 graph
-    return verify_towers(job.model, job.tokenizer, runners, job.evaluation, precision, target, thresholds=thresholds)
+    return verify_towers(
+        job.model,
+        job.tokenizer,
+        runners,
+        job.evaluation,
+        precision,
+        target,
+        thresholds=thresholds,
+        references=references,
+    )
+
+
+def _check_openvino(
+    tmp: Path, files: dict, specs: dict, job: ExportJob, references: dict
+) -> tuple[dict | None, list[str]]:
+    """The written graphs verified on OpenVINO with the bf16 precision hint, the engine ``--backend auto`` picks on
+    the CPU when this check passed (``runtime.towers.runs_best_on_openvino``). Advisory: onnxruntime's gate decides
+    the export; graphs that miss the thresholds here (or that OpenVINO cannot compile or run) are recorded with
+    ``passed: false`` and the bundle runs on onnxruntime. Only single-file ONNX graphs (what the runtime's OpenVINO
+    backend reads) at fp32 or static int8, the graphs OpenVINO's bf16 was measured fastest on; fp16 graphs keep their
+    own gate, dynamic int8 ones onnxruntime.
+    -> (the manifest's ``openvino_bf16`` record, None when nothing was checked; the report's lines)."""
+    import importlib.util
+
+    from synergy.export.graphs import external_data_files
+    from synergy.export.quantize import DEFAULT_METHOD
+
+    graphs = list(files.values())
+    if job.precision not in ("fp32", "int8") or any(Path(g).suffix != ".onnx" for g in graphs):
+        return None, []
+    skipped = None
+    if job.precision == "int8" and (job.int8_method or DEFAULT_METHOD) != "static":
+        skipped = (
+            "dynamic int8 graphs are onnxruntime's (the one run that put OpenVINO on one: a sixth of its speed on "
+            "the static QDQ graph, docs/runtime.md; export --quantize static for OpenVINO)"
+        )
+    elif any(external_data_files(tmp / g, tmp) for g in graphs):
+        skipped = "the graphs keep their weights in side files (OpenVINO reads single-file graphs)"
+    elif importlib.util.find_spec("openvino") is None:
+        skipped = "the openvino extra is not installed (pip install 'synergy-clip[openvino]')"
+    if skipped:
+        return None, [f"OpenVINO bf16 check: not run, {skipped}; --backend auto runs onnxruntime"]
+    import torch
+
+    from synergy.export.verify import verify_towers
+    from synergy.runtime.openvino_backend import OpenVINOTower
+
+    target = f"OpenVINO {_openvino_version()} CPU, bf16 precision hint, {job.precision} graphs"
+    try:
+        runners, ran_at = {}, set()
+        for modality, rel in files.items():  # compiled once each, from the bytes just written and hashed
+            spec = TowerSpec(rel, specs[modality].inputs, specs[modality].outputs, job.precision)
+            tower = OpenVINOTower(tmp / rel, spec, (tmp / rel).read_bytes(), {}, torch.get_num_threads(), "bf16")
+            runners[modality] = tower.run
+            ran_at.add(tower.inference_precision)
+        verification = verify_towers(
+            job.model,
+            job.tokenizer,
+            runners,
+            job.evaluation,
+            job.precision,
+            target,
+            thresholds=job.openvino_thresholds,
+            references=references,
+        )
+    except Exception as error:  # advisory: whatever OpenVINO raises is recorded, and auto keeps onnxruntime
+        problem = f"{type(error).__name__}: {str(error).strip()[:1000]}"
+        record = {"target": target, "passed": False, "error": problem}
+        return record, [f"OpenVINO bf16 check ({target}) could not run: {problem}; --backend auto keeps onnxruntime"]
+    in_bf16 = ran_at == {"bf16"}
+    passed = in_bf16 and not verification.failures()
+    if passed:
+        verdict = "passed: --backend auto runs this bundle on openvino-bf16 on the CPU"
+    elif not in_bf16:  # measured at f32: nothing is known of bf16, which the runtime's machine may have
+        verdict = (
+            f"not passed: this CPU has no bfloat16, so OpenVINO ran {'/'.join(sorted(ran_at))}; --backend auto keeps "
+            "onnxruntime for this bundle (export it on a CPU with AVX-512 BF16 or AMX to check bf16)"
+        )
+    else:
+        verdict = "not passed (it does not gate the export): --backend auto keeps onnxruntime for this bundle"
+    record = {**verification.to_dict(), "passed": passed, "inference_precision": "/".join(sorted(ran_at))}
+    return record, [verification.format(), f"  OpenVINO bf16 check {verdict}"]
+
+
+def _openvino_version() -> str:
+    try:
+        return metadata.version("openvino")
+    except metadata.PackageNotFoundError:  # an install without distribution metadata
+        import openvino
+
+        return openvino.__version__
 
 
 def _build_engines(tmp: Path, onnx_files: dict, specs: dict, job: ExportJob) -> tuple[dict, dict]:

@@ -27,6 +27,7 @@ its labels replace the built-in ones (:func:`combine_evaluation_sets`).
 from __future__ import annotations
 
 import csv
+import hashlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -362,6 +363,16 @@ class _Comparison:
         )
 
 
+def _torch_embeddings(model: SynergyModel, modality: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
+    with torch.no_grad():
+        if modality == "image":
+            return model.encode_image(tensors["pixel_values"]).numpy()
+        if modality == "text":
+            return model.encode_text(tensors["input_ids"], tensors["attention_mask"]).numpy()
+        return model.encode_audio(tensors["waveform"], tensors["waveform_lengths"]).numpy()
+
+
 def verify_towers(
     model: SynergyModel,
     tokenizer: Tokenizer,
@@ -371,23 +382,25 @@ def verify_towers(
     target: str,
     audio_lengths: tuple[float, ...] = (0.6, 1.3),
     thresholds: Thresholds | None = None,
+    references: dict | None = None,
 ) -> Verification:
     """Run ``evaluation`` through the exported towers (``runners``) and PyTorch; see the module docstring.
 
     ``audio_lengths``: extra waveform lengths, in clips, run through the audio tower besides one clip (none for
     TensorRT engines, whose profile holds one clip: the runtime cuts audio into clips). ``thresholds``: the gate
-    (None: the precision's defaults)."""
+    (None: the precision's defaults). ``references``: a dict shared by the calls that verify several engines of one
+    model on one evaluation set; PyTorch's embeddings are kept there by their feeds, so the second engine does not
+    run the model again."""
     model = model.eval()
     config = model.config
+    references = {} if references is None else references
 
     def reference(modality: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
-        with torch.no_grad():
-            if modality == "image":
-                return model.encode_image(tensors["pixel_values"]).numpy()
-            if modality == "text":
-                return model.encode_text(tensors["input_ids"], tensors["attention_mask"]).numpy()
-            return model.encode_audio(tensors["waveform"], tensors["waveform_lengths"]).numpy()
+        digests = (hashlib.blake2b(np.ascontiguousarray(v)).digest() for v in feeds.values())
+        key = (modality, *((n, v.dtype.str, v.shape, d) for (n, v), d in zip(feeds.items(), digests)))
+        if key not in references:
+            references[key] = _torch_embeddings(model, modality, feeds)
+        return references[key]
 
     def embed_all(modality, count, make_feeds, length_of=None):
         """-> (exported [count, D], reference [count, D], TowerCheck), batches of 1, 3, 17, ..."""

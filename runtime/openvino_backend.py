@@ -65,6 +65,8 @@ class OpenVINOTower:
             problem = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise BundleError(f"{path}: OpenVINO cannot compile this graph ({problem[:500]}); re-export it") from error
         self.providers = [f"OpenVINO {ov.__version__} CPU ({precision})"]
+        # what the compiled model runs at: "bf16" asked of a CPU without bfloat16 instructions compiles as "f32"
+        self.inference_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self._check_io(path, spec)
         self.output = self.compiled.output(spec.outputs[0].name)
 

@@ -3,7 +3,8 @@
 ``BACKENDS`` maps each backend's name to how it checks this machine (``check(device)``: a ``BackendError`` naming
 what to install) and how it loads one tower (``load(TowerSource)`` -> an object with ``run(feeds) -> [B, D]``).
 The engines are ``onnxruntime_backend.py``, ``openvino_backend.py`` (CPU; f32 or bf16 inside the graph) and
-``tensorrt_backend.py``, imported on first use; ``choose_backend`` resolves "auto" by what was measured fastest.
+``tensorrt_backend.py``, imported on first use; ``choose_backend`` resolves "auto" by what was measured fastest
+and what the bundle's export verified.
 ``Towers`` holds one open bundle's per-bundle caches: the towers loaded so far (each on first use, probed once at
 the largest input the manifest allows) and the tokenizer.
 """
@@ -147,10 +148,10 @@ def check_choice(backend: str, device: str) -> None:
 
 
 def choose_backend(backend: str, device: str, manifest: Manifest) -> str:
-    """ "auto" -> the engines of a TensorRT bundle on ``device="cuda"``; OpenVINO (bf16 hint) for a static int8
-    bundle on the CPU where the openvino extra is installed (:func:`runs_best_on_openvino`); else onnxruntime. The
-    backend is checked on this machine (``BackendError`` now, with the install hint, rather than on the first
-    batch)."""
+    """ "auto" -> the engines of a TensorRT bundle on ``device="cuda"``; on the CPU, OpenVINO with the bf16 hint
+    where its export verified it and the openvino extra is installed (:func:`runs_best_on_openvino`); else
+    onnxruntime. The backend is checked on this machine (``BackendError`` now, with the install hint, rather than on
+    the first batch)."""
     if backend == "auto":
         engines = [Path(t.file).suffix in ENGINE_SUFFIXES for t in manifest.towers.values()]
         if engines and all(engines) and device == "cuda":
@@ -164,19 +165,31 @@ def choose_backend(backend: str, device: str, manifest: Manifest) -> str:
 
 
 def runs_best_on_openvino(manifest: Manifest) -> bool:
-    """Whether "auto" runs this bundle on OpenVINO: a static (QDQ) int8 bundle of single-file graphs, with the openvino
-    extra installed (looked up, not imported: `synergy infer` on other bundles does not pay for it). OpenVINO runs the
-    QDQ MatMuls as int8 kernels and, with the bf16 hint, the rest in bfloat16: on the base audio tower it was the
-    fastest engine measured, 2-3x onnxruntime on the dynamic int8 graph at about the same min cosine to PyTorch fp32
-    (0.9988 vs 0.9991; docs/runtime.md). onnxruntime runs QDQ no faster than fp32, and fp32 / fp16 bundles keep the
-    precision they were verified at (the bf16 hint would lower it) on onnxruntime."""
-    int8 = manifest.extra.get("int8")
-    if manifest.precision != "int8" or not isinstance(int8, dict) or int8.get("method") != "static":
-        return False
+    """Whether "auto" runs this bundle on OpenVINO with the bf16 precision hint (on the CPU): single-file ONNX graphs,
+    the openvino extra installed (looked up, not imported: `synergy infer` on other bundles does not pay for it), and
+
+    - the manifest's ``extra["openvino_bf16"]`` record, where the export wrote one: its check of these graphs on
+      OpenVINO bf16 against PyTorch fp32 passed (int8's gate by default, min cosine 0.99 and 99% top-1 agreement;
+      ``export/bundle.py``). A recorded failure keeps onnxruntime, even for a static int8 bundle;
+    - without a record (bundles of earlier exports, or exported where OpenVINO was not installed): a static (QDQ) int8
+      bundle only, the rule before the record existed: its export was gated at int8's 0.99 already, and the bf16 hint
+      moved its min cosine little (0.99881 -> 0.99866); an fp32 bundle was verified at cosine 0.9999, which an
+      unchecked bf16 run could miss, so it stays on onnxruntime.
+
+    Why OpenVINO bf16: on this CPU (Intel Xeon with AMX, 2 cores), base audio tower, batch 8, one interleaved run on
+    an idle machine (benchmarks/README.md, "Engines and precisions on the base audio tower"): OpenVINO with the bf16
+    hint ran our plain fp32 graph at 6.0 clips/s, onnxruntime fp32 at 1.3 and torch bf16 autocast at 4.8, at min
+    cosine 0.99994 to torch fp32 (the static QDQ graph with the bf16 hint: 5.8 clips/s)."""
     graphs = [t.file for t in manifest.towers.values()]
-    if any(Path(g).suffix != ".onnx" or external_data_files(g, manifest) for g in graphs):
+    if not graphs or any(Path(g).suffix != ".onnx" or external_data_files(g, manifest) for g in graphs):
         return False  # OpenVINO reads graphs from memory, one file each
-    return importlib.util.find_spec("openvino") is not None
+    record = manifest.extra.get("openvino_bf16")
+    if record is not None:
+        verified = isinstance(record, dict) and record.get("passed") is True
+    else:
+        int8 = manifest.extra.get("int8")
+        verified = manifest.precision == "int8" and isinstance(int8, dict) and int8.get("method") == "static"
+    return verified and importlib.util.find_spec("openvino") is not None
 
 
 def first_line(error: BaseException) -> str:

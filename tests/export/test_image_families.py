@@ -110,7 +110,8 @@ def test_each_family_exports_and_the_runtime_matches_its_transformers_processor(
     folder_says = read_image_folder(folder)
     assert manifest["image"]["size"] == folder_says.image_size and manifest["format_version"] == 3
     assert (manifest["image"]["resize"], manifest["image"]["resample"]) == (folder_says.resize, folder_says.resample)
-    with Runtime.open(bundle, threads=1, batch_size=4) as runtime:  # batches of 4 mix sizes and modes
+    # fp32 parity is onnxruntime's: "auto" may pick OpenVINO bf16 for this bundle (its export's check passed)
+    with Runtime.open(bundle, backend="onnxruntime", threads=1, batch_size=4) as runtime:  # batches mix sizes
         got = runtime.embed_image(image_files)
     found = cosine(got, want)
     worst = int(np.argmin(found))
@@ -190,7 +191,7 @@ def test_efficientnet_trains_locked_exports_and_the_runtime_agrees_with_torch(
     assert "Apache License, Version 2.0" in licence["text"] and EFFICIENTNET_LITE0.distribution in licence["source"]
     skimage = pytest.importorskip("skimage", reason="scikit-image (the dev extra) ships the sample photos")
     image_files = [*image_files, Path(skimage.__file__).parent / "data" / "chelsea.png"]  # a real 451 x 300 photo
-    with Runtime.open(bundle, threads=1, batch_size=4) as runtime:
+    with Runtime.open(bundle, backend="onnxruntime", threads=1, batch_size=4) as runtime:
         got = runtime.embed_image(image_files)
     # the reference: transformers' Bit processor reading the folder's preprocessor_config.json, then the folder's
     # weights in a fresh network (not the checkpoint's), then the trained projection

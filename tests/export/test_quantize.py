@@ -305,8 +305,12 @@ def test_auto_picks_openvino_only_for_static_int8(static_export, int8_export):
     from synergy.runtime.towers import runs_best_on_openvino
 
     static = load_manifest(static_export[0])
-    assert runs_best_on_openvino(static) == (importlib.util.find_spec("openvino") is not None)
-    assert not runs_best_on_openvino(load_manifest(int8_export[0]))  # dynamic int8: onnxruntime fuses it best
+    installed = importlib.util.find_spec("openvino") is not None
+    record = static.extra.get("openvino_bf16")  # the export's check on OpenVINO bf16, where the extra is installed
+    assert (record is not None) == installed
+    assert runs_best_on_openvino(static) == (installed and record["passed"])
+    dynamic = load_manifest(int8_export[0])  # dynamic int8: onnxruntime fuses it best, and OpenVINO is not checked
+    assert "openvino_bf16" not in dynamic.extra and not runs_best_on_openvino(dynamic)
     assert not runs_best_on_openvino(replace(static, precision="fp32", extra={}))  # fp32 keeps its verified engine
     side_file = {**static.files, "audio.onnx.data": "0" * 64}  # OpenVINO reads single-file graphs only
     assert not runs_best_on_openvino(replace(static, files=side_file))

@@ -86,3 +86,48 @@ def test_reads_a_synergy_clip_csv(tmp_path):
     assert len(evaluation.labels) >= 2 and "val.csv" in evaluation.source
     with pytest.raises(ValueError, match="no such file"):
         read_evaluation_set(tmp_path / "missing.csv", 30, (0.5,) * 3, (0.25,) * 3, 16000, 8000)
+
+
+def test_engines_verified_on_one_set_share_pytorch_s_embeddings(reference_model):
+    """A second engine's verification (the export's OpenVINO check after onnxruntime's) reads PyTorch's embeddings
+    from the shared ``references`` and runs the model no more; other feeds still run it (keyed by the feeds' bytes)."""
+    import copy
+
+    import torch
+
+    from synergy.export.verify import verify_towers
+
+    model, tokenizer = reference_model
+    config = model.config
+    image = config.image.preprocessing()
+    clip = round(config.audio.clip_seconds * config.audio.sample_rate)
+
+    def evaluation(seed):
+        return builtin_evaluation_set(image.size, image.mean, image.std, config.audio.sample_rate, clip, 8, seed)
+
+    twin = copy.deepcopy(model)  # the "engine": the same weights, without the reference's hooks below
+    calls = []
+    hooks = [
+        getattr(model, f"{m}_projection").register_forward_hook(lambda *_, m=m: calls.append(m))
+        for m in ("image", "text", "audio")
+    ]
+
+    def run(encode):
+        return lambda feeds: encode(*(torch.from_numpy(v) for v in feeds.values())).detach().numpy()
+
+    engine = {"image": run(twin.encode_image), "text": run(twin.encode_text), "audio": run(twin.encode_audio)}
+    references = {}
+    try:
+        with torch.no_grad():
+            first = verify_towers(model, tokenizer, engine, evaluation(0), "fp32", "a", references=references)
+            calls_first = len(calls)
+            calls.clear()
+            second = verify_towers(model, tokenizer, engine, evaluation(0), "fp32", "b", references=references)
+            assert not calls  # the engine ran (below), PyTorch did not
+            third = verify_towers(model, tokenizer, engine, evaluation(1), "fp32", "c", references=references)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # another seed: new pictures and sounds run the model again; the labels' prompts are the same feeds, and do not
+    assert calls_first > 0 and set(calls) == {"image", "audio"}
+    assert first.towers == second.towers and not second.failures() and not third.failures()

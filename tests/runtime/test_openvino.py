@@ -94,3 +94,47 @@ def test_cli_backend_choices_are_the_registry():
     from synergy.cli.options import BACKEND_CHOICES as CLI_CHOICES
 
     assert CLI_CHOICES == BACKEND_CHOICES
+
+
+# ------------------------------------------------------------------------------- what "auto" picks on the CPU
+
+
+def _with(manifest, precision: str = "fp32", **extra):
+    from dataclasses import replace
+
+    return replace(manifest, precision=precision, extra=extra)
+
+
+STATIC_INT8 = {"int8": {"method": "static"}}
+
+
+@pytest.mark.parametrize(
+    ("precision", "extra", "engine"),
+    [
+        ("fp32", {}, "onnxruntime"),  # no record: the precision its export verified, on onnxruntime
+        ("fp32", {"openvino_bf16": {"passed": True}}, "openvino-bf16"),
+        ("fp32", {"openvino_bf16": {"passed": False}}, "onnxruntime"),
+        ("fp32", {"openvino_bf16": {"passed": "yes"}}, "onnxruntime"),  # only a JSON true passes
+        ("int8", STATIC_INT8, "openvino-bf16"),  # no record (an earlier export): static int8 as before
+        ("int8", {**STATIC_INT8, "openvino_bf16": {"passed": False}}, "onnxruntime"),  # the record wins
+        ("int8", {"int8": {"method": "dynamic"}}, "onnxruntime"),
+        ("int8", {"int8": {"method": "dynamic"}, "openvino_bf16": {"passed": True}}, "openvino-bf16"),
+    ],
+)
+def test_auto_follows_the_export_s_openvino_record(tiny_bundle, precision, extra, engine):
+    from synergy.runtime.bundle import load_manifest
+    from synergy.runtime.towers import choose_backend
+
+    manifest = _with(load_manifest(tiny_bundle[0]), precision, **extra)
+    assert choose_backend("auto", "cpu", manifest) == engine
+
+
+def test_auto_keeps_onnxruntime_for_graphs_openvino_does_not_read(tiny_bundle):
+    from dataclasses import replace
+
+    from synergy.runtime.bundle import load_manifest
+    from synergy.runtime.towers import choose_backend
+
+    manifest = _with(load_manifest(tiny_bundle[0]), openvino_bf16={"passed": True})
+    side_file = replace(manifest, files={**manifest.files, "audio.onnx.data": "0" * 64})  # external weights
+    assert choose_backend("auto", "cpu", side_file) == "onnxruntime"

@@ -83,7 +83,8 @@ def pretrained(tmp_path_factory):
 def runtime(pretrained):
     from synergy.runtime import Runtime
 
-    rt = Runtime.open(pretrained[2], threads=2, batch_size=4)  # batches of 4 mix lengths
+    # fp32 parity is onnxruntime's: "auto" may pick OpenVINO bf16 for this bundle (its export's check passed)
+    rt = Runtime.open(pretrained[2], backend="onnxruntime", threads=2, batch_size=4)  # batches of 4 mix lengths
     yield rt
     rt.close()
 
