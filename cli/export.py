@@ -63,6 +63,12 @@ from .options import UsageProblem, check_checkpoint, check_csv, removed_checkpoi
     type=click.Choice(["onnxruntime", "tensorrt"]),
     help="--format triton: ONNX models for Triton's ONNX Runtime backend, or TensorRT plans (needs TensorRT).",
 )
+@click.option(
+    "--no-openvino-check",
+    is_flag=True,
+    help="Skip the OpenVINO bf16 check (run where the openvino extra is installed; --backend auto then runs "
+    "the bundle on OpenVINO bf16 only if it passed).",
+)
 @removed_checkpoint_argument
 @removed_eval_data_option
 def export_command(
@@ -81,6 +87,7 @@ def export_command(
     min_cosine,
     min_agreement,
     int8_method,
+    no_openvino_check,
 ):
     """Export a checkpoint to a verified bundle (ONNX graphs, TensorRT engines or a Triton model repository)."""
     checkpoint = check_checkpoint(checkpoint_dir)
@@ -109,6 +116,7 @@ def export_command(
             min_cosine=min_cosine,
             min_agreement=min_agreement,
             int8_method=int8_method,
+            openvino_check=False if no_openvino_check else None,
         )
     except ExportError as error:
         raise UsageProblem(str(error)) from error

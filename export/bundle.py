@@ -16,6 +16,7 @@ temp folder, the old bundle renamed aside) is put right by the next export befor
 from __future__ import annotations
 
 import contextlib
+import os
 import platform as platform_module
 import shutil
 import time
@@ -42,6 +43,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 TRITON_PLATFORMS = ("onnxruntime", "tensorrt")
 MODALITIES = ("image", "text", "audio")
 EXPORTER = "torch.onnx.export(dynamo=True)"
+# "0": no OpenVINO bf16 check at export (tests/conftest.py sets it for the suite's own process)
+OPENVINO_CHECK_ENV = "SYNERGY_OPENVINO_CHECK"
 LIBRARIES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers", "numpy")
 
 
@@ -60,6 +63,7 @@ def export_bundle(
     min_cosine: float | None = None,
     min_agreement: float | None = None,
     int8_method: str | None = None,
+    openvino_check: bool | None = None,
 ) -> str:
     """Export ``checkpoint`` (a folder from ``synergy train``) to the bundle folder ``out``; return the report.
 
@@ -79,7 +83,9 @@ def export_bundle(
     fp32 and int8 graphs in single files are also verified on OpenVINO with the bf16 precision hint where the
     openvino extra is installed, against int8's gate (or ``min_cosine`` / ``min_agreement``): the manifest's
     ``extra["openvino_bf16"]`` records it, and ``--backend auto`` runs the bundle on OpenVINO bf16 when it passed. It
-    never fails the export.
+    never fails the export. ``openvino_check=False`` skips it (None: unless the environment sets
+    ``SYNERGY_OPENVINO_CHECK=0``, for processes that must not load OpenVINO's native libraries beside torch, such as
+    the test suite's own).
 
     Raises ``ExportError`` (nothing written) for a bad checkpoint, bad arguments, an existing ``out`` without
     ``force``, a graph that fails its checks, or a verification that misses its thresholds.
@@ -93,7 +99,10 @@ def export_bundle(
     from synergy.export.verify import gate_thresholds
 
     thresholds = gate_thresholds(precision, min_cosine, min_agreement)
-    openvino_thresholds = gate_thresholds("int8", min_cosine, min_agreement)  # bf16 lowers precision: a lossy gate
+    if openvino_check is None:
+        openvino_check = os.environ.get(OPENVINO_CHECK_ENV, "1") != "0"
+    # bf16 lowers precision: int8's lossy gate; None: no check
+    openvino_thresholds = gate_thresholds("int8", min_cosine, min_agreement) if openvino_check else None
     checkpoint, out = Path(checkpoint), Path(out)
     check_output(checkpoint, out, force)
     engines = fmt == "trt" or (fmt == "triton" and triton_platform == "tensorrt")
@@ -424,7 +433,9 @@ def _check_openvino(
     if job.precision not in ("fp32", "int8") or any(Path(g).suffix != ".onnx" for g in graphs):
         return None, []
     skipped = None
-    if job.precision == "int8" and (job.int8_method or DEFAULT_METHOD) != "static":
+    if job.openvino_thresholds is None:
+        skipped = f"not asked (--no-openvino-check or {OPENVINO_CHECK_ENV}=0)"
+    elif job.precision == "int8" and (job.int8_method or DEFAULT_METHOD) != "static":
         skipped = (
             "dynamic int8 graphs are onnxruntime's (the one run that put OpenVINO on one: a sixth of its speed on "
             "the static QDQ graph, docs/runtime.md; export --quantize static for OpenVINO)"

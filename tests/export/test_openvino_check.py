@@ -176,11 +176,30 @@ def test_without_openvino_nothing_is_recorded_and_the_report_says_so(checkpoint,
     ``importlib.util.find_spec`` and ``import`` alike."""
     monkeypatch.setitem(sys.modules, "openvino", None)
     out = tmp_path / "bundle"
-    report = _one_thread(lambda: export_bundle(checkpoint, out))
+    report = _one_thread(lambda: export_bundle(checkpoint, out, openvino_check=True))  # asked, whatever the env says
     manifest = load_manifest(out, verify=True)
     assert "openvino_bf16" not in manifest.extra
     (line,) = [line for line in report.splitlines() if "OpenVINO" in line]
     assert "not run, the openvino extra is not installed" in line and "auto runs onnxruntime" in line
+    assert choose_backend("auto", "cpu", manifest) == "onnxruntime"
+
+
+def test_the_check_is_skipped_when_not_asked(checkpoint, tmp_path, monkeypatch):
+    """`synergy export --no-openvino-check` (and SYNERGY_OPENVINO_CHECK=0, which this suite's own process sets so
+    that OpenVINO's native libraries stay out of it): nothing recorded, one report line, onnxruntime."""
+    from click.testing import CliRunner
+
+    from synergy.cli import main
+
+    monkeypatch.setenv("SYNERGY_OPENVINO_CHECK", "1")  # the flag alone decides
+    out = tmp_path / "bundle"
+    command = ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--no-openvino-check"]
+    done = _one_thread(lambda: CliRunner().invoke(main, command))
+    assert done.exit_code == 0, done.output
+    manifest = load_manifest(out, verify=True)
+    assert "openvino_bf16" not in manifest.extra
+    (line,) = [line for line in done.output.splitlines() if "OpenVINO" in line]
+    assert "not run, not asked" in line and "auto runs onnxruntime" in line
     assert choose_backend("auto", "cpu", manifest) == "onnxruntime"
 
 
