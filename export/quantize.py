@@ -15,15 +15,17 @@ int8 per output channel (symmetric). What stays float32, because the accuracy ga
 Two methods (``METHODS``): "dynamic" (``quantize_dynamic``: each activation is quantized at run time from its own
 range; onnxruntime fuses each into ``DynamicQuantizeMatMul`` or, where q, k and v share one quantized input,
 ``MatMulIntegerToFloat``) and "static" (``quantize_static``, QDQ format: fixed per-tensor activation scales
-calibrated on the export's verification set, :func:`calibration_feeds`, uint8 activations x int8 weights). OpenVINO
-reads the QDQ pairs and runs those MatMuls as int8 kernels (VNNI / AMX); onnxruntime's CPU provider runs them no
-faster than float32. Measured (docs/runtime.md, a 2-core AMD EPYC shared with other jobs, so ratios are rough): on
-the base audio tower, onnxruntime dynamic 0.4-0.6x torch bf16, onnxruntime static 0.36x, OpenVINO (bf16 hint) static
-1.6-1.7x (as fast as OpenVINO bf16 on the fp32 graph: this CPU has no AMX), at min cosines 0.9991 / 0.9989 / 0.9988
-to PyTorch fp32; on the tiny preset trained 60 steps, dynamic kept
-100% zero-shot agreement on 152 decided queries and static 97.4%, below the gate's 99%. Dynamic is the default: the
-faster on onnxruntime (the runtime's core engine), the more accurate, and it needs no calibration; static is for
-OpenVINO, which ``--backend auto`` picks for such a bundle.
+calibrated on the export's verification set, :func:`calibration_feeds`, symmetric int8 activations x int8 weights).
+OpenVINO reads the QDQ pairs and runs those MatMuls as int8 kernels (AMX / VNNI); onnxruntime's CPU provider runs
+them no faster than float32. Symmetric int8 activations, not onnxruntime's default asymmetric uint8, because that is
+what OpenVINO's int8 kernels take as they are: on the base audio tower (batch 8, 2 cores of an Intel Xeon with AMX,
+bf16 hint) the uint8 QDQ graph ran at 3.7 clips/s, below OpenVINO bf16 on the fp32 graph (6.0,
+benchmarks/results/runtime-cpu-base-speed.json), and the int8 one at 7.2-8.4 in probes (benchmarks/README.md has
+the interleaved run). Accuracy: on the tiny preset trained 60 steps dynamic kept 100% zero-shot agreement on 152
+decided queries and uint8 static 97.4%, below the gate's 99%; on all-MiniLM-L6-v2 over real sentences dynamic
+reaches min cosine 0.976-0.983 to fp32 and static, calibrated on the verification set's short prompts, far less
+(the export's gate refuses such a bundle). Dynamic is the default: the more accurate, no calibration; static is
+for OpenVINO, which ``--backend auto`` picks for such a bundle.
 """
 
 from __future__ import annotations
