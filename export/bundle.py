@@ -268,7 +268,8 @@ def _write_bundle(tmp: Path, job: ExportJob) -> tuple[Manifest, str]:
         from synergy.export.quantize import DEFAULT_METHOD
 
         method = job.int8_method or DEFAULT_METHOD
-        extra["int8"] = {"method": method, "weights": "int8 per channel, symmetric", "kept_fp32": _KEPT_FP32}
+        extra["int8"] = {"method": method, "weights": "int8 per channel, symmetric", "kept_fp32": _KEPT_FP32,
+                         "towers": {m: tower_precision(job, m) for m in MODALITIES}}  # fmt: skip
     if job.trt is not None:
         tower_files, extra["tensorrt"] = _build_engines(tmp, onnx_files, specs, job)
         verifications.append(_verify_engines(tmp, tower_files, specs, job))
@@ -318,11 +319,12 @@ def _write_graphs(tmp: Path, job: ExportJob) -> tuple[str, dict, dict]:
 
         int8 = job.int8_method or DEFAULT_METHOD
         if int8 == "static":  # activation ranges from the verification set (built-in items and --data rows)
-            calibration = calibration_feeds(job.evaluation, job.tokenizer, job.model.config)
+            calibration = calibration_feeds(job.evaluation)
     for modality in MODALITIES:
         graph = graphs[modality]
         quantization = (int8, calibration.get(modality))
-        proto = _in_precision(graph.model, graph.fp32_nodes, onnx_precision, modality, quantization)
+        precision = "fp32" if tower_precision(job, modality) == "fp32" else onnx_precision
+        proto = _in_precision(graph.model, graph.fp32_nodes, precision, modality, quantization)
         if job.triton:
             rel = _triton_onnx_file(modality, job.platform, job.external_data, proto)
         else:
@@ -372,6 +374,18 @@ def _write_triton_configs(tmp: Path, specs: dict, job: ExportJob) -> dict:
         "max_batch_size": job.batch.max,
         "preferred_batch_size": job.batch.opt,
     }
+
+
+def tower_precision(job: ExportJob, modality: str) -> str:
+    """The precision one tower is written at: the bundle's, except the text tower of a static int8 bundle, which
+    stays fp32. Static activation ranges come from the verification set, whose text is short label prompts, and
+    they do not cover free text: all-MiniLM-L6-v2 calibrated on such prompts embedded real sentences (this
+    repository's docs) at min cosine 0.65 to fp32 on OpenVINO, though the prompts themselves passed the gate. Text is
+    the cheap tower of a zero-shot query (labels are embedded once and cached); `--quantize dynamic` quantizes it,
+    each activation from its own range."""
+    if modality == "text" and job.precision == "int8" and job.int8_method == "static":
+        return "fp32"
+    return job.precision
 
 
 _KEPT_FP32 = "audio front end, attention score/value MatMuls, softmax, LayerNorm, final projection + L2 norm"
@@ -573,7 +587,9 @@ def _manifest(
     return Manifest(
         embed_dim=config.embed_dim,
         logit_scales=dict(zip(PAIRS, (float(s) for s in scales))),
-        towers={m: TowerSpec(tower_files[m], specs[m].inputs, specs[m].outputs, job.precision) for m in MODALITIES},
+        towers={
+            m: TowerSpec(tower_files[m], specs[m].inputs, specs[m].outputs, tower_precision(job, m)) for m in MODALITIES
+        },
         image=config.image.preprocessing(),
         audio=AudioPreprocessing(config.audio.sample_rate, config.audio.clip_seconds),
         text=TextPreprocessing(config.text.max_length, tuple(config.prompt_templates)),

@@ -103,12 +103,11 @@ def quantize_int8(
 CALIBRATION_ITEMS = 32  # per tower: the activation ranges settle within a few dozen items; each costs a forward
 
 
-def calibration_feeds(evaluation, tokenizer, config, items: int = CALIBRATION_ITEMS) -> dict[str, list[dict]]:
+def calibration_feeds(evaluation, items: int = CALIBRATION_ITEMS) -> dict[str, list[dict]]:
     """modality -> input feeds for the "static" method's activation ranges, drawn from the export's verification
     set (the built-in items and the ``--data`` rows): ``items`` pictures and sounds spread evenly over it, one per
-    feed (a range does not depend on the batch), and the prompts of its labels, padded in batches of 8."""
-    from synergy.export.verify import _pad, _pad_id, _tokenize
-    from synergy.runtime.prompts import fill_prompt
+    feed (a range does not depend on the batch). No text: a static bundle keeps its text tower fp32
+    (``export.bundle.tower_precision`` says why)."""
 
     def spread(count: int) -> np.ndarray:
         return np.unique(np.linspace(0, count - 1, min(items, count)).round().astype(int))
@@ -118,12 +117,7 @@ def calibration_feeds(evaluation, tokenizer, config, items: int = CALIBRATION_IT
         {"waveform": evaluation.waveforms[i : i + 1], "waveform_lengths": evaluation.waveform_lengths[i : i + 1]}
         for i in spread(len(evaluation.waveforms))
     ]
-    prompts = [fill_prompt(t, label) for label in evaluation.labels for t in config.prompt_templates]
-    sequences = [_tokenize(tokenizer, prompts, config.text.max_length)[i] for i in spread(len(prompts))]
-    pad = _pad_id(tokenizer)
-    parts = [sequences[i : i + 8] for i in range(0, len(sequences), 8)]
-    texts = [_pad(part, max(len(s) for s in part), pad) for part in parts]
-    return {"image": images, "audio": sounds, "text": texts}
+    return {"image": images, "audio": sounds}
 
 
 def weight_matmuls(model: onnx.ModelProto, keep_fp32: Collection[str] = ()) -> list[str]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import onnx
@@ -241,19 +242,17 @@ def test_cli_refuses_a_fragile_int8_export(fragile_checkpoint, tmp_path):
 def test_calibration_feeds_spread_over_the_verification_set(reference_model):
     from synergy.export.quantize import calibration_feeds
 
-    model, tokenizer = reference_model
+    model, _ = reference_model
     config = model.config
     size, clip = model.image_tower.config.image_size, round(config.audio.clip_seconds * config.audio.sample_rate)
     args = (size, config.image.mean, config.image.std, config.audio.sample_rate, clip)
     evaluation = combine_evaluation_sets(builtin_evaluation_set(*args), builtin_evaluation_set(*args, count=6, seed=1))
-    feeds = calibration_feeds(evaluation, tokenizer, config, items=10)
-    assert len(feeds["image"]) == len(feeds["audio"]) == 10
+    feeds = calibration_feeds(evaluation, items=10)
+    assert set(feeds) == {"image", "audio"} and len(feeds["image"]) == len(feeds["audio"]) == 10
     # the last item is a --data row (they follow the 64 built-in items): the user's own data is calibrated on
     assert np.array_equal(feeds["audio"][-1]["waveform"], evaluation.waveforms[-1:])
     assert feeds["audio"][-1]["waveform_lengths"].dtype == np.int64
     assert feeds["image"][0]["pixel_values"].shape == (1, 3, size, size)
-    texts = feeds["text"]
-    assert sum(len(f["input_ids"]) for f in texts) == 10 and all(f["attention_mask"].dtype == np.int64 for f in texts)
 
 
 @pytest.fixture(scope="module")
@@ -273,12 +272,16 @@ def test_static_int8_bundle_is_qdq_and_the_gate_measures_it(static_export):
     (verification,) = manifest.extra["verification"]
     assert verification["thresholds"]["min_agreement"] == 0.9 and 0.99 <= verification["min_cosine"] < 1.0
     assert manifest.extra["int8"]["method"] == "static" and manifest.extra["opset"] == 23
-    for modality in ("image", "text", "audio"):
+    for modality in ("image", "audio"):
         ops = {n.op_type for n in onnx.load_model(out / f"{modality}.onnx").graph.node}
         assert {"QuantizeLinear", "DequantizeLinear", "Attention"} <= ops and "MatMulInteger" not in ops, modality
+        assert manifest.towers[modality].precision == "int8"
+    # the text tower stays fp32: prompts' activation ranges do not cover free text (export.bundle.tower_precision)
+    ops = {n.op_type for n in onnx.load_model(out / "text.onnx").graph.node}
+    assert "QuantizeLinear" not in ops and manifest.towers["text"].precision == "fp32"
+    assert manifest.extra["int8"]["towers"] == {"image": "int8", "text": "fp32", "audio": "int8"}
 
 
-@pytest.mark.isolated  # OpenVINO's native libraries run away from torch (tests/conftest.py)
 @pytest.mark.isolated  # OpenVINO's native libraries stay out of the suite's process (tests/conftest.py)
 def test_openvino_runs_the_static_int8_bundle(static_export):
     pytest.importorskip("openvino", reason="the openvino extra is not installed: pip install '.[openvino]'")
@@ -306,9 +309,11 @@ def test_auto_picks_openvino_only_for_static_int8(static_export, int8_export):
 
     static = load_manifest(static_export[0])
     installed = importlib.util.find_spec("openvino") is not None
+    asked = os.environ.get("SYNERGY_OPENVINO_CHECK", "1") != "0"  # the suite's own process skips it (conftest)
     record = static.extra.get("openvino_bf16")  # the export's check on OpenVINO bf16, where the extra is installed
-    assert (record is not None) == installed
-    assert runs_best_on_openvino(static) == (installed and record["passed"])
+    assert (record is not None) == (installed and asked)
+    # auto follows a record; without one, a static int8 bundle runs on OpenVINO wherever the extra is installed
+    assert runs_best_on_openvino(static) == (installed and (record is None or record["passed"]))
     dynamic = load_manifest(int8_export[0])  # dynamic int8: onnxruntime fuses it best, and OpenVINO is not checked
     assert "openvino_bf16" not in dynamic.extra and not runs_best_on_openvino(dynamic)
     assert not runs_best_on_openvino(replace(static, precision="fp32", extra={}))  # fp32 keeps its verified engine
