@@ -6,7 +6,8 @@ different real lengths (a third of the built-in sounds are shorter than a clip) 
 (shorter than a clip: padded frames; longer: cropped), and through the PyTorch model in float32. Measured: the largest
 absolute error and the smallest cosine between the two embeddings of an item. Across towers: zero-shot top-1
 agreement, i.e. how often the exported model picks the same label as PyTorch for an image or a sound, the labels
-being embedded from the prompt templates by each side's own text tower.
+being embedded from the prompt templates by each side's own text tower. The text tower also embeds free text, whose
+cosines count with the prompts': built-in sentences and, with a CSV, its captions.
 
 Thresholds (from the export issues): fp32 max abs error <= 1e-4 and cosine >= 0.9999; fp16 cosine >= 0.999 and
 top-1 agreement >= 99%; int8 cosine >= 0.99 and top-1 agreement >= 99% (the accuracy gate of a lossy precision: an
@@ -59,6 +60,36 @@ BUILTIN_LABELS = (
     "speech",
 )
 
+# Free text for the text tower's check, beside the label prompts: a tower can embed short prompts well and sentences
+# badly (all-MiniLM-L6-v2 in dynamic int8: min cosine 0.9905 on the prompts, 0.979 on real sentences;
+# benchmarks/README.md), and a bundle embeds captions and queries, not only labels. Varied length and vocabulary.
+BUILTIN_SENTENCES = (
+    "A dog barks twice at the mail carrier, then runs back to the porch.",
+    "Rain drums on a tin roof while thunder rolls somewhere far to the east.",
+    "The violinist tunes her instrument before the quartet begins the second movement.",
+    "Traffic noise",
+    "Children laughing on a playground during the afternoon break",
+    "An old diesel engine struggles to start on a cold winter morning, coughing smoke.",
+    "Waves crash against the rocks below the lighthouse as gulls circle overhead.",
+    "Somebody is typing quickly on a mechanical keyboard in a quiet office.",
+    "A red square and a blue circle on a white background.",
+    "The recipe calls for two cups of flour, three eggs, a pinch of salt and warm milk.",
+    "Fireworks explode over the harbour and the crowd cheers after every burst of colour.",
+    "A church bell rings noon across the valley, echoing off the hills.",
+    "How do I reset my password if I no longer have access to the recovery email?",
+    "Footsteps on gravel, a door creaks open, and a cat meows once.",
+    "Electric guitar solo with heavy distortion and a fast drum beat underneath it.",
+    "The committee postponed the vote until the budget figures had been independently audited.",
+    "Birdsong at dawn in a pine forest, with a woodpecker knocking in the distance.",
+    "A jet airliner takes off, its engines roaring, and slowly fades into the clouds.",
+    "Photograph of a yellow taxi parked in front of a brick building at night.",
+    "Crickets chirp in tall grass on a warm summer evening.",
+    "She whispered the answer so quietly that nobody in the back row could hear it.",
+    "A blender crushes ice, then stops; a spoon clinks against a glass.",
+    "Snow falling silently on an empty street lit by orange lamps.",
+    "Applause",
+)
+
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -91,6 +122,7 @@ class EvaluationSet:
     labels: tuple[str, ...]
     source: str
     waveform_lengths: np.ndarray  # [M] int64 real samples per row
+    texts: tuple[str, ...] = ()  # free text (captions) checked through the text tower besides the label prompts
 
 
 @dataclass(frozen=True)
@@ -233,7 +265,7 @@ def builtin_evaluation_set(
     source = (
         f"built-in set: {count} pictures, {count} sounds ({int((lengths < clip_samples).sum())} short), seed {seed}"
     )
-    return EvaluationSet(images.astype(np.float32), waveforms, BUILTIN_LABELS, source, lengths)
+    return EvaluationSet(images.astype(np.float32), waveforms, BUILTIN_LABELS, source, lengths, BUILTIN_SENTENCES)
 
 
 def read_evaluation_set(
@@ -279,9 +311,10 @@ def read_evaluation_set(
     labels = tuple(sorted({row["label"] for row in rows if row["label"]}))
     if not images or not waveforms or len(labels) < 2:
         raise ValueError(f"evaluation data {csv_path}: needs pictures, sounds and at least two labels")
-    source = f"{csv_path.name}: {len(images)} pictures, {len(waveforms)} sounds"
+    captions = tuple(dict.fromkeys(c.strip() for row in rows if (c := row.get("caption") or "").strip()))[:limit]
+    source = f"{csv_path.name}: {len(images)} pictures, {len(waveforms)} sounds, {len(captions)} captions"
     images, waveforms = np.stack(images).astype(np.float32), np.stack(waveforms).astype(np.float32)
-    return EvaluationSet(images, waveforms, labels, source, np.asarray(lengths, np.int64))
+    return EvaluationSet(images, waveforms, labels, source, np.asarray(lengths, np.int64), captions)
 
 
 def combine_evaluation_sets(builtin: EvaluationSet, data: EvaluationSet) -> EvaluationSet:
@@ -293,6 +326,7 @@ def combine_evaluation_sets(builtin: EvaluationSet, data: EvaluationSet) -> Eval
         labels=data.labels,
         source=f"{builtin.source}; {data.source}; labels of {data.source.split(':')[0]}",
         waveform_lengths=np.concatenate([builtin.waveform_lengths, data.waveform_lengths]),
+        texts=builtin.texts + data.texts,
     )
 
 
@@ -443,6 +477,13 @@ def verify_towers(
     )
     feeds = _pad(sequences[:17], config.text.max_length, pad_id)
     text_cmp.add(runners["text"](feeds), reference("text", feeds), config.text.max_length)
+    # free text (built-in sentences and --data captions), batches of 8 padded to their longest: in the tower's
+    # cosines, not in the zero-shot labels
+    free = _tokenize(tokenizer, list(evaluation.texts), config.text.max_length)
+    for start in range(0, len(free), 8):
+        part = free[start : start + 8]
+        feeds = _pad(part, max(len(s) for s in part), pad_id)
+        text_cmp.add(runners["text"](feeds), reference("text", feeds), feeds["input_ids"].shape[1])
 
     # zero-shot: label = normalised mean of its normalised prompt embeddings, as the runtime computes it
     def label_matrix(prompt_embeddings: np.ndarray) -> np.ndarray:

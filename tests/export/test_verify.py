@@ -84,6 +84,7 @@ def test_reads_a_synergy_clip_csv(tmp_path):
     evaluation = read_evaluation_set(csv_path, 30, (0.5,) * 3, (0.25,) * 3, 16000, 8000, limit=5)
     assert evaluation.images.shape == (5, 3, 30, 30) and evaluation.waveforms.shape == (5, 8000)
     assert len(evaluation.labels) >= 2 and "val.csv" in evaluation.source
+    assert evaluation.texts and all(t.strip() for t in evaluation.texts)  # the CSV's captions: the text check's
     with pytest.raises(ValueError, match="no such file"):
         read_evaluation_set(tmp_path / "missing.csv", 30, (0.5,) * 3, (0.25,) * 3, 16000, 8000)
 
@@ -131,3 +132,49 @@ def test_engines_verified_on_one_set_share_pytorch_s_embeddings(reference_model)
     # another seed: new pictures and sounds run the model again; the labels' prompts are the same feeds, and do not
     assert calls_first > 0 and set(calls) == {"image", "audio"}
     assert first.towers == second.towers and not second.failures() and not third.failures()
+
+
+def test_free_text_is_checked_beside_the_prompts(reference_model):
+    """A text engine exact on the short label prompts and wrong on sentences (as int8 MiniLM nearly is) fails the
+    gate: the built-in sentences and a CSV's captions go through the text tower too."""
+    import dataclasses
+
+    import torch
+
+    from synergy.export.verify import BUILTIN_LABELS, BUILTIN_SENTENCES, combine_evaluation_sets, verify_towers
+    from synergy.runtime.prompts import fill_prompt
+
+    model, tokenizer = reference_model
+    config = model.config
+    image = config.image.preprocessing()
+    clip = round(config.audio.clip_seconds * config.audio.sample_rate)
+    evaluation = builtin_evaluation_set(image.size, image.mean, image.std, config.audio.sample_rate, clip, 8)
+    assert evaluation.texts == BUILTIN_SENTENCES
+    prompts = [fill_prompt(t, label) for label in BUILTIN_LABELS for t in config.prompt_templates]
+    longest_prompt = max(len(tokenizer.encode(p).ids) for p in prompts)
+
+    def run(encode, skew=False):
+        def runner(feeds):
+            out = encode(*(torch.from_numpy(v) for v in feeds.values())).detach().numpy()
+            if skew:  # rows with more real tokens than any prompt: the sentences
+                longer = feeds["attention_mask"].sum(1) > longest_prompt
+                out[longer] += 0.2 * np.roll(out[longer], 1, axis=1)
+            return out
+
+        return runner
+
+    def engine(skew):
+        towers = {"image": run(model.encode_image), "audio": run(model.encode_audio)}
+        return {**towers, "text": run(model.encode_text, skew)}
+
+    with torch.no_grad():
+        exact = verify_towers(model, tokenizer, engine(False), evaluation, "int8", "exact")
+        skewed = verify_towers(model, tokenizer, engine(True), evaluation, "int8", "skewed")
+        prompts_only = dataclasses.replace(evaluation, texts=())
+        blind = verify_towers(model, tokenizer, engine(True), prompts_only, "int8", "prompts only")
+    assert not exact.failures() and exact.towers["text"].items > blind.towers["text"].items
+    assert any("text: min cosine" in f for f in skewed.failures()), skewed.format()
+    assert not blind.failures()  # without free text the same engine passes: what the sentences are there for
+    # a CSV's captions join the built-in sentences
+    captioned = combine_evaluation_sets(evaluation, dataclasses.replace(evaluation, texts=("a cat on a mat",)))
+    assert captioned.texts == (*BUILTIN_SENTENCES, "a cat on a mat")
