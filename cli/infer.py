@@ -9,7 +9,8 @@ each pair as one item, and reports the files left without a partner as failed.
 
 Output (cli/infer_output.py): a table for people (failures on stderr), or with ``--json`` one JSON object per input
 on stdout, or with ``--out`` the same JSON lines written to a file and nothing but failures and the summary on the
-terminal. The last line on stderr is always the summary: ``synergy infer: 320 inputs, 318 ok, 2 failed in 3.1 s``.
+terminal. The last line on stderr is always the summary: ``synergy infer: 320 inputs, 318 ok, 2 failed in 3.1 s on
+onnxruntime`` (the engine ``--backend auto`` chose).
 
 Exit codes: 0 every input classified; 1 some inputs failed (each reported); 2 (``InferUsageError``) when nothing can
 run: no inputs, bad labels, an unusable bundle or backend, ``--fuse`` without any pair.
@@ -133,7 +134,7 @@ def run(inputs: InferInputs, options: InferOptions) -> int:
     seconds = time.perf_counter() - started
     summary = f"synergy infer: {report.inputs} inputs, {report.inputs - report.failed} ok, {report.failed} failed"
     where = f"; results in {options.out}" if options.out is not None else ""
-    print(f"{summary} in {seconds:.1f} s{where}", file=sys.stderr, flush=True)
+    print(f"{summary} in {seconds:.1f} s on {runtime.backend}{where}", file=sys.stderr, flush=True)
     return 1 if report.failed else 0
 
 

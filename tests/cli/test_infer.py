@@ -75,6 +75,7 @@ def test_table_for_people_and_exit_0(inputs, tiny_bundle, capsys):
     assert err.strip().splitlines() == [_summary(err)] and _summary(err).startswith(
         "synergy infer: 3 inputs, 3 ok, 0 failed"
     )
+    assert _summary(err).endswith(" s on onnxruntime")  # the engine auto chose (this suite's exports: no OpenVINO)
     lines = out.splitlines()
     assert lines[0].split() == ["input", "#", "label", "probability", "similarity"]  # the JSON's words
     assert len(lines) == 1 + 3 * 2  # one header even across batches, then top-2 per image
