@@ -81,7 +81,8 @@ def serve(
     # handlers catch that second delivery, so a drained server exits 0 instead of dying by the signal
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda number, frame: stopped_by.append(number))
-    served = ", ".join(f"{name}={path}" for name, path in named.items())
+    engines = {service.name: service.runtime.backend for service in models}  # what --backend auto chose, per bundle
+    served = ", ".join(f"{name}={path} on {engines[name]}" for name, path in named.items())
     access = ", API key required" if api_keys else ""  # never the key itself
     print(f"synergy serve: listening on http://{host}:{bound} (bundles {served}{access})", file=sys.stderr, flush=True)
     server.run(sockets=[sock])

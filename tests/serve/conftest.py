@@ -78,6 +78,7 @@ class Server:
             self.process.kill()
             raise RuntimeError(f"the server did not start: {line}{self.process.stderr.read()}")
         self.url = line.split("listening on ")[1].split()[0]
+        self.started = line.strip()  # the listening line: bundles and the engine each runs on
         self.lines: list[str] = []  # the rest of stderr, drained so that a chatty server never blocks on the pipe
         self._drain = threading.Thread(target=self._read_stderr, daemon=True)
         self._drain.start()

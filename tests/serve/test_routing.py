@@ -5,6 +5,7 @@ served ones, /readyz and /v1/models cover both, and each model has its own metri
 from __future__ import annotations
 
 import base64
+import re
 
 import numpy as np
 import pytest
@@ -104,6 +105,8 @@ def test_classify_is_routed_by_model_too(two, library, other_library):
 def test_readiness_and_metrics_cover_each_model(two):
     status, _, ready = two.get("/readyz")
     assert status == 200 and list(ready["models"]) == ["tiny", "second"]
+    # the start line names each bundle's engine (what --backend auto chose; this suite's exports: onnxruntime)
+    assert re.search(r"\(bundles tiny=\S+ on onnxruntime, second=\S+ on onnxruntime\)", two.started), two.started
     before = {m: two.metric(f'synergy_items_total{{modality="text",model="{m}"}}') for m in ("tiny", "second")}
     assert two.post("/v1/embeddings", {"model": "second", "input": ["dog", "cat"]})[0] == 200
     after = {m: two.metric(f'synergy_items_total{{modality="text",model="{m}"}}') for m in ("tiny", "second")}
