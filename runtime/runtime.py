@@ -29,7 +29,7 @@ from .labels import read_labels
 from .manifest import MODALITIES, Manifest
 from .search import SearchHit, fuse_embeddings, nearest
 from .text import tokenize
-from .towers import BACKENDS, Towers, check_choice, choose_backend
+from .towers import BACKENDS, Towers, check_choice, choose_backend, graph_bytes
 from .video import DEFAULT_FRAMES_PER_SECOND, DEFAULT_MAX_FRAMES
 from .video_embedding import VideoEmbeddings, VideoSettings, embed_videos
 from .zeroshot import LabelCache, Prediction, label_scale, rank_labels
@@ -94,7 +94,7 @@ class Runtime:
         bundle = Path(bundle)
         trust_unverified = trust_unverified or not verify
         manifest = open_bundle(bundle, trust_unverified)
-        backend = choose_backend(backend, device, manifest)
+        backend = choose_backend(backend, device, manifest, graph_bytes(bundle, manifest))
         # every tower has a file this backend runs; the files this runtime loads are hashed as they load, on the
         # bytes that load (each read once, no window between check and use); every other listed file is hashed now
         loaded = files_hashed_on_load(bundle, manifest, BACKENDS[backend].runs_engines)

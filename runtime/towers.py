@@ -11,6 +11,7 @@ the largest input the manifest allows) and the tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -147,21 +148,41 @@ def check_choice(backend: str, device: str) -> None:
         raise BackendError(f"device {device!r} is not one of {DEVICES}")
 
 
-def choose_backend(backend: str, device: str, manifest: Manifest) -> str:
+# "auto" leaves bundles whose graphs total less than this on onnxruntime, whatever their OpenVINO record says.
+# OpenVINO's start-up (import 0.28-0.37 s against onnxruntime's 0.15-0.18, plus compiling) is paid by every process,
+# and small towers never earn it back in a one-shot call: on the demo bundle (7.6 MB of graphs), `synergy infer` on its
+# 320 val clips took 0.8 s on OpenVINO bf16 and 0.5 s on onnxruntime, one clip 0.75 s against 0.33 s. The base audio
+# tower (347 MB) gains 0.5 s per clip on OpenVINO from the first one; all-MiniLM-L6-v2 (90 MB) about 12 ms a sentence.
+OPENVINO_MIN_GRAPH_BYTES = 64 << 20
+
+
+def choose_backend(backend: str, device: str, manifest: Manifest, graph_bytes: int | None = None) -> str:
     """ "auto" -> the engines of a TensorRT bundle on ``device="cuda"``; on the CPU, OpenVINO with the bf16 hint
-    where its export verified it and the openvino extra is installed (:func:`runs_best_on_openvino`); else
+    where its export verified it, the openvino extra is installed (:func:`runs_best_on_openvino`) and the bundle's
+    graphs (``graph_bytes``, their total size; None: not considered) reach ``OPENVINO_MIN_GRAPH_BYTES``; else
     onnxruntime. The backend is checked on this machine (``BackendError`` now, with the install hint, rather than on
     the first batch)."""
     if backend == "auto":
         engines = [Path(t.file).suffix in ENGINE_SUFFIXES for t in manifest.towers.values()]
+        big_enough = graph_bytes is None or graph_bytes >= OPENVINO_MIN_GRAPH_BYTES
         if engines and all(engines) and device == "cuda":
             backend = "tensorrt"
-        elif device == "cpu" and runs_best_on_openvino(manifest):
+        elif device == "cpu" and big_enough and runs_best_on_openvino(manifest):
             backend = "openvino-bf16"
         else:
             backend = "onnxruntime"
     BACKENDS[backend].check(device)
     return backend
+
+
+def graph_bytes(bundle: Path, manifest: Manifest) -> int:
+    """Total size of the towers' graph (or engine) files, as lstat gives it (a missing file counts 0: the checks
+    that follow name it)."""
+    total = 0
+    for tower in manifest.towers.values():
+        with contextlib.suppress(OSError):
+            total += (bundle / tower.file).lstat().st_size
+    return total
 
 
 def runs_best_on_openvino(manifest: Manifest) -> bool:

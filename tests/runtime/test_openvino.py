@@ -138,3 +138,18 @@ def test_auto_keeps_onnxruntime_for_graphs_openvino_does_not_read(tiny_bundle):
     manifest = _with(load_manifest(tiny_bundle[0]), openvino_bf16={"passed": True})
     side_file = replace(manifest, files={**manifest.files, "audio.onnx.data": "0" * 64})  # external weights
     assert choose_backend("auto", "cpu", side_file) == "onnxruntime"
+
+
+def test_auto_leaves_small_bundles_on_onnxruntime(tiny_bundle):
+    """OpenVINO's start-up outweighs a small tower in a one-shot call (the demo bundle: 0.8 s on OpenVINO against 0.5 s
+    on onnxruntime for its 320 val clips), so a passed record moves only bundles of OPENVINO_MIN_GRAPH_BYTES or more."""
+    from synergy.runtime.bundle import load_manifest
+    from synergy.runtime.towers import OPENVINO_MIN_GRAPH_BYTES, choose_backend, graph_bytes
+
+    manifest = _with(load_manifest(tiny_bundle[0]), openvino_bf16={"passed": True})
+    size = graph_bytes(tiny_bundle[0], manifest)
+    assert 0 < size < OPENVINO_MIN_GRAPH_BYTES
+    assert size == sum((tiny_bundle[0] / t.file).stat().st_size for t in manifest.towers.values())
+    assert choose_backend("auto", "cpu", manifest, size) == "onnxruntime"
+    assert choose_backend("auto", "cpu", manifest, OPENVINO_MIN_GRAPH_BYTES) == "openvino-bf16"
+    assert choose_backend("openvino-bf16", "cpu", manifest, size) == "openvino-bf16"  # asked for: no floor
