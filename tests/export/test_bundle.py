@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-import torch
 from click.testing import CliRunner
 
 from synergy.export import ExportError, export_bundle
@@ -21,6 +20,8 @@ from synergy.runtime.bundle import load_manifest
 from synergy.runtime.manifest import FORMAT_VERSION, PAIRS, BundleError
 
 TOLERANCES = {"fp32": (1e-4, 0.9999), "fp16": (None, 0.999)}  # (max abs error, min cosine)
+
+_torch = verify_module._torch_embeddings  # PyTorch's fp32 embeddings, as the export's verification has them
 
 
 def _session(path):
@@ -49,16 +50,6 @@ def _inputs(model, modality: str, batch: int, length: int | None = None, seed: i
     real = np.full(batch, samples, np.int64)
     real[1::2] = rng.integers(samples // 4, samples, real[1::2].shape)  # ragged rows: padding past their length
     return {"waveform": (0.1 * rng.standard_normal((batch, samples))).astype(np.float32), "waveform_lengths": real}
-
-
-def _torch(model, modality: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
-    with torch.no_grad():
-        if modality == "image":
-            return model.encode_image(tensors["pixel_values"]).numpy()
-        if modality == "text":
-            return model.encode_text(tensors["input_ids"], tensors["attention_mask"]).numpy()
-        return model.encode_audio(tensors["waveform"], tensors["waveform_lengths"]).numpy()
 
 
 def _assert_close(got: np.ndarray, want: np.ndarray, precision: str) -> None:
