@@ -121,3 +121,15 @@ def model_exporter():
 def cosine():
     """:func:`cosines`."""
     return cosines
+
+
+@pytest.fixture(scope="session")
+def one_thread():
+    """:func:`single_thread` as a call, for fixtures of any scope: ``one_thread(fn)`` -> ``fn()`` on one torch thread
+    (the per-test autouse fixture does not reach module-scoped fixtures)."""
+
+    def run(function):
+        with single_thread():
+            return function()
+
+    return run

@@ -64,15 +64,6 @@ def _label_matrix(model, tokenizer) -> torch.Tensor:
     return F.normalize(prompts.mean(1), dim=-1)
 
 
-def _one_thread(function):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return function()
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _train_pictures(checkpoint, out, pictures) -> None:
     """The tiny checkpoint with its image tower trained until each picture's nearest label is its own by a clear
     margin, so that "the right top-1" is a fact of the model and not a float tie an engine may break either way."""
@@ -97,13 +88,13 @@ def _train_pictures(checkpoint, out, pictures) -> None:
 
 
 @pytest.fixture(scope="module")
-def picture_bundle(checkpoint, tmp_path_factory):
+def picture_bundle(checkpoint, tmp_path_factory, one_thread):
     """(bundle, report, picture paths): the tiny checkpoint trained on six pictures, exported fp32."""
     root = tmp_path_factory.mktemp("openvino-check")
     size = load_checkpoint(checkpoint, attn_implementation="sdpa")[0].config.image.preprocessing().size
     pictures = _pictures(root / "pictures", size)
-    _one_thread(lambda: _train_pictures(checkpoint, root / "checkpoint", pictures))
-    report = _one_thread(lambda: export_bundle(root / "checkpoint", root / "bundle"))
+    one_thread(lambda: _train_pictures(checkpoint, root / "checkpoint", pictures))
+    report = one_thread(lambda: export_bundle(root / "checkpoint", root / "bundle"))
     return root / "bundle", report, pictures
 
 
@@ -161,11 +152,11 @@ def test_a_failed_record_keeps_onnxruntime_and_a_passed_one_picks_openvino(pictu
 
 
 @needs_openvino
-def test_a_check_below_its_threshold_is_recorded_and_does_not_fail_the_export(checkpoint, tmp_path):
+def test_a_check_below_its_threshold_is_recorded_and_does_not_fail_the_export(checkpoint, tmp_path, one_thread):
     """--min-cosine 0.99999: onnxruntime's fp32 graphs meet it (cosine 1.0000000), OpenVINO's bf16 cannot (about
     3 significant digits per activation: 0.9999 on the tiny preset). The export succeeds and stays on onnxruntime."""
     out = tmp_path / "bundle"
-    report = _one_thread(lambda: export_bundle(checkpoint, out, min_cosine=0.99999))
+    report = one_thread(lambda: export_bundle(checkpoint, out, min_cosine=0.99999))
     manifest = load_manifest(out, verify=True)
     record = manifest.extra["openvino_bf16"]
     assert record["passed"] is False and record["thresholds"]["min_cosine"] == 0.99999
@@ -176,12 +167,12 @@ def test_a_check_below_its_threshold_is_recorded_and_does_not_fail_the_export(ch
     assert choose_backend("auto", "cpu", manifest) == "onnxruntime"
 
 
-def test_without_openvino_nothing_is_recorded_and_the_report_says_so(checkpoint, tmp_path, monkeypatch):
+def test_without_openvino_nothing_is_recorded_and_the_report_says_so(checkpoint, tmp_path, monkeypatch, one_thread):
     """An environment without the extra: ``sys.modules[name] = None`` is how Python spells "not installed" to
     ``importlib.util.find_spec`` and ``import`` alike."""
     monkeypatch.setitem(sys.modules, "openvino", None)
     out = tmp_path / "bundle"
-    report = _one_thread(lambda: export_bundle(checkpoint, out, openvino_check=True))  # asked, whatever the env says
+    report = one_thread(lambda: export_bundle(checkpoint, out, openvino_check=True))  # asked, whatever the env says
     manifest = load_manifest(out, verify=True)
     assert "openvino_bf16" not in manifest.extra
     (line,) = [line for line in report.splitlines() if "OpenVINO" in line]
@@ -189,7 +180,7 @@ def test_without_openvino_nothing_is_recorded_and_the_report_says_so(checkpoint,
     assert choose_backend("auto", "cpu", manifest) == "onnxruntime"
 
 
-def test_the_check_is_skipped_when_not_asked(checkpoint, tmp_path, monkeypatch):
+def test_the_check_is_skipped_when_not_asked(checkpoint, tmp_path, monkeypatch, one_thread):
     """`synergy export --no-openvino-check` (and SYNERGY_OPENVINO_CHECK=0, which this suite's own process sets so
     that OpenVINO's native libraries stay out of it): nothing recorded, one report line, onnxruntime."""
     from click.testing import CliRunner
@@ -199,7 +190,7 @@ def test_the_check_is_skipped_when_not_asked(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("SYNERGY_OPENVINO_CHECK", "1")  # the flag alone decides
     out = tmp_path / "bundle"
     command = ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--no-openvino-check"]
-    done = _one_thread(lambda: CliRunner().invoke(main, command))
+    done = one_thread(lambda: CliRunner().invoke(main, command))
     assert done.exit_code == 0, done.output
     manifest = load_manifest(out, verify=True)
     assert "openvino_bf16" not in manifest.extra

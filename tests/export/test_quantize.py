@@ -26,19 +26,10 @@ from synergy.export.verify import (
 from synergy.runtime.bundle import load_manifest
 
 
-def _one_thread(function):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return function()
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def int8_export(checkpoint, tmp_path_factory):
+def int8_export(checkpoint, tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("int8") / "bundle"
-    return out, _one_thread(lambda: export_bundle(checkpoint, out, precision="int8"))
+    return out, one_thread(lambda: export_bundle(checkpoint, out, precision="int8"))
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +57,9 @@ def _session(data: bytes):
 
 
 @pytest.fixture(scope="module")
-def audio_graph(reference_model):
+def audio_graph(reference_model, one_thread):
     model, _ = reference_model
-    return _one_thread(lambda: export_tower_graphs(model, 18)["audio"])
+    return one_thread(lambda: export_tower_graphs(model, 18)["audio"])
 
 
 def test_only_transformer_weight_matmuls_are_quantized(audio_graph):
@@ -147,7 +138,7 @@ def test_onnxruntime_fuses_the_dynamic_int8_matmuls(audio_graph, tmp_path):
     assert fused == len(weight_matmuls(audio_graph.model, audio_graph.fp32_nodes)) and "MatMulInteger" not in ops
 
 
-def test_static_quantizes_activations_to_symmetric_int8(audio_graph):
+def test_static_quantizes_activations_to_symmetric_int8(audio_graph, one_thread):
     """What OpenVINO's int8 kernels take as they are (export/quantize.py): every activation and weight QDQ pair is
     int8 with zero point 0 (onnxruntime's default, uint8 with a zero point, ran at less than half the speed)."""
     from onnx import numpy_helper
@@ -156,13 +147,30 @@ def test_static_quantizes_activations_to_symmetric_int8(audio_graph):
     clip = 3200
     feeds = [{"waveform": (0.1 * rng.standard_normal((1, clip))).astype(np.float32),
               "waveform_lengths": np.array([clip], np.int64)} for _ in range(2)]  # fmt: skip
-    model = _one_thread(lambda: quantize_int8(audio_graph.model, audio_graph.fp32_nodes, "static", feeds))
+    model = one_thread(lambda: quantize_int8(audio_graph.model, audio_graph.fp32_nodes, "static", feeds))
     constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     pairs = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert pairs
     for node in pairs:
         zero_point = constants[node.input[2]]
         assert zero_point.dtype == np.int8 and not zero_point.any(), (node.name, zero_point.dtype)
+
+
+def test_static_leaves_the_matmul_products_float(audio_graph, one_thread):
+    """Only the inputs of the quantized MatMuls get QDQ pairs: no QuantizeLinear reads a MatMul's output (onnxruntime's
+    default rounds every product to int8 as well, which lost accuracy at no gain in speed: export/quantize.py)."""
+    rng = np.random.default_rng(6)
+    feeds = [{"waveform": (0.1 * rng.standard_normal((1, 3200))).astype(np.float32),
+              "waveform_lengths": np.array([3200], np.int64)}]  # fmt: skip
+    model = one_thread(lambda: quantize_int8(audio_graph.model, audio_graph.fp32_nodes, "static", feeds))
+    producer = {out: node for node in model.graph.node for out in node.output}
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    quantized = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in dequantized]
+    assert len(quantized) == len(weight_matmuls(audio_graph.model, audio_graph.fp32_nodes))
+    for node in quantized:  # an int8 x int8 product, written as a float
+        assert producer[node.input[0]].op_type == "DequantizeLinear", node.name
+    rounded = [producer.get(n.input[0]) for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert rounded and not [n.name for n in rounded if n is not None and n.op_type == "MatMul"]
 
 
 def test_static_needs_calibration_and_methods_are_checked(audio_graph):
@@ -225,16 +233,16 @@ def test_runtime_runs_the_int8_bundle(int8_export, reference_model):
     assert ((got * want).sum(1) >= 0.99).all()
 
 
-def test_gate_refuses_a_fragile_int8_export_with_its_numbers(fragile_checkpoint, tmp_path):
+def test_gate_refuses_a_fragile_int8_export_with_its_numbers(fragile_checkpoint, tmp_path, one_thread):
     out = tmp_path / "bundle"
     with pytest.raises(ExportError) as caught:
-        _one_thread(lambda: export_bundle(fragile_checkpoint, out, precision="int8"))
+        one_thread(lambda: export_bundle(fragile_checkpoint, out, precision="int8"))
     message = str(caught.value)
     assert "verification failed, nothing written" in message
     assert "FAILED:" in message and "min cosine" in message and "< 0.99" in message
     assert not out.exists() and list(tmp_path.iterdir()) == []
     # the same graphs pass when the caller lowers the bar, and the manifest says what was measured
-    report = _one_thread(
+    report = one_thread(
         lambda: export_bundle(fragile_checkpoint, out, precision="int8", min_cosine=-1.0, min_agreement=0.0)
     )
     verification = load_manifest(out).extra["verification"][0]
@@ -242,12 +250,12 @@ def test_gate_refuses_a_fragile_int8_export_with_its_numbers(fragile_checkpoint,
     assert verification["min_cosine"] < 0.99  # the number the default gate refused
 
 
-def test_cli_refuses_a_fragile_int8_export(fragile_checkpoint, tmp_path):
+def test_cli_refuses_a_fragile_int8_export(fragile_checkpoint, tmp_path, one_thread):
     from synergy.cli import main
 
     out = tmp_path / "bundle"
     args = ["export", "--checkpoint", str(fragile_checkpoint), "--out", str(out), "--precision", "int8"]
-    result = _one_thread(lambda: CliRunner().invoke(main, args))
+    result = one_thread(lambda: CliRunner().invoke(main, args))
     assert result.exit_code != 0 and "min cosine" in result.output and "< 0.99" in result.output
     assert "Traceback" not in result.output and not out.exists()
     result = CliRunner().invoke(main, [*args, "--min-cosine", "1.5"])
@@ -274,11 +282,11 @@ def test_calibration_feeds_spread_over_the_verification_set(reference_model):
 
 
 @pytest.fixture(scope="module")
-def static_export(checkpoint, tmp_path_factory):
+def static_export(checkpoint, tmp_path_factory, one_thread):
     """Static int8 of the tiny checkpoint, whose zero-shot margins are small: per-tensor activation scales move ~5%
     of its decided queries (dynamic: none), so the agreement bar is lowered here; cosines keep the default 0.99."""
     out = tmp_path_factory.mktemp("int8-static") / "bundle"
-    return out, _one_thread(
+    return out, one_thread(
         lambda: export_bundle(checkpoint, out, precision="int8", int8_method="static", min_agreement=0.9)
     )
 
@@ -357,7 +365,7 @@ def test_quantize_option_is_checked(checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_gate_passes_a_trained_model_on_its_own_data(tmp_path):
+def test_gate_passes_a_trained_model_on_its_own_data(tmp_path, one_thread):
     """The tiny preset trained on the synthetic set (so its zero-shot answers are decided, not float ties) exports to
     int8 with its val rows as --data, and the gate passes with agreement gated on those decided queries."""
     from synergy.train.config import TrainConfig
@@ -368,9 +376,9 @@ def test_gate_passes_a_trained_model_on_its_own_data(tmp_path):
     synthesize(data, seed=0, train_per_class=4, val_per_class=2, heldout_per_class=1, missing_rate=0.0)
     config = TrainConfig(model="tiny", data=str(data / "train.csv"), out=str(tmp_path / "run"), batch_size=16,
                          steps=60, lr=3e-3, warmup_steps=5, workers=0, save_every=1000, seed=0)  # fmt: skip
-    checkpoint = _one_thread(lambda: train(config, progress=False))
+    checkpoint = one_thread(lambda: train(config, progress=False))
     out = tmp_path / "bundle"
-    report = _one_thread(lambda: export_bundle(checkpoint, out, precision="int8", eval_data=data / "val.csv"))
+    report = one_thread(lambda: export_bundle(checkpoint, out, precision="int8", eval_data=data / "val.csv"))
     (verification,) = load_manifest(out).extra["verification"]
     assert verification["passed"] and verification["zero_shot_gate_applied"], report
     assert verification["zero_shot_top1_agreement_decided"] >= 0.99 and verification["min_cosine"] >= 0.99
