@@ -18,7 +18,8 @@ from .options import UsageProblem, check_checkpoint, check_csv, removed_checkpoi
     default="fp32",
     show_default=True,
     type=click.Choice(["fp32", "fp16", "int8"]),
-    help="int8: the transformer layers' weight MatMuls quantized (onnxruntime), refused below the accuracy gate.",
+    help="int8: the transformer layers' weight MatMuls quantized (onnxruntime's tools), refused below the accuracy "
+    "gate.",
 )
 @click.option(
     "--quantize",
@@ -26,7 +27,8 @@ from .options import UsageProblem, check_checkpoint, check_csv, removed_checkpoi
     default=None,
     type=click.Choice(["static", "dynamic"]),
     help="--precision int8: static QDQ (activation scales calibrated on the verification set and --data rows; "
-    "the fastest on OpenVINO) or dynamic (default: the faster on onnxruntime, and the more accurate).",
+    "the fastest on OpenVINO, and the only one TensorRT builds: the default for trt) or dynamic (default for onnx: "
+    "the faster on onnxruntime, and the more accurate).",
 )
 @click.option(
     "--opset",

@@ -106,6 +106,7 @@ def export_bundle(
     checkpoint, out = Path(checkpoint), Path(out)
     check_output(checkpoint, out, force)
     engines = fmt == "trt" or (fmt == "triton" and triton_platform == "tensorrt")
+    int8_method = resolved_int8_method(precision, engines, int8_method)
     trt = capability = None
     if engines:  # fail now, before minutes of export, when TensorRT or the GPU is missing
         from synergy.export.tensorrt_engines import compute_capability, import_tensorrt
@@ -163,8 +164,22 @@ def _check_arguments(fmt: str, precision: str, opset: int, triton_platform: str,
         raise ExportError(f"unknown Triton platform {triton_platform!r}; choose one of {', '.join(TRITON_PLATFORMS)}")
     if int8_method is not None and (precision != "int8" or int8_method not in METHODS):
         raise ExportError(f"--quantize {int8_method!r}: choose one of {', '.join(METHODS)}, with --precision int8")
-    if precision == "int8" and (fmt == "trt" or (fmt == "triton" and triton_platform == "tensorrt")):
-        raise ExportError("int8 bundles run on onnxruntime; export --precision int8 with --format onnx (or triton)")
+    engines = fmt == "trt" or (fmt == "triton" and triton_platform == "tensorrt")
+    if precision == "int8" and engines and int8_method == "dynamic":
+        raise ExportError(
+            "TensorRT builds int8 engines from QDQ graphs only (explicit quantization): use --quantize static "
+            "(the default for engines), or export --quantize dynamic with --format onnx"
+        )
+
+
+def resolved_int8_method(precision: str, engines: bool, int8_method: str | None) -> str | None:
+    """The int8 method an export uses: None for fp32 / fp16; the caller's; for TensorRT engines "static" (TensorRT
+    builds int8 only from QDQ graphs, whose activation scales the verification set calibrates); else the default."""
+    from synergy.export.quantize import DEFAULT_METHOD
+
+    if precision != "int8":
+        return None
+    return int8_method or ("static" if engines else DEFAULT_METHOD)
 
 
 def check_output(checkpoint: Path, out: Path, force: bool) -> None:
@@ -469,7 +484,7 @@ def _check_openvino(
     try:
         runners, ran_at = {}, set()
         for modality, rel in files.items():  # compiled once each, from the bytes just written and hashed
-            spec = TowerSpec(rel, specs[modality].inputs, specs[modality].outputs, job.precision)
+            spec = TowerSpec(rel, specs[modality].inputs, specs[modality].outputs, tower_precision(job, modality))
             tower = OpenVINOTower(tmp / rel, spec, (tmp / rel).read_bytes(), {}, torch.get_num_threads(), "bf16")
             runners[modality] = tower.run
             ran_at.add(tower.inference_precision)
@@ -526,7 +541,7 @@ def _build_engines(tmp: Path, onnx_files: dict, specs: dict, job: ExportJob) -> 
             tmp / rel,
             plan,
             onnx_sha256=sha256_file(tmp / rel),
-            precision=job.precision,
+            precision=tower_precision(job, modality),  # int8: the QDQ graph; a static bundle's text tower: fp32
             profiles=profiles,
             fp32_nodes=specs[modality].fp32_nodes,
             capability=job.capability,
@@ -543,7 +558,7 @@ def _verify_engines(tmp: Path, files: dict, specs: dict, job: ExportJob):
     towers = {}
     try:
         for modality, rel in files.items():
-            spec = TowerSpec(rel, specs[modality].inputs, specs[modality].outputs, job.precision)
+            spec = TowerSpec(rel, specs[modality].inputs, specs[modality].outputs, tower_precision(job, modality))
             towers[modality] = TensorRTTower(tmp / rel, spec, "cuda")
     except BackendError as error:
         raise ExportError(f"cannot run the engines to verify them: {error}") from error

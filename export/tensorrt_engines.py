@@ -5,6 +5,11 @@
   ``TF32`` cleared for fp32 engines so they meet the fp32 tolerance. TensorRT 11 removed weak typing: every
   network is strongly typed, so it is fed the float16 graph that :mod:`synergy.export.fp16` wrote, whose casts
   already say where float32 is kept.
+- int8 (explicit quantization): the static QDQ graph (:mod:`synergy.export.quantize`, activation scales calibrated
+  by onnxruntime on the export's verification rows, the same rows the gate then checks the engine on) is built as a
+  strongly typed network on TensorRT 10 and 11 alike, with no precision flags, as TensorRT's documentation asks for
+  Q/DQ networks: the weight MatMuls run int8 x int8, everything else in the graph's float32 (a graph with float16
+  casts around them would be faster on the GPU; not built).
 - One optimisation profile per engine: batch min/opt/max from the caller, text length 1..max_length (opt: max),
   audio fixed at one clip (the runtime cuts long audio into clips), image fixed.
 - A persisted timing cache (``$XDG_CACHE_HOME/synergy/tensorrt/timing.cache``) makes rebuilds fast, and built
@@ -12,7 +17,8 @@
   profiles: the same graph on the same GPU and TensorRT is never built twice.
 
 TensorRT is imported lazily: without it, ``--format trt`` stops before the (slow) export with the install hint.
-Not exercised on the machines this was written on (no GPU, no TensorRT wheels); tests are marked ``tensorrt``.
+Not exercised on the machines this was written on (no GPU, no TensorRT wheels), int8 included; tests are marked
+``tensorrt``.
 """
 
 from __future__ import annotations
@@ -162,11 +168,12 @@ def build_engine(
 ) -> dict:
     """Build (or take from the engine cache) the engine of ``onnx_path`` and write it to ``plan_path``.
 
-    ``onnx_path`` is the float32 graph on TensorRT 10 and the float16 graph on TensorRT 11 for fp16 engines.
+    ``onnx_path`` is the float32 graph on TensorRT 10 and the float16 graph on TensorRT 11 for fp16 engines, and
+    the static QDQ graph for int8 ones.
     Returns what the manifest records: engine key, TensorRT version, compute capability, profiles, cache hit.
     """
     cache = cache or cache_dir()
-    strongly_typed = tensorrt_major(trt) >= 11
+    strongly_typed = tensorrt_major(trt) >= 11 or precision == "int8"  # QDQ graphs: explicit quantization
     key = engine_key(onnx_sha256, trt.__version__, capability, precision, profiles)
     info = {
         "engine_key": key,

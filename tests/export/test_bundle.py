@@ -232,7 +232,8 @@ def _leftovers(folder):
     [
         (dict(fmt="tflite"), "unknown format 'tflite'"),
         (dict(precision="int4"), "unknown precision 'int4'"),
-        (dict(precision="int8", fmt="trt"), "int8 bundles run on onnxruntime"),
+        (dict(precision="int8", fmt="trt", int8_method="dynamic"), "TensorRT builds int8 engines from QDQ graphs"),
+        (dict(precision="int8", fmt="triton", triton_platform="tensorrt", int8_method="dynamic"), "--quantize static"),
         (dict(opset=11), "opset 11"),
         (dict(fmt="triton", triton_platform="pytorch"), "unknown Triton platform"),
     ],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from synergy.export import ExportError, export_bundle
+from synergy.export.bundle import resolved_int8_method
 from synergy.export.tensorrt_engines import INSTALL_HINT, BatchProfile, engine_key, input_profiles
 from synergy.runtime.bundle import load_manifest
 from synergy.runtime.manifest import TensorSpec
@@ -63,6 +64,40 @@ def test_engine_key_covers_every_input():
 def test_batch_profile_is_checked():
     with pytest.raises(ExportError, match="min <= opt <= max"):
         BatchProfile(4, 2, 8)
+
+
+def test_engines_take_static_int8_unless_told_otherwise():
+    """TensorRT builds int8 only from QDQ graphs, so an int8 engine export without --quantize is static; onnxruntime
+    bundles keep the default method; fp32 / fp16 have none (a dynamic int8 engine export is refused before any
+    work: test_bundle's argument checks)."""
+    from synergy.export.quantize import DEFAULT_METHOD
+
+    assert resolved_int8_method("int8", engines=True, int8_method=None) == "static"
+    assert resolved_int8_method("int8", engines=False, int8_method=None) == DEFAULT_METHOD
+    assert resolved_int8_method("int8", engines=False, int8_method="static") == "static"
+    assert resolved_int8_method("fp16", engines=True, int8_method=None) is None
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(_tensorrt_and_gpu() is not None, reason=str(_tensorrt_and_gpu()))
+def test_trt_int8_bundle_builds_from_the_qdq_graph(checkpoint, tmp_path):
+    """int8 engines: the static QDQ graph (calibrated on the verification rows) built strongly typed, verified at
+    int8's gate (agreement lowered as for the tiny checkpoint's onnxruntime static bundle, test_quantize); the text
+    tower stays fp32 as in every static bundle."""
+    import onnx
+
+    out = tmp_path / "trt-int8"
+    report = export_bundle(checkpoint, out, fmt="trt", precision="int8", batch=BatchProfile(1, 4, 32),
+                           min_agreement=0.9)  # fmt: skip
+    assert "TensorRT" in report and "passed" in report
+    manifest = load_manifest(out)
+    engines = manifest.extra["tensorrt"]
+    assert manifest.extra["int8"]["method"] == "static"
+    for modality in ("image", "audio"):
+        assert engines[modality]["precision"] == "int8" and engines[modality]["strongly_typed"]
+        ops = {node.op_type for node in onnx.load(out / f"{modality}.onnx", load_external_data=False).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert engines["text"]["precision"] == "fp32"
 
 
 @pytest.mark.tensorrt
