@@ -197,10 +197,10 @@ def runs_best_on_openvino(manifest: Manifest) -> bool:
       moved its min cosine little (0.99881 -> 0.99866); an fp32 bundle was verified at cosine 0.9999, which an
       unchecked bf16 run could miss, so it stays on onnxruntime.
 
-    Why OpenVINO bf16: on this CPU (Intel Xeon with AMX, 2 cores), base audio tower, one interleaved run at bf8ca15
+    Why OpenVINO bf16: on this CPU (Intel Xeon with AMX, 2 cores), base audio tower, one interleaved run at d5409c5
     (benchmarks/README.md, "Engines and precisions on the base audio tower"), batch 1 / 8: OpenVINO with the bf16
-    hint ran our plain fp32 graph at 6.0 / 6.2 clips/s and the static int8 graph at 7.6 / 8.4, against onnxruntime
-    fp32 1.5 / 1.4 and torch bf16 autocast 3.0 / 5.0, at min cosines 0.99994 and 0.99863 to torch fp32. Its price is
+    hint ran our plain fp32 graph at 6.6 / 7.2 clips/s and the static int8 graph at 8.7 / 9.5, against onnxruntime
+    fp32 1.5 / 1.5 and torch bf16 autocast 3.9 / 5.8, at min cosines 0.99994 and 0.99896 to torch fp32. Its price is
     start-up (about 0.4 s more than onnxruntime for a one-shot `synergy infer`)."""
     graphs = [t.file for t in manifest.towers.values()]
     if not graphs or any(Path(g).suffix != ".onnx" or external_data_files(g, manifest) for g in graphs):
