@@ -31,6 +31,13 @@ from .options import UsageProblem, check_checkpoint, check_csv, removed_checkpoi
     "the faster on onnxruntime, and the more accurate).",
 )
 @click.option(
+    "--fp32-towers",
+    default="",
+    metavar="TOWERS",
+    help="Comma-separated towers (image, text, audio) kept fp32 in an fp16 or int8 bundle, e.g. a pretrained text "
+    "tower whose int8 graph misses the gate (a refused export names them); the others keep --precision.",
+)
+@click.option(
     "--opset",
     default=None,
     type=int,
@@ -90,6 +97,7 @@ def export_command(
     min_agreement,
     int8_method,
     no_openvino_check,
+    fp32_towers,
 ):
     """Export a checkpoint to a verified bundle (ONNX graphs, TensorRT engines or a Triton model repository)."""
     checkpoint = check_checkpoint(checkpoint_dir)
@@ -119,6 +127,7 @@ def export_command(
             min_agreement=min_agreement,
             int8_method=int8_method,
             openvino_check=False if no_openvino_check else None,
+            fp32_towers=[name.strip() for name in fp32_towers.split(",") if name.strip()],
         )
     except ExportError as error:
         raise UsageProblem(str(error)) from error

@@ -20,6 +20,7 @@ import os
 import platform as platform_module
 import shutil
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -64,6 +65,7 @@ def export_bundle(
     min_agreement: float | None = None,
     int8_method: str | None = None,
     openvino_check: bool | None = None,
+    fp32_towers: Collection[str] = (),
 ) -> str:
     """Export ``checkpoint`` (a folder from ``synergy train``) to the bundle folder ``out``; return the report.
 
@@ -79,6 +81,8 @@ def export_bundle(
     ``min_cosine`` / ``min_agreement``: the accuracy gate's thresholds (None: the precision's defaults, see
     :mod:`.verify`; int8: 0.99 and 99%). ``int8_method``: "static" (QDQ, activation scales calibrated on the
     verification set, which OpenVINO also runs in int8) or "dynamic" (None: :data:`.quantize.DEFAULT_METHOD`).
+    ``fp32_towers``: towers ("image", "text", "audio") written at fp32 in an fp16 or int8 bundle, for a tower whose
+    lower precision misses the gate (a refused export names them); the others keep the bundle's precision.
 
     fp32 and int8 graphs in single files are also verified on OpenVINO with the bf16 precision hint where the
     openvino extra is installed, against int8's gate (or ``min_cosine`` / ``min_agreement``): the manifest's
@@ -96,6 +100,7 @@ def export_bundle(
     opset = default_opset(fmt) if opset is None else opset
     batch = batch or BatchProfile()
     _check_arguments(fmt, precision, opset, triton_platform, int8_method)
+    fp32_towers = _check_fp32_towers(fp32_towers, precision)
     from synergy.export.verify import gate_thresholds
 
     thresholds = gate_thresholds(precision, min_cosine, min_agreement)
@@ -139,6 +144,7 @@ def export_bundle(
                 thresholds=thresholds,
                 int8_method=int8_method,
                 openvino_thresholds=openvino_thresholds,
+                fp32_towers=fp32_towers,
             )
             manifest, report = _write_bundle(tmp, job)
     except DiskFullError as error:
@@ -170,6 +176,17 @@ def _check_arguments(fmt: str, precision: str, opset: int, triton_platform: str,
             "TensorRT builds int8 engines from QDQ graphs only (explicit quantization): use --quantize static "
             "(the default for engines), or export --quantize dynamic with --format onnx"
         )
+
+
+def _check_fp32_towers(towers: Collection[str], precision: str) -> frozenset[str]:
+    """``fp32_towers`` as a set, checked: known tower names, and a bundle precision below fp32 to keep them from."""
+    towers = frozenset(towers)
+    unknown = sorted(towers - set(MODALITIES))
+    if unknown:
+        raise ExportError(f"--fp32-towers: unknown tower {', '.join(unknown)}; choose from {', '.join(MODALITIES)}")
+    if towers and precision == "fp32":
+        raise ExportError("--fp32-towers keeps towers of an fp16 or int8 bundle at fp32; this export is fp32 already")
+    return towers
 
 
 def resolved_int8_method(precision: str, engines: bool, int8_method: str | None) -> str | None:
@@ -258,6 +275,7 @@ class ExportJob:
     thresholds: object  # the accuracy gate's (verify.gate_thresholds)
     int8_method: str | None = None  # quantize.METHODS (None: its DEFAULT_METHOD)
     openvino_thresholds: object = None  # the OpenVINO bf16 check's (int8's, or --min-cosine / --min-agreement)
+    fp32_towers: frozenset = frozenset()  # towers the caller keeps at fp32 in an fp16 / int8 bundle
 
     @property
     def triton(self) -> bool:
@@ -296,7 +314,7 @@ def _write_bundle(tmp: Path, job: ExportJob) -> tuple[Manifest, str]:
     report = "\n".join([header, *(v.format() for v in verifications)])
     failures = [f for v in verifications for f in v.failures()]
     if failures:
-        raise ExportError(f"verification failed, nothing written:\n{report}")
+        raise ExportError(f"verification failed, nothing written:\n{report}{_fp32_towers_hint(verifications, job)}")
     openvino_record, openvino_report = _check_openvino(tmp, tower_files, specs, job, references)
     if openvino_record is not None:
         extra["openvino_bf16"] = openvino_record
@@ -392,13 +410,13 @@ def _write_triton_configs(tmp: Path, specs: dict, job: ExportJob) -> dict:
 
 
 def tower_precision(job: ExportJob, modality: str) -> str:
-    """The precision one tower is written at: the bundle's, except the text tower of a static int8 bundle, which
-    stays fp32. Static activation ranges come from the verification set, whose text is short label prompts, and
-    they do not cover free text: all-MiniLM-L6-v2 calibrated on such prompts embedded real sentences (this
-    repository's docs) at min cosine 0.65 to fp32 on OpenVINO, though the prompts themselves passed the gate. Text is
-    the cheap tower of a zero-shot query (labels are embedded once and cached); `--quantize dynamic` quantizes it,
-    each activation from its own range."""
-    if modality == "text" and job.precision == "int8" and job.int8_method == "static":
+    """The precision one tower is written at: the bundle's, except the towers the caller keeps at fp32
+    (``fp32_towers``) and the text tower of a static int8 bundle, which stays fp32. Static activation ranges come
+    from the verification set, whose text is short label prompts, and they do not cover free text:
+    all-MiniLM-L6-v2 calibrated on such prompts embedded real sentences (this repository's docs) at min cosine 0.65
+    to fp32 on OpenVINO, though the prompts themselves passed the gate. Text is the cheap tower of a zero-shot query
+    (labels are embedded once and cached); `--quantize dynamic` quantizes it, each activation from its own range."""
+    if modality in job.fp32_towers or (modality == "text" and job.precision == "int8" and job.int8_method == "static"):
         return "fp32"
     return job.precision
 
@@ -440,6 +458,23 @@ def _verify_onnx(tmp: Path, files: dict, precision: str, job: ExportJob, referen
         target,
         thresholds=thresholds,
         references=references,
+    )
+
+
+def _fp32_towers_hint(verifications, job: ExportJob) -> str:
+    """For a refused fp16 / int8 export: the towers that missed the gate in their lower precision, and the option
+    that keeps them fp32 while the others keep theirs ("" when none did, e.g. only the zero-shot agreement failed)."""
+    failed = sorted(
+        {name for v in verifications for name in v.failed_towers()}
+        - {m for m in MODALITIES if tower_precision(job, m) == "fp32"}
+    )
+    if job.precision == "fp32" or not failed:
+        return ""
+    keep = ",".join(sorted({*failed, *job.fp32_towers}))
+    return (
+        f"\nthe {', '.join(failed)} tower{'s' * (len(failed) > 1)} missed the gate at {job.precision}: export with "
+        f"--fp32-towers {keep} to keep {'them' if len(failed) > 1 else 'it'} fp32 (the other towers stay "
+        f"{job.precision}), or lower the bar with --min-cosine / --min-agreement"
     )
 
 

@@ -153,18 +153,26 @@ class Verification:
             self.thresholds = THRESHOLDS[self.precision]
 
     def failures(self) -> list[str]:
-        limits, failed = self.thresholds, []
-        for name, check in self.towers.items():
-            if limits.max_abs_error is not None and not check.max_abs_error <= limits.max_abs_error:
-                failed.append(f"{name}: max abs error {check.max_abs_error:.3g} > {limits.max_abs_error:g}")
-            if not check.min_cosine >= limits.min_cosine:
-                failed.append(f"{name}: min cosine {check.min_cosine:.6f} < {limits.min_cosine}")
+        limits = self.thresholds
+        failed = [problem for name, check in self.towers.items() for problem in self._tower_failures(name, check)]
         gated = limits.min_agreement is not None and self.agreement_gated
         if gated and not self.decided_agreement >= limits.min_agreement:
             failed.append(
                 f"zero-shot top-1 agreement {self.decided_agreement:.2%} < {limits.min_agreement:.0%} "
                 f"on the {self.decided_queries} decided queries"
             )
+        return failed
+
+    def failed_towers(self) -> list[str]:
+        """The towers that missed their own thresholds (max abs error, min cosine)."""
+        return [name for name, check in self.towers.items() if self._tower_failures(name, check)]
+
+    def _tower_failures(self, name: str, check: TowerCheck) -> list[str]:
+        limits, failed = self.thresholds, []
+        if limits.max_abs_error is not None and not check.max_abs_error <= limits.max_abs_error:
+            failed.append(f"{name}: max abs error {check.max_abs_error:.3g} > {limits.max_abs_error:g}")
+        if not check.min_cosine >= limits.min_cosine:
+            failed.append(f"{name}: min cosine {check.min_cosine:.6f} < {limits.min_cosine}")
         return failed
 
     @property

@@ -235,6 +235,8 @@ def _leftovers(folder):
         (dict(precision="int8", fmt="trt", int8_method="dynamic"), "TensorRT builds int8 engines from QDQ graphs"),
         (dict(precision="int8", fmt="triton", triton_platform="tensorrt", int8_method="dynamic"), "--quantize static"),
         (dict(opset=11), "opset 11"),
+        (dict(precision="int8", fp32_towers=["text", "video"]), "--fp32-towers: unknown tower video"),
+        (dict(fp32_towers=["text"]), "this export is fp32 already"),
         (dict(fmt="triton", triton_platform="pytorch"), "unknown Triton platform"),
     ],
 )

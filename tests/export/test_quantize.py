@@ -241,6 +241,9 @@ def test_gate_refuses_a_fragile_int8_export_with_its_numbers(fragile_checkpoint,
     assert "verification failed, nothing written" in message
     assert "FAILED:" in message and "min cosine" in message and "< 0.99" in message
     assert not out.exists() and list(tmp_path.iterdir()) == []
+    # the refusal names the towers that missed (the audio tower's outliers cost most, the text one's some; the image
+    # tower, shallow, holds: fragile_checkpoint) and how to keep just them fp32
+    assert "the audio, text towers missed the gate at int8: export with --fp32-towers audio,text" in message
     # the same graphs pass when the caller lowers the bar, and the manifest says what was measured
     report = one_thread(
         lambda: export_bundle(fragile_checkpoint, out, precision="int8", min_cosine=-1.0, min_agreement=0.0)
@@ -250,6 +253,20 @@ def test_gate_refuses_a_fragile_int8_export_with_its_numbers(fragile_checkpoint,
     assert verification["min_cosine"] < 0.99  # the number the default gate refused
 
 
+def test_fp32_towers_keep_the_failing_towers_and_the_rest_int8(fragile_checkpoint, tmp_path, one_thread):
+    """What the refusal says to do: the towers that missed stay fp32, the image tower stays int8, and the same gate
+    passes the bundle; the manifest says which tower runs at which precision."""
+    out = tmp_path / "bundle"
+    report = one_thread(lambda: export_bundle(fragile_checkpoint, out, precision="int8", fp32_towers=["audio", "text"]))
+    manifest = load_manifest(out)
+    (verification,) = manifest.extra["verification"]
+    assert verification["passed"] and verification["thresholds"]["min_cosine"] == 0.99, report
+    assert {m: t.precision for m, t in manifest.towers.items()} == {"image": "int8", "text": "fp32", "audio": "fp32"}
+    assert manifest.extra["int8"]["towers"] == {"image": "int8", "text": "fp32", "audio": "fp32"}
+    ops = {m: {n.op_type for n in onnx.load(out / f"{m}.onnx").graph.node} for m in ("image", "audio")}
+    assert "DynamicQuantizeLinear" in ops["image"] and "DynamicQuantizeLinear" not in ops["audio"]
+
+
 def test_cli_refuses_a_fragile_int8_export(fragile_checkpoint, tmp_path, one_thread):
     from synergy.cli import main
 
@@ -257,6 +274,7 @@ def test_cli_refuses_a_fragile_int8_export(fragile_checkpoint, tmp_path, one_thr
     args = ["export", "--checkpoint", str(fragile_checkpoint), "--out", str(out), "--precision", "int8"]
     result = one_thread(lambda: CliRunner().invoke(main, args))
     assert result.exit_code != 0 and "min cosine" in result.output and "< 0.99" in result.output
+    assert "--fp32-towers audio,text" in result.output
     assert "Traceback" not in result.output and not out.exists()
     result = CliRunner().invoke(main, [*args, "--min-cosine", "1.5"])
     assert result.exit_code == 2 and "--min-cosine" in result.output
