@@ -21,7 +21,7 @@ import platform as platform_module
 import shutil
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -292,6 +292,8 @@ class ExportJob:
 def _write_bundle(tmp: Path, job: ExportJob) -> tuple[Manifest, str]:
     """The bundle's files into ``tmp``: graphs, checked and verified; engines; Triton configs; the tokenizer; the
     manifest, read back. -> (manifest, the verification report)."""
+    convolutional = _towers_without_matmuls(job)
+    job = replace(job, fp32_towers=job.fp32_towers | convolutional)
     onnx_precision, onnx_files, specs = _write_graphs(tmp, job)
     references = {}  # PyTorch's embeddings of the verification set, computed once for every engine checked
     verifications = [_verify_onnx(tmp, onnx_files, onnx_precision, job, references)]
@@ -311,6 +313,9 @@ def _write_bundle(tmp: Path, job: ExportJob) -> tuple[Manifest, str]:
     header = f"exported {job.checkpoint} as {job.fmt} ({job.precision}, opset {job.opset}, {EXPORTER})" + (
         f", Triton platform {job.platform}" if job.triton else ""
     )
+    if convolutional:
+        names = ", ".join(sorted(convolutional))
+        header += f"\nint8: kept fp32 ({names}): no transformer-layer MatMul to quantize (a convolutional tower)"
     report = "\n".join([header, *(v.format() for v in verifications)])
     failures = [f for v in verifications for f in v.failures()]
     if failures:
@@ -338,11 +343,7 @@ def _write_graphs(tmp: Path, job: ExportJob) -> tuple[str, dict, dict]:
     from synergy.export import graphs as graph_io
     from synergy.export.tensorrt_engines import tensorrt_major
 
-    cache_key = (job.checkpoint_hashes["model.safetensors"], job.checkpoint_hashes["config.json"])
-    try:
-        graphs = graph_io.export_tower_graphs(job.model, job.opset, cache_key)
-    except Exception as error:  # torch.export / translation errors: long, but the first lines say which op
-        raise ExportError(f"ONNX export failed: {type(error).__name__}: {str(error)[:2000]}") from error
+    graphs = _tower_graphs(job)
     weakly_typed_fp16 = job.trt is not None and job.precision == "fp16" and tensorrt_major(job.trt) < 11
     onnx_precision = "fp32" if weakly_typed_fp16 else job.precision  # TensorRT 10 builds fp16 from the fp32 graph
     onnx_files, specs = {}, {}
@@ -372,6 +373,31 @@ def _write_graphs(tmp: Path, job: ExportJob) -> tuple[str, dict, dict]:
         onnx_files[modality] = rel
         specs[modality] = graph
     return onnx_precision, onnx_files, specs
+
+
+def _tower_graphs(job: ExportJob) -> dict:
+    """modality -> the tower's exported fp32 graph (``graphs.ExportedGraph``); the exporter keeps them per
+    checkpoint for the life of the process, so a second call costs nothing."""
+    from synergy.export import graphs as graph_io
+
+    cache_key = (job.checkpoint_hashes["model.safetensors"], job.checkpoint_hashes["config.json"])
+    try:
+        return graph_io.export_tower_graphs(job.model, job.opset, cache_key)
+    except Exception as error:  # torch.export / translation errors: long, but the first lines say which op
+        raise ExportError(f"ONNX export failed: {type(error).__name__}: {str(error)[:2000]}") from error
+
+
+def _towers_without_matmuls(job: ExportJob) -> frozenset[str]:
+    """An int8 bundle's towers with no weight MatMul for :mod:`.quantize` to quantize: convolutional towers
+    (EfficientNet-Lite0, aisfx), which the bundle writes fp32 (int8 convolutions are not built: their calibration on
+    the built-in synthetic pictures and sounds is unmeasured), so an int8 export of a checkpoint with one still
+    quantizes its transformer towers."""
+    from synergy.export.quantize import weight_matmuls
+
+    if job.precision != "int8":
+        return frozenset()
+    graphs = _tower_graphs(job)
+    return frozenset(m for m in MODALITIES if not weight_matmuls(graphs[m].model, graphs[m].fp32_nodes))
 
 
 def _in_precision(proto, fp32_nodes, precision: str, modality: str, int8=(None, None)):

@@ -400,3 +400,25 @@ def test_gate_passes_a_trained_model_on_its_own_data(tmp_path, one_thread):
     (verification,) = load_manifest(out).extra["verification"]
     assert verification["passed"] and verification["zero_shot_gate_applied"], report
     assert verification["zero_shot_top1_agreement_decided"] >= 0.99 and verification["min_cosine"] >= 0.99
+
+
+def test_a_convolutional_tower_stays_fp32_and_the_others_int8(tmp_path, one_thread):
+    """The real aisfx CNN (PyPI's aisfx wheel) as the audio tower: no transformer-layer MatMul, so an int8 export
+    writes it fp32 and says so, instead of failing on "nothing to quantize"; the image and text towers are int8."""
+    from synergy.core.aisfx import extract_aisfx_folder
+    from synergy.core.model import create_model
+    from synergy.core.tokenizer import train_tokenizer
+
+    folder = extract_aisfx_folder(tmp_path / "aisfx")
+    torch.manual_seed(0)
+    model = create_model("tiny", **{"audio.pretrained": str(folder)}).eval()
+    tokenizer = train_tokenizer(["a dog barking", "rain on a roof", "a bell"] * 4, 131, model.config.text.max_length)
+    save_checkpoint(tmp_path / "checkpoint", model, tokenizer)
+    out = tmp_path / "bundle"
+    report = one_thread(lambda: export_bundle(tmp_path / "checkpoint", out, precision="int8", min_agreement=0.0))
+    assert "int8: kept fp32 (audio): no transformer-layer MatMul to quantize (a convolutional tower)" in report
+    manifest = load_manifest(out)
+    assert {m: t.precision for m, t in manifest.towers.items()} == {"image": "int8", "text": "int8", "audio": "fp32"}
+    ops = {m: {n.op_type for n in onnx.load(out / f"{m}.onnx").graph.node} for m in ("image", "audio")}
+    assert "DynamicQuantizeLinear" in ops["image"] and not {"DynamicQuantizeLinear", "QuantizeLinear"} & ops["audio"]
+    assert manifest.extra["verification"][0]["passed"]
