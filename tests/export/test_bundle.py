@@ -220,6 +220,26 @@ def test_runtime_opens_the_bundle(exports, reference_model):
     _assert_close(got.astype(np.float32), _torch(model, "text", feeds), "fp16")
 
 
+def test_fp16_bundle_keeps_a_named_tower_fp32(checkpoint, reference_model, tmp_path):
+    """--fp32-towers in an fp16 bundle: that tower's graph stays float32 throughout (fp32's own tolerance), the
+    others are half, and the runtime runs the mixed bundle."""
+    from synergy.runtime import Runtime
+
+    export_bundle(checkpoint, tmp_path / "bundle", precision="fp16", fp32_towers=["text"])
+    manifest = load_manifest(tmp_path / "bundle")
+    assert {m: t.precision for m, t in manifest.towers.items()} == {"image": "fp16", "text": "fp32", "audio": "fp16"}
+    types = {m: {t.data_type for t in onnx.load(tmp_path / "bundle" / f"{m}.onnx").graph.initializer}
+             for m in ("text", "audio")}  # fmt: skip
+    assert onnx.TensorProto.FLOAT16 not in types["text"] and onnx.TensorProto.FLOAT16 in types["audio"]
+    model, tokenizer = reference_model
+    texts = ["a dog", "the sound of a red circle"]
+    encodings = tokenizer.encode_batch(texts)
+    feeds = {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+             "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64)}  # fmt: skip
+    got = Runtime.open(tmp_path / "bundle", backend="onnxruntime").embed_text(texts)
+    _assert_close(got.astype(np.float32), _torch(model, "text", feeds), "fp32")
+
+
 # ---------------------------------------------------------------------------------------------------- errors
 
 
