@@ -275,7 +275,7 @@ class ExportJob:
     thresholds: object  # the accuracy gate's (verify.gate_thresholds)
     int8_method: str | None = None  # quantize.METHODS (None: its DEFAULT_METHOD)
     openvino_thresholds: object = None  # the OpenVINO bf16 check's (int8's, or --min-cosine / --min-agreement)
-    fp32_towers: frozenset = frozenset()  # towers the caller keeps at fp32 in an fp16 / int8 bundle
+    fp32_towers: frozenset = frozenset()  # written fp32 in an fp16 / int8 bundle: the caller's, and int8's CNN towers
 
     @property
     def triton(self) -> bool:
