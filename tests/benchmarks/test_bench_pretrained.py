@@ -2,29 +2,17 @@
 JSON it writes has the full run's shape (every tower, split, query and curve point; numbers are percentages)."""
 
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository root, which is the `synergy` package
 TOWERS = ("scratch", "minilm_locked", "minilm_last2")
 SPLITS = ("val", "heldout", "val_unseen", "heldout_unseen")
 QUERIES = ("audio", "image", "audio+image")
 
 
-def test_the_quick_run_writes_every_number_in_range(tmp_path):
+def test_the_quick_run_writes_every_number_in_range(tmp_path, run_benchmark):
     out = tmp_path / "quick.json"
-    script = ROOT / "benchmarks" / "bench_pretrained.py"
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, str(script), "--quick", "--work", str(tmp_path), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT.parent), "OMP_NUM_THREADS": "1"},
-    )
+    done = run_benchmark("bench_pretrained.py", "--quick", "--work", str(tmp_path), "--out", str(out), timeout=120)
     seconds = time.perf_counter() - started
     assert done.returncode == 0, done.stderr[-3000:]
     assert seconds < 60, f"--quick took {seconds:.0f} s; CI needs it under a minute"

@@ -2,24 +2,12 @@
 run, and measured against it; the JSON says what the README quotes."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]  # the repository root, which is the `synergy` package
 
 
-def test_the_smoke_run_measures_every_scheme(tmp_path):
+def test_the_smoke_run_measures_every_scheme(tmp_path, run_benchmark):
     out = tmp_path / "schemes.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_text_int8_schemes.py"), "--sentences", "16", "--reps", "1",
-         "--threads", "1", "--work", str(tmp_path / "work"), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "PYTHONPATH": str(ROOT.parent), "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    done = run_benchmark("bench_text_int8_schemes.py", "--sentences", "16", "--reps", "1", "--threads", "1", "--work",
+                         str(tmp_path / "work"), "--out", str(out), timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["sentences"] == 16 and result["environment"]["commit"] and result["smoothquant_alpha"] == 0.6

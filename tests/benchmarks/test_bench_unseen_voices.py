@@ -2,8 +2,6 @@
 subprocess (under a minute on an idle machine); the JSON has every split and query in range and says which code ran."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,14 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]  # the repository root, which is the `synergy` package
 
 
-def test_the_quick_run_writes_heard_and_unseen_numbers(tmp_path):
+def test_the_quick_run_writes_heard_and_unseen_numbers(tmp_path, run_benchmark):
     out = tmp_path / "quick.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_unseen_voices.py"), "--quick", "--work", str(tmp_path),
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT.parent), "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    done = run_benchmark("bench_unseen_voices.py", "--quick", "--work", str(tmp_path), "--out", str(out), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["quick"] is True and result["environment"]["commit"]

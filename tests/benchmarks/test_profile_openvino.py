@@ -1,0 +1,22 @@
+"""benchmarks/profile_openvino.py at smoke size (the tiny preset, batch 2) in a subprocess: every configuration
+compiled and timed, the breakdown summed from OpenVINO's per-node counters."""
+
+import json
+
+
+def test_the_smoke_run_profiles_every_configuration(tmp_path, run_benchmark):
+    out = tmp_path / "profile.json"
+    done = run_benchmark("profile_openvino.py", "--preset", "tiny", "--batch", "2", "--seconds", "0.5", "--threads",
+                         "1", "--out", str(out), timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["environment"]["commit"] and result["args"]["batch"] == "2"
+    rows = result["rows"]
+    assert set(rows) == {"fp32", "int8-static", "int8-static, two streams", "int8-static, snippets disabled"}
+    for name, row in rows.items():
+        assert row["clips_per_s"] > 0 and row["calls"] >= 2, name
+        assert ("seconds_by_layer" in row) == ("two streams" not in name)  # counters of one request, one stream
+    # the static graph's weight MatMuls run as OpenVINO's quantized FullyConnected; the fp32 graph has none
+    quantized = {m: [k for k in rows[m]["seconds_by_layer"] if k.startswith("FullyConnectedQuantized")] for m in rows
+                 if "two streams" not in m}  # fmt: skip
+    assert quantized["int8-static"] and quantized["int8-static, snippets disabled"] and not quantized["fp32"]
