@@ -20,16 +20,16 @@ the products stay float32, as in the dynamic method).
 OpenVINO reads the QDQ pairs and runs those MatMuls as int8 kernels (AMX / VNNI); onnxruntime's CPU provider runs
 them no faster than float32. Symmetric int8 activations, not onnxruntime's default asymmetric uint8, because that is
 what OpenVINO's int8 kernels take as they are: on the base audio tower (batch 8, 2 cores of an Intel Xeon with AMX,
-bf16 hint) the uint8 QDQ graph ran at 3.7 clips/s, below OpenVINO bf16 on the fp32 graph (6.0,
-benchmarks/results/runtime-cpu-base-speed.json), and the int8 one at 7.2-8.4 in probes (benchmarks/README.md has
-the interleaved run). Leaving the products float (onnxruntime's QDQ quantizer rounds them to int8 too unless told
-not to) raised the base audio tower's min cosine to torch fp32 from 0.99870 to 0.99896 at the same speed (9.2-9.3
-clips/s at batch 8 in a probe). Accuracy: on the tiny preset trained 60 steps dynamic kept 100% zero-shot agreement
-on 152 decided queries and uint8 static 97.4%, below the gate's 99%. On all-MiniLM-L6-v2 over 240 real sentences
-dynamic reaches min cosine 0.967-0.983 to fp32; static with every MatMul int8 0.85 on OpenVINO (0.55 with the
-products rounded too), so a static bundle keeps its text tower fp32 (``export.bundle.tower_precision``). Dynamic is
-the default: the more accurate, no calibration; static is for OpenVINO, which ``--backend auto`` picks for such a
-bundle.
+bf16 hint) the uint8 QDQ graph ran at 3.7 clips/s (3479f4a), below OpenVINO bf16 on the fp32 graph (6.2 at bf8ca15),
+and the int8 one at 8.4 (bf8ca15) and 9.5 (d5409c5): benchmarks/results/runtime-cpu-base-speed.json and
+benchmarks/README.md. Leaving the products float (onnxruntime's QDQ quantizer rounds them to int8 too unless told
+not to): the base audio tower's min cosine to torch fp32 on OpenVINO went from 0.99863 (bf8ca15) to 0.99896 (d5409c5)
+in that benchmark's runs. Accuracy: on the tiny preset trained 60 steps dynamic kept 100% zero-shot agreement on 152
+decided queries and uint8 static 97.4%, below the gate's 99%. On all-MiniLM-L6-v2 over 240 real sentences dynamic
+reaches min cosine 0.970-0.979 to fp32 and static with every MatMul int8 0.911 on OpenVINO
+(benchmarks/results/text-int8-*.json), so a static bundle keeps its text tower fp32
+(``export.bundle.tower_precision``). Dynamic is the default: the more accurate, no calibration; static is for
+OpenVINO, which ``--backend auto`` picks for such a bundle.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def quantize_int8(
                 activation_type=QuantType.QInt8,  # symmetric int8: OpenVINO's AMX / VNNI int8 kernels (module doc)
                 weight_type=QuantType.QInt8,
                 # the MatMuls' outputs stay float: onnxruntime's QDQ quantizer would also round every output to int8
-                # (one per-tensor scale), which cost accuracy and bought no speed on OpenVINO (module doc)
+                # (one per-tensor scale), which cost accuracy (module doc)
                 extra_options={
                     **options,
                     "ActivationSymmetric": True,
