@@ -27,8 +27,9 @@ from .options import UsageProblem, check_checkpoint, check_csv, removed_checkpoi
     default=None,
     type=click.Choice(["static", "dynamic"]),
     help="--precision int8: static QDQ (activation scales calibrated on the verification set and --data rows; "
-    "the fastest on OpenVINO, and the only one TensorRT builds: the default for trt) or dynamic (default for onnx: "
-    "the faster on onnxruntime, and the more accurate).",
+    "the fastest on OpenVINO, and the only one TensorRT builds; the text tower stays fp32) or dynamic "
+    "(onnxruntime's fastest). Default: static for trt, and for onnx where the openvino extra is installed; else "
+    "dynamic.",
 )
 @click.option(
     "--fp32-towers",

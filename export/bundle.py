@@ -80,7 +80,9 @@ def export_bundle(
     ``batch``: min/opt/max batch of TensorRT profiles and Triton's max_batch_size / preferred batch.
     ``min_cosine`` / ``min_agreement``: the accuracy gate's thresholds (None: the precision's defaults, see
     :mod:`.verify`; int8: 0.99 and 99%). ``int8_method``: "static" (QDQ, activation scales calibrated on the
-    verification set, which OpenVINO also runs in int8) or "dynamic" (None: :data:`.quantize.DEFAULT_METHOD`).
+    verification set, which OpenVINO also runs in int8) or "dynamic" (None: the one the bundle's engine runs fastest,
+    :func:`resolved_int8_method`: static for TensorRT, and where ``--backend auto`` will run the bundle on OpenVINO;
+    else dynamic).
     ``fp32_towers``: towers ("image", "text", "audio") written at fp32 in an fp16 or int8 bundle, for a tower whose
     lower precision misses the gate (a refused export names them); the others keep the bundle's precision.
 
@@ -111,7 +113,6 @@ def export_bundle(
     checkpoint, out = Path(checkpoint), Path(out)
     check_output(checkpoint, out, force)
     engines = fmt == "trt" or (fmt == "triton" and triton_platform == "tensorrt")
-    int8_method = resolved_int8_method(precision, engines, int8_method)
     trt = capability = None
     if engines:  # fail now, before minutes of export, when TensorRT or the GPU is missing
         from synergy.export.tensorrt_engines import compute_capability, import_tensorrt
@@ -189,14 +190,59 @@ def _check_fp32_towers(towers: Collection[str], precision: str) -> frozenset[str
     return towers
 
 
-def resolved_int8_method(precision: str, engines: bool, int8_method: str | None) -> str | None:
-    """The int8 method an export uses: None for fp32 / fp16; the caller's; for TensorRT engines "static" (TensorRT
-    builds int8 only from QDQ graphs, whose activation scales the verification set calibrates); else the default."""
+def resolved_int8_method(
+    precision: str,
+    engines: bool,
+    int8_method: str | None,
+    fmt: str = "onnx",
+    external_data: bool | None = None,
+    fp32_graph_bytes: int = 0,
+    openvino: bool | None = None,
+) -> str | None:
+    """The int8 method an export uses: None for fp32 / fp16; the caller's; else the one the engine that will run the
+    bundle runs fastest. TensorRT engines: "static" (TensorRT builds int8 only from QDQ graphs, whose activation
+    scales the verification set calibrates). ``fmt="onnx"`` single-file graphs that ``--backend auto`` will run on
+    OpenVINO (the openvino extra installed, ``openvino``: None looks it up without importing it, and the towers'
+    fp32 graphs, ``fp32_graph_bytes``, at least ``runtime.towers.OPENVINO_MIN_GRAPH_BYTES``): "static" too: the base
+    audio tower ran as static int8 on OpenVINO at 8.7 / 9.5 clips/s (batch 1 / 8) against dynamic int8 on
+    onnxruntime's 4.6 / 3.9 (one interleaved run at d5409c5, benchmarks/README.md), and a static bundle keeps its
+    text tower fp32 (:func:`tower_precision`), which OpenVINO runs in bf16. Else :data:`.quantize.DEFAULT_METHOD`
+    ("dynamic"): onnxruntime's fastest int8 (it runs QDQ no faster than float32), and onnxruntime is what runs a
+    bundle without OpenVINO, a small one (OpenVINO's start-up is not earned back), side-file weights or Triton's
+    onnxruntime backend."""
+    import importlib.util
+
     from synergy.export.quantize import DEFAULT_METHOD
+    from synergy.runtime.towers import OPENVINO_MIN_GRAPH_BYTES
 
     if precision != "int8":
         return None
-    return int8_method or ("static" if engines else DEFAULT_METHOD)
+    if int8_method or engines:
+        return int8_method or "static"
+    if fmt != "onnx" or external_data or fp32_graph_bytes < OPENVINO_MIN_GRAPH_BYTES:
+        return DEFAULT_METHOD
+    if openvino is None:
+        openvino = importlib.util.find_spec("openvino") is not None
+    return "static" if openvino else DEFAULT_METHOD
+
+
+def _int8_note(method: str | None, asked: str | None, engines: bool) -> str:
+    """The report's line on an int8 export's method: which, and why (asked, or the default and its reason)."""
+    if method is None:
+        return ""
+    if asked:
+        return f"{method} QDQ (--quantize {asked})" if method == "static" else f"{method} (--quantize {asked})"
+    if engines:
+        return "static QDQ (TensorRT builds int8 engines from QDQ graphs only)"
+    if method == "static":
+        return (
+            "static QDQ, the default where the openvino extra is installed: --backend auto runs it on OpenVINO's "
+            "int8 kernels (--quantize dynamic for onnxruntime)"
+        )
+    return (
+        "dynamic, the default for onnxruntime (--quantize static writes QDQ int8, which OpenVINO runs in int8 where "
+        "the openvino extra is installed)"
+    )
 
 
 def check_output(checkpoint: Path, out: Path, force: bool) -> None:
@@ -273,7 +319,8 @@ class ExportJob:
     capability: str | None  # the GPU's compute capability, with engines
     started: float  # time.perf_counter() at the start
     thresholds: object  # the accuracy gate's (verify.gate_thresholds)
-    int8_method: str | None = None  # quantize.METHODS (None: its DEFAULT_METHOD)
+    int8_method: str | None = None  # quantize.METHODS: the caller's, resolved by _write_bundle for int8
+    int8_note: str = ""  # the report's line on the int8 method and why it was used (_int8_note)
     openvino_thresholds: object = None  # the OpenVINO bf16 check's (int8's, or --min-cosine / --min-agreement)
     fp32_towers: frozenset = frozenset()  # written fp32 in an fp16 / int8 bundle: the caller's, and int8's CNN towers
 
@@ -293,17 +340,23 @@ def _write_bundle(tmp: Path, job: ExportJob) -> tuple[Manifest, str]:
     """The bundle's files into ``tmp``: graphs, checked and verified; engines; Triton configs; the tokenizer; the
     manifest, read back. -> (manifest, the verification report)."""
     convolutional = _towers_without_matmuls(job)
-    job = replace(job, fp32_towers=job.fp32_towers | convolutional)
+    graphs = _tower_graphs(job) if job.precision == "int8" else {}
+    fp32_bytes = sum(graph.model.ByteSize() for graph in graphs.values())  # what the runtime's OpenVINO floor weighs
+    engines = job.platform == "tensorrt"
+    method = resolved_int8_method(job.precision, engines, job.int8_method, job.fmt, job.external_data, fp32_bytes)
+    job = replace(
+        job,
+        fp32_towers=job.fp32_towers | convolutional,
+        int8_method=method,
+        int8_note=_int8_note(method, job.int8_method, engines),
+    )
     onnx_precision, onnx_files, specs = _write_graphs(tmp, job)
     references = {}  # PyTorch's embeddings of the verification set, computed once for every engine checked
     verifications = [_verify_onnx(tmp, onnx_files, onnx_precision, job, references)]
     tower_files = dict(onnx_files)
     extra = {}
     if onnx_precision == "int8":
-        from synergy.export.quantize import DEFAULT_METHOD
-
-        method = job.int8_method or DEFAULT_METHOD
-        extra["int8"] = {"method": method, "weights": "int8 per channel, symmetric", "kept_fp32": _KEPT_FP32,
+        extra["int8"] = {"method": job.int8_method, "weights": "int8 per channel, symmetric", "kept_fp32": _KEPT_FP32,
                          "towers": {m: tower_precision(job, m) for m in MODALITIES}}  # fmt: skip
     if job.trt is not None:
         tower_files, extra["tensorrt"] = _build_engines(tmp, onnx_files, specs, job)
@@ -313,6 +366,8 @@ def _write_bundle(tmp: Path, job: ExportJob) -> tuple[Manifest, str]:
     header = f"exported {job.checkpoint} as {job.fmt} ({job.precision}, opset {job.opset}, {EXPORTER})" + (
         f", Triton platform {job.platform}" if job.triton else ""
     )
+    if job.int8_note:
+        header += f"\nint8 method: {job.int8_note}"
     if convolutional:
         names = ", ".join(sorted(convolutional))
         header += f"\nint8: kept fp32 ({names}): no transformer-layer MatMul to quantize (a convolutional tower)"
@@ -349,9 +404,9 @@ def _write_graphs(tmp: Path, job: ExportJob) -> tuple[str, dict, dict]:
     onnx_files, specs = {}, {}
     int8, calibration = (None, {})
     if onnx_precision == "int8":
-        from synergy.export.quantize import DEFAULT_METHOD, calibration_feeds
+        from synergy.export.quantize import calibration_feeds
 
-        int8 = job.int8_method or DEFAULT_METHOD
+        int8 = job.int8_method
         if int8 == "static":  # activation ranges from the verification set (built-in items and --data rows)
             calibration = calibration_feeds(job.evaluation)
     for modality in MODALITIES:
@@ -497,10 +552,12 @@ def _fp32_towers_hint(verifications, job: ExportJob) -> str:
     if job.precision == "fp32" or not failed:
         return ""
     keep = ",".join(sorted({*failed, *job.fp32_towers}))
+    # static calibrates one activation range per tensor; dynamic takes each input's own (onnxruntime only)
+    dynamic = ", or quantize with --quantize dynamic" if job.int8_method == "static" and job.trt is None else ""
     return (
         f"\nthe {', '.join(failed)} tower{'s' * (len(failed) > 1)} missed the gate at {job.precision}: export with "
         f"--fp32-towers {keep} to keep {'them' if len(failed) > 1 else 'it'} fp32 (the other towers stay "
-        f"{job.precision}), or lower the bar with --min-cosine / --min-agreement"
+        f"{job.precision}){dynamic}, or lower the bar with --min-cosine / --min-agreement"
     )
 
 
@@ -517,7 +574,6 @@ def _check_openvino(
     import importlib.util
 
     from synergy.export.graphs import external_data_files
-    from synergy.export.quantize import DEFAULT_METHOD
 
     graphs = list(files.values())
     if job.precision not in ("fp32", "int8") or any(Path(g).suffix != ".onnx" for g in graphs):
@@ -525,7 +581,7 @@ def _check_openvino(
     skipped = None
     if job.openvino_thresholds is None:
         skipped = f"not asked (--no-openvino-check or {OPENVINO_CHECK_ENV}=0)"
-    elif job.precision == "int8" and (job.int8_method or DEFAULT_METHOD) != "static":
+    elif job.precision == "int8" and job.int8_method != "static":
         skipped = (
             "dynamic int8 graphs are onnxruntime's (the one run that put OpenVINO on one: a sixth of its speed on "
             "the static QDQ graph, docs/runtime.md; export --quantize static for OpenVINO)"

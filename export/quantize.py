@@ -28,8 +28,9 @@ in that benchmark's runs. Accuracy: on the tiny preset trained 60 steps dynamic 
 decided queries and uint8 static 97.4%, below the gate's 99%. On all-MiniLM-L6-v2 over 240 real sentences dynamic
 reaches min cosine 0.970-0.979 to fp32 and static with every MatMul int8 0.911 on OpenVINO
 (benchmarks/results/text-int8-*.json), so a static bundle keeps its text tower fp32
-(``export.bundle.tower_precision``). Dynamic is the default: the more accurate, no calibration; static is for
-OpenVINO, which ``--backend auto`` picks for such a bundle.
+(``export.bundle.tower_precision``). Which method an export uses by default is the engine's fastest
+(``export.bundle.resolved_int8_method``): static where ``--backend auto`` will run the bundle on OpenVINO, dynamic
+(:data:`DEFAULT_METHOD`: no calibration, the more accurate) where onnxruntime will.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import numpy as np
 import onnx
 
 METHODS = ("dynamic", "static")
-DEFAULT_METHOD = "dynamic"  # chosen by measurement, not by assumption: see the module docstring
+DEFAULT_METHOD = "dynamic"  # onnxruntime's fastest int8; OpenVINO's is static (export.bundle.resolved_int8_method)
 QUANTIZED_OPS = ("MatMul",)
 WEIGHT_OPS = frozenset({"MatMul", "Gemm"})
 

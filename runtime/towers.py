@@ -159,7 +159,7 @@ OPENVINO_MIN_GRAPH_BYTES = 64 << 20
 def choose_backend(backend: str, device: str, manifest: Manifest, graph_bytes: int | None = None) -> str:
     """ "auto" -> the engines of a TensorRT bundle on ``device="cuda"``; on the CPU, OpenVINO with the bf16 hint
     where its export verified it, the openvino extra is installed (:func:`runs_best_on_openvino`) and the bundle's
-    graphs (``graph_bytes``, their total size; None: not considered) reach ``OPENVINO_MIN_GRAPH_BYTES``; else
+    graphs (``graph_bytes``, their total size at fp32; None: not considered) reach ``OPENVINO_MIN_GRAPH_BYTES``; else
     onnxruntime. The backend is checked on this machine (``BackendError`` now, with the install hint, rather than on
     the first batch)."""
     if backend == "auto":
@@ -175,13 +175,19 @@ def choose_backend(backend: str, device: str, manifest: Manifest, graph_bytes: i
     return backend
 
 
+# an int8 graph's file is about a quarter of the fp32 graph it was quantized from, and its work is that graph's
+FP32_BYTES_PER_BYTE = {"int8": 4, "fp16": 2}
+
+
 def graph_bytes(bundle: Path, manifest: Manifest) -> int:
-    """Total size of the towers' graph (or engine) files, as lstat gives it (a missing file counts 0: the checks
+    """Total size of the towers' graph (or engine) files at fp32, the size ``OPENVINO_MIN_GRAPH_BYTES`` weighs: an
+    int8 tower's file counts four times (the fp32 graph it stands for; the export's default int8 method weighs those,
+    ``export.bundle.resolved_int8_method``), an fp16 one's twice; lstat's sizes (a missing file counts 0: the checks
     that follow name it)."""
     total = 0
     for tower in manifest.towers.values():
         with contextlib.suppress(OSError):
-            total += (bundle / tower.file).lstat().st_size
+            total += (bundle / tower.file).lstat().st_size * FP32_BYTES_PER_BYTE.get(tower.precision, 1)
     return total
 
 

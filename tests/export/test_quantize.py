@@ -29,7 +29,7 @@ from synergy.runtime.bundle import load_manifest
 @pytest.fixture(scope="module")
 def int8_export(checkpoint, tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("int8") / "bundle"
-    return out, one_thread(lambda: export_bundle(checkpoint, out, precision="int8"))
+    return out, one_thread(lambda: export_bundle(checkpoint, out, precision="int8", int8_method="dynamic"))
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +236,7 @@ def test_runtime_runs_the_int8_bundle(int8_export, reference_model):
 def test_gate_refuses_a_fragile_int8_export_with_its_numbers(fragile_checkpoint, tmp_path, one_thread):
     out = tmp_path / "bundle"
     with pytest.raises(ExportError) as caught:
-        one_thread(lambda: export_bundle(fragile_checkpoint, out, precision="int8"))
+        one_thread(lambda: export_bundle(fragile_checkpoint, out, precision="int8", int8_method="dynamic"))
     message = str(caught.value)
     assert "verification failed, nothing written" in message
     assert "FAILED:" in message and "min cosine" in message and "< 0.99" in message
@@ -246,18 +246,34 @@ def test_gate_refuses_a_fragile_int8_export_with_its_numbers(fragile_checkpoint,
     assert "the audio, text towers missed the gate at int8: export with --fp32-towers audio,text" in message
     # the same graphs pass when the caller lowers the bar, and the manifest says what was measured
     report = one_thread(
-        lambda: export_bundle(fragile_checkpoint, out, precision="int8", min_cosine=-1.0, min_agreement=0.0)
+        lambda: export_bundle(
+            fragile_checkpoint, out, precision="int8", int8_method="dynamic", min_cosine=-1.0, min_agreement=0.0
+        )
     )
     verification = load_manifest(out).extra["verification"][0]
     assert verification["thresholds"]["min_cosine"] == -1.0 and "passed" in report
     assert verification["min_cosine"] < 0.99  # the number the default gate refused
 
 
+def test_a_refused_static_export_also_names_the_dynamic_method(fragile_checkpoint, tmp_path, one_thread):
+    """Static int8 calibrates one activation range per tensor; where that misses, the refusal names dynamic (each
+    input's own range) beside --fp32-towers."""
+    with pytest.raises(ExportError) as caught:
+        one_thread(lambda: export_bundle(fragile_checkpoint, tmp_path / "b", precision="int8", int8_method="static"))
+    message = str(caught.value)
+    assert "int8 method: static QDQ (--quantize static)" in message
+    assert "missed the gate at int8: export with --fp32-towers" in message and "--quantize dynamic" in message
+
+
 def test_fp32_towers_keep_the_failing_towers_and_the_rest_int8(fragile_checkpoint, tmp_path, one_thread):
     """What the refusal says to do: the towers that missed stay fp32, the image tower stays int8, and the same gate
     passes the bundle; the manifest says which tower runs at which precision."""
     out = tmp_path / "bundle"
-    report = one_thread(lambda: export_bundle(fragile_checkpoint, out, precision="int8", fp32_towers=["audio", "text"]))
+    report = one_thread(
+        lambda: export_bundle(
+            fragile_checkpoint, out, precision="int8", int8_method="dynamic", fp32_towers=["audio", "text"]
+        )
+    )
     manifest = load_manifest(out)
     (verification,) = manifest.extra["verification"]
     assert verification["passed"] and verification["thresholds"]["min_cosine"] == 0.99, report
@@ -275,6 +291,7 @@ def test_cli_refuses_a_fragile_int8_export(fragile_checkpoint, tmp_path, one_thr
     result = one_thread(lambda: CliRunner().invoke(main, args))
     assert result.exit_code != 0 and "min cosine" in result.output and "< 0.99" in result.output
     assert "--fp32-towers audio,text" in result.output
+    assert "int8 method: dynamic, the default for onnxruntime" in result.output  # a small bundle: onnxruntime runs it
     assert "Traceback" not in result.output and not out.exists()
     result = CliRunner().invoke(main, [*args, "--min-cosine", "1.5"])
     assert result.exit_code == 2 and "--min-cosine" in result.output
@@ -367,6 +384,49 @@ def test_auto_picks_openvino_only_for_static_int8(static_export, int8_export):
     assert not runs_best_on_openvino(replace(static, files=side_file))
 
 
+def test_default_int8_method_is_the_one_the_bundles_engine_runs_fastest():
+    """Without --quantize: static QDQ where --backend auto will run the bundle on OpenVINO (the extra installed, the
+    towers' fp32 graphs past the runtime's size floor, single-file ONNX), whose int8 kernels run it 2.4x dynamic int8
+    on onnxruntime (base audio, batch 8); dynamic, onnxruntime's fastest, everywhere else; TensorRT: static."""
+    from synergy.export.bundle import resolved_int8_method
+    from synergy.runtime.towers import OPENVINO_MIN_GRAPH_BYTES as FLOOR
+
+    def method(openvino=True, size=FLOOR, fmt="onnx", **kwargs):
+        return resolved_int8_method("int8", False, None, fmt=fmt, fp32_graph_bytes=size, openvino=openvino, **kwargs)
+
+    assert method() == "static"
+    assert method(openvino=False) == "dynamic"  # onnxruntime will run it
+    assert method(size=FLOOR - 1) == "dynamic"  # auto keeps a small bundle on onnxruntime (OpenVINO's start-up)
+    assert method(external_data=True) == "dynamic"  # OpenVINO reads single-file graphs only
+    assert method(fmt="triton") == "dynamic"  # Triton's onnxruntime backend
+    assert method(openvino=None) == ("static" if importlib.util.find_spec("openvino") else "dynamic")
+    assert resolved_int8_method("int8", False, "dynamic", fp32_graph_bytes=FLOOR, openvino=True) == "dynamic"  # asked
+    assert resolved_int8_method("int8", True, None, fp32_graph_bytes=0, openvino=False) == "static"  # TensorRT
+    assert resolved_int8_method("fp16", False, None, fp32_graph_bytes=FLOOR, openvino=True) is None
+
+
+def test_default_int8_export_says_which_method_and_why(checkpoint, tmp_path, monkeypatch, one_thread):
+    """The tiny checkpoint with the runtime's OpenVINO size floor lowered to 0, as a large model's export sees it:
+    with the openvino extra installed the default is static (its text tower fp32) and the report says why, and
+    --backend auto runs the bundle on OpenVINO; without the extra, dynamic."""
+    from synergy.runtime import towers
+    from synergy.runtime.towers import runs_best_on_openvino
+
+    monkeypatch.setattr(towers, "OPENVINO_MIN_GRAPH_BYTES", 0)
+    installed = importlib.util.find_spec("openvino") is not None
+    out = tmp_path / "bundle"
+    # the tiny model's zero-shot margins are small: static moves ~5% of its decided queries (static_export)
+    report = one_thread(lambda: export_bundle(checkpoint, out, precision="int8", min_agreement=0.9))
+    manifest = load_manifest(out)
+    if installed:
+        assert "int8 method: static QDQ, the default where the openvino extra is installed" in report
+        assert manifest.extra["int8"]["method"] == "static" and manifest.towers["text"].precision == "fp32"
+        assert runs_best_on_openvino(manifest) == manifest.extra.get("openvino_bf16", {"passed": True})["passed"]
+    else:
+        assert "int8 method: dynamic, the default for onnxruntime" in report
+        assert manifest.extra["int8"]["method"] == "dynamic"
+
+
 def test_quantize_option_is_checked(checkpoint, tmp_path):
     with pytest.raises(ExportError, match="--quantize 'static'.*with --precision int8"):
         export_bundle(checkpoint, tmp_path / "b", precision="fp32", int8_method="static")
@@ -396,7 +456,9 @@ def test_gate_passes_a_trained_model_on_its_own_data(tmp_path, one_thread):
                          steps=60, lr=3e-3, warmup_steps=5, workers=0, save_every=1000, seed=0)  # fmt: skip
     checkpoint = one_thread(lambda: train(config, progress=False))
     out = tmp_path / "bundle"
-    report = one_thread(lambda: export_bundle(checkpoint, out, precision="int8", eval_data=data / "val.csv"))
+    report = one_thread(
+        lambda: export_bundle(checkpoint, out, precision="int8", int8_method="dynamic", eval_data=data / "val.csv")
+    )
     (verification,) = load_manifest(out).extra["verification"]
     assert verification["passed"] and verification["zero_shot_gate_applied"], report
     assert verification["zero_shot_top1_agreement_decided"] >= 0.99 and verification["min_cosine"] >= 0.99
@@ -415,7 +477,9 @@ def test_a_convolutional_tower_stays_fp32_and_the_others_int8(tmp_path, one_thre
     tokenizer = train_tokenizer(["a dog barking", "rain on a roof", "a bell"] * 4, 131, model.config.text.max_length)
     save_checkpoint(tmp_path / "checkpoint", model, tokenizer)
     out = tmp_path / "bundle"
-    report = one_thread(lambda: export_bundle(tmp_path / "checkpoint", out, precision="int8", min_agreement=0.0))
+    report = one_thread(
+        lambda: export_bundle(tmp_path / "checkpoint", out, precision="int8", int8_method="dynamic", min_agreement=0.0)
+    )
     assert "int8: kept fp32 (audio): no transformer-layer MatMul to quantize (a convolutional tower)" in report
     manifest = load_manifest(out)
     assert {m: t.precision for m, t in manifest.towers.items()} == {"image": "int8", "text": "int8", "audio": "fp32"}

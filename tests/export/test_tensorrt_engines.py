@@ -67,13 +67,10 @@ def test_batch_profile_is_checked():
 
 
 def test_engines_take_static_int8_unless_told_otherwise():
-    """TensorRT builds int8 only from QDQ graphs, so an int8 engine export without --quantize is static; onnxruntime
-    bundles keep the default method; fp32 / fp16 have none (a dynamic int8 engine export is refused before any
-    work: test_bundle's argument checks)."""
-    from synergy.export.quantize import DEFAULT_METHOD
-
+    """TensorRT builds int8 only from QDQ graphs, so an int8 engine export without --quantize is static, whatever
+    the graphs' size; fp32 / fp16 have none (a dynamic int8 engine export is refused before any work: test_bundle's
+    argument checks; the ONNX bundles' default: test_quantize)."""
     assert resolved_int8_method("int8", engines=True, int8_method=None) == "static"
-    assert resolved_int8_method("int8", engines=False, int8_method=None) == DEFAULT_METHOD
     assert resolved_int8_method("int8", engines=False, int8_method="static") == "static"
     assert resolved_int8_method("fp16", engines=True, int8_method=None) is None
 

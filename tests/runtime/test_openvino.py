@@ -4,6 +4,7 @@ the checks it makes when it loads, and the CLI's backend choices, which spell ou
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -100,8 +101,6 @@ def test_cli_backend_choices_are_the_registry():
 
 
 def _with(manifest, precision: str = "fp32", **extra):
-    from dataclasses import replace
-
     return replace(manifest, precision=precision, extra=extra)
 
 
@@ -153,3 +152,10 @@ def test_auto_leaves_small_bundles_on_onnxruntime(tiny_bundle):
     assert choose_backend("auto", "cpu", manifest, size) == "onnxruntime"
     assert choose_backend("auto", "cpu", manifest, OPENVINO_MIN_GRAPH_BYTES) == "openvino-bf16"
     assert choose_backend("openvino-bf16", "cpu", manifest, size) == "openvino-bf16"  # asked for: no floor
+    # an int8 tower's file weighs the fp32 graph it was quantized from: four times its bytes (fp16: twice)
+    towers = {
+        m: replace(t, precision={"audio": "int8", "image": "fp16"}.get(m, "fp32")) for m, t in manifest.towers.items()
+    }
+    mixed = replace(manifest, towers=towers)
+    files = {m: (tiny_bundle[0] / t.file).stat().st_size for m, t in manifest.towers.items()}
+    assert graph_bytes(tiny_bundle[0], mixed) == 4 * files["audio"] + 2 * files["image"] + files["text"]
