@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from bench_inputs import minilm_folder, parse_setting, read_csv, write_csv
-from provenance import ROOT, git_commit
+from provenance import ROOT, git_commit, write_result
 
 RESULT = ROOT / "benchmarks" / "results" / "all-real-cpu.json"
 TEMPLATES = ("a {}.", "a clip-art drawing of a {}.", "the sound of a {}.")
@@ -86,8 +86,7 @@ def main(argv=None) -> None:
     if args.merge:
         merged = merge([json.loads(Path(path).read_text()) for path in args.merge])
         out = Path(args.out) if args.out else RESULT
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(merged, indent=1) + "\n")
+        write_result(out, merged)
         print(table(merged))
         print(f"wrote {out}")
         return
@@ -124,8 +123,7 @@ def main(argv=None) -> None:
         "configs": {config: {"runs": r, "summary": summarise(r)} for config, r in runs.items()},
         "seconds": round(time.perf_counter() - start, 1),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=list) + "\n")
+    write_result(out, result)
     print(table(result))
     print(f"wrote {out} in {result['seconds']:.0f} s")
 

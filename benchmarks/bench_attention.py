@@ -17,7 +17,6 @@ forward+backward. On CUDA the JSON goes to benchmarks/results/attention-<gpu>.js
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -25,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from provenance import git_commit  # benchmarks/provenance.py: this folder is on sys.path
+from provenance import git_commit, write_result  # benchmarks/provenance.py: this folder is on sys.path
 
 SHAPES = ["32x12x197x64", "16x12x852x64", "8x12x1214x64", "64x8x77x64"]  # ViT-B/16, AST Base, AST Large, text
 IMPLS = ["sdpa-flash", "sdpa-mask", "synergy"]
@@ -243,8 +242,7 @@ def main(argv=None):
             flop_counting="valid tokens only; fwd = 4*H*d*sum(L^2), fwd+bwd = 3.5x fwd", attention=rows,
             base_training_step=train_rows,
         )  # fmt: skip
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        write_result(out, report)
         print(f"wrote {out}")
 
 

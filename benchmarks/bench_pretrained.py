@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from bench_inputs import minilm_folder, read_csv, write_csv
-from provenance import ROOT, git_commit
+from provenance import ROOT, git_commit, write_result
 
 # chosen before any result, for every class; none of these words occurs in the synthetic set's text
 # (COLOUR_SYNONYMS, SHAPE_SYNONYMS, CAPTION_TEMPLATES and PROMPT_TEMPLATES in train/datasets/synth.py)
@@ -138,8 +138,7 @@ def main(argv=None) -> None:
         "learning_curve": curve,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=list) + "\n")
+    write_result(out, result)
     print(tables(result))
     print(f"wrote {out} in {result['seconds']:.0f} s")
 

@@ -68,7 +68,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from provenance import git_commit  # benchmarks/provenance.py: this folder is on sys.path
+from provenance import git_commit, write_result  # benchmarks/provenance.py: this folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -525,7 +525,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def write(report: dict) -> None:
-        out.write_text(json.dumps(report, indent=2, allow_nan=False))
+        write_result(out, report, allow_nan=False)
 
     with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
         workdir = Path(tmp)

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from provenance import git_commit  # benchmarks/provenance.py: this folder is on sys.path
+from provenance import git_commit, write_result  # benchmarks/provenance.py: this folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -62,6 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads (server and library alike).")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        help="The runtime's backend, server and library alike (auto: the server's choice, Runtime.open(long_lived)).",
+    )
     parser.add_argument("--clip-seconds", type=float, default=None, help="Clip length (default: the model's clip).")
     parser.add_argument("--describe", default=None, help="What the bundle is, for the JSON (default: its path).")
     parser.add_argument(
@@ -210,13 +215,14 @@ class ServerProcess:
         command = [sys.executable, "-m", "synergy.cli", "serve", "--bundle", bundle, "--port", "0"]
         command += ["--threads", str(args.threads), "--max-batch", str(args.max_batch)]
         command += ["--max-wait-ms", str(args.max_wait_ms), "--max-queue", "1024", "--max-items", "64"]
-        command += ["--timeout", str(args.timeout)]
+        command += ["--timeout", str(args.timeout), "--backend", args.backend]
         self.timeout = args.timeout + 30  # the client waits longer than the server's own 504
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         line = self.process.stderr.readline()
         if "listening on http://" not in line:
             raise RuntimeError(f"the server did not start: {line}")
         host_port = line.split("http://")[1].split()[0]
+        self.engine = line.rsplit(" on ", 1)[-1].split(")")[0].split(",")[0]  # "(bundles x=path on openvino-bf16)"
         self.host, self.port = host_port.rsplit(":", 1)
         deadline = time.monotonic() + 60
         while self.get("/readyz")[0] != 200:
@@ -360,7 +366,7 @@ def main(argv=None) -> int:
         else:
             bundle = str(tiny_bundle(Path(scratch) / "tiny"))
             bundle_name = args.describe or "the tests' tiny bundle (D=21)"
-        runtime = Runtime.open(bundle, threads=args.threads, batch_size=args.max_batch)
+        runtime = Runtime.open(bundle, args.backend, threads=args.threads, batch_size=args.max_batch, long_lived=True)
         audio = runtime.manifest.audio
         clips = make_clips(audio.sample_rate, args.clip_seconds or audio.clip_seconds)
         report = {
@@ -370,6 +376,7 @@ def main(argv=None) -> int:
             "settings": {
                 k: getattr(args, k) for k in ("clients", "requests", "budget", "max_batch", "max_wait_ms", "timeout")
             },
+            "backend": {"asked": args.backend, "library": runtime.backend},
             "environment": {
                 "python": platform.python_version(),
                 "onnxruntime": onnxruntime.__version__,
@@ -386,6 +393,7 @@ def main(argv=None) -> int:
         report["components"] = components(runtime, clips, args)
         print(json.dumps(report["library"]), json.dumps(report["components"]), sep="\n", flush=True)
         server = ServerProcess(bundle, args)
+        report["backend"]["server"] = server.engine
         report["serve"] = []
         try:
             report["http_floor"] = http_floor(server, args)  # the cheapest round trip: GET /healthz
@@ -415,8 +423,7 @@ def main(argv=None) -> int:
         for r in report["serve"]
     ]
     report["environment"]["load_average_at_end"] = load()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_result(Path(args.out), report)
     print(f"\nlibrary one at a time: {single} items/s; batched ({args.max_batch}): {batched} items/s")
     print(f"{'clients':>7}  {'items/s':>8}  {'p50 ms':>8}  {'p99 ms':>8}  {'vs single':>9}  {'vs batched':>10}")
     for row in report["summary"]:

@@ -27,7 +27,6 @@ against torch and torch-bf16 within each round.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from bench_inputs import minilm_folder  # benchmarks/: on sys.path when run as a script
 from bench_runtime import cosine, environment
+from provenance import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "text-int8-minilm-cpu.json"
@@ -180,8 +180,7 @@ def main(argv=None) -> None:
         "exports": gates,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -28,7 +28,6 @@ with torch), so read the speeds as a rough ranking.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_text_int8 import checkpoint_with_minilm, sentences  # benchmarks/: on sys.path when run as a script
+from provenance import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "text-int8-schemes-minilm-cpu.json"
@@ -270,8 +270,7 @@ def main(argv=None) -> None:
         "smoothquant_alpha": ALPHA,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -14,7 +14,6 @@ time over --steps timed steps after --warmup is reported; on CPU the Triton kern
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 from bench_attention import environment  # benchmarks/: this folder is on sys.path
+from provenance import write_result
 
 CONFIGS = {  # name -> (attention implementation of the towers, loss impl)
     "fused": ("synergy", "triton"),
@@ -142,8 +142,7 @@ def main(argv=None) -> int:
         report = dict(benchmark="one training step (forward, loss, backward, AdamW)",
                       environment=environment(args.device), args={k: str(v) for k, v in vars(args).items()},
                       results=rows, fused_over_sdpa=speedup)  # fmt: skip
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_result(args.out, report)
         print(f"wrote {args.out}")
     return 0
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bench_inputs import parse_setting
-from provenance import ROOT, git_commit
+from provenance import ROOT, git_commit, write_result
 
 RESULT = ROOT / "benchmarks" / "results" / "unseen-voices.json"
 SPLITS = ("val", "unseen")  # voices heard in training, speakers never heard
@@ -78,8 +78,7 @@ def main(argv=None) -> None:
     if args.merge:
         merged = merge([json.loads(Path(path).read_text()) for path in args.merge])
         out = Path(args.out) if args.out else RESULT
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(merged, indent=2) + "\n")
+        write_result(out, merged)
         print(merged_table(merged))
         print(f"wrote {out}")
         return
@@ -115,8 +114,7 @@ def main(argv=None) -> None:
         "summary": summarise(runs),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
     print(table(result))
     print(f"wrote {out}")
 

@@ -28,7 +28,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from provenance import git_commit  # benchmarks/provenance.py: this folder is on sys.path
+from provenance import git_commit, write_result  # benchmarks/provenance.py: this folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -188,12 +188,12 @@ def main(argv=None) -> int:
         report = PARTS[name](args, env)
         report.update(part=name, dry_run=args.dry_run, environment=environment(),
                       seconds=round(time.perf_counter() - part_start, 1))  # fmt: skip
-        (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_result(args.out / f"{name}.json", report)
         statuses[name] = report["status"]
         print(f"=== {name}: {report['status']} in {report['seconds']} s", flush=True)
     total = round(time.perf_counter() - start, 1)
     summary = dict(dry_run=args.dry_run, seconds=total, parts=statuses, environment=environment())
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_result(args.out / "summary.json", summary)
     print(f"GPU proof {'dry run ' if args.dry_run else ''}done in {total} s: {statuses} -> {args.out}")
     return 0 if all(s in ("ok", "dry-run") for s in statuses.values()) else 1
 

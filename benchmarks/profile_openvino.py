@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from bench_runtime import environment, random_setup  # benchmarks/: on sys.path when run as a script
+from provenance import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "openvino-profile-base-audio-cpu.json"
@@ -113,8 +113,7 @@ def main(argv=None) -> None:
         "geometry": f"{args.preset} preset AST, random weights, {waves.shape[1]} samples a clip",
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -67,6 +67,7 @@ class Runtime:
         max_audio_seconds: float = DEFAULT_MAX_SECONDS,
         trust_unverified: bool = False,
         verify: bool = True,
+        long_lived: bool = False,
     ) -> Runtime:
         """Read and check a bundle: every manifest field range-checked, every file it names inside the bundle, a
         regular file, listed in ``files`` and matching its sha256; the tokenizer loaded. Problems are a one-line
@@ -82,9 +83,11 @@ class Runtime:
         ``backend``: "onnxruntime" (ONNX graphs; on ``device="cuda"`` through the TensorRT EP, then the CUDA EP),
         "tensorrt" (the bundle's ``*.plan`` engines, natively), or "auto" (the engines of a TensorRT bundle on
         ``device="cuda"``, else onnxruntime, on the engines' ONNX sources where the bundle has only engines).
-        "openvino" / "openvino-bf16" (CPU, the optional extra). ``threads``: CPU threads per session (None: the
-        physical cores this process may use). Towers are loaded on first use, so a call that needs only audio and
-        text never loads the image graph.
+        "openvino" / "openvino-bf16" (CPU, the optional extra; "auto" picks OpenVINO bf16 where the bundle's export
+        verified it: ``towers.choose_backend``). ``long_lived``: this process answers many calls (a server), so
+        "auto" does not weigh OpenVINO's start-up against the bundle's size (``towers.OPENVINO_MIN_GRAPH_BYTES``):
+        it is paid once. ``threads``: CPU threads per session (None: the physical cores this process may use).
+        Towers are loaded on first use, so a call that needs only audio and text never loads the image graph.
         """
         check_choice(backend, device)
         if batch_size < 1:
@@ -94,7 +97,7 @@ class Runtime:
         bundle = Path(bundle)
         trust_unverified = trust_unverified or not verify
         manifest = open_bundle(bundle, trust_unverified)
-        backend = choose_backend(backend, device, manifest, graph_bytes(bundle, manifest))
+        backend = choose_backend(backend, device, manifest, None if long_lived else graph_bytes(bundle, manifest))
         # every tower has a file this backend runs; the files this runtime loads are hashed as they load, on the
         # bytes that load (each read once, no window between check and use); every other listed file is hashed now
         loaded = files_hashed_on_load(bundle, manifest, BACKENDS[backend].runs_engines)

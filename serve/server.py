@@ -103,7 +103,9 @@ def open_models(
     services = {}
     try:
         for name, bundle in named.items():
-            runtime = Runtime.open(bundle, backend=backend, device=device, threads=threads, batch_size=limits.max_batch)
+            runtime = Runtime.open(
+                bundle, backend=backend, device=device, threads=threads, batch_size=limits.max_batch, long_lived=True
+            )  # a server: OpenVINO's start-up is paid once, so "auto" takes it for any bundle its export verified
             services[name] = Service(runtime, limits, name, labels_files, metrics)
     except BaseException:
         for service in services.values():
