@@ -308,8 +308,8 @@ def serve_phase(server: ServerProcess, clients: int, clips: list[bytes], args) -
     warm = http.client.HTTPConnection(server.host, int(server.port), timeout=server.timeout)
     warm.request("POST", "/v1/embeddings", bodies[0], {"Content-Type": "application/json"})
     warm.getresponse().read()
-    batches0 = server.metric('synergy_batch_size_count{modality="audio"}')
-    items0 = server.metric('synergy_batch_size_sum{modality="audio"}')
+    batches0 = server.metric('synergy_batch_size_count{modality="audio",')  # then model="...": one bundle served
+    items0 = server.metric('synergy_batch_size_sum{modality="audio",')
     before = load()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for thread in threads:
@@ -321,8 +321,8 @@ def serve_phase(server: ServerProcess, clients: int, clips: list[bytes], args) -
         thread.join()
     wall = time.perf_counter() - started
     latencies = [r[0] for r in records]
-    batches = server.metric('synergy_batch_size_count{modality="audio"}') - batches0
-    items = server.metric('synergy_batch_size_sum{modality="audio"}') - items0
+    batches = server.metric('synergy_batch_size_count{modality="audio",') - batches0
+    items = server.metric('synergy_batch_size_sum{modality="audio",') - items0
 
     def mean_ms(key: str) -> float:
         values = [t[key] for _, t in records if key in t]

@@ -622,7 +622,7 @@ def _check_openvino(
     in_bf16 = ran_at == {"bf16"}
     passed = in_bf16 and not verification.failures()
     if passed:
-        verdict = "passed: --backend auto runs this bundle on openvino-bf16 on the CPU"
+        verdict = "passed: --backend auto runs this bundle on openvino-bf16 on the CPU" + _below_floor(tmp, files, job)
     elif not in_bf16:  # measured at f32: nothing is known of bf16, which the runtime's machine may have
         verdict = (
             f"not passed: this CPU has no bfloat16, so OpenVINO ran {'/'.join(sorted(ran_at))}; --backend auto keeps "
@@ -632,6 +632,23 @@ def _check_openvino(
         verdict = "not passed (it does not gate the export): --backend auto keeps onnxruntime for this bundle"
     record = {**verification.to_dict(), "passed": passed, "inference_precision": "/".join(sorted(ran_at))}
     return record, [verification.format(), f"  OpenVINO bf16 check {verdict}"]
+
+
+def _below_floor(tmp: Path, files: dict, job: ExportJob) -> str:
+    """The verdict's rider for a bundle under ``--backend auto``'s OpenVINO size floor (its graphs weighed at fp32,
+    as ``runtime.towers.graph_bytes`` weighs them): a server takes OpenVINO, a one-shot call onnxruntime."""
+    from synergy.runtime.towers import FP32_BYTES_PER_BYTE, OPENVINO_MIN_GRAPH_BYTES
+
+    weighed = sum(
+        (tmp / rel).stat().st_size * FP32_BYTES_PER_BYTE.get(tower_precision(job, m), 1) for m, rel in files.items()
+    )
+    if weighed >= OPENVINO_MIN_GRAPH_BYTES:
+        return ""
+    return (
+        f" in synergy serve; one-shot calls (synergy infer, embed) stay on onnxruntime, whose start-up is shorter: "
+        f"these graphs weigh {weighed / 2**20:.1f} MiB at fp32, under the {OPENVINO_MIN_GRAPH_BYTES >> 20} MiB where "
+        "OpenVINO pays for its own"
+    )
 
 
 def _openvino_version() -> str:

@@ -153,6 +153,8 @@ def check_choice(backend: str, device: str) -> None:
 # and small towers never earn it back in a one-shot call: on the demo bundle (7.6 MB of graphs), `synergy infer` on its
 # 320 val clips took 0.8 s on OpenVINO bf16 and 0.5 s on onnxruntime, one clip 0.75 s against 0.33 s. The base audio
 # tower (347 MB) gains 0.5 s per clip on OpenVINO from the first one; all-MiniLM-L6-v2 (90 MB) about 12 ms a sentence.
+# A server pays the start-up once: `synergy serve` opens its bundles long-lived (``Runtime.open(long_lived=True)``),
+# without this floor.
 OPENVINO_MIN_GRAPH_BYTES = 64 << 20
 
 

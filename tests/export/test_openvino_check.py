@@ -114,6 +114,7 @@ def test_fp32_export_records_a_passed_openvino_check(picture_bundle):
     assert record["passed"] is True and record["inference_precision"] == "bf16", record
     assert 0.99 <= record["min_cosine"] < 1.0  # bf16 moved something: it ran, and at bf16
     assert "OpenVINO bf16 check passed: --backend auto runs this bundle on openvino-bf16" in report
+    assert "in synergy serve; one-shot calls (synergy infer, embed) stay on onnxruntime" in report  # a tiny bundle
     assert choose_backend("auto", "cpu", manifest) == "openvino-bf16"
 
 
