@@ -10,7 +10,10 @@ Withdrawal: cancelling a queued item's future takes it out of the queue at once 
 ``len(batcher)`` counts live items only). A batch is processed ``sub_batch`` items at a time; an item's future turns
 running only when its sub-batch starts, so until then it can still be cancelled and is skipped: a caller that gave up
 (a timeout, a client gone) stops costing work at the next sub-batch boundary, and a batch whose items were all
-withdrawn stops there.
+withdrawn stops there. With ``sub_batch_seconds``, a sub-batch grows past ``sub_batch`` (up to ``max_batch``) while
+the time per item measured so far says it takes no longer than that: cheap items then run in the large batches the
+model is fastest at (the demo model served 20% more clips/s to 64 clients in one call of 32 than in four of 8),
+and the work a withdrawn caller can still cost stays bounded by time.
 
 Results equal those of calling ``process`` directly: items are independent, so batching changes only how many
 are computed together (and the runtime pads each batch so that padding never reaches another item).
@@ -41,13 +44,18 @@ class MicroBatcher:
         max_queue: int = 1024,
         workers: int = 1,
         sub_batch: int | None = None,
+        sub_batch_seconds: float | None = None,
         name: str = "synergy-batcher",
     ):
         if max_batch < 1 or max_queue < 1 or workers < 1 or max_wait_ms < 0 or (sub_batch or 1) < 1:
             raise ValueError("max_batch, max_queue, workers and sub_batch must be >= 1 and max_wait_ms >= 0")
+        if sub_batch_seconds is not None and not sub_batch_seconds > 0:
+            raise ValueError(f"sub_batch_seconds must be > 0, got {sub_batch_seconds}")
         self.process = process
         self.max_batch = max_batch
         self.sub_batch = sub_batch or max_batch  # items per ``process`` call; cancellation is checked between calls
+        self.sub_batch_seconds = sub_batch_seconds  # grow sub-batches while they stay this short (module doc)
+        self._seconds_per_item: float | None = None  # measured on ``process`` calls, smoothed; read by the workers
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self._pending: deque = deque()  # (item, future), oldest first
@@ -120,13 +128,26 @@ class MicroBatcher:
                 self._run(batch)
 
     def _run(self, batch: list) -> None:
-        for start in range(0, len(batch), self.sub_batch):
-            self._run_sub_batch(batch[start : start + self.sub_batch])
+        start = 0
+        while start < len(batch):
+            size = self.sub_batch_size()
+            self._run_sub_batch(batch[start : start + size])
+            start += size
+
+    def sub_batch_size(self) -> int:
+        """Items in the next ``process`` call: ``sub_batch``, or with ``sub_batch_seconds`` as many (up to
+        ``max_batch``) as the measured time per item fits in it."""
+        per_item = self._seconds_per_item
+        if self.sub_batch_seconds is None or per_item is None:
+            return self.sub_batch
+        fits = int(self.sub_batch_seconds / per_item) if per_item > 0 else self.max_batch
+        return max(self.sub_batch, min(self.max_batch, fits))
 
     def _run_sub_batch(self, batch: list) -> None:
         live = [(item, future) for item, future in batch if future.set_running_or_notify_cancel()]
         if not live:  # every item was withdrawn while earlier sub-batches ran
             return
+        started = time.perf_counter()
         try:
             results = list(self.process([item for item, _ in live]))
             if len(results) != len(live):
@@ -135,9 +156,12 @@ class MicroBatcher:
             for _, future in live:
                 future.set_exception(error)
             return
+        per_item = (time.perf_counter() - started) / len(live)
         with self._changed:
             self.batches += 1
             self.items += len(live)
+            last = self._seconds_per_item  # smoothed over calls: one slow call (a big item) moves it by half
+            self._seconds_per_item = per_item if last is None else (last + per_item) / 2
         for (_, future), result in zip(live, results):
             if isinstance(result, BaseException):
                 future.set_exception(result)

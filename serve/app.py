@@ -70,6 +70,7 @@ class ServeLimits:
     max_megapixels: float = 256.0  # summed over a request's images, from their headers
     read_timeout_s: float = 60.0  # a request's head and body must arrive within this (connections.py)
     cancel_every: int = 8  # audio / image items per model call: withdrawn items are skipped between calls
+    cancel_seconds: float = 0.05  # a call grows past cancel_every (to max_batch) while it stays this short
 
     def __post_init__(self):
         if self.max_items > self.max_queue:  # such a request could never be queued: 503 forever

@@ -111,6 +111,7 @@ class Service:
                 max_wait_ms=limits.max_wait_ms,
                 max_queue=limits.max_queue,
                 sub_batch=None if modality == "text" else limits.cancel_every,  # a text item is one short row
+                sub_batch_seconds=limits.cancel_seconds,
                 name=f"synergy-serve-{self.name}-{modality}",
             )
 

@@ -152,3 +152,28 @@ def test_withdrawn_items_stop_a_batch_at_the_next_sub_batch():
     finally:
         release.set()
         batcher.close()
+
+
+def test_cheap_items_grow_the_sub_batch_and_costly_ones_keep_it():
+    """With sub_batch_seconds a sub-batch grows past sub_batch (up to max_batch) when the time per item measured so
+    far fits it in that time; items that cost more keep it at sub_batch, the bound on a withdrawn caller's work."""
+    # 28 cheap items: batches of 12, 12, 4; the first call has nothing measured (4), then the rest of that batch (8)
+    # and a whole batch in one call. 100 ms an item: 4 items are past 0.3 s, so calls stay at 4.
+    for cost, count, want in ((0.0, 28, [4, 8, 12, 4]), (0.1, 12, [4, 4, 4])):
+        sizes = []
+
+        def process(items, cost=cost, sizes=sizes):
+            sizes.append(len(items))
+            time.sleep(cost * len(items))
+            return items
+
+        batcher = MicroBatcher(process, max_batch=12, max_wait_ms=500.0, sub_batch=4, sub_batch_seconds=0.3)
+        try:
+            assert batcher.sub_batch_size() == 4  # nothing measured yet
+            futures = [batcher.submit(i) for i in range(count)]
+            assert [f.result(timeout=30) for f in futures] == list(range(count))
+        finally:
+            batcher.close()
+        assert sizes == want, (cost, sizes)
+    with pytest.raises(ValueError, match="sub_batch_seconds"):
+        MicroBatcher(lambda items: items, sub_batch_seconds=0)
