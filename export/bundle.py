@@ -551,7 +551,7 @@ def _fp32_towers_hint(verifications, job: ExportJob) -> str:
     )
     if job.precision == "fp32" or not failed:
         return ""
-    keep = ",".join(sorted({*failed, *job.fp32_towers}))
+    keep = ",".join(sorted({*failed, *(job.fp32_towers - _towers_without_matmuls(job))}))  # convolutional: fp32 anyway
     # static calibrates one activation range per tensor; dynamic takes each input's own (onnxruntime only)
     dynamic = ", or quantize with --quantize dynamic" if job.int8_method == "static" and job.trt is None else ""
     return (

@@ -486,3 +486,11 @@ def test_a_convolutional_tower_stays_fp32_and_the_others_int8(tmp_path, one_thre
     ops = {m: {n.op_type for n in onnx.load(out / f"{m}.onnx").graph.node} for m in ("image", "audio")}
     assert "DynamicQuantizeLinear" in ops["image"] and not {"DynamicQuantizeLinear", "QuantizeLinear"} & ops["audio"]
     assert manifest.extra["verification"][0]["passed"]
+    # a refusal names only the towers --fp32-towers would change: the convolutional one is fp32 already
+    with pytest.raises(ExportError) as caught:
+        one_thread(
+            lambda: export_bundle(
+                tmp_path / "checkpoint", tmp_path / "b", precision="int8", int8_method="dynamic", min_cosine=1.0
+            )
+        )
+    assert "--fp32-towers image,text to keep them fp32" in str(caught.value)
