@@ -11,9 +11,10 @@ Withdrawal: cancelling a queued item's future takes it out of the queue at once 
 running only when its sub-batch starts, so until then it can still be cancelled and is skipped: a caller that gave up
 (a timeout, a client gone) stops costing work at the next sub-batch boundary, and a batch whose items were all
 withdrawn stops there. With ``sub_batch_seconds``, a sub-batch grows past ``sub_batch`` (up to ``max_batch``) while
-the time per item measured so far says it takes no longer than that: cheap items then run in the large batches the
-model is fastest at (the demo model served 20% more clips/s to 64 clients in one call of 32 than in four of 8),
-and the work a withdrawn caller can still cost stays bounded by time.
+the time per item measured so far says it takes no longer than that: cheap items then run in the larger batches
+the model is faster at (`synergy serve` on the demo bundle, onnxruntime, 64 clients: 474-487 clips/s in calls of 8,
+508-515 with calls averaging 16 items; benchmarks/README.md), and the work a withdrawn caller can still cost stays
+bounded by time.
 
 Results equal those of calling ``process`` directly: items are independent, so batching changes only how many
 are computed together (and the runtime pads each batch so that padding never reaches another item).
