@@ -6,16 +6,17 @@
 What a user of a sentence-embedding tower asks before shipping it in int8: does it still embed as the fp32 model
 does, and is it faster than torch? The tiny preset with MiniLM as its text tower (6 x 384, mean pooling, 256
 tokens; the image and audio towers are not measured) is saved as a checkpoint and exported by `synergy export`'s
-own code (``export_bundle``) at fp32, int8 dynamic and int8 static (the export's gate is measured and recorded
+own code (``export_bundle``) at fp32, int8 dynamic, int8 static (whose text tower stays fp32) and int8 static with
+``--int8-text`` (the text tower in int8, SmoothQuant) (the export's gate is measured and recorded
 with its thresholds at 0: the random image and audio towers make its zero-shot agreement meaningless here). Real
 English sentences (this repository's README and docs, sentence by sentence, 12-400
 characters) are embedded by every configuration:
 
     torch           the model in PyTorch, eager fp32, no_grad (the reference)
     torch-bf16      the same under torch.autocast("cpu", torch.bfloat16)
-    <bundle>@<backend>  the runtime (``Runtime.open(bundle, backend)``, ``embed_text``): fp32, int8-dynamic and
-                    int8-static bundles on onnxruntime, and the fp32 and int8-static ones on OpenVINO (bf16 hint)
-                    where the openvino extra is installed
+    <bundle>@<backend>  the runtime (``Runtime.open(bundle, backend)``, ``embed_text``): every bundle on
+                    onnxruntime, and the fp32 and static ones on OpenVINO (bf16 hint) where the openvino extra is
+                    installed
 
 Accuracy: cosine of each sentence's embedding to torch fp32 (min, mean), and retrieval agreement: for every
 sentence, whether its nearest other sentence is the one torch fp32 finds. Speed: interleaved rounds (every
@@ -41,8 +42,13 @@ from provenance import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "text-int8-minilm-cpu.json"
-BUNDLES = {"fp32": {}, "int8-dynamic": {"int8_method": "dynamic"}, "int8-static": {"int8_method": "static"}}
-OPENVINO_BUNDLES = ("fp32", "int8-static")
+BUNDLES = {
+    "fp32": {},
+    "int8-dynamic": {"int8_method": "dynamic"},
+    "int8-static": {"int8_method": "static"},  # its text tower stays fp32 (export.bundle.tower_precision)
+    "int8-static-text": {"int8_method": "static", "int8_text": True},  # --int8-text: the text tower int8 too
+}
+OPENVINO_BUNDLES = ("fp32", "int8-static", "int8-static-text")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -6,13 +6,14 @@
 The export ships two int8 methods (export/quantize.py): dynamic (onnxruntime) and static QDQ (OpenVINO). On MiniLM
 neither reaches the issue's cosine 0.995 on real sentences (bench_text_int8.py), so a static bundle keeps its text
 tower fp32 and a dynamic one is refused by the gate unless `--fp32-towers text`. This script measures the schemes
-the literature offers against that, on the same graph and the same sentences, so the choice rests on numbers:
+the literature offers against that, on the same graph and the same sentences, so the choice rests on numbers (the
+fourth is what `synergy export --int8-text` writes: export/quantize.py ``TEXT_SCHEME``):
 
     dynamic                 the export's dynamic method (per-tensor uint8 activations at run time), onnxruntime
     static                  the export's static method (per-tensor symmetric int8, calibrated), OpenVINO bf16
     static+smooth           SmoothQuant (Xiao et al. 2023) before static: each MatMul input channel divided by
                             s = max|x|^a / max|w|^(1-a) (a Mul node), the weight's rows multiplied by it
-    static+smooth, ffn-out fp32   the same with the MLP's second MatMuls (fed by GELU) left float
+    static+smooth, ffn-out fp32   the same with the MLP's second MatMuls (fed by GELU) left float (--int8-text)
     weight-only             int8 weights (per output channel) dequantized in the graph, float activations:
                             onnxruntime and OpenVINO
     per-token+smooth (sim)  activations quantized per token (symmetric int8) after SmoothQuant, simulated in float
@@ -39,7 +40,6 @@ from provenance import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "text-int8-schemes-minilm-cpu.json"
-ALPHA = 0.6  # SmoothQuant's migration strength: the best of 0.4-0.8 in probes (0.5 and 0.7 within 0.002)
 BATCH = 32
 
 
@@ -54,29 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class Graphs:
-    """The fp32 text graph and what the schemes need from it: its weight MatMuls and their inputs' maxima."""
+    """The fp32 text graph and what the schemes need from it: its weight MatMuls and the calibration feeds."""
 
     def __init__(self, model, calibration_feeds, threads: int):
-        import onnx
-
         from synergy.export.quantize import weight_matmuls
 
-        self.model, self.threads = model, threads
+        self.model, self.threads, self.calibration = model, threads, calibration_feeds
         self.nodes = weight_matmuls(model)
-        self.by_name = {n.name: n for n in model.graph.node}
-        producer = {out: n for n in model.graph.node for out in n.output}
-        self.ffn_out = [n for n in self.nodes if producer[self.by_name[n].input[0]].op_type == "Gelu"]
-        inputs = sorted({self.by_name[n].input[0] for n in self.nodes})
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        for name in inputs:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-        session = ort_session(probe, threads)
-        self.maxima = {}
-        for feeds in calibration_feeds:
-            for name, value in zip(inputs, session.run(None, feeds)[1:]):
-                channel_max = np.abs(value).reshape(-1, value.shape[-1]).max(0)
-                self.maxima[name] = np.maximum(self.maxima.get(name, 0), channel_max)
 
     def copy(self):
         import onnx
@@ -85,30 +69,12 @@ class Graphs:
         model.CopyFrom(self.model)
         return model, {n.name: n for n in model.graph.node}, {t.name: t for t in model.graph.initializer}
 
-    def smoothed(self, alpha: float = ALPHA):
-        """SmoothQuant: per input channel, x / s and W * s (rows), s from the calibration maxima; q, k and v share
-        one input and so one s (the max of their weights)."""
-        from onnx import helper, numpy_helper
+    def smoothed(self):
+        """SmoothQuant on every weight MatMul's input, as the export's text scheme does it
+        (``export.quantize.smooth_activations``, alpha ``TEXT_SCHEME.smooth_alpha``)."""
+        from synergy.export.quantize import TEXT_SCHEME, smooth_activations
 
-        model, nodes, weights = self.copy()
-        readers = {}
-        for name in self.nodes:
-            readers.setdefault(nodes[name].input[0], []).append(name)
-        for source, names in readers.items():
-            arrays = [numpy_helper.to_array(weights[nodes[n].input[1]]) for n in names]
-            weight_max = np.max([np.abs(w).max(1) for w in arrays], 0)
-            scale = self.maxima[source] ** alpha / np.maximum(weight_max, 1e-5) ** (1 - alpha)
-            scale = np.clip(scale, 1e-5, None).astype(np.float32)
-            for name, array in zip(names, arrays):
-                tensor = weights[nodes[name].input[1]]
-                tensor.CopyFrom(numpy_helper.from_array((array * scale[:, None]).astype(np.float32), tensor.name))
-            inverse, smoothed = f"{source}_smooth_inverse", f"{source}_smoothed"
-            model.graph.initializer.append(numpy_helper.from_array((1 / scale).astype(np.float32), inverse))
-            first = min(i for i, n in enumerate(model.graph.node) if n.name in names)
-            model.graph.node.insert(first, helper.make_node("Mul", [source, inverse], [smoothed], name=f"{source}_mul"))
-            for name in names:
-                nodes[name].input[0] = smoothed
-        return model
+        return smooth_activations(self.model, self.nodes, self.calibration, TEXT_SCHEME.smooth_alpha)
 
     def weight_only(self):
         """int8 weights per output channel, DequantizeLinear in the graph, float activations."""
@@ -202,7 +168,7 @@ def main(argv=None) -> None:
     from tokenizers import Tokenizer
 
     from synergy.export import export_bundle
-    from synergy.export.quantize import quantize_int8
+    from synergy.export.quantize import TEXT_SCHEME, StaticScheme, quantize_int8
     from synergy.export.verify import BUILTIN_SENTENCES
 
     torch.set_num_threads(args.threads)
@@ -229,15 +195,15 @@ def main(argv=None) -> None:
 
     reference = embed(ort_runner(model, args.threads))
 
-    def static(graph, keep=()):
-        return quantize_int8(graph, keep, "static", calibration)
+    def static(graph, scheme=None):
+        return quantize_int8(graph, (), "static", calibration, scheme or StaticScheme())
 
     schemes = {  # name -> (graph, engine)
         "fp32": (model, "openvino-bf16"),
         "dynamic": (quantize_int8(model, (), "dynamic"), "onnxruntime"),
         "static": (static(model), "openvino-bf16"),
         "static+smooth": (static(graphs.smoothed()), "openvino-bf16"),
-        "static+smooth, ffn-out fp32": (static(graphs.smoothed(), graphs.ffn_out), "openvino-bf16"),
+        "static+smooth, ffn-out fp32": (static(model, scheme=TEXT_SCHEME), "openvino-bf16"),  # --int8-text's
         "weight-only": (graphs.weight_only(), "openvino-bf16"),
         "weight-only@onnxruntime": (graphs.weight_only(), "onnxruntime"),
         "per-token+smooth (sim)": (graphs.per_token_simulated(graphs.smoothed()), "onnxruntime (float simulation)"),
@@ -267,7 +233,7 @@ def main(argv=None) -> None:
         "tower": "all-MiniLM-L6-v2 (6 x 384, mean pooling) + the tiny preset's projection, fp32 text.onnx",
         "calibration": f"the {len(BUILTIN_SENTENCES)} built-in sentences of export/verify.py",
         "sentences": len(texts),
-        "smoothquant_alpha": ALPHA,
+        "smoothquant_alpha": TEXT_SCHEME.smooth_alpha,
         "rows": rows,
     }
     write_result(args.out, result)

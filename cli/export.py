@@ -27,7 +27,8 @@ from .options import UsageProblem, check_checkpoint, check_csv, removed_checkpoi
     default=None,
     type=click.Choice(["static", "dynamic"]),
     help="--precision int8: static QDQ (activation scales calibrated on the verification set and --data rows; "
-    "the fastest on OpenVINO, and the only one TensorRT builds; the text tower stays fp32) or dynamic "
+    "the fastest on OpenVINO, and the only one TensorRT builds; the text tower stays fp32 unless --int8-text) or "
+    "dynamic "
     "(onnxruntime's fastest). Default: static for trt, and for onnx where the openvino extra is installed; else "
     "dynamic.",
 )
@@ -37,6 +38,13 @@ from .options import UsageProblem, check_checkpoint, check_csv, removed_checkpoi
     metavar="TOWERS",
     help="Comma-separated towers (image, text, audio) kept fp32 in an fp16 or int8 bundle, e.g. a pretrained text "
     "tower whose int8 graph misses the gate (a refused export names them); the others keep --precision.",
+)
+@click.option(
+    "--int8-text",
+    is_flag=True,
+    help="--precision int8 --quantize static: quantize the text tower too (SmoothQuant, the MLPs' GELU-fed MatMuls "
+    "float), which static bundles keep fp32: all-MiniLM-L6-v2 then keeps min cosine 0.996 to fp32 on real sentences "
+    "but only 89% of their nearest neighbours, for 4% more speed on OpenVINO here.",
 )
 @click.option(
     "--opset",
@@ -99,6 +107,7 @@ def export_command(
     int8_method,
     no_openvino_check,
     fp32_towers,
+    int8_text,
 ):
     """Export a checkpoint to a verified bundle (ONNX graphs, TensorRT engines or a Triton model repository)."""
     checkpoint = check_checkpoint(checkpoint_dir)
@@ -129,6 +138,7 @@ def export_command(
             int8_method=int8_method,
             openvino_check=False if no_openvino_check else None,
             fp32_towers=[name.strip() for name in fp32_towers.split(",") if name.strip()],
+            int8_text=int8_text,
         )
     except ExportError as error:
         raise UsageProblem(str(error)) from error

@@ -28,7 +28,8 @@ in that benchmark's runs. Accuracy: on the tiny preset trained 60 steps dynamic 
 decided queries and uint8 static 97.4%, below the gate's 99%. On all-MiniLM-L6-v2 over 240 real sentences dynamic
 reaches min cosine 0.970-0.979 to fp32 and static with every MatMul int8 0.911 on OpenVINO
 (benchmarks/results/text-int8-*.json), so a static bundle keeps its text tower fp32
-(``export.bundle.tower_precision``). Which method an export uses by default is the engine's fastest
+(``export.bundle.tower_precision``) unless asked (``--int8-text``), and then quantizes it in :data:`TEXT_SCHEME`:
+SmoothQuant before calibrating (:func:`smooth_activations`) and the MLPs' GELU-fed MatMuls left float. Which method an export uses by default is the engine's fastest
 (``export.bundle.resolved_int8_method``): static where ``--backend auto`` will run the bundle on OpenVINO, dynamic
 (:data:`DEFAULT_METHOD`: no calibration, the more accurate) where onnxruntime will.
 """
@@ -39,6 +40,7 @@ import contextlib
 import logging
 import tempfile
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +52,40 @@ QUANTIZED_OPS = ("MatMul",)
 WEIGHT_OPS = frozenset({"MatMul", "Gemm"})
 
 
+@dataclass(frozen=True)
+class StaticScheme:
+    """What the static method does beyond per-tensor activation ranges. ``smooth_alpha``: SmoothQuant (Xiao et al.
+    2023, :func:`smooth_activations`) with this migration strength before calibrating, None for none.
+    ``float_after``: op types whose outputs feed MatMuls that stay float (``"Gelu"``: the MLPs' second MatMuls)."""
+
+    smooth_alpha: float | None = None
+    float_after: frozenset[str] = frozenset()
+
+    def describe(self) -> str:
+        """For the manifest and the report: "SmoothQuant (alpha 0.6); MatMuls fed by Gelu stay float"."""
+        parts = [f"SmoothQuant (alpha {self.smooth_alpha})"] if self.smooth_alpha is not None else []
+        parts += [f"MatMuls fed by {', '.join(sorted(self.float_after))} stay float"] if self.float_after else []
+        return "; ".join(parts) or "per-tensor ranges only"
+
+
+# The text tower's static scheme. all-MiniLM-L6-v2 over 240 real sentences, calibrated on the gate's 24 built-in
+# sentences (benchmarks/results/text-int8-schemes-minilm-cpu.json): plain static min cosine 0.911 to fp32,
+# SmoothQuant alone 0.944 (its activations have outlier channels, and the GELU outputs feeding the MLPs' second
+# MatMuls have a long tail one per-tensor scale cannot hold), both together 0.99672 (mean 0.99908) at 308 sentences/s
+# on OpenVINO, the fp32 graph's bf16 302. Alpha: the best of 0.4-0.8 there (0.5 and 0.7 within 0.002).
+TEXT_SCHEME = StaticScheme(smooth_alpha=0.6, float_after=frozenset({"Gelu"}))
+
+
 def quantize_int8(
     model: onnx.ModelProto,
     keep_fp32: Collection[str] = (),
     method: str = DEFAULT_METHOD,
     calibration: Iterable[dict[str, np.ndarray]] = (),
+    scheme: StaticScheme = StaticScheme(),
 ) -> onnx.ModelProto:
     """Return an int8 copy of ``model``. ``keep_fp32``: names of nodes that must stay float32 (the audio front
     end). ``calibration``: input feeds for the "static" method's activation ranges (ignored by "dynamic").
+    ``scheme``: what the static method does beyond per-tensor ranges (:data:`TEXT_SCHEME` for text towers).
 
     Raises ``ValueError`` for an unknown method, a static quantization without calibration feeds, or a graph with
     no weight MatMul to quantize."""
@@ -66,8 +94,15 @@ def quantize_int8(
     if method not in METHODS:
         raise ValueError(f"unknown int8 method {method!r}; choose one of {', '.join(METHODS)}")
     nodes = weight_matmuls(model, keep_fp32)
+    if method == "static" and scheme.float_after:
+        nodes = [n for n in nodes if n not in _fed_by(model, nodes, scheme.float_after)]
     if not nodes:
         raise ValueError("the graph has no weight MatMul outside the front end and the head; nothing to quantize")
+    feeds = list(calibration)
+    if method == "static" and not feeds:
+        raise ValueError("static int8 quantization needs calibration feeds (rows of the evaluation set)")
+    if method == "static" and scheme.smooth_alpha is not None:
+        model = smooth_activations(model, nodes, feeds, scheme.smooth_alpha)
     options = {"MatMulConstBOnly": True, "WeightSymmetric": True}
     with tempfile.TemporaryDirectory(prefix="synergy-int8-") as folder, _quiet_quantizer():
         # a copy goes to a file: saving with external data (as the quantizer does with a proto it is handed)
@@ -87,9 +122,6 @@ def quantize_int8(
                 extra_options=options,
             )
         else:
-            feeds = list(calibration)
-            if not feeds:
-                raise ValueError("static int8 quantization needs calibration feeds (rows of the evaluation set)")
             quantize_static(
                 source,
                 out,
@@ -114,11 +146,13 @@ def quantize_int8(
 CALIBRATION_ITEMS = 32  # per tower: the activation ranges settle within a few dozen items; each costs a forward
 
 
-def calibration_feeds(evaluation, items: int = CALIBRATION_ITEMS) -> dict[str, list[dict]]:
-    """modality -> input feeds for the "static" method's activation ranges, drawn from the export's verification
-    set (the built-in items and the ``--data`` rows): ``items`` pictures and sounds spread evenly over it, one per
-    feed (a range does not depend on the batch). No text: a static bundle keeps its text tower fp32
-    (``export.bundle.tower_precision`` says why)."""
+def calibration_feeds(evaluation, items: int = CALIBRATION_ITEMS, tokenizer=None, max_length: int = 0) -> dict:
+    """modality -> input feeds for the "static" method's activation ranges (and SmoothQuant's maxima), drawn from
+    the export's verification set (the built-in items and the ``--data`` rows): ``items`` pictures, sounds and,
+    given the ``tokenizer``, free-text sentences (the built-in ones and ``--data`` captions, cut at ``max_length``
+    tokens) spread evenly over it, one per feed (a range does not depend on the batch). Sentences, not the label
+    prompts: ranges taken from short prompts did not cover free text (``export.bundle.tower_precision``)."""
+    from synergy.export.verify import tokenize
 
     def spread(count: int) -> np.ndarray:
         return np.unique(np.linspace(0, count - 1, min(items, count)).round().astype(int))
@@ -128,7 +162,76 @@ def calibration_feeds(evaluation, items: int = CALIBRATION_ITEMS) -> dict[str, l
         {"waveform": evaluation.waveforms[i : i + 1], "waveform_lengths": evaluation.waveform_lengths[i : i + 1]}
         for i in spread(len(evaluation.waveforms))
     ]
-    return {"image": images, "audio": sounds}
+    feeds = {"image": images, "audio": sounds}
+    if tokenizer is not None and evaluation.texts:
+        sequences = tokenize(tokenizer, [evaluation.texts[i] for i in spread(len(evaluation.texts))], max_length)
+        feeds["text"] = [
+            {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+            for ids in sequences
+        ]
+    return feeds
+
+
+def smooth_activations(
+    model: onnx.ModelProto, nodes: Collection[str], feeds: Iterable[dict[str, np.ndarray]], alpha: float
+) -> onnx.ModelProto:
+    """SmoothQuant (Xiao et al. 2023): a copy of ``model`` where each input of the weight MatMuls ``nodes`` is
+    divided per channel by s = max|x|^alpha / max|w|^(1-alpha) (a ``Mul`` by 1/s before them) and each weight's rows
+    are multiplied by s, which leaves every product as it was in float and moves the activations' outlier channels
+    into the weights, quantized per output channel. Maxima of x over ``feeds`` (onnxruntime, this graph); MatMuls
+    that read one input (q, k and v) share one s, from the largest of their weights' rows.
+
+    Written here rather than taken from onnxruntime's own ``SmoothQuant`` option, which needs Intel Neural
+    Compressor (a large dependency) for these few lines of arithmetic."""
+    import onnxruntime
+    from onnx import helper, numpy_helper
+
+    smoothed = onnx.ModelProto()
+    smoothed.CopyFrom(model)
+    graph = smoothed.graph
+    by_name = {n.name: n for n in graph.node}
+    weights = {t.name: t for t in graph.initializer}
+    readers: dict[str, list[str]] = {}
+    for name in nodes:
+        readers.setdefault(by_name[name].input[0], []).append(name)
+    sources = sorted(readers)
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(
+        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in sources if name not in known
+    )
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="synergy-smooth-") as folder:
+        path = Path(folder) / "probe.onnx"  # a file, with external data: a proto over 2 GiB cannot be serialised
+        onnx.save_model(probe, path, save_as_external_data=True, location="probe.onnx.data")
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    maxima: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        for name, value in zip(sources, session.run(sources, feed)):
+            channel_max = np.abs(value).reshape(-1, value.shape[-1]).max(0)
+            maxima[name] = np.maximum(maxima.get(name, 0), channel_max)
+    if not maxima:
+        raise ValueError("SmoothQuant needs calibration feeds (rows of the evaluation set)")
+
+    for source in sources:
+        names = readers[source]
+        arrays = [numpy_helper.to_array(weights[by_name[n].input[1]]) for n in names]  # [in, out]
+        weight_max = np.max([np.abs(w).max(1) for w in arrays], 0)
+        scale = maxima[source] ** alpha / np.maximum(weight_max, 1e-5) ** (1 - alpha)
+        scale = np.clip(scale, 1e-5, None).astype(np.float32)
+        for name, array in zip(names, arrays):
+            tensor = weights[by_name[name].input[1]]
+            tensor.CopyFrom(numpy_helper.from_array((array * scale[:, None]).astype(np.float32), tensor.name))
+        inverse, output = f"{source}_smooth_inverse", f"{source}_smoothed"
+        graph.initializer.append(numpy_helper.from_array((1 / scale).astype(np.float32), inverse))
+        first = min(i for i, n in enumerate(graph.node) if n.name in names)
+        graph.node.insert(first, helper.make_node("Mul", [source, inverse], [output], name=f"{source}_smooth"))
+        for name in names:
+            by_name[name].input[0] = output
+    return smoothed
 
 
 def weight_matmuls(model: onnx.ModelProto, keep_fp32: Collection[str] = ()) -> list[str]:
@@ -162,6 +265,13 @@ def _head(graph, multiplies: set[str]) -> set[str]:
             continue
         stack.extend(name for name in node.input if name)
     return head
+
+
+def _fed_by(model: onnx.ModelProto, nodes: Collection[str], op_types: Collection[str]) -> set[str]:
+    """Those of ``nodes`` whose first input is the output of an op of one of ``op_types``."""
+    producer = {out: node.op_type for node in model.graph.node for out in node.output}
+    by_name = {n.name: n for n in model.graph.node}
+    return {name for name in nodes if producer.get(by_name[name].input[0]) in op_types}
 
 
 @contextlib.contextmanager

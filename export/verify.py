@@ -352,7 +352,8 @@ def _batches(count: int) -> list[np.ndarray]:
     return [np.arange(start, start + size) % count for start, size in zip(starts, sizes)]
 
 
-def _tokenize(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+def tokenize(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of each text, unpadded, cut at ``max_length`` (the tokenizer's own padding and truncation off)."""
     plain = Tokenizer.from_str(tokenizer.to_str())
     plain.no_padding()
     plain.enable_truncation(max_length)
@@ -475,7 +476,7 @@ def verify_towers(
     # prompts: each batch padded to its longest, then all of them padded to max_length
     templates = config.prompt_templates
     prompts = [fill_prompt(template, label) for label in evaluation.labels for template in templates]
-    sequences = _tokenize(tokenizer, prompts, config.text.max_length)
+    sequences = tokenize(tokenizer, prompts, config.text.max_length)
     pad_id = _pad_id(tokenizer)
     text_out, text_ref, text_cmp = embed_all(
         "text",
@@ -487,7 +488,7 @@ def verify_towers(
     text_cmp.add(runners["text"](feeds), reference("text", feeds), config.text.max_length)
     # free text (built-in sentences and --data captions), batches of 8 padded to their longest: in the tower's
     # cosines, not in the zero-shot labels
-    free = _tokenize(tokenizer, list(evaluation.texts), config.text.max_length)
+    free = tokenize(tokenizer, list(evaluation.texts), config.text.max_length)
     for start in range(0, len(free), 8):
         part = free[start : start + 8]
         feeds = _pad(part, max(len(s) for s in part), pad_id)

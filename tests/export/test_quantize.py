@@ -314,6 +314,11 @@ def test_calibration_feeds_spread_over_the_verification_set(reference_model):
     assert np.array_equal(feeds["audio"][-1]["waveform"], evaluation.waveforms[-1:])
     assert feeds["audio"][-1]["waveform_lengths"].dtype == np.int64
     assert feeds["image"][0]["pixel_values"].shape == (1, 3, size, size)
+    # text (for --int8-text): the free-text sentences, unpadded, one per feed; with the tokenizer only
+    _, tokenizer = reference_model
+    feeds = calibration_feeds(evaluation, items=10, tokenizer=tokenizer, max_length=6)
+    assert len(feeds["text"]) == 10 and all(f["input_ids"].shape == f["attention_mask"].shape for f in feeds["text"])
+    assert max(f["input_ids"].shape[1] for f in feeds["text"]) == 6 and feeds["text"][0]["input_ids"].dtype == np.int64
 
 
 @pytest.fixture(scope="module")
@@ -494,3 +499,125 @@ def test_a_convolutional_tower_stays_fp32_and_the_others_int8(tmp_path, one_thre
             )
         )
     assert "--fp32-towers image,text to keep them fp32" in str(caught.value)
+
+
+# ------------------------------------------------------------------------------- a pretrained text tower in int8
+
+
+def _real_sentences(count: int) -> list[str]:
+    """English sentences of varied length from this repository's README and docs: not the gate's built-in ones,
+    which the static method calibrates on."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    text = " ".join(p.read_text(encoding="utf-8") for p in [root / "README.md", *sorted(root.glob("docs/*.md"))])
+    found = [" ".join(s.split()) for s in re.split(r"(?<=[.!?])\s+|\n\s*\n", re.sub(r"`|\*|#|\|", " ", text))]
+    found = list(dict.fromkeys(s for s in found if 12 <= len(s) <= 300))
+    return found[:: max(1, len(found) // count)][:count]
+
+
+@pytest.fixture(scope="module")
+def minilm_text_graph(minilm_folder, tmp_path_factory, one_thread):
+    """The tiny preset with the real all-MiniLM-L6-v2 as its text tower, saved as a checkpoint, and its fp32 text
+    graph as the export writes it."""
+    from synergy.core.model import create_model
+    from synergy.core.tokenizer import load_pretrained_tokenizer
+
+    torch.manual_seed(0)
+    model = create_model("tiny", **{"text.pretrained": str(minilm_folder)}).eval()
+    tokenizer = load_pretrained_tokenizer(
+        minilm_folder, model.config.text.max_length, model.text_tower.config.pad_token_id
+    )
+    checkpoint = save_checkpoint(tmp_path_factory.mktemp("minilm") / "checkpoint", model, tokenizer)
+    graph = one_thread(lambda: export_tower_graphs(model, 23)["text"])
+    return checkpoint, model, tokenizer, graph
+
+
+def _text_feeds(tokenizer, sentences: list[str], max_length: int) -> list[dict]:
+    from synergy.export.verify import tokenize
+
+    return [
+        {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+        for ids in tokenize(tokenizer, sentences, max_length)
+    ]
+
+
+def test_the_text_scheme_keeps_minilm_close_where_plain_static_does_not(minilm_text_graph):
+    """The text tower's static scheme (SmoothQuant, the MLPs' GELU-fed MatMuls float) against plain static, on the
+    real MiniLM, calibrated on the gate's built-in sentences and measured on 60 others (onnxruntime): the scheme
+    keeps every cosine to fp32 >= 0.99 (the issue's bar is 0.995 on OpenVINO, where it ran 0.99633: tower_precision),
+    plain static does not. Also what the scheme writes: one Mul per smoothed input, GELU-fed MatMuls unquantized."""
+    from synergy.export.quantize import TEXT_SCHEME, StaticScheme
+    from synergy.export.verify import BUILTIN_SENTENCES
+
+    _, model, tokenizer, graph = minilm_text_graph
+    max_length = model.config.text.max_length
+    calibration = _text_feeds(tokenizer, list(BUILTIN_SENTENCES), max_length)
+    reference = _session(graph.model.SerializeToString())
+    sentences = _text_feeds(tokenizer, _real_sentences(60), max_length)
+    want = np.concatenate([reference.run(None, feeds)[0] for feeds in sentences])
+
+    def min_cosine(scheme) -> tuple[float, onnx.ModelProto]:
+        quantized = quantize_int8(graph.model, graph.fp32_nodes, "static", calibration, scheme)
+        session = _session(quantized.SerializeToString())
+        got = np.concatenate([session.run(None, feeds)[0] for feeds in sentences])
+        return float((got * want).sum(1).min()), quantized  # both unit-norm (the graph's L2 normalisation)
+
+    scheme_cosine, quantized = min_cosine(TEXT_SCHEME)
+    plain_cosine, _ = min_cosine(StaticScheme())
+    print(
+        f"\nMiniLM static int8, 60 real sentences: min cosine {scheme_cosine:.5f} (scheme), {plain_cosine:.5f} (plain)"
+    )
+    assert scheme_cosine >= 0.99 > plain_cosine
+    nodes = quantized.graph.node
+    producer = {out: n for n in nodes for out in n.output}
+    smoothing = [n for n in nodes if n.op_type == "Mul" and n.name.endswith("_smooth")]
+    assert len(smoothing) == 6 * 3  # per layer: q/k/v's shared input, the attention output, the MLP's first input
+    gelu_fed = [n for n in nodes if n.op_type == "MatMul" and producer[n.input[0]].op_type == "Gelu"]
+    assert len(gelu_fed) == 6 and all(n.input[1] not in producer for n in gelu_fed)  # the float initializer itself
+
+
+def test_int8_text_exports_minilm_in_int8_through_the_gate(minilm_text_graph, tmp_path, one_thread):
+    """`--int8-text`: a static bundle whose text tower is int8 too, passed by the default int8 gate (the tiny
+    random image and audio towers' zero-shot agreement is not what is measured here: bar at 0), recorded in the
+    manifest and said in the report; without it the text tower stays fp32."""
+    checkpoint = minilm_text_graph[0]
+    out = tmp_path / "bundle"
+    report = one_thread(lambda: export_bundle(checkpoint, out, precision="int8", int8_text=True, min_agreement=0.0))
+    assert "int8 method: static QDQ (--int8-text); the text tower in int8 too: SmoothQuant (alpha 0.6)" in report
+    manifest = load_manifest(out)
+    assert manifest.extra["int8"]["method"] == "static" and manifest.towers["text"].precision == "int8"
+    assert manifest.extra["int8"]["towers"] == {"image": "int8", "text": "int8", "audio": "int8"}
+    assert manifest.extra["int8"]["text_scheme"].startswith("SmoothQuant (alpha 0.6)")
+    (verification,) = manifest.extra["verification"]
+    assert verification["passed"] and verification["thresholds"]["min_cosine"] == 0.99, report
+    ops = {n.op_type for n in onnx.load(out / "text.onnx").graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Mul"} <= ops
+
+
+def test_int8_text_is_checked(checkpoint, tmp_path):
+    from synergy.cli import main
+
+    for kwargs in ({"precision": "fp16"}, {"precision": "int8", "int8_method": "dynamic"}):
+        with pytest.raises(ExportError, match="--int8-text quantizes the text tower of a static int8 bundle"):
+            export_bundle(checkpoint, tmp_path / "b", int8_text=True, **kwargs)
+    with pytest.raises(ExportError, match="--int8-text and --fp32-towers text ask for opposite things"):
+        export_bundle(checkpoint, tmp_path / "b", precision="int8", int8_text=True, fp32_towers=["text"])
+    args = ["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), "--precision", "int8"]
+    result = CliRunner().invoke(main, [*args, "--quantize", "dynamic", "--int8-text"])
+    assert result.exit_code == 2 and "--int8-text" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_refused_int8_text_export_says_to_leave_it_out(checkpoint, tmp_path, one_thread):
+    """The tiny checkpoint's text tower (trained 60 steps, no pretraining) misses the gate in the text scheme (min
+    cosine ~0.93) where its image and audio towers pass (agreement bar as in static_export): the refusal's way back
+    is to leave --int8-text out, not --fp32-towers text, which the flag contradicts."""
+    with pytest.raises(ExportError) as caught:
+        one_thread(
+            lambda: export_bundle(checkpoint, tmp_path / "b", precision="int8", int8_text=True, min_agreement=0.9)
+        )
+    message = str(caught.value)
+    assert "FAILED: text: min cosine" in message and "audio: min cosine" not in message
+    assert "the text tower missed the gate at int8: export without --int8-text to keep it fp32" in message
