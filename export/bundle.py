@@ -524,12 +524,12 @@ def _write_triton_configs(tmp: Path, specs: dict, job: ExportJob) -> dict:
 def tower_precision(job: ExportJob, modality: str) -> str:
     """The precision one tower is written at: the bundle's, except the towers the caller keeps at fp32
     (``fp32_towers``, and an int8 bundle's convolutional towers) and the text tower of a static int8 bundle, which
-    stays fp32 unless asked (``int8_text``). Static int8 text costs retrieval accuracy for little speed on the
-    CPUs measured: all-MiniLM-L6-v2 in the text scheme (``quantize.TEXT_SCHEME``) embedded 240 real sentences at
-    min cosine 0.99633 to torch fp32, but each sentence's nearest other sentence stayed the same for 89.2% of them
-    (the fp32 graph on OpenVINO bf16: 99.2%), at 319 sentences/s against the fp32 graph's 306 (OpenVINO bf16, one
-    round; benchmarks/README.md). Plain static ranges did worse: calibrated on label prompts, min cosine 0.65 on
-    real sentences. Text is the cheap tower of a zero-shot query (labels are embedded once and cached)."""
+    stays fp32 unless asked (``int8_text``). Static int8 text costs retrieval accuracy for a little speed on the CPU
+    measured: all-MiniLM-L6-v2 in the text scheme (``quantize.TEXT_SCHEME``) on OpenVINO embedded 240 real sentences
+    at min cosine 0.99739 to torch fp32, 1.06-1.11x the fp32 graph's speed there (bf16), but each sentence's nearest
+    other sentence stayed torch fp32's for 91.2% of them, where bf16 kept 97.5% (benchmarks/README.md, 71393b3).
+    Plain static ranges did worse: calibrated on label prompts, min cosine 0.65 on real sentences. Text is the cheap
+    tower of a zero-shot query (labels are embedded once and cached)."""
     if modality in job.fp32_towers:
         return "fp32"
     if modality == "text" and job.precision == "int8" and job.int8_method == "static" and not job.int8_text:
@@ -590,7 +590,7 @@ def _fp32_towers_hint(verifications, job: ExportJob) -> str:
     int8_text = job.int8_text and "text" in failed
     kept = {m for m in failed if not (int8_text and m == "text")} | (job.fp32_towers - _towers_without_matmuls(job))
     fixes = ["without --int8-text"] if int8_text else []
-    fixes += [f"--fp32-towers {','.join(sorted(kept))}"] if kept else []
+    fixes += [f"with --fp32-towers {','.join(sorted(kept))}"] if kept else []
     # static calibrates one activation range per tensor; dynamic takes each input's own (onnxruntime only)
     dynamic = ", or quantize with --quantize dynamic" if job.int8_method == "static" and job.trt is None else ""
     return (

@@ -29,9 +29,10 @@ decided queries and uint8 static 97.4%, below the gate's 99%. On all-MiniLM-L6-v
 reaches min cosine 0.970-0.979 to fp32 and static with every MatMul int8 0.911 on OpenVINO
 (benchmarks/results/text-int8-*.json), so a static bundle keeps its text tower fp32
 (``export.bundle.tower_precision``) unless asked (``--int8-text``), and then quantizes it in :data:`TEXT_SCHEME`:
-SmoothQuant before calibrating (:func:`smooth_activations`) and the MLPs' GELU-fed MatMuls left float. Which method an export uses by default is the engine's fastest
-(``export.bundle.resolved_int8_method``): static where ``--backend auto`` will run the bundle on OpenVINO, dynamic
-(:data:`DEFAULT_METHOD`: no calibration, the more accurate) where onnxruntime will.
+SmoothQuant before calibrating (:func:`smooth_activations`) and the MLPs' GELU-fed MatMuls left float. Which
+method an export uses by default is the engine's fastest (``export.bundle.resolved_int8_method``): static where
+``--backend auto`` will run the bundle on OpenVINO, dynamic (:data:`DEFAULT_METHOD`: no calibration, the more
+accurate) where onnxruntime will.
 """
 
 from __future__ import annotations
