@@ -37,6 +37,7 @@ accurate) where onnxruntime will.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import tempfile
@@ -192,10 +193,19 @@ def smooth_activations(
     graph = smoothed.graph
     by_name = {n.name: n for n in graph.node}
     weights = {t.name: t for t in graph.initializer}
+    uses = collections.Counter(name for node in graph.node for name in node.input)
     readers: dict[str, list[str]] = {}
     for name in nodes:
         readers.setdefault(by_name[name].input[0], []).append(name)
-    sources = sorted(readers)
+    # a weight shared with another node (tied) or made by a Constant node is left alone: scaling it would change
+    # that other node, or is not a tensor to rewrite here; its MatMuls are quantized unsmoothed
+    sources = sorted(
+        source
+        for source, names in readers.items()
+        if all(by_name[n].input[1] in weights and uses[by_name[n].input[1]] == 1 for n in names)
+    )
+    if not sources:
+        return smoothed
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

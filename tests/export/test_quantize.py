@@ -621,3 +621,38 @@ def test_a_refused_int8_text_export_says_to_leave_it_out(checkpoint, tmp_path, o
     message = str(caught.value)
     assert "FAILED: text: min cosine" in message and "audio: min cosine" not in message
     assert "the text tower missed the gate at int8: export without --int8-text to keep it fp32" in message
+
+
+def test_smoothing_leaves_the_float_graph_as_it_was_and_shared_weights_alone():
+    """SmoothQuant only moves scale between each input and its weights: the smoothed float graph computes what the
+    original did. q/k-like MatMuls reading one input share one Mul; a weight two MatMuls share (tied) is not
+    rescaled, since that would change the other one."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from synergy.export.quantize import smooth_activations
+
+    rng = np.random.default_rng(0)
+    weights = {n: rng.standard_normal((4, 4)).astype(np.float32) for n in ("w1", "w2", "w3")}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["a"], name="m1"),
+        helper.make_node("MatMul", ["x", "w2"], ["b"], name="m2"),
+        helper.make_node("Add", ["a", "b"], ["s"], name="add"),
+        helper.make_node("MatMul", ["s", "w3"], ["c"], name="m3"),
+        helper.make_node("MatMul", ["c", "w3"], ["y"], name="m4"),  # w3 tied to m3's
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4])],
+        [numpy_helper.from_array(w, n) for n, w in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.standard_normal((1, 3, 4)).astype(np.float32) * np.array([1, 50, 1, 0.01], np.float32)  # outlier channel
+    smoothed = smooth_activations(model, ["m1", "m2", "m3", "m4"], [{"x": x}], alpha=0.6)
+    muls = [n for n in smoothed.graph.node if n.op_type == "Mul"]
+    assert [n.input[0] for n in muls] == ["x"]  # one Mul for m1 and m2; s and c feed the tied w3: left alone
+    want = _session(model.SerializeToString()).run(None, {"x": x})[0]
+    got = _session(smoothed.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(numpy_helper.to_array(smoothed.graph.initializer[0]), weights["w1"])  # rescaled
