@@ -202,8 +202,8 @@ def _check_int8_text(int8_text: bool, precision: str, int8_method: str | None, f
         return int8_method
     if precision != "int8" or int8_method == "dynamic":
         raise ExportError(
-            "--int8-text quantizes the text tower of a static int8 bundle: use it with --precision int8 and "
-            "--quantize static (the dynamic method quantizes every tower already)"
+            "--int8-text quantizes the text tower of a static int8 bundle: use it with --precision int8, without "
+            "--quantize or with --quantize static (--quantize dynamic quantizes the text tower already)"
         )
     if "text" in fp32_towers:
         raise ExportError("--int8-text and --fp32-towers text ask for opposite things: choose one")
@@ -383,10 +383,9 @@ def _write_bundle(tmp: Path, job: ExportJob) -> tuple[Manifest, str]:
     if onnx_precision == "int8":
         extra["int8"] = {"method": job.int8_method, "weights": "int8 per channel, symmetric", "kept_fp32": _KEPT_FP32,
                          "towers": {m: tower_precision(job, m) for m in MODALITIES}}  # fmt: skip
-        if job.int8_method == "static" and tower_precision(job, "text") == "int8":
-            from synergy.export.quantize import TEXT_SCHEME
-
-            extra["int8"]["text_scheme"] = TEXT_SCHEME.describe()
+        text_scheme = tower_scheme(job, "text")
+        if text_scheme is not None:
+            extra["int8"]["text_scheme"] = text_scheme.describe()
     if job.trt is not None:
         tower_files, extra["tensorrt"] = _build_engines(tmp, onnx_files, specs, job)
         verifications.append(_verify_engines(tmp, tower_files, specs, job))
@@ -441,7 +440,7 @@ def _write_graphs(tmp: Path, job: ExportJob) -> tuple[str, dict, dict]:
             calibration = calibration_feeds(job.evaluation, tokenizer=job.tokenizer, max_length=max_length)
     for modality in MODALITIES:
         graph = graphs[modality]
-        quantization = (int8, calibration.get(modality))
+        quantization = (int8, calibration.get(modality), tower_scheme(job, modality))
         precision = "fp32" if tower_precision(job, modality) == "fp32" else onnx_precision
         proto = _in_precision(graph.model, graph.fp32_nodes, precision, modality, quantization)
         if job.triton:
@@ -485,9 +484,9 @@ def _towers_without_matmuls(job: ExportJob) -> frozenset[str]:
     return frozenset(m for m in MODALITIES if not weight_matmuls(graphs[m].model, graphs[m].fp32_nodes))
 
 
-def _in_precision(proto, fp32_nodes, precision: str, modality: str, int8=(None, None)):
+def _in_precision(proto, fp32_nodes, precision: str, modality: str, int8=(None, None, None)):
     """An fp32 graph converted to fp16 or quantized to int8, keeping ``fp32_nodes`` in float32. ``int8``: (the
-    method, None for the default; the static method's calibration feeds)."""
+    method, None for the default; the static method's calibration feeds; its scheme, :func:`tower_scheme`)."""
     if precision == "fp16":
         from synergy.export.fp16 import convert_to_float16
 
@@ -496,12 +495,11 @@ def _in_precision(proto, fp32_nodes, precision: str, modality: str, int8=(None, 
         except ValueError as error:
             raise ExportError(f"float16 conversion of the {modality} graph failed: {error}") from error
     if precision == "int8":
-        from synergy.export.quantize import DEFAULT_METHOD, TEXT_SCHEME, StaticScheme, quantize_int8
+        from synergy.export.quantize import DEFAULT_METHOD, StaticScheme, quantize_int8
 
-        method, feeds = int8
-        scheme = TEXT_SCHEME if modality == "text" else StaticScheme()
+        method, feeds, scheme = int8
         try:
-            return quantize_int8(proto, fp32_nodes, method or DEFAULT_METHOD, feeds or (), scheme)
+            return quantize_int8(proto, fp32_nodes, method or DEFAULT_METHOD, feeds or (), scheme or StaticScheme())
         except ValueError as error:
             raise ExportError(f"int8 quantization of the {modality} graph failed: {error}") from error
     return proto
@@ -535,6 +533,17 @@ def tower_precision(job: ExportJob, modality: str) -> str:
     if modality == "text" and job.precision == "int8" and job.int8_method == "static" and not job.int8_text:
         return "fp32"
     return job.precision
+
+
+def tower_scheme(job: ExportJob, modality: str):
+    """What the static method does to one int8 tower (``quantize.StaticScheme``): the text scheme for a text tower
+    written int8 (``int8_text``), plain ranges for the others; None for a tower that is not static int8. The one
+    place the quantizer, the manifest and the report learn it from."""
+    from synergy.export.quantize import TEXT_SCHEME, StaticScheme
+
+    if job.precision != "int8" or job.int8_method != "static" or tower_precision(job, modality) != "int8":
+        return None
+    return TEXT_SCHEME if modality == "text" else StaticScheme()
 
 
 _KEPT_FP32 = "audio front end, attention score/value MatMuls, softmax, LayerNorm, final projection + L2 norm"
@@ -592,7 +601,8 @@ def _fp32_towers_hint(verifications, job: ExportJob) -> str:
     fixes = ["without --int8-text"] if int8_text else []
     fixes += [f"with --fp32-towers {','.join(sorted(kept))}"] if kept else []
     # static calibrates one activation range per tensor; dynamic takes each input's own (onnxruntime only)
-    dynamic = ", or quantize with --quantize dynamic" if job.int8_method == "static" and job.trt is None else ""
+    asks_dynamic = job.int8_method == "static" and job.trt is None and not job.int8_text  # --int8-text: static only
+    dynamic = ", or quantize with --quantize dynamic" if asks_dynamic else ""
     return (
         f"\nthe {', '.join(failed)} tower{'s' * (len(failed) > 1)} missed the gate at {job.precision}: export "
         f"{' and '.join(fixes)} to keep {'them' if len(failed) > 1 else 'it'} fp32 (the other towers stay "
@@ -714,7 +724,7 @@ def _build_engines(tmp: Path, onnx_files: dict, specs: dict, job: ExportJob) -> 
             tmp / rel,
             plan,
             onnx_sha256=sha256_file(tmp / rel),
-            precision=tower_precision(job, modality),  # int8: the QDQ graph; a static bundle's text tower: fp32
+            precision=tower_precision(job, modality),  # int8: the QDQ graph; fp32: a tower kept fp32
             profiles=profiles,
             fp32_nodes=specs[modality].fp32_nodes,
             capability=job.capability,

@@ -70,6 +70,13 @@ class StaticScheme:
         return "; ".join(parts) or "per-tensor ranges only"
 
 
+# What a GELU is made of where it is not one op: below opset 20 the exporter writes x * 0.5 * (1 + Erf(x / sqrt 2));
+# tanh-approximated GELU (gelu_new) has Tanh, CLIP's quick_gelu x * Sigmoid(1.702 x). _fed_by walks back from a
+# MatMul's input through these elementwise ops to find one.
+ACTIVATION_PARTS = {"Gelu": frozenset({"Gelu", "Erf", "Tanh", "Sigmoid"})}
+_ELEMENTWISE = frozenset({"Mul", "Add", "Div", "Sub", "Pow", "Cast"})
+
+
 # The text tower's static scheme. all-MiniLM-L6-v2 over 240 real sentences, calibrated on the gate's 24 built-in
 # sentences (benchmarks/results/text-int8-schemes-minilm-cpu.json): plain static min cosine 0.911 to fp32,
 # SmoothQuant alone 0.944 (its activations have outlier channels, and the GELU outputs feeding the MLPs' second
@@ -97,7 +104,8 @@ def quantize_int8(
         raise ValueError(f"unknown int8 method {method!r}; choose one of {', '.join(METHODS)}")
     nodes = weight_matmuls(model, keep_fp32)
     if method == "static" and scheme.float_after:
-        nodes = [n for n in nodes if n not in _fed_by(model, nodes, scheme.float_after)]
+        fed = _fed_by(model, nodes, scheme.float_after)
+        nodes = [n for n in nodes if n not in fed]
     if not nodes:
         raise ValueError("the graph has no weight MatMul outside the front end and the head; nothing to quantize")
     feeds = list(calibration)
@@ -154,7 +162,7 @@ def calibration_feeds(evaluation, items: int = CALIBRATION_ITEMS, tokenizer=None
     given the ``tokenizer``, free-text sentences (the built-in ones and ``--data`` captions, cut at ``max_length``
     tokens) spread evenly over it, one per feed (a range does not depend on the batch). Sentences, not the label
     prompts: ranges taken from short prompts did not cover free text (``export.bundle.tower_precision``)."""
-    from synergy.export.verify import tokenize
+    from synergy.export.verify import text_feeds
 
     def spread(count: int) -> np.ndarray:
         return np.unique(np.linspace(0, count - 1, min(items, count)).round().astype(int))
@@ -166,11 +174,9 @@ def calibration_feeds(evaluation, items: int = CALIBRATION_ITEMS, tokenizer=None
     ]
     feeds = {"image": images, "audio": sounds}
     if tokenizer is not None and evaluation.texts:
-        sequences = tokenize(tokenizer, [evaluation.texts[i] for i in spread(len(evaluation.texts))], max_length)
-        feeds["text"] = [
-            {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
-            for ids in sequences
-        ]
+        if max_length < 1:
+            raise ValueError(f"calibration_feeds: max_length must be >= 1 with a tokenizer, not {max_length}")
+        feeds["text"] = text_feeds(tokenizer, [evaluation.texts[i] for i in spread(len(evaluation.texts))], max_length)
     return feeds
 
 
@@ -194,6 +200,7 @@ def smooth_activations(
     by_name = {n.name: n for n in graph.node}
     weights = {t.name: t for t in graph.initializer}
     uses = collections.Counter(name for node in graph.node for name in node.input)
+    taken = set(weights) | {n.name for n in graph.node} | {v for n in graph.node for v in n.output}
     readers: dict[str, list[str]] = {}
     for name in nodes:
         readers.setdefault(by_name[name].input[0], []).append(name)
@@ -215,15 +222,16 @@ def smooth_activations(
     )
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    maxima: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="synergy-smooth-") as folder:
         path = Path(folder) / "probe.onnx"  # a file, with external data: a proto over 2 GiB cannot be serialised
         onnx.save_model(probe, path, save_as_external_data=True, location="probe.onnx.data")
+        del probe  # one copy of the graph fewer while the session runs
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    maxima: dict[str, np.ndarray] = {}
-    for feed in feeds:
-        for name, value in zip(sources, session.run(sources, feed)):
-            channel_max = np.abs(value).reshape(-1, value.shape[-1]).max(0)
-            maxima[name] = np.maximum(maxima.get(name, 0), channel_max)
+        for feed in feeds:
+            for name, value in zip(sources, session.run(sources, feed)):
+                channel_max = np.abs(value).reshape(-1, value.shape[-1]).max(0)
+                maxima[name] = np.maximum(maxima.get(name, 0), channel_max)
     if not maxima:
         raise ValueError("SmoothQuant needs calibration feeds (rows of the evaluation set)")
 
@@ -237,6 +245,8 @@ def smooth_activations(
             tensor = weights[by_name[name].input[1]]
             tensor.CopyFrom(numpy_helper.from_array((array * scale[:, None]).astype(np.float32), tensor.name))
         inverse, output = f"{source}_smooth_inverse", f"{source}_smoothed"
+        if {inverse, output, f"{source}_smooth"} & taken:
+            raise ValueError(f"SmoothQuant: the graph already has a value or node named after {source!r}_smooth*")
         graph.initializer.append(numpy_helper.from_array((1 / scale).astype(np.float32), inverse))
         first = min(i for i, n in enumerate(graph.node) if n.name in names)
         graph.node.insert(first, helper.make_node("Mul", [source, inverse], [output], name=f"{source}_smooth"))
@@ -278,11 +288,23 @@ def _head(graph, multiplies: set[str]) -> set[str]:
     return head
 
 
-def _fed_by(model: onnx.ModelProto, nodes: Collection[str], op_types: Collection[str]) -> set[str]:
-    """Those of ``nodes`` whose first input is the output of an op of one of ``op_types``."""
-    producer = {out: node.op_type for node in model.graph.node for out in node.output}
+def _fed_by(model: onnx.ModelProto, nodes: Collection[str], op_types: Collection[str], depth: int = 5) -> set[str]:
+    """Those of ``nodes`` whose first input is made by an op of ``op_types`` (a ``"Gelu"`` also counts in its
+    decomposed forms, :data:`ACTIVATION_PARTS`), directly or through at most ``depth`` elementwise ops."""
+    producer = {out: node for node in model.graph.node for out in node.output}
     by_name = {n.name: n for n in model.graph.node}
-    return {name for name in nodes if producer.get(by_name[name].input[0]) in op_types}
+    wanted = frozenset().union(*(ACTIVATION_PARTS.get(t, {t}) for t in op_types))
+
+    def made_by_activation(value: str) -> bool:
+        frontier = [value]
+        for _ in range(depth):
+            made = [producer[v] for v in frontier if v in producer]
+            if any(node.op_type in wanted for node in made):
+                return True
+            frontier = [v for node in made if node.op_type in _ELEMENTWISE for v in node.input]
+        return False
+
+    return {name for name in nodes if made_by_activation(by_name[name].input[0])}
 
 
 @contextlib.contextmanager

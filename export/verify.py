@@ -352,6 +352,14 @@ def _batches(count: int) -> list[np.ndarray]:
     return [np.arange(start, start + size) % count for start, size in zip(starts, sizes)]
 
 
+def text_feeds(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[dict[str, np.ndarray]]:
+    """One text graph feed per text, unpadded (``input_ids`` and an all-ones ``attention_mask``, [1, tokens])."""
+    return [
+        {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+        for ids in tokenize(tokenizer, texts, max_length)
+    ]
+
+
 def tokenize(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     """Token ids of each text, unpadded, cut at ``max_length`` (the tokenizer's own padding and truncation off)."""
     plain = Tokenizer.from_str(tokenizer.to_str())

@@ -534,28 +534,21 @@ def minilm_text_graph(minilm_folder, tmp_path_factory, one_thread):
     return checkpoint, model, tokenizer, graph
 
 
-def _text_feeds(tokenizer, sentences: list[str], max_length: int) -> list[dict]:
-    from synergy.export.verify import tokenize
-
-    return [
-        {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
-        for ids in tokenize(tokenizer, sentences, max_length)
-    ]
-
-
-def test_the_text_scheme_keeps_minilm_close_where_plain_static_does_not(minilm_text_graph):
+@pytest.mark.slow
+def test_the_text_scheme_keeps_minilm_close_where_plain_static_does_not(minilm_text_graph, one_thread):
     """The text tower's static scheme (SmoothQuant, the MLPs' GELU-fed MatMuls float) against plain static, on the
     real MiniLM, calibrated on the gate's built-in sentences and measured on 60 others (onnxruntime): the scheme
-    keeps every cosine to fp32 >= 0.99 (the issue's bar is 0.995 on OpenVINO, where it ran 0.99633: tower_precision),
-    plain static does not. Also what the scheme writes: one Mul per smoothed input, GELU-fed MatMuls unquantized."""
+    keeps every cosine to fp32 >= 0.99 (the issue's bar, 0.995, is measured on OpenVINO by bench_text_int8.py:
+    benchmarks/README.md), plain static does not. Also what the scheme writes: one Mul per smoothed input, GELU-fed
+    MatMuls unquantized, at opset 23 (one Gelu op) and at 18, where GELU is Erf and elementwise ops."""
     from synergy.export.quantize import TEXT_SCHEME, StaticScheme
-    from synergy.export.verify import BUILTIN_SENTENCES
+    from synergy.export.verify import BUILTIN_SENTENCES, text_feeds
 
     _, model, tokenizer, graph = minilm_text_graph
     max_length = model.config.text.max_length
-    calibration = _text_feeds(tokenizer, list(BUILTIN_SENTENCES), max_length)
+    calibration = text_feeds(tokenizer, list(BUILTIN_SENTENCES), max_length)
     reference = _session(graph.model.SerializeToString())
-    sentences = _text_feeds(tokenizer, _real_sentences(60), max_length)
+    sentences = text_feeds(tokenizer, _real_sentences(60), max_length)
     want = np.concatenate([reference.run(None, feeds)[0] for feeds in sentences])
 
     def min_cosine(scheme) -> tuple[float, onnx.ModelProto]:
@@ -576,8 +569,22 @@ def test_the_text_scheme_keeps_minilm_close_where_plain_static_does_not(minilm_t
     assert len(smoothing) == 6 * 3  # per layer: q/k/v's shared input, the attention output, the MLP's first input
     gelu_fed = [n for n in nodes if n.op_type == "MatMul" and producer[n.input[0]].op_type == "Gelu"]
     assert len(gelu_fed) == 6 and all(n.input[1] not in producer for n in gelu_fed)  # the float initializer itself
+    # opset 18 (TensorRT's and Triton's default): no Gelu op, and still 6 MatMuls float, 66 int8 weights in all
+    model = minilm_text_graph[1]
+    portable = one_thread(lambda: export_tower_graphs(model, 18)["text"])
+    assert "Gelu" not in {n.op_type for n in portable.model.graph.node}
+    assert _float_weight_matmuls(
+        quantize_int8(portable.model, portable.fp32_nodes, "static", calibration, TEXT_SCHEME)
+    ) == 6 + _float_weight_matmuls(quantize_int8(portable.model, portable.fp32_nodes, "static", calibration))
 
 
+def _float_weight_matmuls(model: onnx.ModelProto) -> int:
+    """MatMuls whose weight is a float initializer (not dequantized from int8)."""
+    weights = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    return sum(n.op_type == "MatMul" and n.input[1] in weights for n in model.graph.node)
+
+
+@pytest.mark.slow
 def test_int8_text_exports_minilm_in_int8_through_the_gate(minilm_text_graph, tmp_path, one_thread):
     """`--int8-text`: a static bundle whose text tower is int8 too, passed by the default int8 gate (the tiny
     random image and audio towers' zero-shot agreement is not what is measured here: bar at 0), recorded in the
@@ -592,8 +599,9 @@ def test_int8_text_exports_minilm_in_int8_through_the_gate(minilm_text_graph, tm
     assert manifest.extra["int8"]["text_scheme"].startswith("SmoothQuant (alpha 0.6)")
     (verification,) = manifest.extra["verification"]
     assert verification["passed"] and verification["thresholds"]["min_cosine"] == 0.99, report
-    ops = {n.op_type for n in onnx.load(out / "text.onnx").graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear", "Mul"} <= ops
+    text = onnx.load(out / "text.onnx")
+    assert sum(n.op_type == "Mul" and n.name.endswith("_smooth") for n in text.graph.node) == 6 * 3
+    assert sum(n.op_type == "QuantizeLinear" for n in text.graph.node) > 0
 
 
 def test_int8_text_is_checked(checkpoint, tmp_path):
@@ -621,6 +629,7 @@ def test_a_refused_int8_text_export_says_to_leave_it_out(checkpoint, tmp_path, o
     message = str(caught.value)
     assert "FAILED: text: min cosine" in message and "audio: min cosine" not in message
     assert "the text tower missed the gate at int8: export without --int8-text to keep it fp32" in message
+    assert "--quantize dynamic" not in message and "--fp32-towers text" not in message  # both refused with the flag
 
 
 def test_smoothing_leaves_the_float_graph_as_it_was_and_shared_weights_alone():
