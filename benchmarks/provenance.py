@@ -10,8 +10,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def git_commit(root: Path = ROOT) -> str | None:
-    """HEAD's sha, with ``-dirty`` when tracked files differ from it; None outside a git checkout."""
+def code_root() -> Path:
+    """The checkout whose ``synergy`` package this process imports: what a result measured. An editable install
+    points at one checkout, which need not be the one the script runs from (a script in a ``git worktree`` imports
+    the main checkout's code unless PYTHONPATH names the worktree's parent), so the script's own folder can name the
+    wrong commit."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("synergy")
+    return Path(spec.origin).resolve().parent if spec is not None and spec.origin else ROOT
+
+
+def git_commit(root: Path | None = None) -> str | None:
+    """HEAD's sha of ``root`` (default: :func:`code_root`), with ``-dirty`` when tracked files differ from it; None
+    outside a git checkout."""
+    root = code_root() if root is None else root
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,

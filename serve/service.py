@@ -294,8 +294,8 @@ class Service:
     async def check_work(self, given: dict[str, list]) -> None:
         """413 when the request's audio seconds or image pixels (from the files' headers) are over the budget. The
         headers of a small request are read on the event loop, like its JSON (``requests.PARSE_INLINE_BYTES``): under
-        load the wait for a worker thread cost more than the read (the demo bundle to 64 clients: 605-625 clips/s
-        through a worker, 745-761 inline, benchmarks/README.md); larger requests go to a worker."""
+        load the wait for a worker thread cost more than the read (the demo bundle to 64 clients: 621-674 clips/s
+        through a worker, 708-723 inline, benchmarks/README.md); larger requests go to a worker."""
         size = sum(len(item) for items in given.values() for item in items if isinstance(item, bytes))
         if size <= PARSE_INLINE_BYTES:
             seconds, pixels = request_work(given)
