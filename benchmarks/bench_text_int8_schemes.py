@@ -56,10 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Graphs:
     """The fp32 text graph and what the schemes need from it: its weight MatMuls and the calibration feeds."""
 
-    def __init__(self, model, calibration_feeds, threads: int):
+    def __init__(self, model, calibration_feeds):
         from synergy.export.quantize import weight_matmuls
 
-        self.model, self.threads, self.calibration = model, threads, calibration_feeds
+        self.model, self.calibration = model, calibration_feeds
         self.nodes = weight_matmuls(model)
 
     def copy(self):
@@ -187,7 +187,7 @@ def main(argv=None) -> None:
     texts = sentences(args.sentences)
     batches = [feeds_of(texts[i : i + BATCH]) for i in range(0, len(texts), BATCH)]
     calibration = [feeds_of([sentence]) for sentence in BUILTIN_SENTENCES]
-    graphs = Graphs(model, calibration, args.threads)
+    graphs = Graphs(model, calibration)
 
     def embed(run) -> np.ndarray:
         out = np.concatenate([run(feeds) for feeds in batches])

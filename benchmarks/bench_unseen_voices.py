@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bench_inputs import parse_setting
-from provenance import ROOT, git_commit, write_result
+from provenance import ROOT, code_root, git_commit, write_result
 
 RESULT = ROOT / "benchmarks" / "results" / "unseen-voices.json"
 SPLITS = ("val", "unseen")  # voices heard in training, speakers never heard
@@ -123,9 +123,6 @@ def environment(threads: int) -> dict:
     """The machine, versions and the commit of the ``synergy`` that trains (PYTHONPATH may name an older one)."""
     import torch
 
-    import synergy
-
-    code = Path(synergy.__file__).resolve().parent
     return {
         "device": "cpu",
         "cpu": platform.processor() or platform.machine(),
@@ -133,9 +130,9 @@ def environment(threads: int) -> dict:
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "commit": git_commit(code),
-        "synergy_path": str(code),
-        "script_commit": git_commit(),
+        "commit": git_commit(),  # the imported synergy's checkout (provenance.code_root)
+        "synergy_path": str(code_root()),
+        "script_commit": git_commit(ROOT),
     }
 
 

@@ -436,8 +436,10 @@ def _write_graphs(tmp: Path, job: ExportJob) -> tuple[str, dict, dict]:
 
         int8 = job.int8_method
         if int8 == "static":  # activation ranges from the verification set (built-in items and --data rows)
+            text = tower_scheme(job, "text") is not None  # text feeds only for a text tower written int8
             max_length = job.model.config.text.max_length
-            calibration = calibration_feeds(job.evaluation, tokenizer=job.tokenizer, max_length=max_length)
+            tokenizer = job.tokenizer if text else None
+            calibration = calibration_feeds(job.evaluation, tokenizer=tokenizer, max_length=max_length)
     for modality in MODALITIES:
         graph = graphs[modality]
         quantization = (int8, calibration.get(modality), tower_scheme(job, modality))
