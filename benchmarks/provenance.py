@@ -4,6 +4,7 @@ which puts this folder on sys.path)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -22,15 +23,17 @@ def code_root() -> Path:
 
 
 def git_commit(root: Path | None = None) -> str | None:
-    """HEAD's sha of ``root`` (default: :func:`code_root`), with ``-dirty`` when tracked files differ from it; None
-    outside a git checkout."""
+    """HEAD's sha of ``root`` (default: :func:`code_root`), with ``-dirty`` when tracked files differ from it.
+    Outside a git checkout: ``$SYNERGY_SOURCE_COMMIT`` + ``-copy`` where that is set (a copy of the tree without its
+    .git, as the GPU machine gets: whoever made the copy names its commit), else None."""
     root = code_root() if root is None else root
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, check=True)  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
-        return None
+        source = os.environ.get("SYNERGY_SOURCE_COMMIT")
+        return f"{source}-copy" if source else None
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 

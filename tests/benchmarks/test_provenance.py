@@ -32,3 +32,22 @@ def test_the_commit_is_the_imported_checkouts(tmp_path):
     assert commit() == head
     (checkout / "__init__.py").write_text('"""changed"""\n')
     assert commit() == f"{head}-dirty"
+
+
+def test_a_copy_without_git_names_the_commit_it_was_made_from(tmp_path):
+    """The GPU machine gets the tree without .git: git_commit() is None there unless the copier names the commit in
+    SYNERGY_SOURCE_COMMIT, which comes back marked ``-copy`` (not a checkout git could vouch for)."""
+    copy = tmp_path / "synergy"
+    copy.mkdir()
+    (copy / "__init__.py").write_text('"""a copy"""\n')
+    code = f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import provenance; print(provenance.git_commit())"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "GIT_CEILING_DIRECTORIES": str(tmp_path)}
+    env.pop("SYNERGY_SOURCE_COMMIT", None)
+
+    def commit(**extra) -> str:
+        done = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                              check=True)  # fmt: skip
+        return done.stdout.strip()
+
+    assert commit() == "None"
+    assert commit(SYNERGY_SOURCE_COMMIT="abc123") == "abc123-copy"
