@@ -242,9 +242,11 @@ def main(argv=None) -> int:
         return 2
     cap_bytes = None
     if args.device.startswith("cuda"):
-        total = torch.cuda.get_device_properties(args.device).total_memory
+        index = torch.device(args.device).index  # set_per_process_memory_fraction wants an index, not "cuda"
+        index = torch.cuda.current_device() if index is None else index
+        total = torch.cuda.get_device_properties(index).total_memory
         cap_bytes = total if args.memory_cap_gib is None else min(total, args.memory_cap_gib * 2**30)
-        torch.cuda.set_per_process_memory_fraction(cap_bytes / total, args.device)
+        torch.cuda.set_per_process_memory_fraction(cap_bytes / total, index)
     rows, largest = [], {}
     report = {"benchmark": "trimodal_contrastive_loss forward+backward", "flops_per_pair": "8 * B^2 * D",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -128,7 +128,9 @@ def part_tests(args, env) -> dict:
     if args.dry_run:  # toy size: one test file, through the same pytest run and JUnit summary
         command.append("tests/kernels/test_dispatch.py")
     else:
-        command += ["-m", "requires_cuda", "tests"]
+        # test_spoken.py needs espeak-ng, which the GPU image lacks (its collection fails, as CI wants, without it);
+        # it has no requires_cuda test
+        command += ["-m", "requires_cuda", "--ignore=tests/train/datasets/test_spoken.py", "tests"]
     result = run(command, BUDGET_S["tests"], env, log=args.out / "tests.log")
     summary = junit_summary(junit) if junit.exists() else {}
     ok = result["returncode"] == 0 and summary.get("passed", 0) > 0
