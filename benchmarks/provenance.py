@@ -23,17 +23,20 @@ def code_root() -> Path:
 
 
 def git_commit(root: Path | None = None) -> str | None:
-    """HEAD's sha of ``root`` (default: :func:`code_root`), with ``-dirty`` when tracked files differ from it.
-    Outside a git checkout: ``$SYNERGY_SOURCE_COMMIT`` + ``-copy`` where that is set (a copy of the tree without its
-    .git, as the GPU machine gets: whoever made the copy names its commit), else None."""
+    """HEAD's sha of ``root`` (default: :func:`code_root`), with ``-dirty`` when tracked files differ from it; None
+    outside a git checkout. ``$SYNERGY_SOURCE_COMMIT``, where set, wins, marked ``-copy``: a copy of the tree (the GPU
+    machine's) can carry no .git or a stale one (the H200's first runs read the session's starting commit, -dirty),
+    and only whoever made the copy knows what it was made from."""
+    source = os.environ.get("SYNERGY_SOURCE_COMMIT")
+    if source:
+        return f"{source}-copy"
     root = code_root() if root is None else root
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, check=True)  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
-        source = os.environ.get("SYNERGY_SOURCE_COMMIT")
-        return f"{source}-copy" if source else None
+        return None
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 

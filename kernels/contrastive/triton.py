@@ -317,6 +317,7 @@ class TileConfig:
     block_d: int = 64
     num_warps: int = 4
     max_programs: int = 1 << 30
+    num_stages: int = 3  # Triton's default on CUDA (software-pipelined loads); ignored when interpreted
 
 
 # the kernels were compiled for the Triton interpreter (TRITON_INTERPRET=1 when triton was first imported): numpy on CPU
@@ -373,7 +374,7 @@ def trimodal_ce_fwd(
     _trimodal_ce_fwd_kernel[(n_programs, 3)](
         rows, cols, scales, col_keys, row_keys, lse, pos, col_lse, n_rows, n_cols, row_offset,
         DIM=dim, SYMMETRIC=symmetric, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
-        INPUT_PRECISION=_input_precision(rows.dtype), num_warps=tiles.num_warps,
+        INPUT_PRECISION=_input_precision(rows.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if symmetric:  # combine the per-program column statistics in a fixed order: direction ((m+1)%3, 1) = (m, 0).T
         lse[:, 1] = torch.logsumexp(col_lse, dim=0).roll(1, dims=0)  # row q of the result is pair (q-1)%3
@@ -413,7 +414,7 @@ def trimodal_ce_bwd(
         n_rows, n_cols, offsets[0], offsets[1],
         DIM=dim, ROW_TERM=row_lse is not None, COL_TERM=col_lse is not None, BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, INPUT_PRECISION=_input_precision(rows.dtype),
-        num_warps=tiles.num_warps,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     return grad, dscale
 

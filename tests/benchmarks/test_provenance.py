@@ -34,9 +34,9 @@ def test_the_commit_is_the_imported_checkouts(tmp_path):
     assert commit() == f"{head}-dirty"
 
 
-def test_a_copy_without_git_names_the_commit_it_was_made_from(tmp_path):
-    """The GPU machine gets the tree without .git: git_commit() is None there unless the copier names the commit in
-    SYNERGY_SOURCE_COMMIT, which comes back marked ``-copy`` (not a checkout git could vouch for)."""
+def test_a_copy_names_the_commit_it_was_made_from(tmp_path):
+    """The GPU machine gets a copy of the tree whose .git may be absent or stale: SYNERGY_SOURCE_COMMIT, set by whoever
+    made the copy, wins over what git says there, marked ``-copy``; without it and without .git, None."""
     copy = tmp_path / "synergy"
     copy.mkdir()
     (copy / "__init__.py").write_text('"""a copy"""\n')
@@ -44,10 +44,18 @@ def test_a_copy_without_git_names_the_commit_it_was_made_from(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "GIT_CEILING_DIRECTORIES": str(tmp_path)}
     env.pop("SYNERGY_SOURCE_COMMIT", None)
 
-    def commit(**extra) -> str:
-        done = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
-                              check=True)  # fmt: skip
+    def commit(folder: Path = copy, **extra) -> str:
+        code_here = code.replace(
+            "provenance.git_commit()", f"provenance.git_commit(__import__('pathlib').Path({str(folder)!r}))"
+        )
+        done = subprocess.run([sys.executable, "-c", code_here], env={**env, **extra}, capture_output=True,
+                              text=True, check=True)  # fmt: skip
         return done.stdout.strip()
 
     assert commit() == "None"
+    assert commit(SYNERGY_SOURCE_COMMIT="abc123") == "abc123-copy"
+    _git(copy, "init", "-q")  # a stale .git: what it says loses to the copier's word
+    _git(copy, "add", "__init__.py")
+    _git(copy, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "stale")
+    assert commit() == _git(copy, "rev-parse", "HEAD")
     assert commit(SYNERGY_SOURCE_COMMIT="abc123") == "abc123-copy"

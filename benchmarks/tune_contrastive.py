@@ -1,0 +1,174 @@
+"""Time the fused contrastive loss's tile configs on the local GPU, to choose `default_tile_config`'s by measurement.
+
+    python benchmarks/tune_contrastive.py --out tune.json                     # B=32768, D=512, bf16, ~3 min on an H200
+    TRITON_INTERPRET=1 python benchmarks/tune_contrastive.py --device cpu --batch 64 --check-batch 48 --dim 32 \\
+        --configs 2 --out smoke.json                                         # the script's logic, interpreted
+
+Per tile config (block_m, block_n, block_d, num_warps, num_stages), in the order of CONFIGS (the current default
+first): the loss and its gradients at --check-batch against the PyTorch reference (a config that disagrees is
+recorded and not timed), then at --batch the forward alone (lse and positives, under no_grad) and forward + backward
+(median of --iters after one warm-up run, which compiles; CUDA events). The backward's share is their difference.
+A config Triton cannot build (shared memory, registers) is recorded with its error. The JSON is rewritten after every
+config, and no config starts after --budget-seconds, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from provenance import git_commit, write_result  # benchmarks/provenance.py: this folder is on sys.path
+
+# (block_m, block_n, block_d, num_warps, num_stages): the default at the time of writing first, then larger tiles
+# (fewer re-reads of the key tiles and of the backward's fp32 gradient rows), then fewer / more warps and stages
+CONFIGS = (
+    (64, 64, 64, 8, 3),
+    (128, 64, 64, 8, 3),
+    (64, 128, 64, 8, 3),
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 3),
+    (64, 64, 64, 4, 3),
+    (64, 128, 64, 4, 3),
+    (128, 128, 64, 8, 2),
+    (128, 64, 128, 8, 2),
+    (64, 128, 128, 8, 2),
+    (64, 64, 128, 4, 2),
+    (128, 128, 32, 8, 3),
+    (128, 64, 32, 8, 4),
+    (64, 128, 32, 4, 4),
+    (64, 64, 32, 4, 4),
+    (128, 64, 64, 8, 4),
+    (64, 128, 64, 8, 4),
+    (256, 64, 64, 8, 2),
+    (64, 256, 64, 8, 2),
+    (128, 128, 128, 8, 2),
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=32768, help="timed batch B (default 32768, issue 11's shape)")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--check-batch", type=int, default=2048, help="B of the check against the reference")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--configs", type=int, default=len(CONFIGS), help="only the first N of CONFIGS")
+    p.add_argument("--budget-seconds", type=float, default=200.0, help="start no config after this")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", type=Path, required=True)
+    return p.parse_args(argv)
+
+
+def features(batch: int, dim: int, dtype: torch.dtype, device: str, seed: int):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shared = torch.randn(batch, dim, device=device, generator=gen)
+    feats = [F.normalize(shared + torch.randn(batch, dim, device=device, generator=gen), dim=-1) for _ in range(3)]
+    return [f.to(dtype).requires_grad_() for f in feats]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from synergy.kernels.contrastive import trimodal_contrastive_loss_reference
+    from synergy.kernels.contrastive.triton import TileConfig, default_tile_config, trimodal_contrastive_triton
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    cuda = args.device.startswith("cuda")
+    scales = torch.tensor([1 / 0.07, 1 / 0.05, 1 / 0.06], device=args.device, requires_grad=True)
+    default = default_tile_config(args.batch, args.batch, args.dim, dtype, torch.device(args.device))
+
+    def loss(feats, tiles):
+        masks = torch.ones(3, feats[0].shape[0], dtype=torch.bool, device=args.device)
+        return trimodal_contrastive_triton(tuple(feats), scales, masks, None, masks, 0, tiles)
+
+    def timed(fn) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    # the reference at the check batch, once
+    check = features(args.check_batch, args.dim, dtype, args.device, seed=1)
+    ref_loss = trimodal_contrastive_loss_reference(*[f.float() for f in check], scales)
+    ref_grads = torch.autograd.grad(ref_loss, [*check, scales])
+    big = features(args.batch, args.dim, dtype, args.device, seed=0)
+
+    environment = {"python": sys.version.split()[0], "torch": torch.__version__, "triton": _version("triton"),
+                   "cuda": torch.version.cuda, "commit": git_commit(),
+                   "device": torch.cuda.get_device_name() if cuda else "cpu (TRITON_INTERPRET=1)"}  # fmt: skip
+    report = {"benchmark": "contrastive tile configs: forward, forward+backward", "environment": environment,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "args": {k: str(v) for k, v in vars(args).items()}, "default_config": list(_fields(default)),
+              "results": []}  # fmt: skip
+    start = time.perf_counter()
+    for block_m, block_n, block_d, warps, stages in CONFIGS[: args.configs]:
+        if time.perf_counter() - start > args.budget_seconds:
+            report["stopped"] = f"budget of {args.budget_seconds} s spent"
+            break
+        tiles = TileConfig(block_m, block_n, block_d, warps, default.max_programs, stages)
+        row = {"config": [block_m, block_n, block_d, warps, stages]}
+        try:
+            out = loss(check, tiles)
+            grads = torch.autograd.grad(out, [*check, scales])
+            row["check_loss_error"] = abs(out.item() - ref_loss.item()) / abs(ref_loss.item())
+            row["check_grad_error"] = max(
+                ((g.float() - r.float()).norm() / r.float().norm().clamp(min=1e-30)).item()
+                for g, r in zip(grads, ref_grads)
+            )
+            row["check_ok"] = row["check_loss_error"] < 1e-3 and row["check_grad_error"] < 2e-2
+            if row["check_ok"]:
+
+                def forward(tiles=tiles):
+                    with torch.no_grad():
+                        loss(big, tiles)
+
+                def forward_backward(tiles=tiles):
+                    torch.autograd.grad(loss(big, tiles), [*big, scales])
+
+                row["compile_and_first_s"] = timed(forward_backward)
+                fwd = statistics.median(timed(forward) for _ in range(args.iters))
+                both = statistics.median(timed(forward_backward) for _ in range(args.iters))
+                row.update(forward_ms=fwd * 1e3, forward_backward_ms=both * 1e3, backward_ms=(both - fwd) * 1e3)
+        except Exception as error:  # a config Triton cannot build is a result, not the end
+            row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        report["results"].append(row)
+        write_result(args.out, report)
+        print(row, flush=True)
+    timed_rows = [r for r in report["results"] if "forward_backward_ms" in r]
+    if timed_rows:
+        report["best_forward"] = min(timed_rows, key=lambda r: r["forward_ms"])["config"]
+        report["best_backward"] = min(timed_rows, key=lambda r: r["backward_ms"])["config"]
+        report["best_forward_backward"] = min(timed_rows, key=lambda r: r["forward_backward_ms"])["config"]
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    write_result(args.out, report)
+    print({k: report.get(k) for k in ("best_forward", "best_backward", "best_forward_backward", "seconds")})
+    return 0
+
+
+def _fields(tiles):
+    return (tiles.block_m, tiles.block_n, tiles.block_d, tiles.num_warps, tiles.num_stages)
+
+
+def _version(name: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    if "--device" in sys.argv and "cpu" in sys.argv and "TRITON_INTERPRET" not in os.environ:
+        print("on CPU set TRITON_INTERPRET=1 (the kernels run interpreted)", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main())
