@@ -60,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--check-batch", type=int, default=2048, help="B of the check against the reference")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--configs", type=int, default=len(CONFIGS), help="only the first N of CONFIGS")
+    p.add_argument("--config", action="append", default=None, help="BM,BN,BD,WARPS,STAGES instead of CONFIGS (repeat)")
     p.add_argument("--budget-seconds", type=float, default=200.0, help="start no config after this")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", type=Path, required=True)
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
               "args": {k: str(v) for k, v in vars(args).items()}, "default_config": list(_fields(default)),
               "results": []}  # fmt: skip
     start = time.perf_counter()
-    for block_m, block_n, block_d, warps, stages in CONFIGS[: args.configs]:
+    configs = [tuple(int(v) for v in c.split(",")) for c in args.config] if args.config else CONFIGS[: args.configs]
+    for block_m, block_n, block_d, warps, stages in configs:
         if time.perf_counter() - start > args.budget_seconds:
             report["stopped"] = f"budget of {args.budget_seconds} s spent"
             break
