@@ -116,7 +116,9 @@ class SynergyConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     audio: AudioTowerConfig = field(default_factory=AudioTowerConfig)
-    attn_implementation: str = "sdpa"  # any transformers AttentionInterface name; "synergy" = our fused kernel
+    # any transformers AttentionInterface name; "synergy" = our fused kernel, 0.38-0.92x SDPA on an H200
+    # (benchmarks/README.md "On an H200"), so not the default
+    attn_implementation: str = "sdpa"
     prompt_templates: tuple[str, ...] = ("a {}.", "a photo of a {}.", "the sound of a {}.")
 
     def to_dict(self) -> dict:

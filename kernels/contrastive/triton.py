@@ -310,7 +310,8 @@ def _trimodal_ce_bwd_kernel(
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
     """Tile sizes of one launch. max_programs bounds the persistent grid of the full-batch forward (and with it the
-    [max_programs, 3, B] partial column buffer)."""
+    [max_programs, 3, B] partial column buffer); backward, where given, is the backward launches' own config (the
+    forward's otherwise)."""
 
     block_m: int = 64
     block_n: int = 64
@@ -318,29 +319,44 @@ class TileConfig:
     num_warps: int = 4
     max_programs: int = 1 << 30
     num_stages: int = 3  # Triton's default on CUDA (software-pipelined loads); ignored when interpreted
+    backward: "TileConfig | None" = None
 
 
 # the kernels were compiled for the Triton interpreter (TRITON_INTERPRET=1 when triton was first imported): numpy on CPU
 INTERPRETED = type(_trimodal_ce_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-def default_tile_config(n_rows: int, n_cols: int, dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
-    """Tile sizes as a small function of the shape (no autotune: it cannot run interpreted).
+def default_tile_config(
+    n_rows: int, n_cols: int, dim: int, dtype: torch.dtype, device: torch.device, symmetric: bool = True
+) -> TileConfig:
+    """Tile sizes as a small function of the shape (no autotune: it cannot run interpreted); symmetric: the
+    full-batch form (no gathered columns).
 
-    Interpreted (numpy), the cost is per operation, not per element: the biggest tiles the test shapes fill.
-    On GPUs 64 x 64 tiles with 8 warps, D-chunks of 64 (16-bit) or 32 (fp32, whose dots need twice the registers):
-    the sizes at which ptxas reports no spills for sm_90 at D = 512 (checked by compiling, without a GPU). NOT tuned
-    by timing on a GPU yet."""
+    Interpreted (numpy), the cost is per operation, not per element: the biggest tiles the test shapes fill. On GPUs,
+    :func:`gpu_tile_config`."""
     if INTERPRETED:
 
         def fit(n: int) -> int:
             return max(16, min(128, triton.next_power_of_2(n)))
 
         return TileConfig(fit(n_rows), fit(n_cols), fit(dim), 4)
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count
-    block_d = 32 if dtype == torch.float32 else 64
+    return gpu_tile_config(dtype, torch.cuda.get_device_properties(device).multi_processor_count, symmetric)
+
+
+def gpu_tile_config(dtype: torch.dtype, n_sm: int, symmetric: bool = True) -> TileConfig:
+    """The GPU tiles, chosen by timing on an H200 (benchmarks/tune_contrastive.py; results in
+    benchmarks/results/gpu-h200-tune-contrastive-{1,2}.json: B=32768, D=512, bf16, the full-batch form, 32 configs):
+    forward 64 x 128 tiles with 4 warps (20 ms), backward 64 x 128 with 8 warps (71 ms), both D-chunks of 64 and 3
+    stages, against 40 + 111 ms for the untimed 64 x 64 / 8 warps used before. 64 x 256 runs out of shared memory
+    with 8 warps and spills with 4 (310 ms backward). The rectangular forward (gathered columns) keeps two
+    accumulators, as the backward does, so it takes the backward's 8 warps (not timed). fp32 was not timed: it keeps
+    64 x 64 tiles, 8 warps and D-chunks of 32, at which ptxas reports no spills for sm_90 at D = 512."""
     # the 3 modalities are the second grid axis: 4 * n_sm / 3 row programs give about 4 programs per SM
-    return TileConfig(64, 64, block_d, 8, max_programs=max(1, 4 * n_sm // 3))
+    max_programs = max(1, 4 * n_sm // 3)
+    if dtype == torch.float32:
+        return TileConfig(64, 64, 32, 8, max_programs=max_programs)
+    backward = TileConfig(64, 128, 64, 8, num_stages=3)
+    return TileConfig(64, 128, 64, 4 if symmetric else 8, max_programs, num_stages=3, backward=backward)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -444,7 +460,7 @@ class TriModalContrastiveFunction(torch.autograd.Function):
         per_pair = terms[:, 0].sum(1) + terms[:, 1].sum(1).roll(-1, dims=0)  # pair p: (p, 0) + ((p+1)%3, 1)
         loss = (0.5 * per_pair / n_pair.clamp(min=1)).sum()
         ctx.save_for_backward(rows, cols, scales, row_keys, col_keys, pair_valid, n_pair, torch.where(valid, lse, 0.0))
-        ctx.row_offset, ctx.tiles = row_offset, tiles
+        ctx.row_offset, ctx.tiles = row_offset, tiles.backward or tiles
         return loss
 
     @staticmethod
@@ -489,6 +505,6 @@ def trimodal_contrastive_triton(
     cols = None if global_features is None else torch.stack(global_features)  # [3, B, D]
     if tiles is None:
         n_cols = rows.shape[1] if cols is None else cols.shape[1]
-        tiles = default_tile_config(rows.shape[1], n_cols, rows.shape[2], rows.dtype, rows.device)
+        tiles = default_tile_config(rows.shape[1], n_cols, rows.shape[2], rows.dtype, rows.device, cols is None)
     loss = TriModalContrastiveFunction.apply(rows, cols, logit_scale, masks, global_masks, row_offset, tiles)
     return loss

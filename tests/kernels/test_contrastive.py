@@ -220,6 +220,23 @@ def test_triton_small_tiles_persistent_grid():
 
 
 @pytest.mark.interpreted
+def test_triton_backward_tiles_of_its_own():
+    """TileConfig.backward (the GPU default: the backward's best tiles differ from the forward's): full batch and
+    rectangular, the backward launches on 16 x 32 tiles and the forward on 32 x 16 still match the reference."""
+    from synergy.kernels.contrastive.triton import TileConfig
+
+    feats = make_features(45, 24, torch.float32, seed=16)
+    masks = random_masks(45, seed=17)
+    tiles = TileConfig(block_m=32, block_n=16, block_d=16, max_programs=1, backward=TileConfig(16, 32, 16))
+    assert_matches_reference(feats, torch.tensor(SCALES), torch.float32, masks=masks, tiles=tiles)
+    local = [f[10:30] for f in feats]
+    assert_matches_reference(
+        local, torch.tensor(SCALES), torch.float32, global_feats=feats, tiles=tiles,
+        masks=tuple(m[10:30] for m in masks), global_masks=masks, row_offset=10,
+    )  # fmt: skip
+
+
+@pytest.mark.interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_missing_modality_and_empty_pair(dtype):
     """Audio missing everywhere (text-audio and audio-image have no rows) and image/text never on the same row
@@ -298,14 +315,21 @@ def signature(fn, dtype, constexprs):
         return "i32"
     return {name: kind(name) for name in fn.arg_names}
 
+import torch
+
 fwd, bwd = kernels._trimodal_ce_fwd_kernel, kernels._trimodal_ce_bwd_kernel
 variants = [(fwd, dict(SYMMETRIC=True)), (fwd, dict(SYMMETRIC=False))]
 variants += [(bwd, dict(ROW_TERM=True, COL_TERM=True)), (bwd, dict(ROW_TERM=False, COL_TERM=True))]
-for dtype, precision, block_d in (("bf16", "tf32", 64), ("fp32", "ieee", 32)):
+for dtype, precision, torch_dtype in (("bf16", "tf32", torch.bfloat16), ("fp32", "ieee", torch.float32)):
     for fn, flags in variants if dtype == "bf16" else variants[2:3]:
-        constexprs = dict(DIM=100, BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, INPUT_PRECISION=precision, **flags)
+        # the tiles the GPU gets: gpu_tile_config's, per form and direction (132 SMs: an H100 / H200)
+        tiles = kernels.gpu_tile_config(torch_dtype, 132, symmetric=flags.get("SYMMETRIC", True))
+        tiles = tiles.backward or tiles if fn is bwd else tiles
+        constexprs = dict(DIM=100, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
+                          INPUT_PRECISION=precision, **flags)
         source = ASTSource(fn, signature(fn, dtype, constexprs), constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        options = {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         assert len(compiled.asm["cubin"]) > 0, (fn.__name__, dtype, flags)
 print("compiled")
 """
