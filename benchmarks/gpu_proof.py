@@ -10,6 +10,8 @@ Parts, in order, each under its own time limit (a part that fails or runs out of
                largest B at D=512 under an 80 GiB allocator cap (measured, and predicted from the memory fit)
   attention    bench_attention.py: fused vs SDPA flash / masked, base geometries, 0% and 50% key padding
   train_step   bench_train_step.py: one base-geometry step, fused vs sdpa + torch loss: samples/s, peak memory
+  tune         tune_contrastive.py: the loss's default tiles (forward and backward each its own) against single
+               configs around them, B=32768, D=512, bf16
   tests        the suite's `requires_cuda` tests (the real kernels compiled, vs the PyTorch references) -> tests.json;
                last, after the numbers: the whole suite runs on CPU in CI (12 min on 2 cores, single process) and
                would not fit a 15-minute device lease
@@ -38,7 +40,7 @@ BENCH = ROOT / "benchmarks"
 WHEELS = ("soundfile", "soxr", "cffi", "pycparser")
 # measured on the H200 (benchmarks/results/gpu-h200-proof.json): install 10-13 s, contrastive 82 s, attention 38 s,
 # train_step 51 s, the requires_cuda tests over 120 s with Triton's cache cold (64 s warm)
-BUDGET_S = {"install": 60, "contrastive": 110, "attention": 60, "train_step": 80, "tests": 240}  # 550 s in all
+BUDGET_S = {"install": 60, "contrastive": 110, "attention": 60, "train_step": 80, "tune": 60, "tests": 240}  # 610 s
 
 
 def parse_args(argv=None):
@@ -174,8 +176,18 @@ def part_train_step(args, env) -> dict:
     return run_benchmark(args, env, "train_step", "bench_train_step.py", flags)
 
 
+def part_tune(args, env) -> dict:
+    if args.dry_run:  # the interpreter computes bf16 dots wrongly: fp32 at toy size
+        flags = ["--device", "cpu", "--dtype", "fp32", "--batch", "64", "--check-batch", "48", "--dim", "32",
+                 "--configs", "1", "--iters", "1"]  # fmt: skip
+    else:  # the default, the best single configs of each direction on the H200, and the tiles before them
+        flags = ["--config", "64,128,64,8,3", "--config", "64,128,64,4,3", "--config", "64,64,64,8,3",
+                 "--iters", "5", "--budget-seconds", "45"]  # fmt: skip
+    return run_benchmark(args, env, "tune", "tune_contrastive.py", flags)
+
+
 PARTS = {"install": part_install, "contrastive": part_contrastive, "attention": part_attention,
-         "train_step": part_train_step, "tests": part_tests}  # fmt: skip
+         "train_step": part_train_step, "tune": part_tune, "tests": part_tests}  # fmt: skip
 
 
 def main(argv=None) -> int:

@@ -4,10 +4,11 @@
     TRITON_INTERPRET=1 python benchmarks/tune_contrastive.py --device cpu --batch 64 --check-batch 48 --dim 32 \\
         --configs 2 --out smoke.json                                         # the script's logic, interpreted
 
-Per tile config (block_m, block_n, block_d, num_warps, num_stages), in the order of CONFIGS (the current default
-first): the loss and its gradients at --check-batch against the PyTorch reference (a config that disagrees is
-recorded and not timed), then at --batch the forward alone (lse and positives, under no_grad) and forward + backward
-(median of --iters after one warm-up run, which compiles; CUDA events). The backward's share is their difference.
+First the library's own choice (`gpu_tile_config`: forward and backward tiles of their own), then each tile config
+(block_m, block_n, block_d, num_warps, num_stages; both directions) of CONFIGS or --config, in order: the loss and
+its gradients at --check-batch against the PyTorch reference (a config that disagrees is recorded and not timed), then
+at --batch the forward alone (lse and positives, under no_grad) and forward + backward (median of --iters after one
+warm-up run; wall time between device synchronisations). The backward's share is their difference.
 A config Triton cannot build (shared memory, registers) is recorded with its error. The JSON is rewritten after every
 config, and no config starts after --budget-seconds, so a run cut short keeps what it measured.
 """
@@ -108,16 +109,19 @@ def main(argv=None) -> int:
                    "device": torch.cuda.get_device_name() if cuda else "cpu (TRITON_INTERPRET=1)"}  # fmt: skip
     report = {"benchmark": "contrastive tile configs: forward, forward+backward", "environment": environment,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "args": {k: str(v) for k, v in vars(args).items()}, "default_config": list(_fields(default)),
+              "args": {k: str(v) for k, v in vars(args).items()}, "default_config": _describe(default),
               "results": []}  # fmt: skip
     start = time.perf_counter()
-    configs = [tuple(int(v) for v in c.split(",")) for c in args.config] if args.config else CONFIGS[: args.configs]
-    for block_m, block_n, block_d, warps, stages in configs:
+    chosen = [tuple(int(v) for v in c.split(",")) for c in args.config] if args.config else CONFIGS[: args.configs]
+    # the library's own choice first (gpu_tile_config: forward and backward tiles of their own), then each config for
+    # both directions
+    candidates = [("default", default)]
+    candidates += [(list(c), TileConfig(*c[:4], default.max_programs, c[4])) for c in chosen]
+    for label, tiles in candidates:
         if time.perf_counter() - start > args.budget_seconds:
             report["stopped"] = f"budget of {args.budget_seconds} s spent"
             break
-        tiles = TileConfig(block_m, block_n, block_d, warps, default.max_programs, stages)
-        row = {"config": [block_m, block_n, block_d, warps, stages]}
+        row = {"config": label, "tiles": _describe(tiles)}
         try:
             out = loss(check, tiles)
             grads = torch.autograd.grad(out, [*check, scales])
@@ -156,8 +160,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def _fields(tiles):
-    return (tiles.block_m, tiles.block_n, tiles.block_d, tiles.num_warps, tiles.num_stages)
+def _fields(tiles) -> list[int]:
+    return [tiles.block_m, tiles.block_n, tiles.block_d, tiles.num_warps, tiles.num_stages]
+
+
+def _describe(tiles) -> dict:
+    """{"forward": [BM, BN, BD, warps, stages], "backward": [...]} of a TileConfig."""
+    return {"forward": _fields(tiles), "backward": _fields(tiles.backward or tiles)}
 
 
 def _version(name: str) -> str | None:
