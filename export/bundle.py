@@ -246,14 +246,13 @@ def resolved_int8_method(
     return "static" if openvino else DEFAULT_METHOD
 
 
-def _int8_note(method: str | None, asked: str | None, engines: bool, int8_text: bool = False) -> str:
-    """The report's line on an int8 export's method: which, and why (asked, or the default and its reason)."""
+def _int8_note(method: str | None, asked: str | None, engines: bool, text_scheme=None) -> str:
+    """The report's line on an int8 export's method: which, and why (asked, or the default and its reason);
+    text_scheme: the text tower's ``quantize.StaticScheme`` where --int8-text writes it int8 (:func:`tower_scheme`)."""
     if method is None:
         return ""
-    if int8_text:
-        from synergy.export.quantize import TEXT_SCHEME
-
-        return f"static QDQ (--int8-text); the text tower in int8 too: {TEXT_SCHEME.describe()}"
+    if text_scheme is not None:
+        return f"static QDQ (--int8-text); the text tower in int8 too: {text_scheme.describe()}"
     if asked:
         return f"{method} QDQ (--quantize {asked})" if method == "static" else f"{method} (--quantize {asked})"
     if engines:
@@ -369,12 +368,10 @@ def _write_bundle(tmp: Path, job: ExportJob) -> tuple[Manifest, str]:
     fp32_bytes = sum(graph.model.ByteSize() for graph in graphs.values())  # what the runtime's OpenVINO floor weighs
     engines = job.platform == "tensorrt"
     method = resolved_int8_method(job.precision, engines, job.int8_method, job.fmt, job.external_data, fp32_bytes)
-    job = replace(
-        job,
-        fp32_towers=job.fp32_towers | convolutional,
-        int8_method=method,
-        int8_note=_int8_note(method, job.int8_method, engines, job.int8_text),
-    )
+    asked = job.int8_method
+    job = replace(job, fp32_towers=job.fp32_towers | convolutional, int8_method=method)
+    text_scheme = tower_scheme(job, "text") if job.int8_text else None
+    job = replace(job, int8_note=_int8_note(method, asked, engines, text_scheme))
     onnx_precision, onnx_files, specs = _write_graphs(tmp, job)
     references = {}  # PyTorch's embeddings of the verification set, computed once for every engine checked
     verifications = [_verify_onnx(tmp, onnx_files, onnx_precision, job, references)]
