@@ -1,5 +1,6 @@
-"""The GPU proof: install, every CUDA benchmark and the suite's requires_cuda tests, in one command, within about 8
-minutes on one H100/H200, each part writing a JSON (device, versions, commit, numbers) into --out.
+"""The GPU proof: install, every CUDA benchmark and the suite's requires_cuda tests, in one command, within 10
+minutes on one H100/H200 (the parts' limits add up to 610 s), each part writing a JSON (device, versions, commit,
+numbers) into --out.
 
     make gpu-proof OUT=proof                 # on the GPU machine (python3 benchmarks/gpu_proof.py --out proof)
     make gpu-proof DRY_RUN=1 OUT=dir         # every part at toy size on CPU (CI runs this: the script cannot rot)

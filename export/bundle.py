@@ -24,6 +24,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from synergy.core.atomic_folder import DiskFullError, atomic_folder, recover_folder
 from synergy.export.errors import ExportError
@@ -38,6 +39,9 @@ from synergy.runtime.manifest import (
     TextPreprocessing,
     TowerSpec,
 )
+
+if TYPE_CHECKING:  # quantize imports onnx, which a torch-free `synergy export --help` need not load
+    from synergy.export.quantize import StaticScheme
 
 FORMATS = ("onnx", "trt", "triton")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -246,7 +250,7 @@ def resolved_int8_method(
     return "static" if openvino else DEFAULT_METHOD
 
 
-def _int8_note(method: str | None, asked: str | None, engines: bool, text_scheme=None) -> str:
+def _int8_note(method: str | None, asked: str | None, engines: bool, text_scheme: StaticScheme | None = None) -> str:
     """The report's line on an int8 export's method: which, and why (asked, or the default and its reason);
     text_scheme: the text tower's ``quantize.StaticScheme`` where --int8-text writes it int8 (:func:`tower_scheme`)."""
     if method is None:

@@ -340,21 +340,28 @@ def default_tile_config(
             return max(16, min(128, triton.next_power_of_2(n)))
 
         return TileConfig(fit(n_rows), fit(n_cols), fit(dim), 4)
-    return gpu_tile_config(dtype, torch.cuda.get_device_properties(device).multi_processor_count, symmetric)
+    properties = torch.cuda.get_device_properties(device)
+    hopper = (properties.major, properties.minor) >= (9, 0)
+    return gpu_tile_config(dtype, properties.multi_processor_count, symmetric, hopper)
 
 
-def gpu_tile_config(dtype: torch.dtype, n_sm: int, symmetric: bool = True) -> TileConfig:
+def gpu_tile_config(dtype: torch.dtype, n_sm: int, symmetric: bool = True, hopper: bool = True) -> TileConfig:
     """The GPU tiles, chosen by timing on an H200 (benchmarks/tune_contrastive.py; results in
-    benchmarks/results/gpu-h200-tune-contrastive-{1,2}.json: B=32768, D=512, bf16, the full-batch form, 32 configs):
-    forward 64 x 128 tiles with 4 warps (20 ms), backward 64 x 128 with 8 warps (71 ms), both D-chunks of 64 and 3
-    stages, against 40 + 111 ms for the untimed 64 x 64 / 8 warps used before. 64 x 256 runs out of shared memory
-    with 8 warps and spills with 4 (310 ms backward). The rectangular forward (gathered columns) keeps two
-    accumulators, as the backward does, so it takes the backward's 8 warps (not timed). fp32 was not timed: it keeps
-    64 x 64 tiles, 8 warps and D-chunks of 32, at which ptxas reports no spills for sm_90 at D = 512."""
+    benchmarks/results/gpu-h200-tune-contrastive-{1,2}.json: B=32768, D=512, bf16, the full-batch form, 32 runs of 29
+    configs): forward 64 x 128 tiles with 4 warps (20 ms), backward 64 x 128 with 8 warps (71 ms), both D-chunks of
+    64 and 3 stages, against 40 + 111 ms for the untimed 64 x 64 / 8 warps used before (64 x 256: backward 91.5 ms
+    with 8 warps and 2 stages, out of shared memory at 3 stages, 310 ms with 4 warps). The rectangular forward
+    (gathered columns) keeps two accumulators, as the backward does, so it takes the backward's 8 warps (not timed).
+    fp16 takes the bf16 tiles (not timed). Only on Hopper (``hopper``: compute capability >= 9.0), where they were
+    measured: the 64 x 128 backward at 3 stages may need more shared memory than an sm_86 / sm_89 block has, so older
+    GPUs, and fp32 everywhere, keep 64 x 64 tiles with 8 warps (D-chunks of 32 for fp32), at which ptxas reports no
+    spills for sm_90 at D = 512."""
     # the 3 modalities are the second grid axis: 4 * n_sm / 3 row programs give about 4 programs per SM
     max_programs = max(1, 4 * n_sm // 3)
     if dtype == torch.float32:
         return TileConfig(64, 64, 32, 8, max_programs=max_programs)
+    if not hopper:
+        return TileConfig(64, 64, 64, 8, max_programs=max_programs)
     backward = TileConfig(64, 128, 64, 8, num_stages=3)
     return TileConfig(64, 128, 64, 4 if symmetric else 8, max_programs, num_stages=3, backward=backward)
 

@@ -220,11 +220,21 @@ def test_triton_small_tiles_persistent_grid():
 
 
 @pytest.mark.interpreted
-def test_triton_backward_tiles_of_its_own():
+def test_triton_backward_tiles_of_its_own(monkeypatch):
     """TileConfig.backward (the GPU default: the backward's best tiles differ from the forward's): full batch and
-    rectangular, the backward launches on 16 x 32 tiles and the forward on 32 x 16 still match the reference."""
+    rectangular, the backward launches get the 16 x 32 tiles and the forward the 32 x 16, and both match the
+    reference."""
+    from synergy.kernels.contrastive import triton as kernels
     from synergy.kernels.contrastive.triton import TileConfig
 
+    launched = []
+    backward_launch = kernels.trimodal_ce_bwd
+
+    def recording(*args, **kwargs):
+        launched.append(args[-1])  # tiles: the launcher's last argument
+        return backward_launch(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "trimodal_ce_bwd", recording)
     feats = make_features(45, 24, torch.float32, seed=16)
     masks = random_masks(45, seed=17)
     tiles = TileConfig(block_m=32, block_n=16, block_d=16, max_programs=1, backward=TileConfig(16, 32, 16))
@@ -234,6 +244,7 @@ def test_triton_backward_tiles_of_its_own():
         local, torch.tensor(SCALES), torch.float32, global_feats=feats, tiles=tiles,
         masks=tuple(m[10:30] for m in masks), global_masks=masks, row_offset=10,
     )  # fmt: skip
+    assert launched == [TileConfig(16, 32, 16)] * 3  # one full-batch launch, two rectangular ones
 
 
 @pytest.mark.interpreted
@@ -299,6 +310,7 @@ def test_triton_is_deterministic():
 
 
 COMPILE_FOR_HOPPER = """
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -315,8 +327,6 @@ def signature(fn, dtype, constexprs):
         return "i32"
     return {name: kind(name) for name in fn.arg_names}
 
-import torch
-
 fwd, bwd = kernels._trimodal_ce_fwd_kernel, kernels._trimodal_ce_bwd_kernel
 variants = [(fwd, dict(SYMMETRIC=True)), (fwd, dict(SYMMETRIC=False))]
 variants += [(bwd, dict(ROW_TERM=True, COL_TERM=True)), (bwd, dict(ROW_TERM=False, COL_TERM=True))]
@@ -324,7 +334,7 @@ for dtype, precision, torch_dtype in (("bf16", "tf32", torch.bfloat16), ("fp32",
     for fn, flags in variants if dtype == "bf16" else variants[2:3]:
         # the tiles the GPU gets: gpu_tile_config's, per form and direction (132 SMs: an H100 / H200)
         tiles = kernels.gpu_tile_config(torch_dtype, 132, symmetric=flags.get("SYMMETRIC", True))
-        tiles = tiles.backward or tiles if fn is bwd else tiles
+        tiles = (tiles.backward or tiles) if fn is bwd else tiles
         constexprs = dict(DIM=100, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
                           INPUT_PRECISION=precision, **flags)
         source = ASTSource(fn, signature(fn, dtype, constexprs), constexprs)
