@@ -8,7 +8,7 @@ First the library's own choice (`gpu_tile_config`: forward and backward tiles of
 (block_m, block_n, block_d, num_warps, num_stages; both directions) of CONFIGS or --config, in order: the loss and
 its gradients at --check-batch against the PyTorch reference (a config that disagrees is recorded and not timed), then
 at --batch the forward alone (lse and positives, under no_grad) and forward + backward (median of --iters after one
-warm-up run; wall time between device synchronisations). The backward's share is their difference.
+warm-up run; bench_contrastive's timer: CUDA events). The backward's share is their difference.
 A config Triton cannot build (shared memory, registers) is recorded with its error. The JSON is rewritten after every
 config, and no config starts after --budget-seconds, so a run cut short keeps what it measured.
 """
@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from provenance import git_commit, write_result  # benchmarks/provenance.py: this folder is on sys.path
+from bench_contrastive import DTYPES, Timer, environment, make_inputs  # this folder is on sys.path
+from provenance import write_result
 
 # (block_m, block_n, block_d, num_warps, num_stages): the default at the time of writing first, then larger tiles
 # (fewer re-reads of the key tiles and of the backward's fp32 gradient rows), then fewer / more warps and stages
@@ -68,20 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def features(batch: int, dim: int, dtype: torch.dtype, device: str, seed: int):
-    gen = torch.Generator(device=device).manual_seed(seed)
-    shared = torch.randn(batch, dim, device=device, generator=gen)
-    feats = [F.normalize(shared + torch.randn(batch, dim, device=device, generator=gen), dim=-1) for _ in range(3)]
-    return [f.to(dtype).requires_grad_() for f in feats]
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from synergy.kernels.contrastive import trimodal_contrastive_loss_reference
     from synergy.kernels.contrastive.triton import TileConfig, default_tile_config, trimodal_contrastive_triton
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    cuda = args.device.startswith("cuda")
+    dtype = DTYPES[args.dtype]
     scales = torch.tensor([1 / 0.07, 1 / 0.05, 1 / 0.06], device=args.device, requires_grad=True)
     default = default_tile_config(args.batch, args.batch, args.dim, dtype, torch.device(args.device))
 
@@ -89,25 +81,16 @@ def main(argv=None) -> int:
         masks = torch.ones(3, feats[0].shape[0], dtype=torch.bool, device=args.device)
         return trimodal_contrastive_triton(tuple(feats), scales, masks, None, masks, 0, tiles)
 
-    def timed(fn) -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+    timed = Timer(args.device)  # bench_contrastive's: CUDA events on a GPU
 
     # the reference at the check batch, once
-    check = features(args.check_batch, args.dim, dtype, args.device, seed=1)
+    check = make_inputs(args.check_batch, args.dim, dtype, args.device)[0]
     ref_loss = trimodal_contrastive_loss_reference(*[f.float() for f in check], scales)
     ref_grads = torch.autograd.grad(ref_loss, [*check, scales])
-    big = features(args.batch, args.dim, dtype, args.device, seed=0)
+    big = make_inputs(args.batch, args.dim, dtype, args.device)[0]
 
-    environment = {"python": sys.version.split()[0], "torch": torch.__version__, "triton": _version("triton"),
-                   "cuda": torch.version.cuda, "commit": git_commit(),
-                   "device": torch.cuda.get_device_name() if cuda else "cpu (TRITON_INTERPRET=1)"}  # fmt: skip
-    report = {"benchmark": "contrastive tile configs: forward, forward+backward", "environment": environment,
+    report = {"benchmark": "contrastive tile configs: forward, forward+backward",
+              "environment": environment(args.device),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "args": {k: str(v) for k, v in vars(args).items()}, "default_config": _describe(default),
               "results": []}  # fmt: skip
@@ -167,15 +150,6 @@ def _fields(tiles) -> list[int]:
 def _describe(tiles) -> dict:
     """{"forward": [BM, BN, BD, warps, stages], "backward": [...]} of a TileConfig."""
     return {"forward": _fields(tiles), "backward": _fields(tiles.backward or tiles)}
-
-
-def _version(name: str) -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":
