@@ -11,6 +11,12 @@ graph is compiled with the bf16 hint, the runtime's setting. For each: OpenVINO'
 two streams (the batch split into two requests run at once, NUM_STREAMS=2) and OpenVINO's snippets (its fused
 subgraphs, attention among them) disabled. Not interleaved: read it as a breakdown, the speed table is
 bench_runtime.py's.
+
+How near the int8 MatMuls come to what this CPU does: ``int8_ops`` counts the tower's Linear layers' operations for
+one batch (2 x in x out per row, by forward hooks on the torch model: the MatMuls the static graph quantizes, plus
+the final projection), and ``reference_gemms`` times lone int8 MatMuls (QDQ graphs, the same engine and hint) at the
+tower's largest layer shape (a batch's rows x 768 x 3072 for the base preset) and at 4096 x 4096 x 4096: the rate
+OpenVINO's int8 GEMM reaches here with nothing else in the way, an empirical ceiling (not a datasheet peak).
 """
 
 from __future__ import annotations
@@ -75,7 +81,79 @@ def profile(path: Path, waves: np.ndarray, args, streams: int = 1, extra: dict |
             by_kind[f"{node.node_type} ({node.exec_type})"] += node.real_time.total_seconds()
         result["seconds_by_layer"] = {k: round(v, 4) for k, v in by_kind.most_common()}
         result["seconds_total"] = round(sum(by_kind.values()), 4)
+        quantized = sum(v for k, v in by_kind.items() if int8_matmul(k))
+        if quantized:  # unrounded: at smoke size the quantized MatMuls take microseconds
+            result["seconds_int8_matmuls"] = float(f"{quantized:.6g}")
     return result
+
+
+def int8_matmul(kind: str) -> bool:
+    """A counter's "type (kernel)" is an int8 MatMul: OpenVINO names the node FullyConnectedQuantizedLegacy or
+    FullyConnected after the pattern it matched, and the kernel brgemm_..._i8 (or _I8) either way."""
+    return kind.startswith("FullyConnected") and kind.lower().endswith("_i8)")
+
+
+def linear_ops(model, clip: np.ndarray, batch: int) -> tuple[int, tuple[int, int, int]]:
+    """Operations (2 per multiply-add) of the audio tower's Linear layers for ``batch`` clips, and the largest
+    layer's (rows, in, out) at that batch."""
+    import torch
+
+    counted, shapes = [], []
+
+    def hook(module, inputs, _output) -> None:
+        rows = inputs[0].numel() // module.in_features
+        counted.append(2 * rows * module.in_features * module.out_features)
+        shapes.append((rows * batch, module.in_features, module.out_features))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.no_grad():
+            model.encode_audio(torch.from_numpy(clip[None]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return batch * sum(counted), max(shapes, key=lambda s: s[0] * s[1] * s[2])
+
+
+def int8_matmul_graph(rows: int, inner: int, cols: int, path: Path) -> None:
+    """X [rows, inner] fp32 -> QuantizeLinear / DequantizeLinear (uint8) -> MatMul with int8 per-column weights:
+    the pattern the static graph's MatMuls have, which OpenVINO runs as one quantized FullyConnected."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = rng.integers(-127, 128, (inner, cols), dtype=np.int8)
+    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"),
+             numpy_helper.from_array(np.array(128, np.uint8), "x_zero"),
+             numpy_helper.from_array(weights, "w"),
+             numpy_helper.from_array(np.full(cols, 0.01, np.float32), "w_scale"),
+             numpy_helper.from_array(np.zeros(cols, np.int8), "w_zero")]  # fmt: skip
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"])]  # fmt: skip
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, inner])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, cols])
+    graph = helper.make_graph(nodes, "int8_matmul", [x], [y], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+def reference_gemm(path: Path, rows: int, inner: int, cols: int, args) -> dict:
+    """Int8 tera-operations per second of one lone MatMul on OpenVINO (median over --seconds / 4 of calls)."""
+    int8_matmul_graph(rows, inner, cols, path)
+    compiled = compile_graph(path, args.threads, {})
+    request = compiled.create_infer_request()
+    x = np.random.default_rng(1).standard_normal((rows, inner)).astype(np.float32)
+    request.infer({"x": x})  # warm-up
+    times, started = [], time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - started < args.seconds / 4:
+        t0 = time.perf_counter()
+        request.infer({"x": x})
+        times.append(time.perf_counter() - t0)
+    kernels = sorted({f"{n.node_type} ({n.exec_type})" for n in request.profiling_info if n.node_type != "Parameter"})
+    seconds = float(np.median(times))
+    return {"shape": [rows, inner, cols], "seconds": round(seconds, 5), "tops": round(2 * rows * inner * cols / seconds
+            / 1e12, 3), "kernels": kernels}  # fmt: skip
 
 
 def main(argv=None) -> None:
@@ -100,6 +178,8 @@ def main(argv=None) -> None:
         "int8-static, two streams": (graphs["int8-static"], 2, {}),
         "int8-static, snippets disabled": (graphs["int8-static"], 1, {"SNIPPETS_MODE": "DISABLE"}),
     }
+    int8_ops, largest = linear_ops(model, waves[0], args.batch)
+    gemms = [reference_gemm(work / f"gemm{i}.onnx", *shape, args) for i, shape in enumerate([largest, (4096,) * 3])]
     rows = {}
     for name, (path, streams, extra) in configs.items():
         rows[name] = profile(path, waves, args, streams, extra)
@@ -112,7 +192,16 @@ def main(argv=None) -> None:
         "args": {k: str(v) for k, v in vars(args).items()},
         "geometry": f"{args.preset} preset AST, random weights, {waves.shape[1]} samples a clip",
         "rows": rows,
+        "int8_ops": int8_ops,
+        "reference_gemms": gemms,
     }
+    quantized = rows["int8-static"].get("seconds_int8_matmuls")
+    if quantized:
+        result["int8_matmuls_tops"] = round(int8_ops / quantized / 1e12, 4)
+        print(
+            f"  int8 MatMuls: {result['int8_matmuls_tops']} TOPS; lone GEMMs: "
+            + ", ".join(f"{g['shape']} {g['tops']} TOPS" for g in result["reference_gemms"])
+        )
     write_result(args.out, result)
     print(f"wrote {args.out}")
 

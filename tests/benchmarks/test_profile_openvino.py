@@ -20,3 +20,10 @@ def test_the_smoke_run_profiles_every_configuration(tmp_path, run_benchmark):
     quantized = {m: [k for k in rows[m]["seconds_by_layer"] if k.startswith("FullyConnectedQuantized")] for m in rows
                  if "two streams" not in m}  # fmt: skip
     assert quantized["int8-static"] and quantized["int8-static, snippets disabled"] and not quantized["fp32"]
+    # the int8 MatMuls' rate: the tower's Linear operations over their counted seconds, beside lone int8 GEMMs
+    assert result["int8_ops"] > 0 and result["int8_matmuls_tops"] > 0
+    shapes = [g["shape"] for g in result["reference_gemms"]]
+    assert shapes[1] == [4096, 4096, 4096] and shapes[0][0] % 2 == 0  # a batch of 2 clips' rows
+    for gemm in result["reference_gemms"]:  # each ran as an int8 kernel
+        int8 = [k for k in gemm["kernels"] if k.startswith("FullyConnected") and k.lower().endswith("_i8)")]
+        assert gemm["tops"] > 0 and int8, gemm
