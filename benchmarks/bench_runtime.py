@@ -5,22 +5,25 @@
     python benchmarks/bench_runtime.py --models base-audio --configs torch ort-opset18 ort --batches 8 --skip-cold
     python benchmarks/bench_runtime.py --models base-audio --batches 8 --rounds 3 --skip-cold \
         --out benchmarks/results/runtime-cpu-base-speed.json             # every engine and precision side by side
+    python benchmarks/bench_runtime.py --models base-image base-text --batches 1 8 --rounds 3 --skip-cold \
+        --out benchmarks/results/runtime-cpu-base-towers.json            # ViT-B/16 and RoBERTa-base geometries
     python benchmarks/bench_runtime.py --models tiny-audio --skip-cold --budget 1   # smoke run, seconds, no demo
     python benchmarks/bench_runtime.py --device cuda                     # GPU: torch eager vs ORT CUDA EP
 
-Two parts, both on the audio tower (what `synergy infer --audio` runs):
+Two parts, on the audio tower (what `synergy infer --audio` runs) unless a --models name says another:
 
 cold start   `synergy infer --audio x.wav --labels labels.txt --bundle BUNDLE` against a torch program that loads the
              checkpoint and prints the same answer: wall time from process start to exit (the result printed), and
              peak RSS (the child's ru_maxrss). One warm-up run each (page cache), then the median of --cold-runs.
-throughput   one audio-tower call on a batch of clips, per configuration:
+throughput   one tower call on a batch of items (clips, images or sentences), per configuration:
                torch         the PyTorch model, eager, no_grad (the export source)
                torch-bf16    the same under torch.autocast("cpu", torch.bfloat16): the one line a torch user adds
                ort           the graph `synergy export` writes (opset 23: attention is ONNX's Attention op, which
                              onnxruntime runs fused), on the runtime's onnxruntime session settings
                ort-opset18   the same tower exported at opset 18 (what TensorRT / Triton bundles get): attention as
                              MatMul + Softmax with its NaN guard, which onnxruntime does not fuse
-               ort-fused     the opset-18 graph after onnxruntime.transformers' optimizer (its "vit" fusions)
+               ort-fused     the opset-18 graph after onnxruntime.transformers' optimizer (its "vit" fusions;
+                             "bert" for a text tower)
                ort-int8-dynamic  `synergy export --precision int8 --quantize dynamic` (export.quantize.quantize_int8:
                              per-channel int8 weights of the transformer layers' MatMuls, activations quantized at run
                              time; front end, attention, norms and head fp32) on onnxruntime
@@ -45,9 +48,13 @@ throughput   one audio-tower call on a batch of clips, per configuration:
              min) and zero-shot top-1 agreement.
              Models: `small` = the demo checkpoint (its val clips, zero-shot over its classes with the prompt
              ensemble); `base-audio` = the `base` preset's AST geometry (12 x 768, 10.24 s clips, 852 tokens) with
-             random weights; `tiny-audio` = the `tiny` preset, random weights (a smoke run of this script). Random
-             weights have no classes, so their "zero-shot" labels are the torch embeddings of other synthetic clips:
-             agreement then says whether a configuration keeps the nearest prototype.
+             random weights; `base-image` = its ViT-B/16 geometry (12 x 768, 224 x 224 pixels, 197 tokens) and
+             `base-text` its RoBERTa-base geometry (12 x 768, 50,265-token vocabulary; --text-tokens tokens a
+             sentence, no padding), random weights; `tiny-audio` / `tiny-image` / `tiny-text` = the `tiny` preset,
+             random weights (smoke runs of this script). Random weights have no classes, so their "zero-shot" labels
+             are the torch embeddings of other synthetic items: agreement then says whether a configuration keeps
+             the nearest prototype. A text tower's static int8 is the text scheme `--int8-text` writes
+             (SmoothQuant, the MLPs' GELU-fed MatMuls float); an image tower's the plain one, as the export does.
 
 JSON goes to benchmarks/results/runtime-<device>.json (device: CPU model, ISA flags such as AVX2 / AVX-512 / VNNI /
 BF16 / AMX, thread settings, load average; versions, commit) and a table is printed. CI never runs this; the
@@ -75,7 +82,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ["torch", "torch-bf16", "ort", "ort-opset18", "ort-fused", "ort-int8-dynamic", "ort-int8-static",
            "openvino-f32", "openvino-bf16", "openvino-int8", "openvino-int8-bf16"]  # fmt: skip
 OPENVINO_HINTS = {"openvino-f32": "f32", "openvino-bf16": "bf16", "openvino-int8": "f32", "openvino-int8-bf16": "bf16"}
-MODELS = ["small", "base-audio", "tiny-audio"]
+MODELS = ["small", "base-audio", "base-image", "base-text", "tiny-audio", "tiny-image", "tiny-text"]
 # /proc/cpuinfo flags that decide which onnxruntime / oneDNN kernels run (int8 dot products, bf16, AMX tiles)
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")  # fmt: skip
@@ -90,14 +97,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     p.add_argument("--models", nargs="+", default=MODELS[:2], choices=MODELS)
-    p.add_argument("--skip-base", action="store_true", help="only the small preset (the base tower is slow on CPU)")
+    p.add_argument("--skip-base", action="store_true", help="no base-* model (the base towers are slow on CPU)")
     p.add_argument("--skip-cold", action="store_true", help="no cold-start part")
     p.add_argument("--cold-runs", type=int, default=3)
     p.add_argument("--budget", type=float, default=15.0, help="seconds of repetitions per (model, config, batch)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds: A B C, A B C, ... (the budget is shared)")
     p.add_argument("--min-reps", type=int, default=2, help="timed calls per round at least")
     p.add_argument("--max-reps", type=int, default=200)
-    p.add_argument("--base-clips", type=int, default=16, help="evaluation clips (and as many prototypes) for base")
+    p.add_argument(
+        "--base-clips",
+        type=int,
+        default=16,
+        help="evaluation items (and as many prototypes) for the random-weight models",
+    )
+    p.add_argument("--text-tokens", type=int, default=32, help="tokens a sentence for base-text / tiny-text")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: results/runtime-<device>.json)")
     p.add_argument("--torch-infer", nargs=3, metavar=("CHECKPOINT", "AUDIO", "LABELS"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -203,11 +216,12 @@ def ort_session(path: Path, device: str, threads: int):
     return session
 
 
-def fuse_transformer(source: Path, target: Path, heads: int, width: int) -> dict:
-    """onnxruntime.transformers' optimizer (model_type "vit": AST is a ViT over log-mel patches) -> fused op counts."""
+def fuse_transformer(source: Path, target: Path, heads: int, width: int, model_type: str = "vit") -> dict:
+    """onnxruntime.transformers' optimizer (model_type "vit": AST is a ViT over log-mel patches; "bert" for text)
+    -> fused op counts."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    optimized = optimize_model(str(source), model_type="vit", num_heads=heads, hidden_size=width, opt_level=0)
+    optimized = optimize_model(str(source), model_type=model_type, num_heads=heads, hidden_size=width, opt_level=0)
     optimized.save_model_to_file(str(target))
     return {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
 
@@ -219,16 +233,25 @@ def openvino_runner(path: Path, exported, threads: int, precision: str):
 
     spec = TowerSpec(path.name, exported.inputs, exported.outputs)
     tower = OpenVINOTower(path, spec, path.read_bytes(), {}, threads, precision)
-    return lambda batch: tower.run(
-        {"waveform": batch, "waveform_lengths": np.full(len(batch), batch.shape[1], np.int64)}
-    )
+    names = [t.name for t in exported.inputs]
+    return lambda batch: tower.run(tower_feeds(exported.modality, batch, names))
 
 
-def ort_feeds(session, batch: np.ndarray) -> dict[str, np.ndarray]:
-    """The audio graph's inputs: ``waveform`` [B, T] and, in graphs that take it, ``waveform_lengths`` [B] int64 (real
-    samples per row; every benchmark row is a full clip)."""
-    feeds = {"waveform": batch, "waveform_lengths": np.full(len(batch), batch.shape[1], np.int64)}
-    return {i.name: feeds[i.name] for i in session.get_inputs()}
+def tower_feeds(modality: str, batch: np.ndarray, names) -> dict[str, np.ndarray]:
+    """A tower graph's inputs for a batch of benchmark rows, those in ``names``: audio ``waveform`` [B, T] with
+    ``waveform_lengths`` [B] int64 (every row a full clip), image ``pixel_values`` [B, 3, S, S], text ``input_ids``
+    [B, L] with an all-ones ``attention_mask`` (every row a full sentence)."""
+    if modality == "audio":
+        feeds = {"waveform": batch, "waveform_lengths": np.full(len(batch), batch.shape[1], np.int64)}
+    elif modality == "image":
+        feeds = {"pixel_values": batch}
+    else:
+        feeds = {"input_ids": batch, "attention_mask": np.ones_like(batch)}
+    return {name: feeds[name] for name in names}
+
+
+def ort_feeds(session, modality: str, batch: np.ndarray) -> dict[str, np.ndarray]:
+    return tower_feeds(modality, batch, [i.name for i in session.get_inputs()])
 
 
 def latency(fn, budget: float, min_reps: int, max_reps: int) -> list[float]:
@@ -283,14 +306,53 @@ def small_setup(run: Path):
 def random_audio_model(preset: str):
     """A preset's AST geometry with random weights (seed 0) and the tiny preset's image/text towers, in eval mode:
     only audio is measured (here and by bench_serve.py --geometry base-audio)."""
+    return random_model(preset, "audio")
+
+
+def random_model(preset: str, modality: str):
+    """A preset's ``modality`` tower with random weights (seed 0), the tiny preset's other towers, in eval mode."""
     import torch
 
     from synergy.core.config import config_from_dict, load_config
     from synergy.core.model import create_model
 
     base, tiny = load_config(preset).to_dict(), load_config("tiny").to_dict()
+    config = {**base, **{m: tiny[m] for m in ("image", "text", "audio") if m != modality}}
     torch.manual_seed(0)
-    return create_model(config_from_dict({**base, "image": tiny["image"], "text": tiny["text"]})).eval()
+    return create_model(config_from_dict(config)).eval()
+
+
+def random_tower_setup(preset: str, modality: str, items: int, text_tokens: int):
+    """``random_setup`` for an image or text tower: synthetic items (images: smooth random patterns at the tower's
+    size, in the normalised range; sentences: random token ids), prototypes = torch embeddings of other items, and
+    8 more for static int8's calibration."""
+    import torch
+
+    model = random_model(preset, modality)
+    rng = np.random.default_rng(0)
+    if modality == "image":
+        size = model.config.image.image_size
+
+        def make(n: int) -> np.ndarray:  # a coarse random grid blown up to the image size, plus noise
+            grid = rng.standard_normal((n, 3, 7, 7))
+            up = np.kron(grid, np.ones((1, 1, -(-size // 7), -(-size // 7))))[:, :, :size, :size]
+            return (up + 0.3 * rng.standard_normal(up.shape)).astype(np.float32)
+    else:
+        length = min(text_tokens, model.config.text.max_length)
+        vocab = model.text_tower.config.vocab_size
+
+        def make(n: int) -> np.ndarray:
+            return rng.integers(4, vocab, (n, length), dtype=np.int64)
+
+    def embed(x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(x)
+        with torch.no_grad():
+            out = model.encode_image(t) if modality == "image" else model.encode_text(t, torch.ones_like(t))
+        return out.numpy()
+
+    rows, references, calibration = make(items), make(items), make(8)
+    prototypes = in_batches(embed, references, 8)
+    return model, rows, prototypes, f"{items} prototypes: torch embeddings of other synthetic items", calibration
 
 
 def random_setup(preset: str, clips: int):
@@ -325,28 +387,40 @@ def throughput(name: str, args, workdir: Path) -> dict:
 
     torch.set_num_threads(args.threads)
     print(f"\n[{name}] preparing")
+    preset, _, modality = name.partition("-")
+    modality = modality or "audio"  # "small": the demo checkpoint's audio tower
     if name == "small":
         model, waves, prototypes, label_note, calibration_clips = small_setup(args.run)
+    elif modality == "audio":
+        model, waves, prototypes, label_note, calibration_clips = random_setup(preset, args.base_clips)
     else:
-        setup = random_setup(name.removesuffix("-audio"), args.base_clips)
+        setup = random_tower_setup(preset, modality, args.base_clips, args.text_tokens)
         model, waves, prototypes, label_note, calibration_clips = setup
     # the exporter `synergy export` uses, at its default opset; in memory the graph still knows which nodes are the
     # log-mel front end
-    exported = export_tower_graphs(model, opset=RUNTIME_OPSET)["audio"]
-    graph = workdir / f"{name}-audio.onnx"
+    exported = export_tower_graphs(model, opset=RUNTIME_OPSET)[modality]
+    graph = workdir / f"{name}.onnx"
     save_graph(exported.model, graph)
-    audio = model.config.audio
+    tower = getattr(model.config, modality)
     device = args.device
     model = model.to(device)
 
+    def encode(batch: np.ndarray):
+        x = torch.from_numpy(batch).to(device)
+        if modality == "image":
+            return model.encode_image(x)
+        if modality == "text":
+            return model.encode_text(x, torch.ones_like(x))
+        return model.encode_audio(x)
+
     def torch_run(batch: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            out = model.encode_audio(torch.from_numpy(batch).to(device))
+            out = encode(batch)
         return out.float().cpu().numpy()
 
     def torch_bf16_run(batch: np.ndarray) -> np.ndarray:
         with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
-            out = model.encode_audio(torch.from_numpy(batch).to(device))
+            out = encode(batch)
         return out.float().cpu().numpy()
 
     def prepare(config: str) -> tuple[Path | None, dict]:
@@ -356,23 +430,27 @@ def throughput(name: str, args, workdir: Path) -> dict:
         notes, path = {"opset": RUNTIME_OPSET}, graph
         if config in ("ort-opset18", "ort-fused"):
             notes["opset"] = PORTABLE_OPSET
-            path = workdir / f"{name}-audio-opset18.onnx"
+            path = workdir / f"{name}-opset18.onnx"
             if not path.exists():
-                save_graph(export_tower_graphs(model, opset=PORTABLE_OPSET)["audio"].model, path)
+                save_graph(export_tower_graphs(model, opset=PORTABLE_OPSET)[modality].model, path)
         if config == "ort-fused":
             fused = workdir / f"{name}-fused.onnx"
-            notes["fused_ops"] = fuse_transformer(path, fused, audio.heads, audio.width)
+            kind = "bert" if modality == "text" else "vit"
+            notes["fused_ops"] = fuse_transformer(path, fused, tower.heads, tower.width, kind)
             path = fused
         if "int8" in config:
-            from synergy.export.quantize import quantize_int8, weight_matmuls
+            from synergy.export.quantize import TEXT_SCHEME, StaticScheme, quantize_int8, weight_matmuls
 
             method = "dynamic" if config == "ort-int8-dynamic" else "static"
             path = workdir / f"{name}-int8-{method}.onnx"
+            scheme = TEXT_SCHEME if modality == "text" else StaticScheme()  # as export/bundle.py's tower_scheme
             if not path.exists():  # one static graph for both engines
-                clip = np.full(1, waves.shape[1], np.int64)
-                calibration = [{"waveform": c[None], "waveform_lengths": clip} for c in calibration_clips]
-                save_graph(quantize_int8(exported.model, exported.fp32_nodes, method, calibration), path)
+                names = [t.name for t in exported.inputs]
+                calibration = [tower_feeds(modality, c[None], names) for c in calibration_clips]
+                save_graph(quantize_int8(exported.model, exported.fp32_nodes, method, calibration, scheme), path)
             notes["int8_method"] = method
+            if method == "static":
+                notes["int8_scheme"] = scheme.describe()
             notes["int8_matmuls"] = len(weight_matmuls(exported.model, exported.fp32_nodes))
         return path, notes
 
@@ -383,7 +461,7 @@ def throughput(name: str, args, workdir: Path) -> dict:
         if config.startswith("openvino"):
             return openvino_runner(path, exported, args.threads, OPENVINO_HINTS[config])
         session = ort_session(path, device, args.threads)
-        return lambda batch: session.run(None, ort_feeds(session, batch))[0]
+        return lambda batch: session.run(None, ort_feeds(session, modality, batch))[0]
 
     reference = in_batches(torch_run, waves, 8)
     reference_top = (reference @ prototypes.T).argmax(1)
@@ -411,7 +489,7 @@ def throughput(name: str, args, workdir: Path) -> dict:
         for config in args.configs:
             run = open_runner(config, graphs[config])
             for batch in args.batches:
-                feed = np.ascontiguousarray(np.resize(waves, (batch, waves.shape[1])))  # repeats clips past the set
+                feed = np.ascontiguousarray(np.resize(waves, (batch, *waves.shape[1:])))  # repeats items past the set
                 calls = latency(lambda run=run, feed=feed: run(feed), budget, args.min_reps, max_reps)
                 times[config][batch].append(calls)
                 print(f"  round {round_index + 1}/{args.rounds}  {config:<18} batch {batch:>3}: "
@@ -440,7 +518,7 @@ def throughput(name: str, args, workdir: Path) -> dict:
                    "speedup_vs_torch_bf16_max": max(ratios_bf16) if ratios_bf16 else None,
                    **accuracy[config], **notes[config]}  # fmt: skip
             rows.append(row)
-    print(f"\n  {'config':<18} {'batch':>5} {'p50 ms':>10} {'clips/s':>9} {'spread':>7} {'vs torch (min-max)':>20}"
+    print(f"\n  {'config':<18} {'batch':>5} {'p50 ms':>10} {'items/s':>9} {'spread':>7} {'vs torch (min-max)':>20}"
           f" {'vs torch-bf16 (min-max)':>24} {'cos min':>8} {'agree':>6}")  # fmt: skip
 
     def speed(row, key):
@@ -453,9 +531,10 @@ def throughput(name: str, args, workdir: Path) -> dict:
               f"{100 * row['round_spread']:>6.1f}% {speed(row, 'speedup_vs_torch'):>20} "
               f"{speed(row, 'speedup_vs_torch_bf16'):>24} {row['cosine_min']:>8.5f} "
               f"{100 * row['zero_shot_agreement']:>5.1f}%")  # fmt: skip
-    return {"rows": rows, "labels": label_note, "clip_seconds": audio.clip_seconds, "rounds": args.rounds,
+    shape = {"clip_seconds": tower.clip_seconds} if modality == "audio" else {"item_shape": list(waves.shape[1:])}
+    return {"rows": rows, "labels": label_note, "modality": modality, **shape, "rounds": args.rounds,
             "order": "interleaved: each round runs every configuration, in --configs order",
-            "geometry": {"layers": audio.layers, "width": audio.width, "heads": audio.heads}}  # fmt: skip
+            "geometry": {"layers": tower.layers, "width": tower.width, "heads": tower.heads}}  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------------------- report
@@ -508,7 +587,7 @@ def main(argv=None) -> int:
     if args.torch_infer:
         torch_infer(*args.torch_infer)
         return 0
-    models = [m for m in args.models if not (args.skip_base and m == "base-audio")]
+    models = [m for m in args.models if not (args.skip_base and m.startswith("base-"))]
     if args.rounds < 1 or args.min_reps < 1:
         print("--rounds and --min-reps must be >= 1", file=sys.stderr)
         return 2
