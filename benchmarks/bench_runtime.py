@@ -439,7 +439,7 @@ def throughput(name: str, args, workdir: Path) -> dict:
             notes["fused_ops"] = fuse_transformer(path, fused, tower.heads, tower.width, kind)
             path = fused
         if "int8" in config:
-            from synergy.export.quantize import TEXT_SCHEME, StaticScheme, quantize_int8, weight_matmuls
+            from synergy.export.quantize import TEXT_SCHEME, StaticScheme, quantize_int8, quantized_matmuls
 
             method = "dynamic" if config == "ort-int8-dynamic" else "static"
             path = workdir / f"{name}-int8-{method}.onnx"
@@ -451,7 +451,7 @@ def throughput(name: str, args, workdir: Path) -> dict:
             notes["int8_method"] = method
             if method == "static":
                 notes["int8_scheme"] = scheme.describe()
-            notes["int8_matmuls"] = len(weight_matmuls(exported.model, exported.fp32_nodes))
+            notes["int8_matmuls"] = len(quantized_matmuls(exported.model, exported.fp32_nodes, method, scheme))
         return path, notes
 
     def open_runner(config: str, path: Path | None):

@@ -102,10 +102,7 @@ def quantize_int8(
 
     if method not in METHODS:
         raise ValueError(f"unknown int8 method {method!r}; choose one of {', '.join(METHODS)}")
-    nodes = weight_matmuls(model, keep_fp32)
-    if method == "static" and scheme.float_after:
-        fed = _fed_by(model, nodes, scheme.float_after)
-        nodes = [n for n in nodes if n not in fed]
+    nodes = quantized_matmuls(model, keep_fp32, method, scheme)
     if not nodes:
         raise ValueError("the graph has no weight MatMul outside the front end and the head; nothing to quantize")
     feeds = list(calibration)
@@ -253,6 +250,18 @@ def smooth_activations(
         for name in names:
             by_name[name].input[0] = output
     return smoothed
+
+
+def quantized_matmuls(
+    model: onnx.ModelProto, keep_fp32: Collection[str], method: str, scheme: StaticScheme = StaticScheme()
+) -> list[str]:
+    """Names of the ``MatMul`` nodes :func:`quantize_int8` writes int8 with this method and scheme: the weight
+    MatMuls, minus those the static scheme keeps float (``scheme.float_after``)."""
+    nodes = weight_matmuls(model, keep_fp32)
+    if method == "static" and scheme.float_after:
+        fed = _fed_by(model, nodes, scheme.float_after)
+        nodes = [n for n in nodes if n not in fed]
+    return nodes
 
 
 def weight_matmuls(model: onnx.ModelProto, keep_fp32: Collection[str] = ()) -> list[str]:

@@ -7,7 +7,7 @@ import json
 def test_the_smoke_run_profiles_every_configuration(tmp_path, run_benchmark):
     out = tmp_path / "profile.json"
     done = run_benchmark("profile_openvino.py", "--preset", "tiny", "--batch", "2", "--seconds", "0.5", "--threads",
-                         "1", "--out", str(out), timeout=300)  # fmt: skip
+                         "1", "--square", "512", "--out", str(out), timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["environment"]["commit"] and result["args"]["batch"] == "2"
@@ -23,7 +23,7 @@ def test_the_smoke_run_profiles_every_configuration(tmp_path, run_benchmark):
     # the int8 MatMuls' rate: the tower's Linear operations over their counted seconds, beside lone int8 GEMMs
     assert result["int8_ops"] > 0 and result["int8_matmuls_tops"] > 0
     shapes = [g["shape"] for g in result["reference_gemms"]]
-    assert shapes[1] == [4096, 4096, 4096] and shapes[0][0] % 2 == 0  # a batch of 2 clips' rows
+    assert shapes[1] == [512, 512, 512] and shapes[0][0] % 2 == 0  # --square; a batch of 2 clips' rows
     for gemm in result["reference_gemms"]:  # each ran as an int8 kernel
         int8 = [k for k in gemm["kernels"] if k.startswith("FullyConnected") and k.lower().endswith("_i8)")]
         assert gemm["tops_call"] > 0 and int8, gemm
