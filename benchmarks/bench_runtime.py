@@ -322,6 +322,16 @@ def random_model(preset: str, modality: str):
     return create_model(config_from_dict(config)).eval()
 
 
+def encode_rows(model, modality: str, rows):
+    """torch's embeddings of a batch of benchmark rows, fed as :func:`tower_feeds` feeds the graphs: full clips,
+    images, or full sentences (an all-ones attention mask)."""
+    if modality == "image":
+        return model.encode_image(rows)
+    if modality == "text":
+        return model.encode_text(rows, rows.new_ones(rows.shape))
+    return model.encode_audio(rows)
+
+
 def random_tower_setup(preset: str, modality: str, items: int, text_tokens: int):
     """``random_setup`` for an image or text tower: synthetic items (images: smooth random patterns at the tower's
     size, in the normalised range; sentences: random token ids), prototypes = torch embeddings of other items, and
@@ -345,10 +355,8 @@ def random_tower_setup(preset: str, modality: str, items: int, text_tokens: int)
             return rng.integers(4, vocab, (n, length), dtype=np.int64)
 
     def embed(x: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(x)
         with torch.no_grad():
-            out = model.encode_image(t) if modality == "image" else model.encode_text(t, torch.ones_like(t))
-        return out.numpy()
+            return encode_rows(model, modality, torch.from_numpy(x)).numpy()
 
     rows, references, calibration = make(items), make(items), make(8)
     prototypes = in_batches(embed, references, 8)
@@ -406,12 +414,7 @@ def throughput(name: str, args, workdir: Path) -> dict:
     model = model.to(device)
 
     def encode(batch: np.ndarray):
-        x = torch.from_numpy(batch).to(device)
-        if modality == "image":
-            return model.encode_image(x)
-        if modality == "text":
-            return model.encode_text(x, torch.ones_like(x))
-        return model.encode_audio(x)
+        return encode_rows(model, modality, torch.from_numpy(batch).to(device))
 
     def torch_run(batch: np.ndarray) -> np.ndarray:
         with torch.no_grad():
